@@ -1,0 +1,385 @@
+"""One typed configuration schema for params.yaml, presets and sweep overrides.
+
+Every stage, sweep trial and launcher builds its settings through `load_config` / `resolve`, so a
+wrong value fails here, at load time, before any GPU time is spent, with one line naming the field,
+the value and the rule (for example `ema.targets[2]=0.31: sigma_rel must be in (0, 0.2887)`).
+"""
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import math
+from pathlib import Path
+from typing import Annotated, Any, Literal, Optional
+
+import yaml
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+SIGMA_REL_MAX = math.sqrt(1.0 / 12.0)  # SPEC 6: sigma_rel < sqrt(1/12) ~= 0.2887
+PRESETS_FILE = Path(__file__).with_name("presets.yaml")
+
+
+class ConfigError(ValueError):
+    """A configuration value broke a rule; the message is one line per broken rule."""
+
+
+# ----------------------------------------------------------------------------------------------
+# Reusable value rules. Each raises ValueError with the rule only; the field path and value are
+# added by `_format_errors`, so every message has the same `field=value: rule` shape.
+
+def _sigma_rel(v: float) -> float:
+    if not (0.0 < v < SIGMA_REL_MAX):
+        raise ValueError(f"sigma_rel must be in (0, {SIGMA_REL_MAX:.4f})")
+    return v
+
+
+def _positive(v):
+    if not v > 0:
+        raise ValueError("must be > 0")
+    return v
+
+
+def _non_negative(v):
+    if not v >= 0:
+        raise ValueError("must be >= 0")
+    return v
+
+
+def _power_of_two(v: int) -> int:
+    if v < 4 or (v & (v - 1)) != 0:
+        raise ValueError("must be a power of two >= 4")
+    return v
+
+
+SigmaRel = Annotated[float, AfterValidator(_sigma_rel)]
+PosFloat = Annotated[float, AfterValidator(_positive)]
+PosInt = Annotated[int, AfterValidator(_positive)]
+NonNegFloat = Annotated[float, AfterValidator(_non_negative)]
+NonNegInt = Annotated[int, AfterValidator(_non_negative)]
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DataConfig(_Section):
+    source: Literal["fashion-mnist", "folder", "zip"] = "fashion-mnist"
+    path: Optional[str] = None             # folder/zip path; for fashion-mnist an optional local copy
+    resolution: Annotated[int, AfterValidator(_power_of_two)] = 32
+    channels: Literal[1, 3, 4] = 1         # image channels after encoding (latents: VAE channels)
+    resize: Literal["pad", "resize", "center-crop"] = "pad"
+    use_labels: bool = True
+    encoder: Literal["pixel", "vae"] = "pixel"
+    vae_path: Optional[str] = None         # local diffusers AutoencoderKL folder; never downloaded
+    max_images: Optional[PosInt] = None    # cap for quick runs; None = all
+    dataset_dir: str = "data/encoded"      # where the encode stage writes the artifact + manifest
+
+    @model_validator(mode="after")
+    def _check(self):
+        if self.source in ("folder", "zip") and not self.path:
+            raise ValueError(f"data.path is required when data.source={self.source}")
+        if self.encoder == "vae" and not self.vae_path:
+            raise ValueError("data.vae_path is required when data.encoder=vae")
+        return self
+
+
+class NetworkConfig(_Section):
+    model_channels: PosInt = 32                          # C in SPEC 4
+    channel_mult: list[PosInt] = Field(default_factory=lambda: [1, 2, 2])
+    num_blocks: PosInt = 2
+    attn_resolutions: list[PosInt] = Field(default_factory=lambda: [8])
+    channels_per_head: PosInt = 64
+    dropout: Annotated[float, AfterValidator(lambda v: _in_unit(v, "dropout"))] = 0.0
+    label_balance: float = 0.5                           # MP-sum t for the label embedding
+    concat_balance: float = 0.5                          # MP-concat t for U-Net skips
+    res_balance: float = 0.3                             # MP-sum t for residual / attention
+    clip_act: PosFloat = 256.0
+    logvar_channels: PosInt = 128                        # uncertainty head Fourier width
+    label_dim: Optional[NonNegInt] = None                # None: the dataset's class count (0 if unlabelled)
+
+    @model_validator(mode="after")
+    def _check(self):
+        if not self.channel_mult:
+            raise ValueError("network.channel_mult must not be empty")
+        return self
+
+
+def _in_unit(v: float, name: str) -> float:
+    if not (0.0 <= v < 1.0):
+        raise ValueError("must be in [0, 1)")
+    return v
+
+
+class LossConfig(_Section):
+    P_mean: float = -0.8                   # SPEC 2: ln(sigma) ~ N(P_mean, P_std^2)
+    P_std: PosFloat = 1.6
+    sigma_data: PosFloat = 0.5
+
+
+class TrainConfig(_Section):
+    """Optimizer, schedule and run length. Time is counted in images (SPEC: nimg)."""
+    ref_lr: PosFloat = 0.012               # SPEC 3, eq. 11
+    ref_batches: PosFloat = 35000          # iterations before the 1/sqrt(t) decay starts
+    rampup_nimg: NonNegInt = 0             # linear warm-up length in images
+    batch_size: PosInt = 2048              # global batch
+    batch_gpu: Optional[PosInt] = None     # per-device batch; smaller than the share -> accumulation
+    duration_nimg: PosInt = 2**31
+    beta1: float = 0.9
+    beta2: float = 0.99
+    eps: PosFloat = 1e-8
+    seed: NonNegInt = 0
+    checkpoint_nimg: PosInt = 2**24        # checkpoint interval in images
+    status_nimg: PosInt = 2**17            # metric logging interval in images
+    sample_nimg: Optional[PosInt] = None   # sample-grid interval in images (None = at the end only)
+    run_dir: str = "runs/default"          # persistent run folder: checkpoints, snapshots, logs
+    num_workers: NonNegInt = 0             # data loader workers
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    max_nonfinite_steps: PosInt = 10       # consecutive non-finite losses before the run stops
+
+
+class EMAConfig(_Section):
+    """Power-function EMA (SPEC 6): tracked profiles, snapshots, post-hoc targets."""
+    stds: list[SigmaRel] = Field(default_factory=lambda: [0.05, 0.10])
+    snapshot_nimg: PosInt = 2**23
+    targets: list[SigmaRel] = Field(default_factory=lambda: [0.05, 0.10, 0.15])
+    target_nimg: Optional[PosInt] = None   # reconstruction time; None = the last snapshot
+    snapshot_dtype: Literal["float16", "bfloat16", "float32"] = "float16"
+
+    @model_validator(mode="after")
+    def _check(self):
+        if not self.stds:
+            raise ValueError("ema.stds must list at least one tracked sigma_rel")
+        if not self.targets:
+            raise ValueError("ema.targets must list at least one sigma_rel")
+        return self
+
+
+class SamplerConfig(_Section):
+    """EDM Algorithm 2 (SPEC 5)."""
+    steps: Annotated[int, AfterValidator(lambda v: _min(v, 2))] = 32
+    rho: PosFloat = 7.0
+    sigma_min: PosFloat = 0.002
+    sigma_max: PosFloat = 80.0
+    churn: NonNegFloat = 0.0               # S_churn
+    S_min: NonNegFloat = 0.0
+    S_max: float = float("inf")
+    S_noise: PosFloat = 1.0
+    solver: Literal["heun", "euler"] = "heun"
+    guidance: float = 1.0
+    batch_size: PosInt = 64
+
+    @model_validator(mode="after")
+    def _check(self):
+        if self.sigma_min >= self.sigma_max:
+            raise ValueError(f"sampler.sigma_min={self.sigma_min} must be < sampler.sigma_max={self.sigma_max}")
+        return self
+
+    @property
+    def nfe(self) -> int:
+        return 2 * self.steps - 1 if self.solver == "heun" else self.steps
+
+
+def _min(v: int, lo: int) -> int:
+    if v < lo:
+        raise ValueError(f"must be >= {lo}")
+    return v
+
+
+class FIDConfig(_Section):
+    feature_net: Literal["auto", "clean-fid", "fid-helper"] = "auto"
+    num_images: Annotated[int, AfterValidator(lambda v: _min(v, 2))] = 50000
+    reference: str = "fashion-mnist-test"  # dataset split or image folder the statistics come from
+    ref_num_images: Optional[PosInt] = None  # None = the whole reference set
+    seed: NonNegInt = 0                    # generated image i uses seed `seed + i`
+    batch_size: PosInt = 64
+    mode: Literal["clean"] = "clean"
+
+
+class TrackingConfig(_Section):
+    uri: Optional[str] = None              # None: $MLFLOW_TRACKING_URI or sqlite:///<project>/mlflow.db
+    experiment: str = "edm2"
+    enabled: bool = True
+
+
+class LauncherConfig(_Section):
+    executor: Literal["local", "slurm"] = "local"
+    nproc_per_node: PosInt = 1
+    nnodes: PosInt = 1
+    partition: Optional[str] = None
+    gpus_per_node: NonNegInt = 0
+    cpus_per_task: PosInt = 2
+    mem_gb: Optional[PosFloat] = None
+    timeout_min: PosInt = 60
+    account: Optional[str] = None
+    qos: Optional[str] = None
+    array_parallelism: PosInt = 16
+    max_requeues: NonNegInt = 10
+
+
+class Config(_Section):
+    """The whole resolved configuration; `params.yaml` is one instance of it."""
+    preset: Optional[str] = None
+    data: DataConfig = Field(default_factory=DataConfig)
+    network: NetworkConfig = Field(default_factory=NetworkConfig)
+    loss: LossConfig = Field(default_factory=LossConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    ema: EMAConfig = Field(default_factory=EMAConfig)
+    sampler: SamplerConfig = Field(default_factory=SamplerConfig)
+    fid: FIDConfig = Field(default_factory=FIDConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+    launcher: LauncherConfig = Field(default_factory=LauncherConfig)
+
+    @model_validator(mode="after")
+    def _check(self):
+        res = self.data.resolution
+        levels = len(self.network.channel_mult)
+        if res >> (levels - 1) < 2:
+            raise ValueError(f"network.channel_mult has {levels} levels, too many for "
+                             f"data.resolution={res} (coarsest level would be below 2x2)")
+        per_level = {res >> i for i in range(levels)}
+        for i, r in enumerate(self.network.attn_resolutions):
+            if r not in per_level:
+                raise ValueError(f"network.attn_resolutions[{i}]={r}: must be one of the U-Net "
+                                 f"resolutions {sorted(per_level, reverse=True)}")
+        for i, mult in enumerate(self.network.channel_mult):
+            width = self.network.model_channels * mult
+            if any((res >> i) == r for r in self.network.attn_resolutions) and width % self.network.channels_per_head:
+                raise ValueError(f"network.channels_per_head={self.network.channels_per_head}: must divide the "
+                                 f"width {width} of attention level {i}")
+        if self.train.batch_gpu is not None and self.train.batch_size % self.train.batch_gpu:
+            raise ValueError(f"train.batch_gpu={self.train.batch_gpu}: must divide train.batch_size="
+                             f"{self.train.batch_size}")
+        return self
+
+    # --- derived values --------------------------------------------------------------------
+    def to_dict(self) -> dict:
+        return self.model_dump(mode="json")
+
+    def flat(self) -> dict[str, Any]:
+        """Dotted keys -> values (MLflow params, DVC-style overrides)."""
+        return flatten(self.to_dict())
+
+    def hash(self, sections: tuple[str, ...] | None = None) -> str:
+        d = self.to_dict()
+        if sections is not None:
+            d = {k: d[k] for k in sections}
+        return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+
+
+# ----------------------------------------------------------------------------------------------
+# Loading, overrides, presets.
+
+def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def set_dotted(d: dict, key: str, value: Any) -> None:
+    """Set `a.b.c` in a nested dict; unknown keys are caught later by the schema (extra=forbid)."""
+    parts = key.split(".")
+    node = d
+    for p in parts[:-1]:
+        nxt = node.setdefault(p, {})
+        if not isinstance(nxt, dict):
+            raise ConfigError(f"{key}: '{p}' is a value, not a section")
+        node = nxt
+    node[parts[-1]] = value
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """`train.ref_lr=0.01` -> ('train.ref_lr', 0.01); the value is parsed as YAML."""
+    if "=" not in text:
+        raise ConfigError(f"override '{text}': expected key=value")
+    key, raw = text.split("=", 1)
+    return key.strip(), yaml.safe_load(raw) if raw.strip() else None
+
+
+def presets() -> dict[str, dict]:
+    with open(PRESETS_FILE) as f:
+        return yaml.safe_load(f)
+
+
+def preset(name: str) -> dict:
+    """A preset's values, with `base:` presets merged underneath (deep merge)."""
+    table = presets()
+    if name not in table:
+        raise ConfigError(f"preset={name!r}: unknown preset; choose one of {', '.join(sorted(table))}")
+    entry = dict(table[name])
+    base = entry.pop("base", None)
+    return _deep_merge(preset(base), entry) if base else entry
+
+
+def _deep_merge(base: dict, over: dict) -> dict:
+    out = copy.deepcopy(base)
+    for k, v in over.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = _deep_merge(out[k], v)
+        else:
+            out[k] = copy.deepcopy(v)
+    return out
+
+
+def _format_errors(err: ValidationError, raw: dict) -> str:
+    lines = []
+    for e in err.errors():
+        loc = e["loc"]
+        path = ""
+        for part in loc:
+            path += f"[{part}]" if isinstance(part, int) else (f".{part}" if path else str(part))
+        msg = e["msg"]
+        for prefix in ("Value error, ", "Assertion failed, "):
+            if msg.startswith(prefix):
+                msg = msg[len(prefix):]
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key"
+        if path:
+            lines.append(f"{path}={e.get('input')!r}: {msg}" if e["type"] != "extra_forbidden" else f"{path}: {msg}")
+        else:
+            lines.append(msg)
+    return "\n".join(lines)
+
+
+def resolve(raw: dict | None = None, overrides: dict[str, Any] | list[str] | None = None) -> Config:
+    """Build a validated Config from a raw mapping, its preset and dotted overrides."""
+    raw = copy.deepcopy(raw or {})
+    if isinstance(overrides, list):
+        overrides = dict(parse_override(o) for o in overrides)
+    for k, v in (overrides or {}).items():
+        set_dotted(raw, k, v)
+    if raw.get("preset"):
+        raw = _deep_merge(preset(raw["preset"]), raw)
+    try:
+        return Config.model_validate(raw)
+    except ValidationError as err:
+        raise ConfigError(_format_errors(err, raw)) from None
+
+
+def load_config(path: str | Path = "params.yaml", overrides: dict[str, Any] | list[str] | None = None) -> Config:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    try:
+        with open(path) as f:
+            raw = yaml.safe_load(f) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML ({err.__class__.__name__}: {err})".replace("\n", " ")) from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping of sections at the top level")
+    return resolve(raw, overrides)
+
+
+def diff(a: Config | dict, b: Config | dict, sections: tuple[str, ...] | None = None) -> dict[str, tuple]:
+    """Fields whose values differ between two configs: {dotted key: (a, b)}."""
+    fa = flatten(a.to_dict() if isinstance(a, Config) else a)
+    fb = flatten(b.to_dict() if isinstance(b, Config) else b)
+    keys = sorted(set(fa) | set(fb))
+    if sections is not None:
+        keys = [k for k in keys if k.split(".")[0] in sections]
+    return {k: (fa.get(k), fb.get(k)) for k in keys if fa.get(k) != fb.get(k)}

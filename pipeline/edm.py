@@ -1,0 +1,172 @@
+"""EDM training objective, learning-rate schedule and sampler (SPEC sections 2, 3 and 5).
+
+Written from SPEC.md (EDM2 equation numbers; EDM Algorithm 2 for the sampler).
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable, Sequence
+
+import torch
+
+Denoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]   # D(x; sigma) -> E[y | x]
+
+
+# ----------------------------------------------------------------------------------------------
+# SPEC 2: noise levels, weighting and loss with learned uncertainty (EDM2 eqs. 14-16, 21).
+
+def sample_sigma(n: int, P_mean: float, P_std: float, generator: torch.Generator | None = None,
+                 device="cpu") -> torch.Tensor:
+    """ln(sigma) ~ Normal(P_mean, P_std^2)."""
+    return (torch.randn(n, generator=generator, device=device) * P_std + P_mean).exp()
+
+
+def loss_weight(sigma: torch.Tensor, sigma_data: float) -> torch.Tensor:
+    """lambda(sigma) = (sigma^2 + sigma_data^2) / (sigma sigma_data)^2 = 1 / c_out^2."""
+    return (sigma ** 2 + sigma_data ** 2) / (sigma * sigma_data) ** 2
+
+
+def edm2_loss(net, images: torch.Tensor, labels: torch.Tensor | None, P_mean: float, P_std: float,
+              sigma_data: float, generator: torch.Generator | None = None):
+    """Per element l = lambda / exp(u) * (D(y + n; sigma) - y)^2 + u  (SPEC 2).
+
+    Returns (objective, stats): objective = per-image sum of l, averaged over the batch (what the
+    optimizer minimizes); stats holds the mean of l and the plain weighted MSE, both detached.
+    """
+    sigma = sample_sigma(images.shape[0], P_mean, P_std, generator, images.device).reshape(-1, 1, 1, 1)
+    noise = torch.randn(images.shape, generator=generator, device=images.device) * sigma
+    denoised, logvar = net(images + noise, sigma, labels, return_logvar=True)
+    weighted_se = loss_weight(sigma, sigma_data) * (denoised - images) ** 2
+    per_elem = weighted_se / logvar.exp() + logvar
+    objective = per_elem.flatten(1).sum(1).mean()
+    return objective, {"loss": per_elem.mean().detach(), "weighted_mse": weighted_se.mean().detach()}
+
+
+# ----------------------------------------------------------------------------------------------
+# SPEC 3: learning-rate schedule (EDM2 eq. 11), counted in images.
+
+def learning_rate(nimg: float, batch_size: int, ref_lr: float, ref_batches: float, rampup_nimg: float = 0) -> float:
+    """lr(t) = ref_lr / sqrt(max(t / ref_batches, 1)) * min(nimg / rampup_nimg, 1), t = nimg / batch_size."""
+    t = nimg / batch_size
+    lr = ref_lr / math.sqrt(max(t / ref_batches, 1.0)) if ref_batches > 0 else ref_lr
+    if rampup_nimg > 0:
+        lr *= min(nimg / rampup_nimg, 1.0)
+    return lr
+
+
+# ----------------------------------------------------------------------------------------------
+# SPEC 5: EDM sampler (EDM Algorithm 2), Heun or Euler, optional churn and guidance.
+
+class SeededNoise:
+    """One random stream per image seed, so an image's noise does not depend on which batch it
+    lands in (results are identical for any sampler batch size)."""
+
+    def __init__(self, seeds: Sequence[int], device="cpu"):
+        self.device = torch.device(device)
+        self.gens = [torch.Generator(device=self.device).manual_seed(int(s)) for s in seeds]
+
+    def randn(self, shape: Sequence[int], dtype=torch.float64) -> torch.Tensor:
+        return torch.stack([torch.randn(list(shape), generator=g, device=self.device, dtype=dtype)
+                            for g in self.gens])
+
+
+def sigma_steps(steps: int, sigma_min: float = 0.002, sigma_max: float = 80.0, rho: float = 7.0,
+                dtype=torch.float64, device="cpu") -> torch.Tensor:
+    """t_i = (s_max^(1/rho) + i/(N-1) (s_min^(1/rho) - s_max^(1/rho)))^rho, i < N, and t_N = 0."""
+    i = torch.arange(steps, dtype=dtype, device=device)
+    t = (sigma_max ** (1 / rho) + i / (steps - 1) * (sigma_min ** (1 / rho) - sigma_max ** (1 / rho))) ** rho
+    return torch.cat([t, torch.zeros_like(t[:1])])
+
+
+@torch.no_grad()
+def edm_sampler(denoise: Denoiser, noise: SeededNoise | torch.Tensor, shape: Sequence[int] | None = None,
+                steps: int = 32, sigma_min: float = 0.002, sigma_max: float = 80.0, rho: float = 7.0,
+                churn: float = 0.0, S_min: float = 0.0, S_max: float = float("inf"), S_noise: float = 1.0,
+                solver: str = "heun", guide: Denoiser | None = None, guidance: float = 1.0,
+                dtype=torch.float64) -> torch.Tensor:
+    """Generate samples by integrating the probability-flow ODE (with optional churn).
+
+    `denoise(x, sigma)` is D(x; sigma); `noise` is a SeededNoise (with `shape` per image) or an
+    initial N(0, I) tensor (then churn noise comes from torch's global RNG). With `guide` (a guiding
+    denoiser D_g) and guidance w: D_w = D_g + w (D - D_g).
+    """
+    if solver not in ("heun", "euler"):
+        raise ValueError(f"solver={solver!r}: must be 'heun' or 'euler'")
+
+    def D(x, sigma):
+        d = denoise(x, sigma).to(dtype)
+        if guide is not None and guidance != 1:
+            g = guide(x, sigma).to(dtype)
+            d = g.lerp(d, guidance)                              # D_g + w (D - D_g)
+        return d
+
+    if isinstance(noise, SeededNoise):
+        eps0 = noise.randn(shape, dtype=dtype)
+        fresh = lambda like: noise.randn(like.shape[1:], dtype=dtype)  # noqa: E731
+    else:
+        eps0 = noise.to(dtype)
+        fresh = lambda like: torch.randn_like(like)  # noqa: E731
+    t = sigma_steps(steps, sigma_min, sigma_max, rho, dtype=dtype, device=eps0.device)
+    x = eps0 * t[0]                                              # x_0 = t_0 eps
+    for i in range(steps):
+        t_cur, t_next = t[i], t[i + 1]
+        gamma = min(churn / steps, math.sqrt(2) - 1) if S_min <= t_cur <= S_max else 0.0
+        t_hat = t_cur * (1 + gamma)
+        x_hat = x
+        if gamma > 0:
+            x_hat = x + (t_hat ** 2 - t_cur ** 2).sqrt() * S_noise * fresh(x)
+        d = (x_hat - D(x_hat, t_hat)) / t_hat                   # Euler step
+        x = x_hat + (t_next - t_hat) * d
+        if solver == "heun" and t_next > 0:                      # 2nd-order correction
+            d2 = (x - D(x, t_next)) / t_next
+            x = x_hat + (t_next - t_hat) * (d + d2) / 2
+    return x
+
+
+def sample_images(net, seeds: Sequence[int], labels: torch.Tensor | None, sampler_cfg, device="cpu",
+                  guide=None) -> torch.Tensor:
+    """Samples from a Precond network for one batch of per-image seeds (float32, data scale)."""
+    noise = SeededNoise(seeds, device)
+    shape = (net.img_channels, net.img_resolution, net.img_resolution)
+
+    def denoise(x, sigma):
+        return net(x.to(torch.float32), sigma.to(torch.float32).expand(x.shape[0]), labels)
+
+    guide_fn = None
+    if guide is not None:
+        def guide_fn(x, sigma):
+            return guide(x.to(torch.float32), sigma.to(torch.float32).expand(x.shape[0]), labels)
+
+    s = sampler_cfg
+    return edm_sampler(denoise, noise, shape, steps=s.steps, sigma_min=s.sigma_min, sigma_max=s.sigma_max,
+                       rho=s.rho, churn=s.churn, S_min=s.S_min, S_max=s.S_max, S_noise=s.S_noise,
+                       solver=s.solver, guide=guide_fn, guidance=s.guidance,
+                       dtype=torch.float64 if torch.device(device).type == "cpu" else torch.float32
+                       ).to(torch.float32)
+
+
+# ----------------------------------------------------------------------------------------------
+# Closed-form ideal denoiser of a Gaussian mixture (SPEC 5 correctness check; also a test oracle).
+
+def gmm_denoiser(weights: torch.Tensor, means: torch.Tensor, covs: torch.Tensor) -> Denoiser:
+    """D(x; sigma) = E[y | x] for y ~ sum_k w_k N(mu_k, S_k), x = y + sigma n, on flat (B, d) inputs."""
+    weights, means, covs = weights.double(), means.double(), covs.double()
+    d = means.shape[1]
+    eye = torch.eye(d, dtype=torch.float64)
+
+    def denoise(x: torch.Tensor, sigma) -> torch.Tensor:
+        shape = x.shape
+        x = x.reshape(shape[0], d).double()
+        s2 = torch.as_tensor(sigma, dtype=torch.float64) ** 2
+        cov_x = covs + s2 * eye                                  # (K, d, d): covariance of x | k
+        prec = torch.linalg.inv(cov_x)
+        diff = x[:, None, :] - means[None]                       # (B, K, d)
+        maha = torch.einsum("bkd,kde,bke->bk", diff, prec, diff)
+        logdet = torch.linalg.slogdet(cov_x).logabsdet
+        logp = weights.log()[None] - 0.5 * (maha + logdet[None])
+        resp = logp.softmax(dim=1)                               # posterior p(k | x)
+        # E[y | x, k] = mu_k + S_k (S_k + s^2 I)^-1 (x - mu_k)
+        cond = means[None] + torch.einsum("kde,kef,bkf->bkd", covs, prec, diff)
+        return (resp[..., None] * cond).sum(1).reshape(shape)
+
+    return denoise

@@ -1,0 +1,68 @@
+"""The one config schema: params.yaml and every preset load; bad values fail in one line."""
+import pytest
+
+from pipeline import config as C
+from pipeline.__main__ import main
+
+
+def test_params_yaml_and_all_presets_load(root):
+    cfg = C.load_config(root / "params.yaml")
+    assert cfg.data.source == "fashion-mnist" and cfg.data.resolution == 32 and cfg.data.channels == 1
+    for name in C.presets():
+        p = C.resolve({"preset": name})
+        assert p.preset == name
+    xs = C.resolve({"preset": "img64-xs"})
+    assert (xs.network.model_channels, xs.network.channel_mult, xs.loss.P_mean) == (128, [1, 2, 3, 4], -0.8)
+    # `base:` inheritance is a deep merge: fields the child does not name come from the base.
+    s = C.resolve({"preset": "img512-s"})
+    assert (s.network.model_channels, s.loss.P_std, s.train.checkpoint_nimg) == (192, 1.0, xs.train.checkpoint_nimg)
+
+
+def test_file_values_override_preset_and_overrides_override_file():
+    cfg = C.resolve({"preset": "img64-xs", "train": {"ref_lr": 0.005}}, ["train.ref_lr=0.002", "loss.P_std=1.2"])
+    assert cfg.train.ref_lr == 0.002 and cfg.loss.P_std == 1.2 and cfg.train.ref_batches == 35000
+
+
+@pytest.mark.parametrize("override, message", [
+    ("ema.targets=[0.05, 0.1, 0.31]", "ema.targets[2]=0.31: sigma_rel must be in (0, 0.2887)"),
+    ("ema.stds=[0.0]", "ema.stds[0]=0.0: sigma_rel must be in (0, 0.2887)"),
+    ("loss.P_std=0", "loss.P_std=0: must be > 0"),
+    ("train.ref_lr=-0.01", "train.ref_lr=-0.01: must be > 0"),
+    ("data.resolution=48", "data.resolution=48: must be a power of two >= 4"),
+    ("train.ref_lrr=0.01", "train.ref_lrr: unknown key"),
+    ("sampler.sigma_min=100", "sampler.sigma_min=100.0 must be < sampler.sigma_max=80.0"),
+    ("network.attn_resolutions=[12]", "network.attn_resolutions[0]=12: must be one of the U-Net resolutions"),
+    ("train.batch_gpu=48", "train.batch_gpu=48: must divide train.batch_size=64"),
+])
+def test_invalid_values_fail_with_one_line(root, override, message):
+    with pytest.raises(C.ConfigError) as info:
+        C.load_config(root / "params.yaml", [override])
+    text = str(info.value)
+    assert message in text, text
+    assert "\n" not in text, "one broken rule -> one line"
+
+
+def test_unknown_preset_and_bad_files(tmp_path):
+    with pytest.raises(C.ConfigError, match="unknown preset"):
+        C.resolve({"preset": "nope"})
+    with pytest.raises(C.ConfigError, match="does not exist"):
+        C.load_config(tmp_path / "missing.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train: [1, 2\n")
+    with pytest.raises(C.ConfigError, match="not valid YAML"):
+        C.load_config(bad)
+
+
+def test_hash_flatten_and_diff():
+    a = C.resolve({})
+    b = C.resolve({}, {"loss.P_mean": -1.2})
+    assert a.hash() != b.hash() and a.hash(("network",)) == b.hash(("network",))
+    assert C.diff(a, b) == {"loss.P_mean": (-0.8, -1.2)}
+    assert a.flat()["ema.stds"] == [0.05, 0.1]
+
+
+def test_cli_reports_config_errors(root, capsys):
+    assert main(["config", "--params", str(root / "params.yaml"), "-S", "loss.P_std=-1"]) == 2
+    assert "loss.P_std=-1: must be > 0" in capsys.readouterr().err
+    assert main(["config", "--preset", "img64-s"]) == 0
+    assert "model_channels: 192" in capsys.readouterr().out

@@ -1,0 +1,153 @@
+"""SPEC 1-3, 5: loss with learned uncertainty, learning-rate schedule, EDM sampler on a Gaussian mixture."""
+import math
+
+import pytest
+import torch
+
+from pipeline.edm import SeededNoise, edm2_loss, edm_sampler, gmm_denoiser, learning_rate, sigma_steps
+from pipeline.networks import Precond
+
+
+def small_net(label_dim=0):
+    torch.manual_seed(0)
+    net = Precond(16, 1, label_dim, model_channels=16, channel_mult=[1, 2], num_blocks=1, attn_resolutions=[8],
+                  channels_per_head=16)
+    with torch.no_grad():                     # leave the zero-initialised state so F and u are non-trivial
+        net.unet.out_gain.fill_(0.7)
+    return net
+
+
+def test_loss_matches_spec_formula_and_u_gets_gradients():
+    net = small_net()
+    y = torch.randn(6, 1, 16, 16, generator=torch.Generator().manual_seed(1)) * 0.5
+    P_mean, P_std, sd = -0.8, 1.6, 0.5
+    net.train()
+    objective, stats = edm2_loss(net, y, None, P_mean, P_std, sd, generator=torch.Generator().manual_seed(7))
+    objective.backward()
+    g_u = net.logvar_linear.weight.grad
+    assert g_u is not None and g_u.abs().sum() > 0, "u(sigma) must receive gradients"
+
+    # Independent computation with the same random draws, straight from SPEC 2. (Eval mode: the
+    # training forward already normalized the stored weights, so the network computes the same.)
+    net.eval()
+    g = torch.Generator().manual_seed(7)
+    sigma = torch.exp(torch.randn(6, generator=g) * P_std + P_mean)
+    n = torch.randn(y.shape, generator=g) * sigma.view(-1, 1, 1, 1)
+    with torch.no_grad():
+        D, u = net(y + n, sigma, None, return_logvar=True)
+    lam = (sigma ** 2 + sd ** 2) / (sigma * sd) ** 2
+    l = lam.view(-1, 1, 1, 1) / torch.exp(u) * (D - y) ** 2 + u
+    expected = torch.stack([l[i].sum() for i in range(6)]).mean()
+    assert objective.item() == pytest.approx(expected.item(), rel=1e-6)
+    assert stats["loss"].item() == pytest.approx(l.mean().item(), rel=1e-6)
+    assert stats["weighted_mse"].item() == pytest.approx((lam.view(-1, 1, 1, 1) * (D - y) ** 2).mean().item(), rel=1e-6)
+
+
+def test_learning_rate_schedule_points():
+    kw = dict(batch_size=2048, ref_lr=0.012, ref_batches=70000, rampup_nimg=10_000_000)
+    assert learning_rate(0, **kw) == 0.0
+    assert learning_rate(5_000_000, **kw) == pytest.approx(0.006)                       # half-way up the ramp
+    assert learning_rate(10_000_000, **kw) == pytest.approx(0.012)                      # ramp done, t < ref_batches
+    assert learning_rate(70000 * 2048, **kw) == pytest.approx(0.012)                    # exactly at ref_batches
+    assert learning_rate(4 * 70000 * 2048, **kw) == pytest.approx(0.006)               # 1/sqrt(4)
+    assert learning_rate(100 * 70000 * 2048, **kw) == pytest.approx(0.0012)            # 1/sqrt(100)
+    # Counted in images: the same nimg with a 2x batch is half as many iterations.
+    assert learning_rate(4 * 70000 * 2048, batch_size=4096, ref_lr=0.012, ref_batches=70000) == pytest.approx(0.012 / math.sqrt(2))
+
+
+def test_sigma_steps_and_seeded_noise():
+    t = sigma_steps(18)
+    assert len(t) == 19 and t[0] == pytest.approx(80) and t[17] == pytest.approx(0.002) and t[18] == 0
+    assert torch.all(t[:-1] > t[1:])
+    a = SeededNoise([3, 4, 5]).randn([2, 2])
+    b = torch.cat([SeededNoise([3]).randn([2, 2]), SeededNoise([4, 5]).randn([2, 2])])
+    assert torch.equal(a, b)
+
+
+# --- Sampler correctness with the closed-form ideal denoiser of a Gaussian mixture ----------------
+
+def _mixture():
+    def rot(a):
+        return torch.tensor([[math.cos(a), -math.sin(a)], [math.sin(a), math.cos(a)]], dtype=torch.float64)
+    w = torch.tensor([0.2, 0.3, 0.5], dtype=torch.float64)
+    mu = torch.tensor([[-1.5, -0.6], [1.5, -0.6], [0.0, 1.6]], dtype=torch.float64)
+    covs = torch.stack([rot(a) @ torch.diag(torch.tensor(d, dtype=torch.float64)) @ rot(a).T
+                        for a, d in [(0.3, [0.36, 0.16]), (1.0, [0.25, 0.12]), (-0.5, [0.30, 0.10])]])
+    return w, mu, covs
+
+
+def _fit(x, w, mu, covs):
+    """Assign samples to components by posterior; return fitted weights, means, covariances."""
+    diff = x[:, None] - mu[None]
+    logp = w.log() - 0.5 * (torch.einsum("bkd,kde,bke->bk", diff, torch.linalg.inv(covs), diff)
+                            + torch.linalg.slogdet(covs).logabsdet)
+    k = logp.argmax(1)
+    return [((k == j).double().mean(), x[k == j].mean(0), torch.cov(x[k == j].T)) for j in range(len(w))]
+
+
+def _kl_discrepancy(x, w, mu, covs):
+    """KL(true mixture parameters || fitted ones): weight KL + weighted per-component Gaussian KL."""
+    total = 0.0
+    for j, (wf, mf, cf) in enumerate(_fit(x, w, mu, covs)):
+        inv = torch.linalg.inv(cf)
+        d = mf - mu[j]
+        kl = 0.5 * (torch.trace(inv @ covs[j]) + d @ inv @ d - 2 + torch.linalg.slogdet(cf).logabsdet
+                    - torch.linalg.slogdet(covs[j]).logabsdet)
+        total += (w[j] * (w[j] / wf).log() + w[j] * kl).item()
+    return total
+
+
+def _exact_samples(n, seed, w, mu, covs):
+    g = torch.Generator().manual_seed(seed)
+    k = torch.multinomial(w, n, replacement=True, generator=g)
+    z = torch.randn(n, 2, generator=g, dtype=torch.float64)
+    return mu[k] + torch.einsum("bde,be->bd", torch.linalg.cholesky(covs)[k], z)
+
+
+@pytest.mark.slow
+def test_heun_reproduces_gaussian_mixture_and_beats_euler():
+    w, mu, covs = _mixture()
+    D = gmm_denoiser(w, mu, covs)
+    n, seeds = 1000, range(4)
+    # "Sampling error": the spread of the same discrepancy for exact draws of the same size.
+    exact = sorted(_kl_discrepancy(_exact_samples(n, 100 + s, w, mu, covs), w, mu, covs) for s in range(100))
+    q99 = exact[98]
+
+    def run(solver, steps):
+        out = []
+        for s in seeds:
+            eps = torch.randn(n, 2, generator=torch.Generator().manual_seed(s), dtype=torch.float64)
+            out.append(edm_sampler(D, eps, steps=steps, solver=solver))
+        return out
+
+    heun = run("heun", 18)        # NFE 35
+    euler = run("euler", 35)      # NFE 35
+    for x in heun:                # component weights within 3 standard errors
+        for j, (wf, mf, cf) in enumerate(_fit(x, w, mu, covs)):
+            se = math.sqrt(w[j] * (1 - w[j]) / n)
+            assert abs(wf - w[j]) < 3 * se
+            assert torch.linalg.norm(mf - mu[j]) < 0.12 and torch.linalg.norm(cf - covs[j]) < 0.25 * torch.linalg.norm(covs[j])
+    heun_kl = sum(_kl_discrepancy(x, w, mu, covs) for x in heun) / len(heun)
+    euler_kl = sum(_kl_discrepancy(x, w, mu, covs) for x in euler) / len(euler)
+    assert heun_kl < q99, f"Heun NFE 35: {heun_kl:.4f} outside sampling error (exact q99 {q99:.4f})"
+    assert euler_kl > 1.5 * heun_kl, f"Euler NFE 35 ({euler_kl:.4f}) not measurably worse than Heun ({heun_kl:.4f})"
+    # And the solver converges: many Heun steps get closer still.
+    fine = _kl_discrepancy(edm_sampler(D, torch.randn(n, 2, generator=torch.Generator().manual_seed(0),
+                                                      dtype=torch.float64), steps=128), w, mu, covs)
+    assert fine < _kl_discrepancy(heun[0], w, mu, covs)
+
+
+def test_churn_and_guidance_paths():
+    w, mu, covs = _mixture()
+    D = gmm_denoiser(w, mu, covs)
+    noise = SeededNoise(range(64))
+    a = edm_sampler(D, noise, (2,), steps=8, churn=10.0, S_min=0.05, S_max=50)
+    b = edm_sampler(D, SeededNoise(range(64)), (2,), steps=8, churn=10.0, S_min=0.05, S_max=50)
+    c = edm_sampler(D, SeededNoise(range(64)), (2,), steps=8)
+    assert torch.equal(a, b) and not torch.allclose(a, c)
+    # Guidance with w = 1 or a guide equal to the model changes nothing.
+    g1 = edm_sampler(D, SeededNoise(range(8)), (2,), steps=8, guide=D, guidance=2.0)
+    g0 = edm_sampler(D, SeededNoise(range(8)), (2,), steps=8)
+    assert torch.allclose(g1, g0)
+    with pytest.raises(ValueError, match="solver"):
+        edm_sampler(D, SeededNoise([0]), (2,), solver="rk4")
