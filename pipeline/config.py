@@ -260,6 +260,21 @@ class Config(_Section):
         """Dotted keys -> values (MLflow params, DVC-style overrides)."""
         return flatten(self.to_dict())
 
+    def run_key(self) -> str:
+        """Identity of a training run: every value that changes what the run computes.
+
+        Checkpoints and snapshots carry it; resuming or reconstructing across different keys is
+        refused. Paths, devices, logging intervals and evaluation settings are not part of it.
+        """
+        d = self.to_dict()
+        train = {k: v for k, v in d["train"].items()
+                 if k not in ("run_dir", "device", "num_workers", "status_nimg", "sample_nimg",
+                              "checkpoint_nimg", "max_nonfinite_steps", "duration_nimg")}
+        data = {k: v for k, v in d["data"].items() if k != "dataset_dir"}
+        key = {"data": data, "network": d["network"], "loss": d["loss"], "train": train,
+               "ema": {"stds": d["ema"]["stds"], "snapshot_nimg": d["ema"]["snapshot_nimg"]}}
+        return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+
     def hash(self, sections: tuple[str, ...] | None = None) -> str:
         d = self.to_dict()
         if sections is not None:

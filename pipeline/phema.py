@@ -1,0 +1,370 @@
+"""Power-function EMA tracking and post-hoc EMA reconstruction (SPEC section 6; EDM2 sec. 3.1, app. C).
+
+Training tracks a few EMA profiles and writes them as low-precision snapshots at a fixed interval in
+images. Afterwards any EMA length sigma_rel can be reconstructed as a linear combination of the
+snapshots: EMA length costs no retraining.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import numpy as np
+import torch
+
+from .config import SIGMA_REL_MAX
+from .io import atomic_torch_save, load_torch_file
+
+SNAPSHOT_FORMAT = "edm2-pipeline/phema-snapshot/1"
+RECONSTRUCTION_FORMAT = "edm2-pipeline/phema-reconstruction/1"
+SNAPSHOT_RE = re.compile(r"^phema-(\d{10})-(\d\.\d{3})\.pt$")
+
+
+class PHEMAError(ValueError):
+    """Bad input to post-hoc EMA: the message says what and where; nothing was written."""
+
+
+# ----------------------------------------------------------------------------------------------
+# sigma_rel <-> gamma (eq. 123).
+
+def check_sigma_rel(sigma_rel: float, what: str = "sigma_rel") -> float:
+    if not (0.0 < sigma_rel < SIGMA_REL_MAX):
+        raise PHEMAError(f"{what}={sigma_rel}: sigma_rel must be in (0, {SIGMA_REL_MAX:.4f})")
+    return float(sigma_rel)
+
+
+def gamma_to_sigma_rel(gamma: float) -> float:
+    """sigma_rel = sqrt((gamma + 1) / ((gamma + 2)^2 (gamma + 3)))."""
+    return math.sqrt((gamma + 1) / ((gamma + 2) ** 2 * (gamma + 3)))
+
+
+def sigma_rel_to_gamma(sigma_rel: float) -> float:
+    """gamma = largest real root of g^3 + 7 g^2 + (16 - s^-2) g + (12 - s^-2) = 0."""
+    check_sigma_rel(sigma_rel)
+    s2 = sigma_rel ** -2
+    roots = np.roots([1.0, 7.0, 16.0 - s2, 12.0 - s2])
+    return float(roots[np.abs(roots.imag) < 1e-8].real.max())
+
+
+# ----------------------------------------------------------------------------------------------
+# Tracking during training.
+
+class PowerFunctionEMA:
+    """Tracks one power-function EMA per sigma_rel of a model's parameters (float32 copies).
+
+    `update(net, nimg, batch_nimg)` after each optimizer step (or every k steps with batch_nimg the
+    images since the last update): beta = (1 - dt / t)^(gamma + 1), ema = beta ema + (1 - beta) theta.
+    Counting in images makes the profile right for any batch size and update interval (SPEC 6).
+    """
+
+    def __init__(self, net: torch.nn.Module, stds: Sequence[float]):
+        self.stds = [check_sigma_rel(s, f"ema.stds[{i}]") for i, s in enumerate(stds)]
+        self.gammas = [sigma_rel_to_gamma(s) for s in self.stds]
+        self.emas = [{k: v.detach().to(torch.float32).clone() for k, v in net.state_dict().items()}
+                     for _ in self.stds]
+
+    @torch.no_grad()
+    def update(self, net: torch.nn.Module, nimg: int, batch_nimg: int) -> None:
+        if nimg <= 0 or batch_nimg <= 0 or batch_nimg > nimg:
+            raise ValueError(f"EMA update needs 0 < batch_nimg <= nimg (got batch_nimg={batch_nimg}, nimg={nimg})")
+        state = net.state_dict()
+        for gamma, ema in zip(self.gammas, self.emas):
+            beta = (1.0 - batch_nimg / nimg) ** (gamma + 1)
+            for k, v in state.items():
+                if v.is_floating_point():
+                    ema[k].lerp_(v.detach().to(torch.float32), 1.0 - beta)
+                else:
+                    ema[k].copy_(v)
+
+    def state_dict(self) -> dict:
+        return {"stds": self.stds, "emas": self.emas}
+
+    def load_state_dict(self, state: dict) -> None:
+        if [round(s, 6) for s in state["stds"]] != [round(s, 6) for s in self.stds]:
+            raise PHEMAError(f"checkpoint tracks sigma_rel {state['stds']}, config asks for {self.stds}")
+        self.emas = [{k: v.to(torch.float32).clone() for k, v in e.items()} for e in state["emas"]]
+
+    def save_snapshots(self, snapshot_dir: str | Path, nimg: int, meta: dict | None = None,
+                       dtype: str = "float16") -> list[Path]:
+        """One file per profile, `phema-<nimg:010d>-<sigma_rel:.3f>.pt`, written atomically."""
+        paths = []
+        for std, gamma, ema in zip(self.stds, self.gammas, self.emas):
+            path = Path(snapshot_dir) / snapshot_name(nimg, std)
+            payload = {"format": SNAPSHOT_FORMAT, "nimg": int(nimg), "sigma_rel": std, "gamma": gamma,
+                       "dtype": dtype, "state": {k: _to_disk(v, dtype) for k, v in ema.items()},
+                       **(meta or {})}
+            atomic_torch_save(payload, path)
+            paths.append(path)
+        return paths
+
+
+def snapshot_meta(cfg) -> dict:
+    """What every snapshot carries: the resolved config, the run key (snapshots with different keys
+    never mix) and the snapshot interval (to detect missing files)."""
+    from .tracking import git_revision
+    return {"config": cfg.to_dict(), "model_key": cfg.run_key(), "snapshot_nimg": cfg.ema.snapshot_nimg,
+            "git": git_revision()}
+
+
+def snapshot_name(nimg: int, sigma_rel: float) -> str:
+    return f"phema-{int(nimg):010d}-{sigma_rel:.3f}.pt"
+
+
+def _to_disk(v: torch.Tensor, dtype: str) -> torch.Tensor:
+    return v.to(getattr(torch, dtype)) if v.is_floating_point() else v
+
+
+# ----------------------------------------------------------------------------------------------
+# Profiles and their inner products.
+
+def profile(tau: np.ndarray, t: float, gamma: float) -> np.ndarray:
+    """p_t(tau) = (gamma + 1) / t * (tau / t)^gamma on [0, t], 0 after."""
+    tau = np.asarray(tau, dtype=np.float64)
+    return np.where((tau >= 0) & (tau <= t), (gamma + 1) / t * np.clip(tau / t, 0, None) ** gamma, 0.0)
+
+
+def p_dot_p(t_a, g_a, t_b, g_b):
+    """<p_a, p_b> = (g_a + 1)(g_b + 1) / ((g_a + g_b + 1) max(t_a, t_b)) * r (SPEC 6)."""
+    t_a, g_a, t_b, g_b = (np.asarray(v, dtype=np.float64) for v in (t_a, g_a, t_b, g_b))
+    ratio = t_a / t_b
+    r = np.where(t_a < t_b, ratio ** g_b, (1.0 / ratio) ** g_a)
+    return (g_a + 1) * (g_b + 1) / ((g_a + g_b + 1) * np.maximum(t_a, t_b)) * r
+
+
+@dataclass
+class Solution:
+    """Coefficients X (snapshots x targets), columns summing to 1, and per-target diagnostics."""
+    X: np.ndarray
+    rel_error: np.ndarray           # ||sum_i X_ij p_i - q_j|| / ||q_j||
+    max_abs_coef: np.ndarray
+    warnings: list[str] = field(default_factory=list)
+
+
+def solve_weights(t_in: Sequence[float], g_in: Sequence[float], t_out: Sequence[float],
+                  g_out: Sequence[float]) -> Solution:
+    """X = solve(A, B) with A_ik = <p_i, p_k>, B_ij = <p_i, q_j>; columns scaled to sum to 1."""
+    t_in, g_in = np.asarray(t_in, np.float64), np.asarray(g_in, np.float64)
+    t_out, g_out = np.asarray(t_out, np.float64), np.asarray(g_out, np.float64)
+    A = p_dot_p(t_in[:, None], g_in[:, None], t_in[None, :], g_in[None, :])
+    B = p_dot_p(t_in[:, None], g_in[:, None], t_out[None, :], g_out[None, :])
+    try:
+        X = np.linalg.solve(A, B)
+    except np.linalg.LinAlgError:                    # duplicate profiles: least squares instead
+        X = np.linalg.lstsq(A, B, rcond=None)[0]
+    X = X / X.sum(axis=0, keepdims=True)
+    qq = p_dot_p(t_out, g_out, t_out, g_out)
+    err2 = np.einsum("ij,ik,kj->j", X, A, X) - 2 * np.einsum("ij,ij->j", X, B) + qq
+    rel = np.sqrt(np.clip(err2, 0, None) / qq)
+    max_abs = np.abs(X).max(axis=0)
+    warnings = []
+    for j in range(X.shape[1]):
+        if rel[j] > 0.05 or max_abs[j] > 50:
+            hint = ("shorter than the tracked profiles: needs denser snapshots" if g_out[j] > g_in.max()
+                    else "longer than the tracked profiles: only approximated by their sum")
+            warnings.append(f"target sigma_rel={gamma_to_sigma_rel(g_out[j]):.3f} is ill-conditioned: profile error "
+                            f"{rel[j]:.3f}, largest |coefficient| {max_abs[j]:.1f} ({hint})")
+    return Solution(X, rel, max_abs, warnings)
+
+
+# ----------------------------------------------------------------------------------------------
+# Snapshot directories.
+
+@dataclass(frozen=True)
+class SnapshotInfo:
+    path: Path
+    nimg: int
+    sigma_rel: float
+    size: int
+
+
+def scan_snapshots(snapshot_dir: str | Path) -> list[SnapshotInfo]:
+    """Snapshots in a directory, ordered by (nimg, sigma_rel); checks that the set is complete."""
+    d = Path(snapshot_dir)
+    if not d.is_dir():
+        raise PHEMAError(f"snapshot directory {d} does not exist")
+    infos = []
+    for p in sorted(d.iterdir()):
+        m = SNAPSHOT_RE.match(p.name)
+        if m:
+            infos.append(SnapshotInfo(p, int(m.group(1)), float(m.group(2)), p.stat().st_size))
+    if not infos:
+        raise PHEMAError(f"snapshot directory {d} holds no snapshots (phema-<nimg>-<sigma_rel>.pt)")
+    infos.sort(key=lambda s: (s.nimg, s.sigma_rel))
+    stds = sorted({s.sigma_rel for s in infos})
+    by_nimg: dict[int, set] = {}
+    for s in infos:
+        by_nimg.setdefault(s.nimg, set()).add(s.sigma_rel)
+    for nimg, have in sorted(by_nimg.items()):
+        missing = [f"{x:.3f}" for x in stds if x not in have]
+        if missing:
+            raise PHEMAError(f"{d}: snapshot(s) missing at nimg={nimg} for sigma_rel {', '.join(missing)} "
+                             f"(expected {snapshot_name(nimg, float(missing[0]))})")
+    return infos
+
+
+def _read_snapshot(info: SnapshotInfo) -> dict:
+    data = load_torch_file(info.path, what="snapshot", error=PHEMAError, mmap=True)
+    if not isinstance(data, dict) or data.get("format") != SNAPSHOT_FORMAT:
+        raise PHEMAError(f"{info.path}: not a post-hoc EMA snapshot")
+    if data["nimg"] != info.nimg or abs(data["sigma_rel"] - info.sigma_rel) > 5e-4:
+        raise PHEMAError(f"{info.path}: file name says nimg={info.nimg} sigma_rel={info.sigma_rel}, "
+                         f"contents say nimg={data['nimg']} sigma_rel={data['sigma_rel']}")
+    return data
+
+
+def check_consistent(infos: Sequence[SnapshotInfo]) -> dict:
+    """All snapshots must come from one run configuration; returns the first one's metadata.
+
+    Reads each header once (the whole file: torch.load has no partial read) without keeping it.
+    """
+    first_meta, first_key, gaps_interval = None, None, None
+    for info in infos:
+        data = _read_snapshot(info)
+        key = data.get("model_key")
+        if first_key is None:
+            first_meta = {k: v for k, v in data.items() if k != "state"}
+            first_key, shapes = key, {k: tuple(v.shape) for k, v in data["state"].items()}
+            first_path = info.path
+        else:
+            if key != first_key:
+                raise PHEMAError(f"mixed configurations: {info.path.name} has model_key {key}, "
+                                 f"{first_path.name} has {first_key}; keep one run's snapshots per directory")
+            if {k: tuple(v.shape) for k, v in data["state"].items()} != shapes:
+                raise PHEMAError(f"mixed configurations: {info.path.name} and {first_path.name} hold "
+                                 f"different parameter shapes")
+        del data
+    interval = (first_meta or {}).get("snapshot_nimg")
+    if interval:
+        nimgs = sorted({s.nimg for s in infos})
+        expected = list(range(interval, nimgs[-1] + 1, interval))
+        missing = [n for n in expected if n not in nimgs]
+        if missing:
+            raise PHEMAError(f"snapshots missing for nimg {', '.join(map(str, missing[:5]))}"
+                             f"{' ...' if len(missing) > 5 else ''} (interval {interval} images)")
+    return first_meta or {}
+
+
+def sources_digest(infos: Sequence[SnapshotInfo], target_nimg: int) -> str:
+    h = hashlib.sha256(f"T={target_nimg}".encode())
+    for s in infos:
+        h.update(f"{s.path.name}:{s.size}".encode())
+    return h.hexdigest()[:16]
+
+
+# ----------------------------------------------------------------------------------------------
+# Reconstruction.
+
+def reconstruct(snapshot_dir: str | Path, targets: Sequence[float], target_nimg: int | None = None,
+                out_dir: str | Path | None = None, batch_targets: int = 8, progress: bool = False,
+                check: bool = True) -> dict:
+    """Reconstruct EMA profiles `targets` (sigma_rel) at time `target_nimg` (default: last snapshot).
+
+    Streams over the snapshots once per batch of targets: memory holds the accumulators of one
+    batch (targets x one float32 model) plus one snapshot being read. Writes one model file per
+    target (`ema-<T:010d>-<sigma_rel:.3f>.pt`) and `reconstruct.json` to out_dir, skipping targets
+    already reconstructed from the same snapshots. Returns the summary dict (also the JSON).
+    """
+    targets = [check_sigma_rel(float(t), f"targets[{i}]") for i, t in enumerate(targets)]
+    if not targets:
+        raise PHEMAError("no targets given")
+    infos = scan_snapshots(snapshot_dir)
+    nimgs = sorted({s.nimg for s in infos})
+    T = nimgs[-1] if target_nimg is None else int(target_nimg)
+    if T not in nimgs:
+        raise PHEMAError(f"target time nimg={T} has no snapshot; snapshots exist at nimg "
+                         f"{nimgs[0]} .. {nimgs[-1]} ({len(nimgs)} times)")
+    used = [s for s in infos if 0 < s.nimg <= T]
+    meta = check_consistent(used) if check else {}
+    digest = sources_digest(used, T)
+
+    g_in = [sigma_rel_to_gamma(s.sigma_rel) for s in used]
+    sol = solve_weights([s.nimg for s in used], g_in, [T] * len(targets), [sigma_rel_to_gamma(t) for t in targets])
+
+    out = Path(out_dir) if out_dir is not None else None
+    todo = list(range(len(targets)))
+    skipped = []
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        todo = [j for j in todo if not _up_to_date(out / reconstruction_name(T, targets[j]), digest)]
+        skipped = [targets[j] for j in range(len(targets)) if j not in todo]
+
+    for start in range(0, len(todo), batch_targets):
+        batch = todo[start:start + batch_targets]
+        acc = stream_combine(used, sol.X[:, batch], progress=progress)
+        for col, j in enumerate(batch):
+            if out is not None:
+                payload = {"format": RECONSTRUCTION_FORMAT, "sigma_rel": targets[j], "nimg": T,
+                           "gamma": sigma_rel_to_gamma(targets[j]), "sources_digest": digest,
+                           "coefficients": sol.X[:, j].tolist(), "rel_error": float(sol.rel_error[j]),
+                           "sources": [s.path.name for s in used], "state": acc[col],
+                           **{k: v for k, v in meta.items() if k not in ("format", "nimg", "sigma_rel", "gamma", "dtype")}}
+                atomic_torch_save(payload, out / reconstruction_name(T, targets[j]))
+        del acc
+
+    summary = {
+        "snapshot_dir": str(snapshot_dir), "target_nimg": T, "sources_digest": digest,
+        "snapshots": [{"file": s.path.name, "nimg": s.nimg, "sigma_rel": s.sigma_rel} for s in used],
+        "targets": [{"sigma_rel": t, "file": reconstruction_name(T, t), "rel_error": float(sol.rel_error[j]),
+                     "max_abs_coef": float(sol.max_abs_coef[j]), "coefficients": sol.X[:, j].tolist(),
+                     "skipped": t in skipped} for j, t in enumerate(targets)],
+        "warnings": sol.warnings,
+    }
+    if out is not None:
+        from .io import atomic_write_text
+        atomic_write_text(json.dumps(summary, indent=2), out / "reconstruct.json")
+    return summary
+
+
+def reconstruction_name(nimg: int, sigma_rel: float) -> str:
+    return f"ema-{int(nimg):010d}-{sigma_rel:.3f}.pt"
+
+
+def _up_to_date(path: Path, digest: str) -> bool:
+    if not path.is_file():
+        return False
+    try:
+        data = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+    except Exception:                                # unreadable: rebuild it
+        return False
+    return isinstance(data, dict) and data.get("sources_digest") == digest
+
+
+def stream_combine(infos: Sequence[SnapshotInfo], X: np.ndarray, progress: bool = False) -> list[dict]:
+    """sum_i X_ij theta_i for each column j, reading each snapshot once, accumulating in float32.
+
+    Memory: the accumulators (one float32 model per column), one memory-mapped snapshot, and one
+    float32 scratch buffer the size of the largest tensor (reused, so no per-add temporaries).
+    """
+    acc: list[dict] | None = None
+    scratch: torch.Tensor | None = None
+    it: Iterable = infos
+    if progress:
+        from tqdm import tqdm
+        it = tqdm(infos, desc=f"reconstruct {X.shape[1]} target(s)", unit="snapshot")
+    for i, info in enumerate(it):
+        state = _read_snapshot(info)["state"]
+        if acc is None:
+            acc = [{k: torch.zeros(v.shape, dtype=torch.float32) if v.is_floating_point() else v.clone()
+                    for k, v in state.items()} for _ in range(X.shape[1])]
+            scratch = torch.empty(max(v.numel() for v in state.values()), dtype=torch.float32)
+        for k, v in state.items():
+            if not v.is_floating_point():
+                continue
+            v32 = scratch[:v.numel()].view(v.shape)
+            v32.copy_(v)
+            for j in range(X.shape[1]):
+                acc[j][k].add_(v32, alpha=float(X[i, j]))
+        del state
+    return acc or []
+
+
+def load_reconstruction(path: str | Path) -> dict:
+    data = load_torch_file(path, what="reconstructed model", error=PHEMAError)
+    if not isinstance(data, dict) or data.get("format") != RECONSTRUCTION_FORMAT:
+        raise PHEMAError(f"{path}: not a reconstructed EMA model")
+    return data

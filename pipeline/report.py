@@ -1,0 +1,53 @@
+"""Figures and tables (matplotlib, pandas). Figures are written locally as PNG so they render offline."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+
+def _plt():
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def plot_ema_reconstruction(summary: dict, path: str | Path, max_targets: int = 4) -> Path:
+    """Target EMA profiles against their reconstruction from the snapshots (one panel per target).
+
+    Short EMAs are hard: their profile is a narrow spike at the end of training that the snapshot
+    profiles (all at least as wide as the tracked ones) can only approximate with large,
+    alternating-sign coefficients; the figure shows the misfit and the coefficient size.
+    """
+    from .phema import profile, sigma_rel_to_gamma
+    plt = _plt()
+    T = summary["target_nimg"]
+    snaps = summary["snapshots"]
+    t_in = np.array([s["nimg"] for s in snaps], dtype=np.float64)
+    g_in = np.array([sigma_rel_to_gamma(s["sigma_rel"]) for s in snaps])
+    targets = sorted(summary["targets"], key=lambda t: t["sigma_rel"])
+    if len(targets) > max_targets:                       # the shortest, the longest and some between
+        idx = np.unique(np.linspace(0, len(targets) - 1, max_targets).round().astype(int))
+        targets = [targets[i] for i in idx]
+    tau = np.linspace(0, T, 2000)
+    fig, axes = plt.subplots(1, len(targets), figsize=(4 * len(targets), 3.2), squeeze=False)
+    for ax, tgt in zip(axes[0], targets):
+        q = profile(tau, T, sigma_rel_to_gamma(tgt["sigma_rel"]))
+        X = np.asarray(tgt["coefficients"])
+        rec = sum(X[i] * profile(tau, t_in[i], g_in[i]) for i in range(len(X)))
+        ax.plot(tau / 1e3, q * T, color="black", lw=2, label="target")
+        ax.plot(tau / 1e3, rec * T, color="tab:orange", lw=1.2, ls="--", label="reconstruction")
+        ax.set_title(f"sigma_rel {tgt['sigma_rel']:.3f}: error {tgt['rel_error']:.3f}, "
+                     f"max|X| {tgt['max_abs_coef']:.1f}", fontsize=9)
+        ax.set_xlabel("training time (k images)")
+    axes[0][0].set_ylabel("weight x T")
+    axes[0][0].legend(fontsize=8)
+    fig.suptitle(f"Post-hoc EMA from {len(snaps)} snapshots at T = {T} images", fontsize=10)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
