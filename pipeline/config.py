@@ -89,7 +89,7 @@ class NetworkConfig(_Section):
     channel_mult: list[PosInt] = Field(default_factory=lambda: [1, 2, 2])
     num_blocks: PosInt = 2
     attn_resolutions: list[PosInt] = Field(default_factory=lambda: [8])
-    channels_per_head: PosInt = 64
+    channels_per_head: PosInt = 32
     dropout: Annotated[float, AfterValidator(lambda v: _in_unit(v, "dropout"))] = 0.0
     label_balance: float = 0.5                           # MP-sum t for the label embedding
     concat_balance: float = 0.5                          # MP-concat t for U-Net skips

@@ -22,6 +22,7 @@ def _atomic_write(path: str | Path, write: Callable[[Any], None], mode: str = "w
             write(f)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())                 # mkstemp makes 0600; use the usual mode
         os.replace(tmp, path)
     except BaseException:
         try:
@@ -30,6 +31,12 @@ def _atomic_write(path: str | Path, write: Callable[[Any], None], mode: str = "w
             pass
         raise
     return path
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def atomic_torch_save(obj: Any, path: str | Path) -> Path:

@@ -103,12 +103,12 @@ class PowerFunctionEMA:
         return paths
 
 
-def snapshot_meta(cfg) -> dict:
-    """What every snapshot carries: the resolved config, the run key (snapshots with different keys
-    never mix) and the snapshot interval (to detect missing files)."""
+def snapshot_meta(cfg, net_args: dict | None = None) -> dict:
+    """What every snapshot carries: the resolved config, the network's build arguments, the run key
+    (snapshots with different keys never mix) and the snapshot interval (to detect missing files)."""
     from .tracking import git_revision
-    return {"config": cfg.to_dict(), "model_key": cfg.run_key(), "snapshot_nimg": cfg.ema.snapshot_nimg,
-            "git": git_revision()}
+    return {"config": cfg.to_dict(), "net_args": net_args or {}, "model_key": cfg.run_key(),
+            "snapshot_nimg": cfg.ema.snapshot_nimg, "git": git_revision()}
 
 
 def snapshot_name(nimg: int, sigma_rel: float) -> str:

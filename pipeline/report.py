@@ -51,3 +51,48 @@ def plot_ema_reconstruction(summary: dict, path: str | Path, max_targets: int = 
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def save_image_grid(images: np.ndarray, path: str | Path, cols: int | None = None) -> Path:
+    """N x H x W x C uint8 images -> one PNG grid."""
+    from PIL import Image
+    n, h, w, c = images.shape
+    cols = cols or int(np.ceil(np.sqrt(n)))
+    rows = int(np.ceil(n / cols))
+    grid = np.zeros((rows * h, cols * w, c), dtype=np.uint8)
+    for i, im in enumerate(images):
+        r, k = divmod(i, cols)
+        grid[r * h:(r + 1) * h, k * w:(k + 1) * w] = im
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(grid[..., 0] if c == 1 else grid).save(path)
+    return path
+
+
+def plot_fid_vs_ema(rows: Sequence[dict], path: str | Path, title: str = "") -> Path:
+    """FID against EMA length (EDM2 figure 5 style), the best sigma_rel marked. rows: sigma_rel, fid
+    and optionally 'label' (one curve per label)."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    groups: dict = {}
+    for r in rows:
+        groups.setdefault(r.get("label", ""), []).append(r)
+    for label, rs in groups.items():
+        rs = sorted(rs, key=lambda r: r["sigma_rel"])
+        x, y = [r["sigma_rel"] for r in rs], [r["fid"] for r in rs]
+        line, = ax.plot(x, y, marker="o", ms=4, label=label or None)
+        b = int(np.argmin(y))
+        ax.plot([x[b]], [y[b]], marker="*", ms=14, color=line.get_color(), mec="black")
+        ax.annotate(f"{y[b]:.2f} @ {x[b]:.3f}", (x[b], y[b]), textcoords="offset points", xytext=(6, 8), fontsize=8)
+    ax.set_xlabel("EMA length sigma_rel")
+    ax.set_ylabel("FID")
+    ax.set_title(title, fontsize=9)
+    ax.grid(alpha=0.3)
+    if any(groups):
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

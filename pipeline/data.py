@@ -1,0 +1,432 @@
+"""Datasets: sources (Fashion-MNIST, image folders, zips), encoders (pixels; VAE latents), the
+encoded-dataset artifact with its manifest, and the memory-mapped training loader (SPEC 7).
+
+An encoded dataset is a folder holding `images.npy` (uint8, N x C x H x W; or float16 latent
+mean/std for the VAE encoder), `labels.npy` (int64, N) and `manifest.json` (count, shape, dtype,
+encoder, source, label count, sha256). It is immutable and content-addressed by the sha256.
+"""
+from __future__ import annotations
+
+import gzip
+import hashlib
+import io
+import json
+import shutil
+import subprocess
+import tempfile
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import numpy as np
+import torch
+
+from .io import atomic_write_text
+
+FMNIST_DEB = "dataset-fashion-mnist"
+FMNIST_SYSTEM_DIR = Path("/usr/share/datasets/fashion-mnist")
+FMNIST_FILES = {"train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
+                "test": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz")}
+FMNIST_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
+                  "Ankle boot"]
+IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
+MANIFEST_FORMAT = "edm2-pipeline/encoded-dataset/1"
+
+
+class DataError(ValueError):
+    """Missing, corrupt or mismatched data; the message says what was tried or what differs."""
+
+
+# ----------------------------------------------------------------------------------------------
+# SPEC 7: pixel encoding.
+
+def encode_pixels(x_uint8: np.ndarray | torch.Tensor) -> torch.Tensor:
+    """uint8 -> x / 127.5 - 1 (std about 0.5 = sigma_data)."""
+    if not isinstance(x_uint8, torch.Tensor):
+        x_uint8 = torch.from_numpy(np.array(x_uint8, dtype=np.float32))   # copies: memory maps are read-only
+    return x_uint8.to(torch.float32) / 127.5 - 1
+
+
+def decode_pixels(x: torch.Tensor) -> torch.Tensor:
+    """Model output -> uint8: clip(x * 127.5 + 128)."""
+    return (x.to(torch.float32) * 127.5 + 128).clip(0, 255).to(torch.uint8)
+
+
+# ----------------------------------------------------------------------------------------------
+# Fashion-MNIST from the Debian package (system, a user folder, or the .deb unpacked without root).
+
+def find_fashion_mnist(user_dir: str | Path | None = None, cache_dir: str | Path = "data/raw") -> Path:
+    """A folder with the four Fashion-MNIST .gz files; fetches the Debian package if needed."""
+    tried = []
+    candidates = [Path(user_dir)] if user_dir else [
+        FMNIST_SYSTEM_DIR, Path(cache_dir) / "fashion-mnist-deb" / "usr/share/datasets/fashion-mnist"]
+    for d in candidates:
+        if all((d / f).is_file() for pair in FMNIST_FILES.values() for f in pair):
+            return d
+        tried.append(f"{d} (no Fashion-MNIST files)")
+    if user_dir:   # the user named a folder: do not silently take another source
+        raise DataError(f"Fashion-MNIST not found in data.path={user_dir}: expected "
+                        f"{', '.join(f for pair in FMNIST_FILES.values() for f in pair)}")
+    target = Path(cache_dir) / "fashion-mnist-deb"
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            r = subprocess.run(["apt-get", "download", FMNIST_DEB], cwd=tmp, capture_output=True, text=True,
+                               timeout=600)
+            debs = list(Path(tmp).glob(f"{FMNIST_DEB}_*.deb"))
+            if r.returncode != 0 or not debs:
+                tried.append(f"`apt-get download {FMNIST_DEB}` failed: {(r.stderr or r.stdout).strip()[-200:]}")
+            else:
+                target.mkdir(parents=True, exist_ok=True)
+                x = subprocess.run(["dpkg-deb", "-x", str(debs[0]), str(target)], capture_output=True, text=True)
+                if x.returncode != 0:
+                    tried.append(f"`dpkg-deb -x` failed: {x.stderr.strip()[-200:]}")
+                else:
+                    return find_fashion_mnist(None, cache_dir)
+        except (OSError, subprocess.SubprocessError) as err:
+            tried.append(f"`apt-get download {FMNIST_DEB}` could not run: {err}")
+    raise DataError("Fashion-MNIST not found. Tried: " + "; ".join(tried) +
+                    f". Fix: `sudo apt-get install {FMNIST_DEB}`, or `apt-get download {FMNIST_DEB}` + "
+                    f"`dpkg-deb -x`, or set data.path to a folder holding the four .gz files.")
+
+
+def read_idx(images_gz: Path, labels_gz: Path) -> tuple[np.ndarray, np.ndarray]:
+    """IDX files: images have a 16-byte header, labels an 8-byte header."""
+    try:
+        with gzip.open(images_gz, "rb") as f:
+            raw = f.read()
+        magic, n, h, w = np.frombuffer(raw[:16], dtype=">u4")
+        images = np.frombuffer(raw[16:], dtype=np.uint8)
+        with gzip.open(labels_gz, "rb") as f:
+            lraw = f.read()
+        lmagic, ln = np.frombuffer(lraw[:8], dtype=">u4")
+        labels = np.frombuffer(lraw[8:], dtype=np.uint8)
+    except (OSError, EOFError, ValueError) as err:
+        raise DataError(f"corrupt IDX file {images_gz} / {labels_gz}: {err}") from None
+    if magic != 2051 or lmagic != 2049 or images.size != n * h * w or labels.size != ln or n != ln:
+        raise DataError(f"corrupt IDX files {images_gz.name}/{labels_gz.name}: header and size disagree")
+    return images.reshape(n, h, w), labels.astype(np.int64)
+
+
+# ----------------------------------------------------------------------------------------------
+# Image folders and zips.
+
+@dataclass
+class RawImages:
+    images: list[np.ndarray]           # each H x W x C uint8 (C = 1 or 3), sizes may differ
+    labels: np.ndarray | None
+    class_names: list[str]
+    source: str
+    skipped: list[str]                 # unreadable files, by name
+
+
+def _decode_image(data: bytes | Path) -> np.ndarray:
+    from PIL import Image
+    img = Image.open(io.BytesIO(data) if isinstance(data, bytes) else data)
+    img.load()
+    if img.mode in ("RGBA", "LA", "P"):                    # composite transparency on white
+        img = img.convert("RGBA")
+        bg = Image.new("RGBA", img.size, (255, 255, 255, 255))
+        img = Image.alpha_composite(bg, img).convert("RGB")
+    elif img.mode not in ("L", "RGB"):
+        img = img.convert("RGB")
+    arr = np.asarray(img)
+    return arr[..., None] if arr.ndim == 2 else arr
+
+
+def read_image_folder(path: str | Path) -> RawImages:
+    """Images under `path`; class sub-folders become labels (sorted names), else unlabelled."""
+    root = Path(path)
+    if not root.is_dir():
+        raise DataError(f"image folder {root} does not exist")
+    files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTS and p.is_file())
+    return _collect(((str(p.relative_to(root)), p) for p in files), f"folder:{root}")
+
+
+def read_image_zip(path: str | Path) -> RawImages:
+    p = Path(path)
+    if not p.is_file():
+        raise DataError(f"zip file {p} does not exist")
+    try:
+        zf = zipfile.ZipFile(p)
+    except zipfile.BadZipFile:
+        raise DataError(f"{p} is not a readable zip file") from None
+    with zf:
+        names = sorted(n for n in zf.namelist() if Path(n).suffix.lower() in IMAGE_EXTS)
+        return _collect(((n, zf.read(n)) for n in names), f"zip:{p}")
+
+
+def _collect(items: Iterator[tuple[str, bytes | Path]], source: str) -> RawImages:
+    images, rels, skipped = [], [], []
+    for rel, data in items:
+        try:
+            images.append(_decode_image(data))
+            rels.append(rel)
+        except Exception:                                   # PIL raises many types for bad files
+            skipped.append(rel)
+    if not images:
+        raise DataError(f"{source}: no readable images" + (f" ({len(skipped)} unreadable)" if skipped else ""))
+    parents = [str(Path(r).parent) for r in rels]
+    if all(p != "." for p in parents):
+        class_names = sorted(set(parents))
+        labels = np.array([class_names.index(p) for p in parents], dtype=np.int64)
+    else:
+        class_names, labels = [], None
+    return RawImages(images, labels, class_names, source, skipped)
+
+
+# ----------------------------------------------------------------------------------------------
+# Resolution and channel handling.
+
+def to_resolution(img: np.ndarray, resolution: int, mode: str) -> np.ndarray:
+    """H x W x C uint8 -> resolution x resolution x C: 'pad' (centre, zeros), 'resize' (Lanczos to a
+    square) or 'center-crop' (largest centred square, then Lanczos)."""
+    h, w = img.shape[:2]
+    if mode == "pad":
+        if h > resolution or w > resolution:
+            raise DataError(f"image of {w}x{h} is larger than data.resolution={resolution}: "
+                            f"use data.resize=resize or center-crop")
+        out = np.zeros((resolution, resolution, img.shape[2]), dtype=np.uint8)
+        top, left = (resolution - h) // 2, (resolution - w) // 2
+        out[top:top + h, left:left + w] = img
+        return out
+    from PIL import Image
+    if mode == "center-crop":
+        s = min(h, w)
+        top, left = (h - s) // 2, (w - s) // 2
+        img = img[top:top + s, left:left + s]
+    pil = Image.fromarray(img[..., 0] if img.shape[2] == 1 else img)
+    out = np.asarray(pil.resize((resolution, resolution), Image.LANCZOS))
+    return out[..., None] if out.ndim == 2 else out
+
+
+def to_channels(img: np.ndarray, channels: int) -> np.ndarray:
+    if img.shape[2] == channels:
+        return img
+    if channels == 1:   # ITU-R 601-2 luma, as PIL's convert("L")
+        return (img[..., :3].astype(np.float32) @ np.array([0.299, 0.587, 0.114], np.float32)).round().clip(0, 255) \
+            .astype(np.uint8)[..., None]
+    if channels == 3 and img.shape[2] == 1:
+        return np.repeat(img, 3, axis=2)
+    raise DataError(f"cannot convert {img.shape[2]}-channel images to {channels} channels")
+
+
+# ----------------------------------------------------------------------------------------------
+# Encoding into the artifact.
+
+def load_source(cfg_data, split: str = "train", cache_dir: str | Path = "data/raw") -> RawImages:
+    if cfg_data.source == "fashion-mnist":
+        d = find_fashion_mnist(cfg_data.path, cache_dir)
+        imgs, labels = read_idx(*(d / f for f in FMNIST_FILES[split]))
+        return RawImages(list(imgs[..., None]), labels, list(FMNIST_CLASSES), f"fashion-mnist:{split}:{d}", [])
+    if split != "train":
+        raise DataError(f"data.source={cfg_data.source} has no '{split}' split; give the reference as a folder")
+    return read_image_folder(cfg_data.path) if cfg_data.source == "folder" else read_image_zip(cfg_data.path)
+
+
+def sha256_files(paths: Sequence[Path]) -> str:
+    h = hashlib.sha256()
+    for p in paths:
+        with open(p, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+    return h.hexdigest()
+
+
+def encode_dataset(cfg, out_dir: str | Path, split: str = "train", cache_dir: str | Path = "data/raw",
+                   progress: bool = True) -> dict:
+    """Read a source, bring it to the configured resolution/channels, encode, write the artifact.
+
+    Writes into a temp folder and renames it into place, so a crash never leaves half a dataset.
+    Returns the manifest.
+    """
+    d = cfg.data
+    raw = load_source(d, split, cache_dir)
+    if d.max_images:
+        raw.images, raw.labels = raw.images[:d.max_images], (raw.labels[:d.max_images] if raw.labels is not None else None)
+    channel_counts = {im.shape[2] for im in raw.images}
+    sizes = {im.shape[:2] for im in raw.images}
+    notes = []
+    if len(channel_counts) > 1 or channel_counts != {d.channels if d.encoder == "pixel" else 3}:
+        notes.append(f"converted images with {sorted(channel_counts)} channels to "
+                     f"{d.channels if d.encoder == 'pixel' else 3}")
+    if len(sizes) > 1:
+        notes.append(f"{len(sizes)} different image sizes brought to {d.resolution}x{d.resolution} by '{d.resize}'")
+    if raw.skipped:
+        notes.append(f"skipped {len(raw.skipped)} unreadable file(s): {', '.join(raw.skipped[:5])}"
+                     f"{' ...' if len(raw.skipped) > 5 else ''}")
+    img_channels = d.channels if d.encoder == "pixel" else 3
+    vae = load_vae(d.vae_path) if d.encoder == "vae" else None
+    vae_res = d.resolution * vae_downsampling(vae) if vae is not None else d.resolution
+    it = raw.images
+    if progress:
+        from tqdm import tqdm
+        it = tqdm(raw.images, desc=f"encode {split}", unit="img", mininterval=1.0)
+    pixels = np.stack([to_channels(to_resolution(im, vae_res, d.resize), img_channels) for im in it])
+    pixels = pixels.transpose(0, 3, 1, 2).copy()                            # N x C x H x W
+    labels = raw.labels if (raw.labels is not None and d.use_labels) else None
+    if d.encoder == "vae":
+        array, latent_stats = encode_latents(pixels, vae, progress=progress)
+    else:
+        array, latent_stats = pixels, None
+
+    out = Path(out_dir)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        np.save(tmp / "images.npy", array)
+        np.save(tmp / "labels.npy", labels if labels is not None else np.full(len(array), -1, np.int64))
+        manifest = {
+            "format": MANIFEST_FORMAT, "count": int(len(array)), "shape": list(array.shape[1:]),
+            "dtype": str(array.dtype), "encoder": d.encoder, "source": raw.source, "split": split,
+            "resolution": d.resolution, "channels": int(array.shape[1]) if d.encoder == "pixel" else int(array.shape[1] // 2),
+            "resize": d.resize, "label_count": len(raw.class_names) if labels is not None else 0,
+            "class_names": raw.class_names if labels is not None else [],
+            "sha256": sha256_files([tmp / "images.npy", tmp / "labels.npy"]),
+            "notes": notes, "latent_stats": latent_stats,
+        }
+        atomic_write_text(json.dumps(manifest, indent=2), tmp / "manifest.json")
+        tmp.chmod(0o755)
+        if out.exists():
+            shutil.rmtree(out)
+        tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return manifest
+
+
+# ----------------------------------------------------------------------------------------------
+# Optional latent encoder (SPEC 7): a local diffusers AutoencoderKL, never downloaded.
+
+def load_vae(vae_path: str | Path):
+    try:
+        from diffusers import AutoencoderKL
+    except ImportError:
+        raise DataError("data.encoder=vae needs diffusers: pip install 'edm2-pipeline[vae]'") from None
+    p = Path(vae_path)
+    if not p.is_dir():
+        raise DataError(f"data.vae_path={vae_path}: no such folder (a local diffusers AutoencoderKL; "
+                        f"nothing is downloaded)")
+    return AutoencoderKL.from_pretrained(p, local_files_only=True).eval()
+
+
+def vae_downsampling(vae) -> int:
+    """Pixel-to-latent size ratio of an AutoencoderKL (8 for Stable Diffusion's VAE)."""
+    return 2 ** (len(vae.config.block_out_channels) - 1)
+
+
+@torch.no_grad()
+def encode_latents(pixels: np.ndarray, vae, batch_size: int = 32, progress: bool = False):
+    """Pixels (N x 3 x H x W uint8) -> float16 [mean, std] of the VAE posterior (N x 2C x h x w), plus
+    per-channel statistics of the latents for scaling to zero mean and std 0.5."""
+    out = []
+    rng = range(0, len(pixels), batch_size)
+    if progress:
+        from tqdm import tqdm
+        rng = tqdm(rng, desc="vae encode", unit="batch")
+    for i in rng:
+        x = torch.from_numpy(pixels[i:i + batch_size]).to(torch.float32) / 127.5 - 1
+        dist = vae.encode(x).latent_dist
+        out.append(torch.cat([dist.mean, dist.std], dim=1).to(torch.float16).numpy())
+    arr = np.concatenate(out)
+    c = arr.shape[1] // 2
+    mean = arr[:, :c].astype(np.float64)
+    std = arr[:, c:].astype(np.float64)
+    ch_mean = mean.mean(axis=(0, 2, 3))
+    ch_std = np.sqrt((mean ** 2 + std ** 2).mean(axis=(0, 2, 3)) - ch_mean ** 2)
+    return arr, {"mean": ch_mean.tolist(), "std": ch_std.tolist()}
+
+
+# ----------------------------------------------------------------------------------------------
+# The training loader: memory-mapped, checked against its manifest and the config.
+
+def read_manifest(path: str | Path) -> dict:
+    f = Path(path) / "manifest.json"
+    if not f.is_file():
+        raise DataError(f"{path} is not an encoded dataset (no manifest.json): run the encode stage first")
+    try:
+        m = json.loads(f.read_text())
+    except json.JSONDecodeError as err:
+        raise DataError(f"{f} is corrupt: {err}") from None
+    if m.get("format") != MANIFEST_FORMAT:
+        raise DataError(f"{f}: unknown format {m.get('format')!r}")
+    return m
+
+
+class EncodedDataset(torch.utils.data.Dataset):
+    """Memory-mapped encoded dataset. Items: (x float32 C x H x W in model units, one-hot label or
+    an empty tensor). Latent items draw z = mean + std * eps with a caller-given generator."""
+
+    def __init__(self, path: str | Path, cfg=None, verify: bool = True):
+        self.path = Path(path)
+        self.manifest = m = read_manifest(self.path)
+        files = [self.path / "images.npy", self.path / "labels.npy"]
+        for f in files:
+            if not f.is_file():
+                raise DataError(f"{self.path}: {f.name} is missing")
+        if verify and sha256_files(files) != m["sha256"]:
+            raise DataError(f"{self.path}: contents do not match the manifest's sha256 (corrupt or modified); "
+                            f"re-run the encode stage")
+        self.images = np.load(files[0], mmap_mode="r")
+        self.labels = np.load(files[1], mmap_mode="r")
+        if list(self.images.shape) != [m["count"], *m["shape"]] or str(self.images.dtype) != m["dtype"]:
+            raise DataError(f"{self.path}: images.npy is {self.images.shape} {self.images.dtype}, manifest says "
+                            f"{[m['count'], *m['shape']]} {m['dtype']}")
+        if cfg is not None:
+            self.check_config(cfg)
+        self.label_dim = m["label_count"]
+        ls = m.get("latent_stats")
+        if ls:
+            self._lat_mean = torch.tensor(ls["mean"], dtype=torch.float32).view(-1, 1, 1)
+            self._lat_scale = 0.5 / torch.tensor(ls["std"], dtype=torch.float32).view(-1, 1, 1)
+
+    def check_config(self, cfg) -> None:
+        m, d = self.manifest, cfg.data
+        want = {"encoder": d.encoder, "resolution": d.resolution, "channels": d.channels}
+        have = {"encoder": m["encoder"], "resolution": m["shape"][-1], "channels": m["channels"]}
+        diffs = [f"data.{k}: config {want[k]!r}, dataset {have[k]!r}" for k in want if want[k] != have[k]]
+        if d.use_labels and m["label_count"] == 0 and (cfg.network.label_dim or 0) > 0:
+            diffs.append("network.label_dim > 0 but the dataset has no labels")
+        if diffs:
+            raise DataError(f"dataset {self.path} does not match the config: " + "; ".join(diffs))
+
+    @property
+    def img_channels(self) -> int:
+        return self.manifest["channels"]
+
+    @property
+    def resolution(self) -> int:
+        return self.manifest["shape"][-1]
+
+    def __len__(self) -> int:
+        return self.manifest["count"]
+
+    def get(self, indices: Sequence[int], generator: torch.Generator | None = None):
+        """A batch: (x, one-hot labels or None), in the given index order."""
+        idx = np.asarray(indices)
+        order = np.argsort(idx)                     # sorted reads from the memory map, then restore order
+        raw = torch.from_numpy(np.ascontiguousarray(self.images[idx[order]]))[np.argsort(order)]
+        if self.manifest["encoder"] == "vae":
+            c = raw.shape[1] // 2
+            mean, std = raw[:, :c].float(), raw[:, c:].float()
+            z = mean + std * torch.randn(mean.shape, generator=generator)
+            x = (z - self._lat_mean) * self._lat_scale
+        else:
+            x = encode_pixels(raw)
+        labels = None
+        if self.label_dim:
+            lab = torch.from_numpy(np.asarray(self.labels[idx]))
+            labels = torch.nn.functional.one_hot(lab, self.label_dim).to(torch.float32)
+        return x, labels
+
+    def __getitem__(self, i: int):
+        x, lab = self.get([i])
+        return x[0], (lab[0] if lab is not None else torch.zeros(0))
+
+    def uint8_images(self, n: int | None = None) -> np.ndarray:
+        """Pixel datasets: the first n images as N x H x W x C uint8 (for FID reference statistics)."""
+        if self.manifest["encoder"] != "pixel":
+            raise DataError("FID reference images need a pixel dataset")
+        n = len(self) if n is None else min(n, len(self))
+        return np.ascontiguousarray(self.images[:n].transpose(0, 2, 3, 1))

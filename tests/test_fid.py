@@ -1,0 +1,167 @@
+"""FID (SPEC 8): clean-fid features, eigen-route Frechet distance, reference cache, generation, records."""
+import json
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from pipeline import config as C
+from pipeline.data import EncodedDataset
+from pipeline.fid import (CLEANFID_WEIGHTS, FIDError, array_features, check_comparable, fid_from_features,
+                          folder_features, frechet_distance, generate, load_feature_net, reference_stats, statistics)
+
+
+@pytest.fixture(scope="module")
+def feat():
+    return load_feature_net("auto")
+
+
+def _to_folder(images, folder):
+    folder.mkdir(parents=True, exist_ok=True)
+    for i, im in enumerate(images):
+        Image.fromarray(im[..., 0] if im.shape[2] == 1 else im).save(folder / f"{i:05d}.png")
+    return folder
+
+
+def test_auto_feature_net_is_offline_inception(feat):
+    expected = "clean-fid" if CLEANFID_WEIGHTS.is_file() else "fid-helper"
+    assert feat.name == expected and len(feat.sha256) == 64
+    out = feat.fn(torch.zeros(1, 3, 299, 299))
+    assert out.shape == (1, 2048)
+
+
+def test_eigen_route_equals_scipy_sqrtm():
+    from cleanfid.fid import frechet_distance as cleanfid_fd      # scipy.linalg.sqrtm inside
+    rng = np.random.default_rng(0)
+    a, b = rng.normal(size=(600, 256)), rng.normal(size=(600, 256)) @ rng.normal(size=(256, 256)) * 0.2
+    mu1, s1 = statistics(a)
+    mu2, s2 = statistics(b + 0.3)
+    ours, ref = frechet_distance(mu1, s1, mu2, s2), cleanfid_fd(mu1, s1, mu2, s2)
+    assert ours == pytest.approx(ref, abs=1e-3, rel=1e-9)
+
+
+@pytest.mark.slow
+def test_project_fid_equals_cleanfid_compute_fid(fmnist, feat, tmp_path):
+    from cleanfid import fid as cfid
+    a = EncodedDataset(fmnist["train"][0]).uint8_images(40)
+    b = EncodedDataset(fmnist["test"][0]).uint8_images(40)
+    fa, fb = _to_folder(a, tmp_path / "a"), _to_folder(b, tmp_path / "b")
+    feats_a, feats_b = folder_features(fa, feat), folder_features(fb, feat)
+    ours = frechet_distance(*statistics(feats_a), *statistics(feats_b))
+    theirs = cfid.compute_fid(str(fa), str(fb), mode="clean", custom_feat_extractor=feat.fn, num_workers=0,
+                              batch_size=32, device=torch.device("cpu"), verbose=False)
+    print(f"FID 40 vs 40: project {ours:.6f}, clean-fid {theirs:.6f}")
+    assert ours == pytest.approx(theirs, abs=1e-3)
+    # The array path (used for generated images) equals clean-fid's folder loader on the same images.
+    assert np.allclose(array_features(a, feat), feats_a, atol=1e-4)
+
+
+@pytest.mark.slow
+def test_fid_sanity_on_real_data(fmnist, feat):
+    from sklearn.datasets import load_digits
+    n = 100
+    train = array_features(EncodedDataset(fmnist["train"][0]).uint8_images(n), feat)
+    test = array_features(EncodedDataset(fmnist["test"][0]).uint8_images(n), feat)
+    digits = load_digits().images[:n]                                   # 8x8, values 0..16
+    digits = np.kron((digits * 255 / 16).round().astype(np.uint8), np.ones((4, 4), np.uint8))[..., None]
+    other = array_features(digits, feat)
+    same = frechet_distance(*statistics(train), *statistics(train))
+    near = frechet_distance(*statistics(train), *statistics(test))
+    far = frechet_distance(*statistics(train), *statistics(other))
+    print(f"FID(A, A) {same:.2e}, FID(train, test) {near:.1f}, FID(fashion, digits) {far:.1f} (n={n})")
+    assert abs(same) < 1e-3
+    assert far > 3 * near
+
+
+def test_generation_does_not_depend_on_batch_size():
+    from pipeline.networks import Precond
+    torch.manual_seed(0)
+    net = Precond(8, 1, 3, model_channels=16, channel_mult=[1, 2], num_blocks=1, attn_resolutions=[4],
+                  channels_per_head=16)
+    with torch.no_grad():
+        net.unet.out_gain.fill_(1.0)
+    s = C.resolve({}).sampler.model_copy(update={"steps": 4})
+    a = generate(net, 5, 100, s, batch_size=5)
+    b = generate(net, 5, 100, s, batch_size=2)
+    c = generate(net, 5, 101, s, batch_size=5)
+    assert a.shape == (5, 8, 8, 1) and a.dtype == np.uint8
+    assert np.array_equal(a, b), "images must not depend on the sampler batch size"
+    assert np.array_equal(a[1:], c[:4]) and not np.array_equal(a, c)
+
+
+@pytest.mark.skipif(shutil.which("unshare") is None, reason="needs util-linux unshare for a network namespace")
+def test_offline_inception_with_networking_disabled(tmp_path):
+    probe = subprocess.run(["unshare", "-n", "true"], capture_output=True)
+    if probe.returncode != 0:
+        pytest.skip(f"cannot create a network namespace here: {probe.stderr.decode().strip()}")
+    script = ("import socket, numpy as np\n"
+              "from pipeline.fid import load_feature_net, array_features\n"
+              "try:\n    socket.create_connection(('pypi.org', 443), timeout=3); print('ONLINE')\n"
+              "except OSError:\n    print('OFFLINE')\n"
+              "f = load_feature_net('auto')\n"
+              "x = array_features(np.full((2, 32, 32, 1), 128, np.uint8), f)\n"
+              "print(f.name, x.shape)\n")
+    r = subprocess.run(["unshare", "-n", sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "OFFLINE" in r.stdout and "(2, 2048)" in r.stdout
+
+
+def test_reference_cache_records_and_comparability(fmnist, feat, tmp_path):
+    ds = EncodedDataset(fmnist["test"][0])
+    r1 = reference_stats(ds, feat, 6, tmp_path, progress=False)
+    r2 = reference_stats(ds, feat, 6, tmp_path, progress=False)
+    assert not r1["cached"] and r2["cached"] and np.array_equal(r1["sigma"], r2["sigma"])
+    r3 = reference_stats(ds, feat, 7, tmp_path, progress=False)
+    assert r3["key"] != r1["key"] and len(list(tmp_path.glob("ref-*.npz"))) == 2
+    with pytest.raises(FIDError, match="only 3 generated images, 5 asked"):
+        fid_from_features(np.zeros((3, 2048)), r1, asked=5)
+    rec = {"feature_net": "fid-helper", "feature_net_sha256": "x", "mode": "clean", "num_images": 100,
+           "reference": "r", "ref_num_images": 10, "sampler": {"nfe": 35}}
+    check_comparable([rec, dict(rec)])
+    with pytest.raises(FIDError, match="num_images: 100 vs 50"):
+        check_comparable([rec, {**rec, "num_images": 50}])
+
+
+@pytest.mark.slow
+def test_reference_and_evaluate_stages_end_to_end(fmnist, tmp_path, root):
+    import yaml
+
+    from pipeline.networks import build_network
+    from pipeline.phema import PowerFunctionEMA, reconstruct, snapshot_meta
+    from stages.evaluate import main as evaluate_main
+    from stages.reference import main as reference_main
+
+    raw = yaml.safe_load((root / "params.yaml").read_text())
+    raw["data"]["dataset_dir"] = str(fmnist["train"][0].parent)
+    raw["fid"].update({"num_images": 4, "ref_num_images": 8, "batch_size": 8})
+    raw["sampler"].update({"steps": 4, "batch_size": 4})
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump(raw))
+    cfg = C.load_config(params)
+    torch.manual_seed(0)
+    net = build_network(cfg, 32, 1, 10)
+    ema = PowerFunctionEMA(net, cfg.ema.stds)
+    for i in (1, 2):
+        ema.update(net, i * cfg.ema.snapshot_nimg, cfg.ema.snapshot_nimg)
+        ema.save_snapshots(tmp_path / "snaps", i * cfg.ema.snapshot_nimg,
+                           snapshot_meta(cfg, {"img_resolution": 32, "img_channels": 1, "label_dim": 10}))
+    reconstruct(tmp_path / "snaps", [0.05, 0.1], out_dir=tmp_path / "models")
+    ref = ["--params", str(params), "--out", str(tmp_path / "ref")]
+    assert reference_main(ref) == 0 and len(list((tmp_path / "ref").glob("ref-*.npz"))) == 1
+    assert evaluate_main(["--params", str(params), "--models", str(tmp_path / "models"), "--ref-cache",
+                          str(tmp_path / "ref"), "--metrics", str(tmp_path / "metrics"),
+                          "--samples", str(tmp_path / "samples")]) == 0
+    metrics = json.loads((tmp_path / "metrics/fid.json").read_text())
+    assert set(metrics["fid"]) == {"ema_0.050", "ema_0.100"} and metrics["num_images"] == 4
+    assert (tmp_path / "metrics/fid_vs_ema.csv").read_text().splitlines()[0] == "sigma_rel,fid"
+    records = json.loads((tmp_path / "metrics/fid_records.json").read_text())
+    for r in records:
+        assert r["fid"] > 0 and r["ref_num_images"] == 8 and r["sampler"]["nfe"] == 7 and r["seeds"] == [0, 3]
+        assert r["feature_net_sha256"] and r["reference_sha256"] == fmnist["test"][1]["sha256"]
+    assert len(list((tmp_path / "samples").glob("samples-ema-*.png"))) == 2
+    # No models: a clear error.
+    assert evaluate_main(["--params", str(params), "--models", str(tmp_path / "none")]) == 2
