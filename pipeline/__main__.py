@@ -30,10 +30,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m pipeline", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
 
-    def common(sp):
-        sp.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
-        sp.add_argument("-S", "--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a value, e.g. -S train.ref_lr=0.01 (repeatable)")
+    from .cli import add_config_args as common
 
     sp = sub.add_parser("config", help="validate a params file (or a preset) and print the resolved config")
     common(sp)

@@ -14,6 +14,15 @@ def _plt():
     return plt
 
 
+def _save(fig, path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    _plt().close(fig)
+    return path
+
+
 def plot_ema_reconstruction(summary: dict, path: str | Path, max_targets: int = 4) -> Path:
     """Target EMA profiles against their reconstruction from the snapshots (one panel per target).
 
@@ -45,12 +54,7 @@ def plot_ema_reconstruction(summary: dict, path: str | Path, max_targets: int = 
     axes[0][0].set_ylabel("weight x T")
     axes[0][0].legend(fontsize=8)
     fig.suptitle(f"Post-hoc EMA from {len(snaps)} snapshots at T = {T} images", fontsize=10)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def save_image_grid(images: np.ndarray, path: str | Path, cols: int | None = None) -> Path:
@@ -90,9 +94,4 @@ def plot_fid_vs_ema(rows: Sequence[dict], path: str | Path, title: str = "") -> 
     ax.grid(alpha=0.3)
     if any(groups):
         ax.legend(fontsize=7)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, path)

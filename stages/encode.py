@@ -5,24 +5,21 @@ reference); folder and zip sources give `train` only.
 """
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
-from pipeline.config import ConfigError, load_config
-from pipeline.data import DataError, encode_dataset
+from pipeline import cli
+from pipeline.data import encode_dataset
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m stages.encode", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
-    p.add_argument("-S", "--set", action="append", default=[], metavar="KEY=VALUE", help="override a value")
+    p = cli.parser("python -m stages.encode", __doc__)
     p.add_argument("--splits", nargs="+", help="splits to encode (default: train and test for fashion-mnist)")
     p.add_argument("--cache-dir", default="data/raw", help="where a fetched Debian package is unpacked")
     args = p.parse_args(argv)
-    try:
-        cfg = load_config(args.params, args.set)
+
+    def go():
+        cfg = cli.config_from(args)
         splits = args.splits or (["train", "test"] if cfg.data.source == "fashion-mnist" else ["train"])
         for split in splits:
             out = Path(cfg.data.dataset_dir) / split
@@ -31,10 +28,7 @@ def main(argv: list[str] | None = None) -> int:
                   f"{m['label_count']} classes, sha256 {m['sha256'][:16]}... -> {out}")
             for note in m["notes"]:
                 print(f"  note: {note}")
-    except (ConfigError, DataError) as err:
-        print(f"encode: {err}", file=sys.stderr)
-        return 2
-    return 0
+    return cli.run("encode", go)
 
 
 if __name__ == "__main__":

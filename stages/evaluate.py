@@ -7,31 +7,27 @@ reference statistics. Writes metrics/fid.json (`dvc metrics show`), metrics/fid_
 """
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
-from pipeline.config import ConfigError, load_config
-from pipeline.data import DataError, EncodedDataset
+from pipeline import cli
+from pipeline.data import EncodedDataset
 from pipeline.fid import FIDError, evaluate_models, load_feature_net, reference_stats, write_metrics
-from pipeline.phema import PHEMAError
 from pipeline.report import plot_fid_vs_ema
 from stages.reference import reference_dataset_dir
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m stages.evaluate", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
-    p.add_argument("-S", "--set", action="append", default=[], metavar="KEY=VALUE", help="override a value")
+    p = cli.parser("python -m stages.evaluate", __doc__)
     p.add_argument("--models", default="models/ema", help="folder of reconstructed models (default: models/ema)")
     p.add_argument("--ref-cache", default="data/fid-ref", help="reference statistics cache (default: data/fid-ref)")
     p.add_argument("--metrics", default="metrics", help="metrics folder (default: metrics)")
     p.add_argument("--samples", default="reports/samples", help="sample grid folder (default: reports/samples)")
     p.add_argument("--device", default="cpu", help="torch device for sampling and features (default: cpu)")
     args = p.parse_args(argv)
-    try:
-        cfg = load_config(args.params, args.set)
+
+    def go():
+        cfg = cli.config_from(args)
         files = sorted(Path(args.models).glob("ema-*.pt"))
         if not files:
             raise FIDError(f"no reconstructed models (ema-*.pt) in {args.models}: run the reconstruct stage")
@@ -40,16 +36,13 @@ def main(argv: list[str] | None = None) -> int:
                               args.ref_cache, cfg.fid.batch_size)
         records = evaluate_models(files, cfg, ref, feat, args.samples, args.device)
         metrics = write_metrics(records, args.metrics)
-    except (ConfigError, DataError, FIDError, PHEMAError) as err:
-        print(f"evaluate: {err}", file=sys.stderr)
-        return 2
-    plot_fid_vs_ema([r.to_dict() for r in records], Path(args.metrics) / "fid_vs_ema.png",
-                    f"{metrics['num_images']} images, NFE {metrics['nfe']}, {metrics['feature_net']}")
-    for r in records:
-        print(f"sigma_rel {r.sigma_rel:.3f}: FID {r.fid:.3f}  ({r.num_images} images vs {r.ref_num_images} reference, "
-              f"NFE {r.sampler['nfe']}, {r.feature_net})")
-    print(f"best: FID {metrics['best_fid']} at sigma_rel {metrics['best_sigma_rel']} -> {args.metrics}/fid.json")
-    return 0
+        plot_fid_vs_ema([r.to_dict() for r in records], Path(args.metrics) / "fid_vs_ema.png",
+                        f"{metrics['num_images']} images, NFE {metrics['nfe']}, {metrics['feature_net']}")
+        for r in records:
+            print(f"sigma_rel {r.sigma_rel:.3f}: FID {r.fid:.3f}  ({r.num_images} images vs {r.ref_num_images} "
+                  f"reference, NFE {r.sampler['nfe']}, {r.feature_net})")
+        print(f"best: FID {metrics['best_fid']} at sigma_rel {metrics['best_sigma_rel']} -> {args.metrics}/fid.json")
+    return cli.run("evaluate", go)
 
 
 if __name__ == "__main__":

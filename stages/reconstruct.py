@@ -6,20 +6,17 @@ reconstructed from the same snapshots are skipped.
 """
 from __future__ import annotations
 
-import argparse
-import json
 import sys
 from pathlib import Path
 
-from pipeline.config import ConfigError, load_config
-from pipeline.phema import PHEMAError, reconstruct
+from pipeline import cli
+from pipeline.config import load_config
+from pipeline.phema import reconstruct
 from pipeline.report import plot_ema_reconstruction
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m stages.reconstruct", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--params", default="params.yaml", help="params file for the defaults (default: params.yaml)")
+    p = cli.parser("python -m stages.reconstruct", __doc__)
     p.add_argument("--snapshots", help="snapshot directory (default: <train.run_dir>/snapshots)")
     p.add_argument("--out", default="models/ema", help="output directory (default: models/ema)")
     p.add_argument("--targets", type=float, nargs="+", help="target sigma_rel values (default: ema.targets)")
@@ -28,8 +25,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-targets", type=int, default=8, help="targets per pass over the snapshots (memory: "
                    "this many float32 models)")
     args = p.parse_args(argv)
-    try:
-        overrides = {"ema.targets": args.targets} if args.targets else None
+
+    def go():
+        overrides = args.set + ([f"ema.targets={args.targets}"] if args.targets else [])
         cfg = load_config(args.params, overrides) if Path(args.params).exists() else None
         snapshots = args.snapshots or (str(Path(cfg.train.run_dir) / "snapshots") if cfg else None)
         targets = args.targets or (cfg.ema.targets if cfg else None)
@@ -38,18 +36,15 @@ def main(argv: list[str] | None = None) -> int:
             p.error("give --snapshots and --targets, or a params file that has them")
         summary = reconstruct(snapshots, targets, target_nimg, out_dir=args.out,
                               batch_targets=args.batch_targets, progress=True)
-    except (ConfigError, PHEMAError) as err:
-        print(f"reconstruct: {err}", file=sys.stderr)
-        return 2
-    fig = plot_ema_reconstruction(summary, Path(args.out) / "ema_profiles.png")
-    for t in summary["targets"]:
-        state = "skipped (up to date)" if t["skipped"] else "written"
-        print(f"sigma_rel {t['sigma_rel']:.3f}: profile error {t['rel_error']:.4f}, "
-              f"max|coef| {t['max_abs_coef']:.2f} -> {Path(args.out) / t['file']} [{state}]")
-    for w in summary["warnings"]:
-        print(f"warning: {w}", file=sys.stderr)
-    print(f"summary: {Path(args.out) / 'reconstruct.json'}, figure: {fig}")
-    return 0
+        fig = plot_ema_reconstruction(summary, Path(args.out) / "ema_profiles.png")
+        for t in summary["targets"]:
+            state = "skipped (up to date)" if t["skipped"] else "written"
+            print(f"sigma_rel {t['sigma_rel']:.3f}: profile error {t['rel_error']:.4f}, "
+                  f"max|coef| {t['max_abs_coef']:.2f} -> {Path(args.out) / t['file']} [{state}]")
+        for w in summary["warnings"]:
+            print(f"warning: {w}", file=sys.stderr)
+        print(f"summary: {Path(args.out) / 'reconstruct.json'}, figure: {fig}")
+    return cli.run("reconstruct", go)
 
 
 if __name__ == "__main__":
