@@ -133,7 +133,6 @@ class TrainConfig(_Section):
     status_nimg: PosInt = 2**17            # metric logging interval in images
     sample_nimg: Optional[PosInt] = None   # sample-grid interval in images (None = at the end only)
     run_dir: str = "runs/default"          # persistent run folder: checkpoints, snapshots, logs
-    num_workers: NonNegInt = 0             # data loader workers
     device: Literal["auto", "cpu", "cuda"] = "auto"
     max_nonfinite_steps: PosInt = 10       # consecutive non-finite losses before the run stops
 
@@ -247,6 +246,14 @@ class Config(_Section):
             if any((res >> i) == r for r in self.network.attn_resolutions) and width % self.network.channels_per_head:
                 raise ValueError(f"network.channels_per_head={self.network.channels_per_head}: must divide the "
                                  f"width {width} of attention level {i}")
+        b = self.train.batch_size
+        for name, value in (("ema.snapshot_nimg", self.ema.snapshot_nimg), ("train.checkpoint_nimg",
+                            self.train.checkpoint_nimg), ("train.duration_nimg", self.train.duration_nimg)):
+            if value % b:   # snapshot and checkpoint times must fall on step boundaries
+                raise ValueError(f"{name}={value}: must be a multiple of train.batch_size={b}")
+        if self.ema.target_nimg is not None and self.ema.target_nimg % self.ema.snapshot_nimg:
+            raise ValueError(f"ema.target_nimg={self.ema.target_nimg}: must be a multiple of ema.snapshot_nimg="
+                             f"{self.ema.snapshot_nimg} (a snapshot time)")
         if self.train.batch_gpu is not None and self.train.batch_size % self.train.batch_gpu:
             raise ValueError(f"train.batch_gpu={self.train.batch_gpu}: must divide train.batch_size="
                              f"{self.train.batch_size}")
@@ -268,7 +275,7 @@ class Config(_Section):
         """
         d = self.to_dict()
         train = {k: v for k, v in d["train"].items()
-                 if k not in ("run_dir", "device", "num_workers", "status_nimg", "sample_nimg",
+                 if k not in ("run_dir", "device", "status_nimg", "sample_nimg",
                               "checkpoint_nimg", "max_nonfinite_steps", "duration_nimg")}
         data = {k: v for k, v in d["data"].items() if k != "dataset_dir"}
         key = {"data": data, "network": d["network"], "loss": d["loss"], "train": train,
@@ -388,6 +395,14 @@ def load_config(path: str | Path = "params.yaml", overrides: dict[str, Any] | li
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: expected a mapping of sections at the top level")
     return resolve(raw, overrides)
+
+
+def yaml_dump(cfg: Config) -> str:
+    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)
+
+
+def json_dump(obj) -> str:
+    return json.dumps(obj, indent=2, default=str)
 
 
 def diff(a: Config | dict, b: Config | dict, sections: tuple[str, ...] | None = None) -> dict[str, tuple]:

@@ -27,14 +27,21 @@ def loss_weight(sigma: torch.Tensor, sigma_data: float) -> torch.Tensor:
 
 
 def edm2_loss(net, images: torch.Tensor, labels: torch.Tensor | None, P_mean: float, P_std: float,
-              sigma_data: float, generator: torch.Generator | None = None):
+              sigma_data: float, generator: torch.Generator | None = None, sigma: torch.Tensor | None = None,
+              eps: torch.Tensor | None = None):
     """Per element l = lambda / exp(u) * (D(y + n; sigma) - y)^2 + u  (SPEC 2).
 
+    sigma and eps (the unit noise, n = sigma eps) are drawn from `generator` unless given (training
+    draws them for the whole global batch, so results do not depend on how it is split).
     Returns (objective, stats): objective = per-image sum of l, averaged over the batch (what the
     optimizer minimizes); stats holds the mean of l and the plain weighted MSE, both detached.
     """
-    sigma = sample_sigma(images.shape[0], P_mean, P_std, generator, images.device).reshape(-1, 1, 1, 1)
-    noise = torch.randn(images.shape, generator=generator, device=images.device) * sigma
+    if sigma is None:
+        sigma = sample_sigma(images.shape[0], P_mean, P_std, generator, images.device)
+    sigma = sigma.reshape(-1, 1, 1, 1)
+    if eps is None:
+        eps = torch.randn(images.shape, generator=generator, device=images.device)
+    noise = eps * sigma
     denoised, logvar = net(images + noise, sigma, labels, return_logvar=True)
     weighted_se = loss_weight(sigma, sigma_data) * (denoised - images) ** 2
     per_elem = weighted_se / logvar.exp() + logvar

@@ -95,3 +95,121 @@ def plot_fid_vs_ema(rows: Sequence[dict], path: str | Path, title: str = "") -> 
     if any(groups):
         ax.legend(fontsize=7)
     return _save(fig, path)
+
+
+# ----------------------------------------------------------------------------------------------
+# Training curves and the run report (self-contained HTML with inline PNGs + a Markdown summary).
+
+def read_jsonl(path: str | Path) -> list[dict]:
+    import json
+    p = Path(path)
+    if not p.is_file():
+        return []
+    return [json.loads(line) for line in p.read_text().splitlines() if line.strip()]
+
+
+def plot_training_curves(rows: Sequence[dict], path: str | Path) -> Path | None:
+    """Loss, weighted MSE and learning rate against images seen."""
+    if not rows:
+        return None
+    plt = _plt()
+    x = np.array([r["step"] for r in rows], dtype=np.float64) / 1e3
+    fig, (a, b) = plt.subplots(1, 2, figsize=(9, 3.2))
+    a.plot(x, [r.get("loss") for r in rows], label="loss (with u(sigma))")
+    a.plot(x, [r.get("weighted_mse") for r in rows], label="weighted MSE")
+    a.set_xlabel("k images seen")
+    a.set_title("training loss", fontsize=9)
+    a.legend(fontsize=7)
+    a.grid(alpha=0.3)
+    b.plot(x, [r.get("lr") for r in rows], color="tab:green")
+    b.set_xlabel("k images seen")
+    b.set_title("learning rate", fontsize=9)
+    b.grid(alpha=0.3)
+    return _save(fig, path)
+
+
+def _img_tag(path: Path, alt: str, width: int | None = None) -> str:
+    import base64
+    data = base64.b64encode(Path(path).read_bytes()).decode()
+    w = f' width="{width}"' if width else ""
+    return f'<img alt="{alt}" src="data:image/png;base64,{data}"{w}>'
+
+
+def record_line(r: dict) -> str:
+    """The FID record printed next to every FID number."""
+    s = r["sampler"]
+    return (f"{r['feature_net']} ({r['feature_net_sha256'][:10]}), {r['mode']} mode, {r['num_images']} generated vs "
+            f"{r['ref_num_images']} reference ({r['reference']}), {s['solver']} {s['steps']} steps / NFE {s['nfe']}, "
+            f"churn {s['churn']}, seeds {r['seeds'][0]}-{r['seeds'][1]}")
+
+
+def write_run_report(cfg_dict: dict, records: Sequence[dict], out_dir: str | Path, training_rows: Sequence[dict] = (),
+                     train_summary: dict | None = None, samples_dir: str | Path | None = None,
+                     ema_figure: str | Path | None = None, title: str = "EDM2 run report") -> dict:
+    """Write report.html (one file, images inline: renders with no network) and report.md (links to
+    PNGs in figures/). Returns the paths written."""
+    import html
+    import shutil
+
+    import yaml
+    out = Path(out_dir)
+    figs = out / "figures"
+    figs.mkdir(parents=True, exist_ok=True)
+    paths = {}
+    recs = sorted(records, key=lambda r: r["sigma_rel"] or 0)
+    if recs:
+        paths["fid"] = plot_fid_vs_ema(recs, figs / "fid_vs_ema.png", f"FID vs EMA length ({recs[0]['num_images']} images)")
+    if training_rows:
+        paths["curves"] = plot_training_curves(training_rows, figs / "training_curves.png")
+    if ema_figure and Path(ema_figure).is_file():
+        paths["ema"] = Path(shutil.copy(ema_figure, figs / "ema_profiles.png"))
+    grids = {}
+    for r in recs:
+        g = Path(samples_dir or "") / f"samples-{Path(r['model_file']).stem}.png"
+        if samples_dir and g.is_file():
+            grids[r["sigma_rel"]] = Path(shutil.copy(g, figs / g.name))
+    best = min(recs, key=lambda r: r["fid"]) if recs else None
+
+    md = [f"# {title}", ""]
+    h = [f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title><style>"
+         "body{font-family:sans-serif;max-width:1100px;margin:2em auto;color:#222}"
+         "table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:3px 8px;font-size:13px}"
+         "pre{background:#f6f6f6;padding:1em;font-size:12px;max-height:400px;overflow:auto}"
+         ".rec{color:#555;font-size:12px}</style></head><body>", f"<h1>{html.escape(title)}</h1>"]
+    if best:
+        line = f"Best FID **{best['fid']:.3f}** at sigma_rel **{best['sigma_rel']:.3f}** ({record_line(best)})"
+        md += [line, ""]
+        h.append(f"<p>Best FID <b>{best['fid']:.3f}</b> at sigma_rel <b>{best['sigma_rel']:.3f}</b> "
+                 f"<span class='rec'>({html.escape(record_line(best))})</span></p>")
+    if train_summary:
+        ts = ", ".join(f"{k} {v}" for k, v in train_summary.items())
+        md += [f"Training: {ts}", ""]
+        h.append(f"<p class='rec'>Training: {html.escape(ts)}</p>")
+    sections = [("fid", "FID against EMA length", "the star marks the best sigma_rel"),
+                ("curves", "Loss and learning rate", "against images seen"),
+                ("ema", "Post-hoc EMA reconstruction", "target profiles and their reconstruction from snapshots")]
+    for key, name, note in sections:
+        if paths.get(key):
+            md += [f"## {name}", "", f"![{name}](figures/{paths[key].name})", "", f"_{note}_", ""]
+            h.append(f"<h2>{name}</h2>{_img_tag(paths[key], name)}<p class='rec'>{note}</p>")
+    if recs:
+        md += ["## FID per EMA length", "", "| sigma_rel | FID | record |", "|---|---|---|"]
+        h.append("<h2>FID per EMA length</h2><table><tr><th>sigma_rel</th><th>FID</th><th>samples</th>"
+                 "<th>record</th></tr>")
+        for r in recs:
+            md.append(f"| {r['sigma_rel']:.3f} | {r['fid']:.3f} | {record_line(r)} |")
+            grid = _img_tag(grids[r["sigma_rel"]], f"samples {r['sigma_rel']:.3f}", 192) if r["sigma_rel"] in grids else ""
+            h.append(f"<tr><td>{r['sigma_rel']:.3f}</td><td>{r['fid']:.3f}</td><td>{grid}</td>"
+                     f"<td class='rec'>{html.escape(record_line(r))}</td></tr>")
+        h.append("</table>")
+        md.append("")
+        for s, g in grids.items():
+            md += [f"![samples sigma_rel {s:.3f}](figures/{g.name})"]
+        md.append("")
+    cfg_text = yaml.safe_dump(cfg_dict, sort_keys=False)
+    md += ["## Resolved configuration", "", "```yaml", cfg_text, "```"]
+    h.append(f"<h2>Resolved configuration</h2><pre>{html.escape(cfg_text)}</pre></body></html>")
+    from .io import atomic_write_text
+    paths["html"] = atomic_write_text("\n".join(h), out / "report.html")
+    paths["md"] = atomic_write_text("\n".join(md), out / "report.md")
+    return paths

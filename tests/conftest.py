@@ -23,3 +23,25 @@ def fmnist(tmp_path_factory):
     cache = ROOT / "data" / "raw"              # reuse a fetched .deb across runs
     return {split: (out / split, encode_dataset(cfg, out / split, split, cache_dir=cache, progress=False))
             for split in ("train", "test")}
+
+
+def tiny_params(tmp_path, fmnist, name="params.yaml", **sections):
+    """A shrunken copy of the real params.yaml (same schema, tiny network and run) in tmp_path."""
+    import yaml
+    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
+    raw["data"]["dataset_dir"] = str(fmnist["train"][0].parent)
+    raw["network"].update(model_channels=16, channel_mult=[1, 2], num_blocks=1, attn_resolutions=[16],
+                          channels_per_head=16)
+    raw["train"].update(batch_size=16, duration_nimg=128, checkpoint_nimg=32, status_nimg=16, snapshot_nimg=None)
+    raw["train"].pop("snapshot_nimg")
+    raw["train"].update(run_dir=str(tmp_path / "run"), ref_lr=0.01, ref_batches=4, rampup_nimg=32)
+    raw["ema"].update(snapshot_nimg=32, targets=[0.05, 0.1, 0.15])
+    raw["sampler"].update(steps=4, batch_size=8)
+    raw["fid"].update(num_images=4, ref_num_images=8, batch_size=8)
+    raw["tracking"].update(uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    for sec, vals in sections.items():
+        raw[sec].update(vals)
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    return path

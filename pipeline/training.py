@@ -1,0 +1,378 @@
+"""The EDM2 training loop (SPEC 2, 3, 6): DDP under torchrun (NCCL on GPUs, gloo on CPU), gradient
+accumulation, power-function EMA snapshots, atomic checkpoints and exact resume, MLflow logging.
+
+Determinism: the data order is a permutation per epoch seeded by (seed, epoch), and the noise levels
+and noise of a step are drawn for the whole global batch from a generator seeded by (seed, nimg);
+each rank and micro-batch takes its slice. A step's result therefore depends only on (seed, nimg),
+not on the number of processes, the accumulation split or on where a run was interrupted.
+"""
+from __future__ import annotations
+
+import math
+import os
+import signal
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from . import config as C
+from .data import EncodedDataset
+from .edm import edm2_loss, learning_rate, sample_images
+from .io import atomic_torch_save, atomic_write_text, load_torch_file
+from .networks import build_network
+from .phema import PowerFunctionEMA, snapshot_meta
+
+CHECKPOINT_FORMAT = "edm2-pipeline/checkpoint/1"
+
+
+class TrainingError(RuntimeError):
+    pass
+
+
+# ----------------------------------------------------------------------------------------------
+# Distributed context (torchrun sets the environment; one process without it).
+
+@dataclass
+class Dist:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed(device_choice: str = "auto") -> Dist:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank, local = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+    use_cuda = torch.cuda.is_available() if device_choice == "auto" else device_choice == "cuda"
+    if use_cuda and not torch.cuda.is_available():
+        raise TrainingError("train.device=cuda but no CUDA device is visible")
+    device = torch.device("cuda", local) if use_cuda else torch.device("cpu")
+    if use_cuda:
+        torch.cuda.set_device(device)
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if use_cuda else "gloo")
+    return Dist(rank, world, local, device)
+
+
+def _seed(*parts: int) -> int:
+    """A 63-bit seed from integers (splitmix-style), so nearby (seed, nimg) give unrelated streams."""
+    x = 0x9E3779B97F4A7C15
+    for p in parts:
+        x = (x ^ (int(p) + 0x9E3779B97F4A7C15 + (x << 6) + (x >> 2))) & 0xFFFFFFFFFFFFFFFF
+        x = (x * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
+        x ^= x >> 31
+    return x & 0x7FFFFFFFFFFFFFFF
+
+
+def batch_indices(nimg: int, batch_size: int, n: int, seed: int) -> np.ndarray:
+    """Dataset indices of the global batch that starts at image `nimg` of the endless stream made
+    of one permutation per epoch, seeded by (seed, epoch)."""
+    out = np.empty(batch_size, dtype=np.int64)
+    pos, filled = nimg, 0
+    while filled < batch_size:
+        epoch, offset = divmod(pos, n)
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(_seed(seed, 1, epoch))).numpy()
+        take = min(batch_size - filled, n - offset)
+        out[filled:filled + take] = perm[offset:offset + take]
+        filled, pos = filled + take, pos + take
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Checkpoints.
+
+def checkpoint_name(nimg: int) -> str:
+    return f"checkpoint-{int(nimg):010d}.pt"
+
+
+def list_checkpoints(run_dir: Path) -> list[Path]:
+    return sorted((run_dir / "checkpoints").glob("checkpoint-*.pt"))
+
+
+def load_latest_checkpoint(run_dir: Path, cfg: C.Config, log=print) -> dict | None:
+    """The newest readable checkpoint; a corrupt or truncated one is skipped (and said so). A
+    checkpoint of another configuration is refused, naming the fields that differ."""
+    for path in reversed(list_checkpoints(run_dir)):
+        try:
+            ckpt = load_torch_file(path, what="checkpoint", error=TrainingError)
+            if ckpt.get("format") != CHECKPOINT_FORMAT:
+                raise TrainingError(f"checkpoint {path} has an unknown format")
+        except TrainingError as err:
+            log(f"warning: {err}; falling back to the previous checkpoint")
+            continue
+        if ckpt["run_key"] != cfg.run_key():
+            old = C.resolve({k: v for k, v in ckpt["config"].items() if k != "preset"})
+            fields = C.diff(old, cfg, ("data", "network", "loss", "train", "ema"))
+            shown = "; ".join(f"{k}: checkpoint {a!r}, config {b!r}" for k, (a, b) in fields.items()
+                              if not k.startswith(("train.run_dir", "train.device", "ema.targets")))
+            raise TrainingError(f"{path} was written by a different configuration ({shown or 'run key differs'}). "
+                                f"Use another train.run_dir, or remove {run_dir} to start over.")
+        return {**ckpt, "path": path}
+    return None
+
+
+def save_checkpoint(run_dir: Path, state: dict, keep: int = 2) -> Path:
+    path = atomic_torch_save(state, run_dir / "checkpoints" / checkpoint_name(state["nimg"]))
+    for old in list_checkpoints(run_dir)[:-keep]:
+        old.unlink(missing_ok=True)
+    return path
+
+
+# ----------------------------------------------------------------------------------------------
+# Stop requests (SIGTERM from `scontrol requeue` / preemption, SIGUSR2 before a SLURM time limit).
+
+class StopFlag:
+    def __init__(self):
+        self.signal: int | None = None
+
+    def install(self) -> "StopFlag":
+        for sig in (signal.SIGTERM, signal.SIGUSR2, signal.SIGINT):
+            try:
+                signal.signal(sig, self._handle)
+            except ValueError:                     # not the main thread (e.g. inside a Ray actor)
+                pass
+        return self
+
+    def _handle(self, signum, frame):
+        self.signal = signum
+
+    def requested(self, d: Dist) -> bool:
+        flag = torch.tensor([1.0 if self.signal is not None else 0.0], device=d.device)
+        if d.world_size > 1:                       # every rank stops at the same step
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item() > 0)
+
+
+# ----------------------------------------------------------------------------------------------
+# The loop.
+
+@dataclass
+class TrainResult:
+    nimg: int
+    status: str                                   # "finished" | "stopped"
+    run_dir: Path
+    mlflow_run_id: str | None
+    final_loss: float | None
+    seconds: float
+    checkpoint: Path | None
+
+
+def dataset_dir(cfg: C.Config) -> Path:
+    return Path(cfg.data.dataset_dir) / "train"
+
+
+def net_args(cfg: C.Config, ds: EncodedDataset) -> dict:
+    label_dim = cfg.network.label_dim if cfg.network.label_dim is not None else \
+        (ds.label_dim if cfg.data.use_labels else 0)
+    return {"img_resolution": ds.resolution, "img_channels": ds.img_channels, "label_dim": label_dim}
+
+
+def train(cfg: C.Config, stage: str | None = None, stop: StopFlag | None = None, progress: bool = True,
+          report=None, max_steps: int | None = None, parent_run_id: str | None = None,
+          run_name: str | None = None) -> TrainResult:
+    """Train (or resume) the run described by `cfg` in cfg.train.run_dir until duration_nimg.
+
+    report(nimg, metrics) is called on rank 0 after every snapshot (sweeps use it); max_steps ends
+    the call early as if stopped (tests use it to simulate interruptions).
+    """
+    t0 = time.time()
+    d = init_distributed(cfg.train.device)
+    tc = cfg.train
+    stop = stop or StopFlag().install()
+    run_dir = Path(tc.run_dir)
+    log = (lambda *a, **k: print(*a, **k, flush=True)) if d.is_main else (lambda *a, **k: None)
+
+    ds = EncodedDataset(dataset_dir(cfg), cfg)
+    args = net_args(cfg, ds)
+    batch_rank = tc.batch_size // d.world_size
+    if tc.batch_size % d.world_size:
+        raise TrainingError(f"train.batch_size={tc.batch_size} is not divisible by {d.world_size} processes")
+    batch_gpu = min(tc.batch_gpu or batch_rank, batch_rank)
+    if batch_rank % batch_gpu:
+        raise TrainingError(f"per-process batch {batch_rank} is not a multiple of train.batch_gpu={batch_gpu}")
+    rounds = batch_rank // batch_gpu
+
+    torch.manual_seed(_seed(tc.seed, 2))           # network initialisation: same on every rank
+    net = build_network(cfg, **args).to(d.device).train()
+    opt = torch.optim.Adam(net.parameters(), lr=tc.ref_lr, betas=(tc.beta1, tc.beta2), eps=tc.eps)
+    ema = PowerFunctionEMA(net, cfg.ema.stds) if d.is_main else None
+
+    nimg, mlflow_run_id, nonfinite = 0, None, 0
+    ckpt = load_latest_checkpoint(run_dir, cfg, log)   # every rank reads it from the shared run folder
+    if ckpt is not None:
+        net.load_state_dict(ckpt["net"])
+        opt.load_state_dict(ckpt["optimizer"])
+        if ema is not None:
+            ema.load_state_dict(ckpt["ema"])
+        nimg, mlflow_run_id, nonfinite = ckpt["nimg"], ckpt.get("mlflow_run_id"), ckpt.get("nonfinite", 0)
+        log(f"resuming from {ckpt['path']} at nimg={nimg}")
+        del ckpt
+    ddp = torch.nn.parallel.DistributedDataParallel(net) if d.world_size > 1 else None
+    model = ddp or net
+
+    logger = None
+    if d.is_main:
+        from .tracking import RunLogger, run_tags
+        run_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(C.yaml_dump(cfg), run_dir / "config.yaml")
+        logger = RunLogger(cfg, jsonl=run_dir / "metrics.jsonl")
+        mlflow_run_id = logger.start(mlflow_run_id, run_name=run_name or f"train-{cfg.run_key()[:8]}",
+                                     tags={**run_tags(stage), "run_key": cfg.run_key(), "run_dir": str(run_dir),
+                                           "processes": str(d.world_size)},
+                                     params=cfg.flat(), parent_run_id=parent_run_id)
+        logger.log_artifact(run_dir / "config.yaml")
+
+    def checkpoint():
+        if not d.is_main:
+            return None
+        return save_checkpoint(run_dir, {"format": CHECKPOINT_FORMAT, "nimg": nimg, "net": net.state_dict(),
+                                         "optimizer": opt.state_dict(), "ema": ema.state_dict(),
+                                         "mlflow_run_id": mlflow_run_id, "nonfinite": nonfinite,
+                                         "run_key": cfg.run_key(), "config": cfg.to_dict(), "net_args": args})
+
+    bar = None
+    if progress and d.is_main:
+        from tqdm import tqdm
+        bar = tqdm(total=tc.duration_nimg, initial=nimg, unit="img", unit_scale=True, dynamic_ncols=True,
+                   desc="train", mininterval=1.0)
+    meta = snapshot_meta(cfg, args) if d.is_main else None
+    status, steps, last_loss, last_ckpt = "finished", 0, None, None
+    window = {"loss": 0.0, "weighted_mse": 0.0, "n": 0, "t": time.time(), "nimg": nimg}
+    if d.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(d.device)
+
+    while nimg < tc.duration_nimg:
+        if stop.requested(d) or (max_steps is not None and steps >= max_steps):
+            status = "stopped"
+            break
+        # --- one optimizer step over the global batch starting at image `nimg` ---------------------
+        gen = torch.Generator(device=d.device).manual_seed(_seed(tc.seed, 3, nimg))   # on the device: cheap
+        sigma_all = torch.exp(torch.randn(tc.batch_size, generator=gen, device=d.device) * cfg.loss.P_std
+                              + cfg.loss.P_mean)
+        eps_all = torch.randn([tc.batch_size, ds.img_channels, ds.resolution, ds.resolution], generator=gen,
+                              device=d.device)
+        idx_all = batch_indices(nimg, tc.batch_size, len(ds), tc.seed)
+        lr = learning_rate(nimg, tc.batch_size, tc.ref_lr, tc.ref_batches, tc.rampup_nimg)
+        for g in opt.param_groups:
+            g["lr"] = lr
+        opt.zero_grad(set_to_none=True)
+        step_loss = step_mse = 0.0
+        for r in range(rounds):
+            lo = d.rank * batch_rank + r * batch_gpu
+            sl = slice(lo, lo + batch_gpu)
+            torch.manual_seed(_seed(tc.seed, 4, nimg, d.rank, r))      # dropout masks
+            x, labels = ds.get(idx_all[sl], generator=torch.Generator().manual_seed(_seed(tc.seed, 5, nimg, lo)))
+            x = x.to(d.device)
+            labels = labels.to(d.device) if labels is not None and args["label_dim"] else None
+            sync = ddp is None or r == rounds - 1
+            ctx = ddp.no_sync() if (ddp is not None and not sync) else _nullcontext()
+            with ctx:
+                obj, stats = edm2_loss(model, x, labels, cfg.loss.P_mean, cfg.loss.P_std, cfg.loss.sigma_data,
+                                       sigma=sigma_all[sl], eps=eps_all[sl])
+                (obj * (batch_gpu / batch_rank)).backward()
+            step_loss += stats["loss"].item() / rounds
+            step_mse += stats["weighted_mse"].item() / rounds
+        for p in net.parameters():                 # SPEC 3: non-finite gradients are set to zero
+            if p.grad is not None:
+                torch.nan_to_num(p.grad, nan=0, posinf=0, neginf=0, out=p.grad)
+        opt.step()
+        nimg += tc.batch_size
+        steps += 1
+        if d.world_size > 1:                       # loss for logging: mean over ranks
+            t = torch.tensor([step_loss, step_mse], device=d.device)
+            dist.all_reduce(t)
+            step_loss, step_mse = (t / d.world_size).tolist()
+        nonfinite = nonfinite + 1 if not math.isfinite(step_loss) else 0
+        if nonfinite >= tc.max_nonfinite_steps:
+            if logger:
+                logger.end("FAILED")
+            raise TrainingError(f"loss was non-finite for {nonfinite} consecutive steps at nimg={nimg} "
+                                f"(try a lower train.ref_lr={tc.ref_lr}); the last good checkpoint is kept")
+        last_loss = step_loss
+
+        if d.is_main:
+            ema.update(net, nimg, tc.batch_size)
+            if math.isfinite(step_loss):
+                window["loss"] += step_loss
+                window["weighted_mse"] += step_mse
+                window["n"] += 1
+            if bar is not None:
+                bar.update(tc.batch_size)
+                bar.set_postfix(loss=f"{step_loss:.3f}", lr=f"{lr:.2e}", refresh=False)
+            if nimg % tc.status_nimg < tc.batch_size or nimg >= tc.duration_nimg:
+                _log_window(logger, window, nimg, lr, d)
+            if nimg % cfg.ema.snapshot_nimg == 0:
+                ema.save_snapshots(run_dir / "snapshots", nimg, meta, cfg.ema.snapshot_dtype)
+                if report is not None:
+                    report(nimg, {"loss": step_loss, "weighted_mse": step_mse})
+            if tc.sample_nimg and nimg % tc.sample_nimg < tc.batch_size:
+                _log_samples(net, ema, cfg, args, run_dir, nimg, logger, d)
+        if nimg % tc.checkpoint_nimg == 0 and nimg < tc.duration_nimg:
+            last_ckpt = checkpoint()
+
+    last_ckpt = checkpoint() or last_ckpt
+    if bar is not None:
+        bar.close()
+    seconds = time.time() - t0
+    if d.is_main:
+        if status == "finished":
+            _log_samples(net, ema, cfg, args, run_dir, nimg, logger, d)
+        summary = {"status": status, "nimg": nimg, "final_loss": last_loss, "seconds": round(seconds, 1),
+                   "images_per_s": round(steps * tc.batch_size / max(seconds, 1e-9), 1),
+                   "run_dir": str(run_dir), "mlflow_run_id": mlflow_run_id, "run_key": cfg.run_key()}
+        atomic_write_text(C.json_dump(summary), run_dir / "train_summary.json")
+        logger.end("FINISHED" if status == "finished" else "KILLED")
+        log(f"{status} at nimg={nimg}/{tc.duration_nimg}: loss {last_loss if last_loss is None else round(last_loss, 4)}, "
+            f"{summary['images_per_s']} img/s over {steps} steps in {seconds:.0f} s; run {run_dir}, "
+            f"checkpoint {last_ckpt}, MLflow run {mlflow_run_id or '(offline)'}")
+    return TrainResult(nimg, status, run_dir, mlflow_run_id, last_loss, seconds, last_ckpt)
+
+
+class _nullcontext:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def _log_window(logger, window: dict, nimg: int, lr: float, d: Dist) -> None:
+    n = max(window["n"], 1)
+    dt = time.time() - window["t"]
+    imgs = nimg - window["nimg"]
+    metrics = {"loss": window["loss"] / n, "weighted_mse": window["weighted_mse"] / n, "lr": lr,
+               "images_per_s": imgs / max(dt, 1e-9), "sec_per_kimg": dt / max(imgs, 1) * 1000}
+    if d.device.type == "cuda":
+        metrics["peak_mem_gb"] = torch.cuda.max_memory_allocated(d.device) / 2 ** 30
+    else:
+        import resource
+        metrics["peak_mem_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
+    logger.log_metrics(metrics, step=nimg)
+    window.update(loss=0.0, weighted_mse=0.0, n=0, t=time.time(), nimg=nimg)
+
+
+def _log_samples(net, ema, cfg, args, run_dir: Path, nimg: int, logger, d: Dist, count: int = 36) -> None:
+    """A sample grid from the longest tracked EMA, saved in the run folder and logged to MLflow."""
+    from .data import decode_pixels
+    from .report import save_image_grid
+    if cfg.data.encoder != "pixel":
+        return
+    sampler = cfg.sampler.model_copy(update={"steps": min(cfg.sampler.steps, 18)})
+    probe = build_network(cfg, **args).to(d.device)
+    probe.load_state_dict(ema.emas[-1])
+    labels = None
+    if args["label_dim"]:
+        labels = torch.nn.functional.one_hot(torch.arange(count) % args["label_dim"], args["label_dim"]).float()
+    x = sample_images(probe.eval(), list(range(count)), labels, sampler, device=d.device)
+    path = save_image_grid(decode_pixels(x).permute(0, 2, 3, 1).cpu().numpy(),
+                           run_dir / "samples" / f"samples-{nimg:010d}.png", cols=6)
+    logger.log_artifact(path, "samples")

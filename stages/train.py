@@ -1,0 +1,85 @@
+"""DVC stage: train the run described by params.yaml (SPEC 2, 3, 6), or resume it.
+
+Rerunning the same command resumes from the newest checkpoint in train.run_dir. With
+launcher.nproc_per_node > 1 (or --nproc-per-node) the stage starts itself under torchrun (DDP: NCCL
+on GPUs, gloo on CPU); under an existing torchrun/srun it just trains. SIGTERM / SIGUSR2 / Ctrl-C
+write a checkpoint and exit with code 75 (resumable).
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+
+from pipeline import cli
+from pipeline.training import TrainingError, list_checkpoints, load_latest_checkpoint, train
+
+EXIT_STOPPED = 75          # EX_TEMPFAIL: stopped on request, rerun to resume
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = cli.parser("python -m stages.train", __doc__)
+    p.add_argument("--nproc-per-node", type=int, help="processes per node (default: launcher.nproc_per_node)")
+    p.add_argument("--on-mismatch", choices=["refuse", "archive"], default="refuse",
+                   help="when train.run_dir holds a run of another configuration: refuse (default), or move it "
+                        "aside to <run_dir>.<time> and start afresh (what `dvc exp run -S ...` needs)")
+    p.add_argument("--stage", default=None, help="DVC stage name to tag the MLflow run with")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    args = p.parse_args(argv)
+
+    def go():
+        cfg = cli.config_from(args)
+        nproc = args.nproc_per_node or cfg.launcher.nproc_per_node
+        if nproc > 1 and "LOCAL_RANK" not in os.environ:
+            return _torchrun(nproc, cfg.launcher.nnodes, argv if argv is not None else sys.argv[1:])
+        if args.on_mismatch == "archive" and int(os.environ.get("RANK", "0")) == 0:
+            _archive_if_mismatched(cfg)
+        try:
+            res = train(cfg, stage=args.stage, progress=not args.no_progress)
+        except TrainingError as err:
+            print(f"train: {err}", file=sys.stderr)
+            return 2
+        return 0 if res.status == "finished" else EXIT_STOPPED
+    return cli.run("train", go)
+
+
+def _archive_if_mismatched(cfg) -> None:
+    run_dir = Path(cfg.train.run_dir)
+    if not list_checkpoints(run_dir):
+        return
+    try:
+        load_latest_checkpoint(run_dir, cfg, log=lambda *a: None)
+    except TrainingError as err:
+        aside = run_dir.with_name(f"{run_dir.name}.{time.strftime('%Y%m%d-%H%M%S')}")
+        shutil.move(str(run_dir), aside)
+        print(f"train: {run_dir} held another configuration; moved it to {aside} ({err})")
+
+
+def _torchrun(nproc: int, nnodes: int, argv: list[str]) -> int:
+    """Re-launch this stage under torchrun (its own rendezvous; no process management here)."""
+    from torch.distributed.run import main as torchrun_main
+    rest, skip = [], False
+    for a in argv:                     # drop --nproc-per-node N / --nproc-per-node=N: torchrun takes it
+        if skip:
+            skip = False
+        elif a == "--nproc-per-node":
+            skip = True
+        elif not a.startswith("--nproc-per-node="):
+            rest.append(a)
+    cmd = [f"--nproc-per-node={nproc}", f"--nnodes={nnodes}", "--module", "stages.train", *rest]
+    if nnodes == 1:
+        cmd = ["--standalone", *cmd]
+    try:
+        torchrun_main(cmd)
+    except SystemExit as e:
+        return int(e.code or 0)
+    except Exception as err:           # torchrun raises ChildFailedError with the ranks' errors
+        print(f"train: torchrun failed: {err}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
