@@ -28,6 +28,7 @@ run: setup
 	if [ -f dvc.yaml ]; then $(BIN)/dvc repro; fi
 
 test: setup
+	bash scripts/system-deps.sh slurm      # a real SLURM cluster for tests/test_slurm.py (root only)
 	$(BIN)/python -m pytest -q
 
 test-fast: setup

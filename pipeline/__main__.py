@@ -26,6 +26,30 @@ def _cmd_info(args) -> None:
     print(f"sampler: {cfg.sampler.solver}, {cfg.sampler.steps} steps, NFE {cfg.sampler.nfe}")
 
 
+def _cmd_sweep(args) -> None:
+    from .sweep import SweepError, run_sweep
+    try:
+        run_sweep(args.file, address=args.address, resume=args.resume, reports_dir=args.reports,
+                  num_cpus=args.num_cpus)
+    except SweepError as err:
+        raise C.ConfigError(str(err)) from None
+
+
+def _cmd_submit(args) -> int:
+    from .launch import LaunchError, describe, submit, wait
+    lo = {k[len("launcher_"):]: v for k, v in vars(args).items() if k.startswith("launcher_") and v is not None}
+    try:
+        s = submit(args.kind, args.target, args.params, args.set, args.executor, args.folder, lo)
+        print(describe(s), flush=True)
+        if args.wait:
+            result = wait(s)
+            print(f"job {s.job_id} finished: {result}")
+    except LaunchError as err:
+        print(f"submit: {err}", file=sys.stderr)
+        return 1
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m pipeline", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -41,13 +65,38 @@ def main(argv: list[str] | None = None) -> int:
     common(sp)
     sp.set_defaults(func=_cmd_info)
 
+    sp = sub.add_parser("sweep", help="run a Ray Tune sweep from sweeps/<name>.yaml")
+    sp.add_argument("file", help="sweep definition (YAML), e.g. sweeps/lr.yaml")
+    sp.add_argument("--address", help="join an existing Ray cluster (e.g. auto, or host:6379); default: local")
+    sp.add_argument("--resume", action="store_true", help="resume an interrupted sweep (finished trials are kept)")
+    sp.add_argument("--num-cpus", type=int, help="CPUs of the local Ray instance (default: all)")
+    sp.add_argument("--reports", default="reports/sweeps", help="where the table and figures go")
+    sp.set_defaults(func=_cmd_sweep)
+
+    sp = sub.add_parser("submit", help="run training, a sweep or a command on SLURM (submitit) or locally",
+                        description="Examples: submit train -S train.ref_lr=0.005 | submit sweep sweeps/lr.yaml | "
+                                    "submit cmd --wait -- dvc repro")
+    common(sp)
+    sp.add_argument("kind", choices=["train", "sweep", "cmd"])
+    sp.add_argument("target", nargs="*", help="sweep: the sweep file; cmd: the command (after --)")
+    sp.add_argument("--executor", choices=["slurm", "local"], help="default: launcher.executor")
+    for flag, key, typ in (("--partition", "partition", str), ("--gpus", "gpus_per_node", int),
+                           ("--cpus", "cpus_per_task", int), ("--mem-gb", "mem_gb", float),
+                           ("--time-min", "timeout_min", int), ("--account", "account", str), ("--qos", "qos", str),
+                           ("--nodes", "nnodes", int), ("--tasks-per-node", "nproc_per_node", int),
+                           ("--array-parallelism", "array_parallelism", int)):
+        sp.add_argument(flag, dest=f"launcher_{key}", type=typ, help=f"launcher.{key}")
+    sp.add_argument("--folder", help="submitit folder (default: a fresh runs/jobs/<kind>-<time>)")
+    sp.add_argument("--wait", action="store_true", help="block until the job ends; exit with its status "
+                    "(what a DVC stage that runs on SLURM needs)")
+    sp.set_defaults(func=_cmd_submit)
+
     args = p.parse_args(argv)
     try:
-        args.func(args)
+        return args.func(args) or 0
     except C.ConfigError as err:
         print(f"config error: {err}", file=sys.stderr)
         return 2
-    return 0
 
 
 if __name__ == "__main__":

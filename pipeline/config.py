@@ -413,3 +413,104 @@ def diff(a: Config | dict, b: Config | dict, sections: tuple[str, ...] | None = 
     if sections is not None:
         keys = [k for k in keys if k.split(".")[0] in sections]
     return {k: (fa.get(k), fb.get(k)) for k in keys if fa.get(k) != fb.get(k)}
+
+
+# ----------------------------------------------------------------------------------------------
+# Sweep definitions (sweeps/*.yaml): overrides of the same schema, validated before any trial.
+
+class AxisSpec(_Section):
+    """One swept config value: exactly one of grid / choice / uniform / loguniform."""
+    grid: Optional[list[Any]] = None
+    choice: Optional[list[Any]] = None
+    uniform: Optional[tuple[float, float]] = None
+    loguniform: Optional[tuple[PosFloat, PosFloat]] = None
+
+    @model_validator(mode="after")
+    def _one(self):
+        given = [k for k in ("grid", "choice", "uniform", "loguniform") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError(f"give exactly one of grid, choice, uniform, loguniform (got {given or 'none'})")
+        values = self.grid if self.grid is not None else self.choice
+        if values is not None and not values:
+            raise ValueError(f"{given[0]} is empty")
+        lo_hi = self.uniform or self.loguniform
+        if lo_hi is not None and not lo_hi[0] < lo_hi[1]:
+            raise ValueError(f"{given[0]} needs low < high (got {list(lo_hi)})")
+        return self
+
+    def probe_values(self) -> list:
+        """Values that must all be valid configs: every listed value, or both ends of a range."""
+        return list(self.grid if self.grid is not None else self.choice if self.choice is not None
+                    else (self.uniform or self.loguniform))
+
+
+class SchedulerSpec(_Section):
+    type: Literal["none", "asha"] = "none"
+    metric: Literal["loss", "weighted_mse"] = "loss"   # intermediate result reported at each snapshot
+    grace_period_nimg: PosInt = 4096                    # no stop before this many images
+    reduction_factor: Annotated[float, AfterValidator(lambda v: _min(v, 2))] = 2.0
+
+
+class ResourceSpec(_Section):
+    cpus: PosFloat = 1.0
+    gpus: NonNegFloat = 0.0                             # fractional < 1 shares a GPU; > 1 uses Ray Train
+
+    @model_validator(mode="after")
+    def _check(self):
+        if self.gpus > 1 and self.gpus != int(self.gpus):
+            raise ValueError(f"resources.gpus={self.gpus}: more than one GPU per trial must be a whole number")
+        return self
+
+
+class SweepConfig(_Section):
+    name: str
+    base: str = "params.yaml"                           # params file every trial starts from
+    overrides: dict[str, Any] = Field(default_factory=dict)   # fixed for all trials
+    search: dict[str, AxisSpec] = Field(default_factory=dict)  # dotted config key -> axis
+    ema_lengths: list[SigmaRel] = Field(default_factory=list)  # post-hoc axis: never retrains
+    algorithm: Literal["grid", "random", "optuna"] = "grid"
+    num_samples: PosInt = 1                             # random/optuna: trials; grid: repeats of the grid
+    scheduler: SchedulerSpec = Field(default_factory=SchedulerSpec)
+    max_concurrent: PosInt = 2
+    resources: ResourceSpec = Field(default_factory=ResourceSpec)
+    max_failures: NonNegInt = 2                         # retries of a crashed trial (from its checkpoint)
+    seed: NonNegInt = 0
+    experiment: str = "edm2-sweeps"                     # MLflow experiment (one parent run per sweep)
+    storage: str = "runs/sweeps"                        # Ray results, trial run folders
+
+    @model_validator(mode="after")
+    def _check(self):
+        if not self.search and not self.ema_lengths:
+            raise ValueError("empty search space: give `search` axes and/or `ema_lengths`")
+        if self.algorithm == "grid" and any(a.grid is None for a in self.search.values()):
+            bad = [k for k, a in self.search.items() if a.grid is None]
+            raise ValueError(f"algorithm=grid needs `grid` axes; {', '.join(bad)} are not")
+        if self.algorithm != "grid" and any(a.grid is not None for a in self.search.values()):
+            raise ValueError(f"`grid` axes need algorithm=grid (got algorithm={self.algorithm})")
+        if any(k.startswith("ema.targets") for k in self.search):
+            raise ValueError("sweep EMA length with `ema_lengths` (post-hoc, no retraining), not as a search axis")
+        return self
+
+
+def load_sweep(path: str | Path) -> tuple[SweepConfig, Config]:
+    """Validate a sweep file and every configuration it can produce; returns (sweep, base config)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"sweep file {path} does not exist")
+    raw = yaml.safe_load(path.read_text()) or {}
+    try:
+        sweep = SweepConfig.model_validate(raw)
+    except ValidationError as err:
+        raise ConfigError(_format_errors(err, raw).replace("\n", f"\n{path.name}: ")) from None
+    base_path = Path(sweep.base) if Path(sweep.base).is_absolute() else (Path.cwd() / sweep.base)
+    overrides = dict(sweep.overrides)
+    if sweep.ema_lengths:
+        overrides["ema.targets"] = list(sweep.ema_lengths)
+    base = load_config(base_path, overrides)
+    flat = base.flat()
+    for key, axis in sweep.search.items():
+        if key not in flat:
+            raise ConfigError(f"{path.name}: search.{key}: unknown key (not a field of the config)")
+        for v in axis.probe_values():
+            load_config(base_path, {**overrides, key: v})    # raises the one-line error for a bad value
+    return sweep, base

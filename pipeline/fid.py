@@ -147,6 +147,11 @@ def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
 # ----------------------------------------------------------------------------------------------
 # Reference statistics, cached by (dataset hash, feature network, n).
 
+def reference_dataset_dir(cfg) -> str:
+    """`fashion-mnist-test` -> the encoded test split; anything else is an encoded dataset folder."""
+    return f"{cfg.data.dataset_dir}/test" if cfg.fid.reference == "fashion-mnist-test" else cfg.fid.reference
+
+
 def reference_stats(dataset, feat: FeatureNet, n: int | None, cache_dir: str | Path, batch_size: int = 32,
                     progress: bool = True) -> dict:
     """mu/sigma of a pixel dataset's first n images; computed once, then read from the cache."""

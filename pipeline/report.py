@@ -213,3 +213,21 @@ def write_run_report(cfg_dict: dict, records: Sequence[dict], out_dir: str | Pat
     paths["html"] = atomic_write_text("\n".join(h), out / "report.html")
     paths["md"] = atomic_write_text("\n".join(md), out / "report.md")
     return paths
+
+
+def plot_best_vs_param(best, keys: Sequence[str], path: str | Path, name: str = "") -> Path:
+    """Best FID of each trial against each swept parameter (one panel per parameter); winner starred."""
+    plt = _plt()
+    fig, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 3.2), squeeze=False)
+    w = best["fid"].idxmin()
+    for ax, key in zip(axes[0], keys):
+        x = best[key].astype(float)
+        ax.scatter(x, best["fid"], color="tab:blue")
+        ax.scatter([x[w]], [best["fid"][w]], marker="*", s=200, color="gold", edgecolor="black", zorder=3)
+        if x.min() > 0 and x.max() / x.min() > 20:
+            ax.set_xscale("log")
+        ax.set_xlabel(key)
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("best FID over EMA lengths")
+    fig.suptitle(f"sweep {name}: best FID per trial", fontsize=10)
+    return _save(fig, path)

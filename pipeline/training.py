@@ -50,8 +50,13 @@ class Dist:
 
 
 def init_distributed(device_choice: str = "auto") -> Dist:
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank, local = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+    """Ranks from torchrun's (or srun's, or Ray Train's) environment; one process without it."""
+    if dist.is_available() and dist.is_initialized():         # Ray Train's TorchTrainer set it up
+        world, rank = dist.get_world_size(), dist.get_rank()
+    else:
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        rank = int(os.environ.get("RANK", "0"))
+    local = int(os.environ.get("LOCAL_RANK", "0"))
     use_cuda = torch.cuda.is_available() if device_choice == "auto" else device_choice == "cuda"
     if use_cuda and not torch.cuda.is_available():
         raise TrainingError("train.device=cuda but no CUDA device is visible")
@@ -225,10 +230,15 @@ def train(cfg: C.Config, stage: str | None = None, stop: StopFlag | None = None,
         run_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_text(C.yaml_dump(cfg), run_dir / "config.yaml")
         logger = RunLogger(cfg, jsonl=run_dir / "metrics.jsonl")
+        id_file = run_dir / "mlflow_run_id"            # reused even when no checkpoint exists yet
+        if mlflow_run_id is None and id_file.is_file():
+            mlflow_run_id = id_file.read_text().strip() or None
         mlflow_run_id = logger.start(mlflow_run_id, run_name=run_name or f"train-{cfg.run_key()[:8]}",
                                      tags={**run_tags(stage), "run_key": cfg.run_key(), "run_dir": str(run_dir),
                                            "processes": str(d.world_size)},
                                      params=cfg.flat(), parent_run_id=parent_run_id)
+        if mlflow_run_id:
+            atomic_write_text(mlflow_run_id, id_file)
         logger.log_artifact(run_dir / "config.yaml")
 
     def checkpoint():

@@ -7,7 +7,8 @@ want=()
 [ -d /usr/share/datasets/fashion-mnist ] || want+=(dataset-fashion-mnist)
 for extra in "$@"; do
   case "$extra" in
-    slurm) command -v slurmctld >/dev/null || want+=(slurmctld slurmd slurm-client munge) ;;
+    slurm) command -v slurmctld >/dev/null || want+=(slurmctld slurmd slurm-client munge)
+           command -v slurmdbd >/dev/null || want+=(slurmdbd mariadb-server) ;;
     chromium) command -v chromium >/dev/null || want+=(chromium) ;;
   esac
 done

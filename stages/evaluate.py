@@ -12,9 +12,9 @@ from pathlib import Path
 
 from pipeline import cli
 from pipeline.data import EncodedDataset
-from pipeline.fid import FIDError, evaluate_models, load_feature_net, reference_stats, write_metrics
+from pipeline.fid import (FIDError, evaluate_models, load_feature_net, reference_dataset_dir, reference_stats,
+                          write_metrics)
 from pipeline.report import plot_fid_vs_ema
-from stages.reference import reference_dataset_dir
 
 
 def main(argv: list[str] | None = None) -> int:

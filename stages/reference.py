@@ -6,12 +6,7 @@ import sys
 
 from pipeline import cli
 from pipeline.data import EncodedDataset
-from pipeline.fid import load_feature_net, reference_stats
-
-
-def reference_dataset_dir(cfg) -> str:
-    """`fashion-mnist-test` -> the encoded test split; anything else is an encoded dataset folder."""
-    return f"{cfg.data.dataset_dir}/test" if cfg.fid.reference == "fashion-mnist-test" else cfg.fid.reference
+from pipeline.fid import load_feature_net, reference_dataset_dir, reference_stats
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -45,3 +45,29 @@ def tiny_params(tmp_path, fmnist, name="params.yaml", **sections):
     path = tmp_path / name
     path.write_text(yaml.safe_dump(raw, sort_keys=False))
     return path
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster():
+    """A real one-node SLURM cluster from the project's own scripts (ports apart from a user's)."""
+    import shutil
+    import subprocess
+    import tempfile
+    if shutil.which("slurmctld") is None or shutil.which("slurmd") is None or shutil.which("munged") is None:
+        pytest.skip("SLURM is not installed (as root, `make test` installs it: scripts/system-deps.sh slurm)")
+    root = Path(tempfile.mkdtemp(prefix="slurm", dir="/tmp"))      # short path: munge's socket name limit
+    env = {**os.environ, "SLURM_ROOT": str(root), "SLURM_PORT_BASE": "16817",
+           "WITH_SLURMDBD": "1" if shutil.which("slurmdbd") and shutil.which("mariadbd") else "0"}
+    r = subprocess.run(["bash", str(ROOT / "scripts/slurm_up.sh")], env=env, capture_output=True, text=True,
+                       timeout=180)
+    if r.returncode != 0:
+        subprocess.run(["bash", str(ROOT / "scripts/slurm_down.sh")], env=env)
+        pytest.fail(f"slurm_up.sh failed:\n{r.stdout[-2000:]}\n{r.stderr[-2000:]}")
+    old = os.environ.get("SLURM_CONF")
+    os.environ["SLURM_CONF"] = str(root / "etc" / "slurm.conf")
+    yield {"root": root, "sacct": env["WITH_SLURMDBD"] == "1"}
+    subprocess.run(["bash", str(ROOT / "scripts/slurm_down.sh")], env=env, timeout=60)
+    if old is None:
+        os.environ.pop("SLURM_CONF", None)
+    else:
+        os.environ["SLURM_CONF"] = old

@@ -1,0 +1,215 @@
+"""Where work runs: SLURM through submitit (or submitit's local executor), for a training run, any
+command (a DVC stage, `dvc repro`) or a whole sweep.
+
+Training is submitit-checkpointable. On SIGUSR2 (SLURM's warning before a time limit, or
+preemption) the training loop finishes its step, writes a checkpoint, and submitit requeues the
+job; on SIGTERM (`scontrol requeue`) it checkpoints the same way if it has the time, and the
+requeued job resumes from the newest checkpoint on disk. Either way the run continues from the
+same nimg, to the same parameters, in the same MLflow run.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+from . import config as C
+
+
+class LaunchError(RuntimeError):
+    pass
+
+
+# ----------------------------------------------------------------------------------------------
+# Jobs (pickled by submitit, run on the compute node).
+
+class TrainJob:
+    """Train the run described by a params file; checkpointable for submitit."""
+
+    def __init__(self, params: str, overrides: Sequence[str] = (), cwd: str | None = None):
+        self.params, self.overrides, self.cwd = params, list(overrides), cwd or os.getcwd()
+
+    def __call__(self) -> dict:
+        os.chdir(self.cwd)
+        _export_distributed_env()
+        from .training import StopFlag, train
+        submitit_usr2 = signal.getsignal(signal.SIGUSR2)     # submitit's checkpoint-and-requeue handler
+        stop = StopFlag().install()                          # training stops at a step boundary instead
+        cfg = C.load_config(self.params, self.overrides)
+        res = train(cfg, stage="slurm", stop=stop, progress=False)
+        if res.status == "stopped" and stop.signal == signal.SIGUSR2 and callable(submitit_usr2):
+            submitit_usr2(signal.SIGUSR2, None)              # -> self.checkpoint() -> requeue -> exit
+        if res.status == "stopped" and stop.signal == signal.SIGTERM and "SLURM_JOB_ID" in os.environ:
+            # `scontrol requeue` / preemption: SLURM kills and restarts the job after KillWait. Exiting
+            # now would leave a failure result behind that a watcher could read before the restart.
+            time.sleep(float(os.environ.get("EDM2_SIGTERM_GRACE_S", "90")))
+        if res.status == "stopped":
+            raise LaunchError(f"training stopped by signal {stop.signal} at nimg={res.nimg}; "
+                              f"the checkpoint is on disk and the next run resumes from it")
+        return {"nimg": res.nimg, "status": res.status, "mlflow_run_id": res.mlflow_run_id,
+                "final_loss": res.final_loss, "run_dir": str(res.run_dir)}
+
+    def checkpoint(self, *args, **kwargs):
+        """Called by submitit on preemption/time-out: the training checkpoint is already on disk
+        (written at the step boundary), so requeue the same job; it resumes from that checkpoint."""
+        import submitit
+        return submitit.helpers.DelayedSubmission(TrainJob(self.params, self.overrides, self.cwd))
+
+
+class SweepJob:
+    """Run a sweep inside one SLURM allocation: the Ray head on the first node, Ray workers on the
+    others (one task per node), the sweep driver on the head."""
+
+    def __init__(self, sweep_file: str, cwd: str | None = None, port: int = 6380):
+        self.sweep_file, self.cwd, self.port = sweep_file, cwd or os.getcwd(), port
+
+    def __call__(self):
+        os.chdir(self.cwd)
+        os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+        nodes = _slurm_hostnames()
+        node_id = int(os.environ.get("SLURM_NODEID", "0"))
+        if len(nodes) <= 1:                                  # one node: a local Ray instance
+            from .sweep import run_sweep
+            res = run_sweep(self.sweep_file, num_cpus=int(os.environ.get("SLURM_CPUS_ON_NODE", "0")) or None)
+            return {"rows": len(res.table), "table": str(res.table_path), "parent_run_id": res.parent_run_id}
+        head = f"{nodes[0]}:{self.port}"
+        if node_id == 0:
+            subprocess.run(["ray", "start", "--head", f"--port={self.port}", "--disable-usage-stats"], check=True)
+            time.sleep(5)
+            from .sweep import run_sweep
+            res = run_sweep(self.sweep_file, address=head)
+            subprocess.run(["ray", "stop"], check=False)
+            return {"rows": len(res.table), "table": str(res.table_path), "parent_run_id": res.parent_run_id}
+        subprocess.run(["ray", "start", f"--address={head}", "--block", "--disable-usage-stats"], check=False)
+        return None
+
+
+class CommandJob:
+    """Run a command (a DVC stage, `dvc repro`, anything) in the project folder; its exit code is
+    the job's result."""
+
+    def __init__(self, command: Sequence[str], cwd: str | None = None):
+        self.command, self.cwd = list(command), cwd or os.getcwd()
+
+    def __call__(self) -> int:
+        r = subprocess.run(self.command, cwd=self.cwd)
+        if r.returncode != 0:
+            raise LaunchError(f"`{' '.join(self.command)}` exited with {r.returncode}")
+        return r.returncode
+
+
+def _slurm_hostnames() -> list[str]:
+    nodelist = os.environ.get("SLURM_JOB_NODELIST")
+    if not nodelist:
+        return []
+    out = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True)
+    return out.stdout.split() or [nodelist]
+
+
+def _export_distributed_env() -> None:
+    """Multi-task SLURM jobs: MASTER_ADDR/PORT, RANK, WORLD_SIZE, LOCAL_RANK from SLURM's variables."""
+    if int(os.environ.get("SLURM_NTASKS", "1")) > 1 and "RANK" not in os.environ:
+        import submitit
+        submitit.helpers.TorchDistributedEnvironment().export()
+
+
+# ----------------------------------------------------------------------------------------------
+# Submitting.
+
+@dataclass
+class Submitted:
+    job_id: str
+    folder: Path
+    stdout: Path
+    stderr: Path
+    executor: str
+    job: object
+
+
+def make_executor(launcher: C.LauncherConfig, folder: Path, executor: str | None = None, job_name: str = "edm2"):
+    import submitit
+    kind = executor or launcher.executor
+    if kind == "slurm":
+        if shutil.which("sbatch") is None:
+            raise LaunchError("SLURM is not available on this machine (no `sbatch` on PATH); "
+                              "use --executor local to run the same job here")
+        ex = submitit.AutoExecutor(folder=str(folder), cluster="slurm")
+    elif kind == "local":
+        ex = submitit.AutoExecutor(folder=str(folder), cluster="local")
+    else:
+        raise LaunchError(f"executor={kind!r}: must be slurm or local")
+    params = {"timeout_min": launcher.timeout_min, "nodes": launcher.nnodes, "name": job_name}
+    if kind == "slurm":
+        gpus = launcher.gpus_per_node
+        tasks = max(1, launcher.nproc_per_node)
+        params.update(slurm_partition=launcher.partition, slurm_account=launcher.account, slurm_qos=launcher.qos,
+                      tasks_per_node=tasks, cpus_per_task=launcher.cpus_per_task,
+                      slurm_array_parallelism=launcher.array_parallelism, slurm_signal_delay_s=120)
+        if gpus:
+            params["gpus_per_node"] = gpus
+        if launcher.mem_gb:
+            params["mem_gb"] = launcher.mem_gb
+        params = {k: v for k, v in params.items() if v is not None}
+    ex.update_parameters(**params)
+    return ex
+
+
+def submit(kind: str, target: Sequence[str], params_file: str = "params.yaml", overrides: Sequence[str] = (),
+           executor: str | None = None, folder: str | Path | None = None, launcher_overrides: dict | None = None,
+           ) -> Submitted:
+    """kind: 'train' (target unused), 'sweep' (target[0] = sweep file) or 'cmd' (target = the command)."""
+    lo = {f"launcher.{k}": v for k, v in (launcher_overrides or {}).items() if v is not None}
+    cfg = C.load_config(params_file, [*overrides, *(f"{k}={v}" for k, v in lo.items())]) \
+        if Path(params_file).is_file() else C.resolve({}, lo)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    folder = Path(folder or f"runs/jobs/{kind}-{stamp}-{os.getpid()}")   # fresh: SLURM ids may restart at 1
+    folder.mkdir(parents=True, exist_ok=True)
+    if kind == "train":
+        fn, name = TrainJob(params_file, overrides), "edm2-train"
+    elif kind == "sweep":
+        C.load_sweep(target[0])                              # bad sweep files fail here, not on the node
+        fn, name = SweepJob(target[0]), "edm2-sweep"
+    elif kind == "cmd":
+        if not target:
+            raise LaunchError("give the command after --, e.g. submit cmd -- dvc repro")
+        fn, name = CommandJob(target), "edm2-cmd"
+    else:
+        raise LaunchError(f"unknown job kind {kind!r}")
+    ex = make_executor(cfg.launcher, folder, executor, name)
+    try:
+        job = ex.submit(fn)
+    except Exception as err:                                 # sbatch's own error, in one line
+        raise LaunchError(_one_line_sbatch_error(err)) from None
+    return Submitted(str(job.job_id), folder, Path(job.paths.stdout), Path(job.paths.stderr),
+                     executor or cfg.launcher.executor, job)
+
+
+def _one_line_sbatch_error(err: Exception) -> str:
+    text = getattr(err, "output", None) or getattr(err, "stderr", None) or str(err)
+    if isinstance(text, bytes):
+        text = text.decode(errors="replace")
+    lines = [ln.strip() for ln in str(text).splitlines() if "error" in ln.lower()]
+    return "sbatch failed: " + (lines[-1] if lines else str(text).strip().splitlines()[-1])
+
+
+def describe(s: Submitted) -> str:
+    follow = f"tail -f {s.stdout} {s.stderr}"
+    extra = f"; squeue -j {s.job_id}; scancel {s.job_id}" if s.executor == "slurm" else ""
+    return (f"submitted job {s.job_id} ({s.executor})\n  logs: {s.stdout}\n        {s.stderr}\n"
+            f"  follow: {follow}{extra}")
+
+
+def wait(s: Submitted, poll_s: float = 2.0):
+    """Block until the job ends (requeues included); its result, or LaunchError with the log tail."""
+    try:
+        return s.job.result()
+    except Exception as err:
+        tail = s.stderr.read_text()[-1500:] if s.stderr.is_file() else ""
+        raise LaunchError(f"job {s.job_id} failed: {str(err).strip().splitlines()[-1] if str(err) else err}\n"
+                          f"--- {s.stderr} (tail) ---\n{tail}") from None

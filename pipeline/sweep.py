@@ -1,0 +1,313 @@
+"""Ray Tune sweeps over learning rate, noise distribution and EMA length (sweeps/*.yaml).
+
+Each trial trains one configuration with the same library code as the DVC train stage, reports its
+loss to Tune at every snapshot (ASHA can stop it early), and at the end fans out the post-hoc EMA
+lengths: reconstruction + FID for each, no retraining. MLflow: one parent run per sweep, a child
+per trial, a grandchild per EMA length. Results: a pandas table (one row per trial x EMA length)
+and figures under reports/sweeps/<name>/.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from . import config as C
+from .io import atomic_write_text
+
+AXIS_SEP = "__"                     # Tune flattens nested keys with "/": keep dotted keys flat and safe
+
+
+class SweepError(ValueError):
+    pass
+
+
+def axis_name(key: str) -> str:
+    return key.replace(".", AXIS_SEP)
+
+
+def axis_key(name: str) -> str:
+    return name.replace(AXIS_SEP, ".")
+
+
+def sweep_tracking_uri(base: C.Config) -> str:
+    """The base config's tracking URI; a local sqlite file gets a busy timeout for parallel trials."""
+    from .tracking import tracking_uri
+    uri = tracking_uri(base)
+    if uri.startswith("sqlite:") and "timeout=" not in uri:
+        uri += ("&" if "?" in uri else "?") + "timeout=60"
+    return uri
+
+
+def param_space(sweep: C.SweepConfig) -> dict:
+    from ray import tune
+    space = {}
+    for key, a in sweep.search.items():
+        name = axis_name(key)
+        if a.grid is not None:
+            space[name] = tune.grid_search(list(a.grid))
+        elif a.choice is not None:
+            space[name] = tune.choice(list(a.choice))
+        elif a.uniform is not None:
+            space[name] = tune.uniform(*a.uniform)
+        else:
+            space[name] = tune.loguniform(*a.loguniform)
+    return space
+
+
+# ----------------------------------------------------------------------------------------------
+# One trial (runs inside a Ray worker).
+
+def trial_config(base_raw: dict, sweep_raw: dict, params: dict, trial_dir: Path, uri: str, device: str) -> C.Config:
+    sweep = C.SweepConfig.model_validate(sweep_raw)
+    overrides = {**sweep.overrides, **{axis_key(k): v for k, v in params.items()},
+                 "train.run_dir": str(trial_dir / "run"), "tracking.uri": uri,
+                 "tracking.experiment": sweep.experiment, "train.device": device}
+    if sweep.ema_lengths:
+        overrides["ema.targets"] = list(sweep.ema_lengths)
+    return C.resolve(base_raw, overrides)
+
+
+def run_trial(params: dict, base_raw: dict, sweep_raw: dict, parent_run_id: str | None, uri: str, device: str,
+              ref_cache: str, root: str) -> None:
+    """Train -> post-hoc EMA fan-out -> FID per EMA length; results reported to Tune and MLflow."""
+    from ray import tune
+
+    from .data import EncodedDataset
+    from .fid import evaluate_models, load_feature_net, reference_dataset_dir, reference_stats
+    from .phema import reconstruct
+    from .tracking import RunLogger
+    from .training import train
+    os.chdir(root)                                          # relative paths of the params file
+    trial_id = tune.get_context().get_trial_id()
+    trial_dir = Path(sweep_raw["storage"]).resolve() / sweep_raw["name"] / "trials" / trial_id
+    trial_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(str(os.getpid()), trial_dir / "worker.pid")   # lets tests (and users) find the worker
+    cfg = trial_config(base_raw, sweep_raw, params, trial_dir, uri, device)
+    last = {}
+
+    def report(nimg, metrics):
+        last.update(metrics)
+        tune.report({"nimg": nimg, **metrics})
+
+    res = train(cfg, stage="sweep", progress=False, report=report, parent_run_id=parent_run_id,
+                run_name=f"trial-{trial_id}")
+    if res.status != "finished":
+        raise SweepError(f"trial {trial_id} stopped at nimg={res.nimg} before the end of training")
+
+    # Post-hoc EMA fan-out: no retraining, one reconstruction and one FID per EMA length.
+    ema_dir = trial_dir / "ema"
+    reconstruct(Path(cfg.train.run_dir) / "snapshots", cfg.ema.targets, out_dir=ema_dir)
+    records_file = trial_dir / "fid_records.json"
+    if records_file.is_file():                               # a retry after the FIDs were done
+        records = json.loads(records_file.read_text())
+    else:
+        feat = load_feature_net(cfg.fid.feature_net, device)
+        ref = reference_stats(EncodedDataset(reference_dataset_dir(cfg)), feat, cfg.fid.ref_num_images, ref_cache,
+                              cfg.fid.batch_size, progress=False)
+        files = [ema_dir / t["file"] for t in json.loads((ema_dir / "reconstruct.json").read_text())["targets"]]
+        records = [r.to_dict() for r in evaluate_models(files, cfg, ref, feat, trial_dir / "samples", device,
+                                                         progress=False)]
+        atomic_write_text(C.json_dump(records), records_file)
+
+    logger = RunLogger(cfg, quiet=True)
+    for r in records:                                        # grandchild runs, one per EMA length
+        log_ema_run(logger, res.mlflow_run_id, r, trial_dir / "samples" / f"samples-{Path(r['model_file']).stem}.png")
+    best = min(records, key=lambda r: r["fid"])
+    tune.report({"nimg": res.nimg, **last, "best_fid": best["fid"], "best_sigma_rel": best["sigma_rel"],
+                 "fids": json.dumps({f"{r['sigma_rel']:.3f}": r["fid"] for r in records}), "done": True})
+
+
+def log_ema_run(logger, parent_run_id: str | None, record: dict, grid: Path | None = None) -> str | None:
+    """A grandchild MLflow run for one EMA length; skipped when it exists already (retries)."""
+    if logger.client is None or parent_run_id is None:
+        return None
+    tag = f"{record['sigma_rel']:.3f}"
+    exp_id = logger.experiment_id()
+    found = logger._call("search runs", logger.client.search_runs, [exp_id],
+                         f"tags.mlflow.parentRunId = '{parent_run_id}' and tags.ema_sigma_rel = '{tag}'")
+    if found:
+        return found[0].info.run_id
+    from .tracking import RunLogger
+    child = RunLogger(uri=logger.uri, experiment=logger.experiment, quiet=True)
+    run_id = child.start(run_name=f"ema-{tag}", parent_run_id=parent_run_id,
+                         tags={"ema_sigma_rel": tag, "kind": "ema", "feature_net": record["feature_net"],
+                               "reference": record["reference"], "model_file": record["model_file"]},
+                         params={"sigma_rel": record["sigma_rel"], "num_images": record["num_images"],
+                                 "ref_num_images": record["ref_num_images"], "nfe": record["sampler"]["nfe"],
+                                 "seeds": f"{record['seeds'][0]}-{record['seeds'][1]}"})
+    child.log_metrics({"fid": record["fid"]}, step=int(record.get("nimg") or 0))
+    if grid is not None and grid.is_file():
+        child.log_artifact(grid, "samples")
+    child.end()
+    return run_id
+
+
+# ----------------------------------------------------------------------------------------------
+# The driver.
+
+@dataclass
+class SweepResult:
+    table: "object"                                          # pandas DataFrame
+    table_path: Path
+    parent_run_id: str | None
+    best: dict | None
+    out_dir: Path
+
+
+def _check_resources(sweep: C.SweepConfig, ray) -> tuple[float, str]:
+    """GPUs per trial against the cluster: none there -> CPU workers; too few -> clear error."""
+    res = ray.cluster_resources()
+    gpus, cpus = res.get("GPU", 0.0), res.get("CPU", 0.0)
+    want = sweep.resources.gpus
+    if sweep.resources.cpus > cpus:
+        raise SweepError(f"resources.cpus={sweep.resources.cpus} per trial, but the cluster has {cpus:g} CPUs")
+    if want > 0 and gpus == 0:
+        print(f"sweep: the cluster has no GPUs: running trials on CPU workers (resources.gpus={want:g} ignored)")
+        return 0.0, "cpu"
+    if want > gpus:
+        raise SweepError(f"resources.gpus={want:g} per trial, but the cluster has {gpus:g} GPUs")
+    return want, ("cuda" if want > 0 else "cpu")
+
+
+def run_sweep(sweep_file: str | Path, address: str | None = None, resume: bool = False,
+              reports_dir: str | Path = "reports/sweeps", num_cpus: int | None = None) -> SweepResult:
+    sweep, base = C.load_sweep(sweep_file)                   # every value checked before Ray starts
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    import ray
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler
+
+    from .data import EncodedDataset
+    from .fid import load_feature_net, reference_dataset_dir, reference_stats
+    from .tracking import RunLogger, run_tags
+
+    root = Path.cwd()
+    storage = (root / sweep.storage).resolve()
+    exp_dir = storage / sweep.name
+    exp_dir.mkdir(parents=True, exist_ok=True)
+    uri = sweep_tracking_uri(base)
+    base_raw = {k: v for k, v in base.to_dict().items() if k != "preset"}
+
+    # Reference statistics once, before any trial (trials read the cache).
+    ref_cache = str(root / "data" / "fid-ref")
+    feat = load_feature_net(base.fid.feature_net)
+    reference_stats(EncodedDataset(reference_dataset_dir(base)), feat, base.fid.ref_num_images, ref_cache,
+                    base.fid.batch_size)
+
+    # The MLflow parent run (and experiment) exist before trials start; a resumed sweep reuses it.
+    state_file = exp_dir / "sweep_state.json"
+    state = json.loads(state_file.read_text()) if (resume and state_file.is_file()) else {}
+    parent = RunLogger(uri=uri, experiment=sweep.experiment)
+    parent_id = parent.start(state.get("parent_run_id"), run_name=f"sweep-{sweep.name}",
+                             tags={**run_tags("sweep"), "kind": "sweep", "sweep_file": str(sweep_file)},
+                             params={"sweep." + k: v for k, v in C.flatten(sweep.model_dump(mode="json")).items()})
+    atomic_write_text(json.dumps({"parent_run_id": parent_id}), state_file)
+
+    if not ray.is_initialized():
+        kwargs = {"address": address} if address else {"num_cpus": num_cpus}
+        ray.init(**kwargs, include_dashboard=False, log_to_driver=True, configure_logging=False)
+    gpus, device = _check_resources(sweep, ray)
+
+    trainable = tune.with_resources(
+        tune.with_parameters(run_trial, base_raw=base_raw, sweep_raw=sweep.model_dump(mode="json"),
+                             parent_run_id=parent_id, uri=uri, device=device, ref_cache=ref_cache, root=str(root)),
+        {"cpu": sweep.resources.cpus, "gpu": gpus})
+    scheduler = None
+    if sweep.scheduler.type == "asha":
+        scheduler = ASHAScheduler(time_attr="nimg", metric=sweep.scheduler.metric, mode="min",
+                                  max_t=base.train.duration_nimg, grace_period=sweep.scheduler.grace_period_nimg,
+                                  reduction_factor=sweep.scheduler.reduction_factor)
+    search_alg = None
+    if sweep.algorithm == "optuna":
+        from ray.tune.search.optuna import OptunaSearch
+        search_alg = OptunaSearch(metric="best_fid", mode="min", seed=sweep.seed)
+    tune_config = tune.TuneConfig(num_samples=sweep.num_samples, scheduler=scheduler, search_alg=search_alg,
+                                  max_concurrent_trials=sweep.max_concurrent)
+    run_config = tune.RunConfig(name=sweep.name, storage_path=str(storage), verbose=1,
+                                failure_config=tune.FailureConfig(max_failures=sweep.max_failures))
+    if resume and tune.Tuner.can_restore(str(exp_dir)):
+        print(f"sweep: resuming {exp_dir} (finished trials are kept)")
+        tuner = tune.Tuner.restore(str(exp_dir), trainable, resume_errored=True)
+    else:
+        tuner = tune.Tuner(trainable, param_space=param_space(sweep), tune_config=tune_config, run_config=run_config)
+    t0 = time.time()
+    grid = tuner.fit()
+
+    out_dir = Path(reports_dir) / sweep.name
+    table = results_table(grid, exp_dir / "trials", sweep)
+    table_path = write_results(table, out_dir, sweep)
+    best = None
+    if len(table) and table["fid"].notna().any():
+        best = table.loc[table["fid"].idxmin()].to_dict()
+    for f in sorted(out_dir.glob("*")):
+        parent.log_artifact(f, "sweep")
+    parent.log_metrics({"best_fid": best["fid"], "trials": table["trial_id"].nunique(),
+                        "seconds": time.time() - t0} if best else {"trials": 0}, step=0)
+    parent.end("FINISHED" if best else "FAILED")
+    print_summary(table, best, sweep, table_path)
+    return SweepResult(table, table_path, parent_id, best, out_dir)
+
+
+def results_table(grid, trials_dir: Path, sweep: C.SweepConfig):
+    """One row per trial x EMA length (the FID record fields and the swept values); trials that ended
+    early (ASHA) or failed get one row with their status and no FID."""
+    import pandas as pd
+    rows = []
+    for result in grid:
+        trial_id = (result.metrics or {}).get("trial_id")
+        params = {axis_key(k): v for k, v in (result.config or {}).items()}
+        recs_file = trials_dir / str(trial_id) / "fid_records.json"
+        base = {"trial_id": trial_id, **params, "nimg": (result.metrics or {}).get("nimg"),
+                "final_loss": (result.metrics or {}).get("loss")}
+        if recs_file.is_file():
+            for r in json.loads(recs_file.read_text()):
+                s = r.pop("sampler")
+                rows.append({**base, "status": "finished", **r, "nfe": s["nfe"], "steps": s["steps"],
+                             "churn": s["churn"], "seeds": f"{r['seeds'][0]}-{r['seeds'][1]}"})
+        else:
+            rows.append({**base, "status": "error" if result.error else "early-stopped", "fid": None,
+                         "sigma_rel": None})
+    df = pd.DataFrame(rows)
+    if len(df):
+        df = df.sort_values(["fid", "trial_id"], na_position="last").reset_index(drop=True)
+    return df
+
+
+def write_results(df, out_dir: Path, sweep: C.SweepConfig) -> Path:
+    from .report import plot_best_vs_param, plot_fid_vs_ema
+    out_dir.mkdir(parents=True, exist_ok=True)
+    csv = out_dir / "results.csv"
+    atomic_write_text(df.to_csv(index=False), csv)
+    try:
+        flat = df.copy()
+        for c in flat.columns:                               # parquet needs one type per column
+            if flat[c].map(lambda v: isinstance(v, (list, dict))).any():
+                flat[c] = flat[c].map(json.dumps)
+        flat.to_parquet(out_dir / "results.parquet", index=False)
+    except ImportError as err:                               # pyarrow missing: CSV is enough
+        print(f"sweep: no parquet file ({err})", file=sys.stderr)
+    done = df[df["fid"].notna()] if len(df) else df
+    if len(done):
+        swept = list(sweep.search)
+        label = (lambda r: ", ".join(f"{k.split('.')[-1]}={r[k]:.4g}" if isinstance(r[k], float) else
+                                     f"{k.split('.')[-1]}={r[k]}" for k in swept)) if swept else (lambda r: r["trial_id"])
+        rows = [{"sigma_rel": r["sigma_rel"], "fid": r["fid"], "label": label(r)} for _, r in done.iterrows()]
+        plot_fid_vs_ema(rows, out_dir / "fid_vs_ema.png", f"sweep {sweep.name}: FID vs EMA length per trial")
+        if swept:
+            best = done.loc[done.groupby("trial_id")["fid"].idxmin()]
+            plot_best_vs_param(best, swept, out_dir / "best_fid_vs_param.png", sweep.name)
+    return csv
+
+
+def print_summary(df, best: dict | None, sweep: C.SweepConfig, table_path: Path) -> None:
+    n_trials = df["trial_id"].nunique() if len(df) else 0
+    stopped = int((df.groupby("trial_id")["status"].first() != "finished").sum()) if len(df) else 0
+    print(f"\nsweep {sweep.name}: {n_trials} trials ({stopped} stopped early or failed), {len(df)} rows -> {table_path}")
+    if best:
+        swept = ", ".join(f"{k}={best[k]}" for k in sweep.search)
+        print(f"winner: FID {best['fid']:.3f} at EMA sigma_rel {best['sigma_rel']:.3f} ({swept or 'base config'}); "
+              f"trial {best['trial_id']}, {best['num_images']} images, NFE {best['nfe']}, {best['feature_net']}")

@@ -1,0 +1,133 @@
+"""SLURM through submitit on a real one-node cluster: preemption (SIGUSR2) and `scontrol requeue`
+(SIGTERM) resume to identical parameters in the same MLflow run; a sweep inside a SLURM job; sbatch
+errors in one line; the local executor."""
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+import yaml
+
+from conftest import ROOT, tiny_params
+from pipeline.launch import LaunchError, submit, wait
+from pipeline.training import list_checkpoints
+
+pytestmark = pytest.mark.slow
+TRAIN = {"duration_nimg": 480, "checkpoint_nimg": 32, "status_nimg": 16}
+
+
+def _params(tmp_path, fmnist, name):
+    return tiny_params(tmp_path / name, fmnist, train=TRAIN, launcher={"cpus_per_task": 1, "timeout_min": 20})
+
+
+def _final(params):
+    run = Path(yaml.safe_load(Path(params).read_text())["train"]["run_dir"])
+    return torch.load(list_checkpoints(run)[-1], weights_only=False)
+
+
+def _wait_for_checkpoint(params, timeout=240):
+    run = Path(yaml.safe_load(Path(params).read_text())["train"]["run_dir"])
+    t = time.time()
+    while time.time() - t < timeout:
+        if list_checkpoints(run) and not (run / "train_summary.json").is_file():
+            return run
+        time.sleep(0.2)
+    raise AssertionError("the job never reached its first checkpoint mid-run")
+
+
+def _check_same(ref, got, params):
+    from mlflow.tracking import MlflowClient
+    a, b = _final(ref), _final(params)
+    assert a["nimg"] == b["nimg"] == TRAIN["duration_nimg"]
+    for k in a["net"]:
+        assert torch.equal(a["net"][k], b["net"][k]), k
+    for ea, eb in zip(a["ema"]["emas"], b["ema"]["emas"]):
+        assert all(torch.equal(ea[k], eb[k]) for k in ea)
+    client = MlflowClient(yaml.safe_load(Path(params).read_text())["tracking"]["uri"])
+    steps = [m.step for m in client.get_metric_history(b["mlflow_run_id"], "loss")]
+    assert sorted(steps) == list(range(16, TRAIN["duration_nimg"] + 1, 16)), steps   # every step exactly once
+
+
+@pytest.fixture(scope="module")
+def reference_run(slurm_cluster, tmp_path_factory, fmnist):
+    """The uninterrupted run, as a SLURM job too (same environment, so results compare bitwise)."""
+    params = _params(tmp_path_factory.mktemp("ref"), fmnist, "ref")
+    s = submit("train", [], str(params), executor="slurm", folder=params.parent / "jobs")
+    wait(s)
+    return params
+
+
+def test_preempted_job_requeues_and_ends_identical(reference_run, tmp_path, fmnist):
+    params = _params(tmp_path, fmnist, "usr2")
+    s = submit("train", [], str(params), executor="slurm", folder=tmp_path / "jobs")
+    run = _wait_for_checkpoint(params)
+    run_id = (run / "mlflow_run_id").read_text()
+    subprocess.run(["scancel", "--signal=USR2", s.job_id], check=True)      # preemption / time-limit warning
+    result = wait(s)
+    assert result["nimg"] == TRAIN["duration_nimg"] and result["mlflow_run_id"] == run_id
+    log = s.stdout.read_text() + s.stderr.read_text()
+    assert "SIGUSR2" in log and "resuming from" in log, log[-3000:]
+    _check_same(reference_run, result, params)
+
+
+def test_scontrol_requeue_resumes_from_disk_and_ends_identical(reference_run, tmp_path, fmnist):
+    params = _params(tmp_path, fmnist, "term")
+    s = submit("train", [], str(params), executor="slurm", folder=tmp_path / "jobs")
+    run = _wait_for_checkpoint(params)
+    run_id = (run / "mlflow_run_id").read_text()
+    subprocess.run(["scontrol", "requeue", s.job_id], check=True)           # SIGTERM, then requeue
+    result = wait(s)
+    assert result["nimg"] == TRAIN["duration_nimg"] and result["mlflow_run_id"] == run_id
+    assert "resuming from" in s.stdout.read_text()
+    _check_same(reference_run, result, params)
+
+
+def test_sweep_inside_a_slurm_job(slurm_cluster, tmp_path, fmnist):
+    tiny_params(tmp_path, fmnist)
+    sweep = yaml.safe_load((ROOT / "sweeps" / "tiny.yaml").read_text())
+    (tmp_path / "sweep.yaml").write_text(yaml.safe_dump(sweep))
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "RAY_AUTH_MODE": "disabled"}
+    r = subprocess.run([sys.executable, "-m", "pipeline", "submit", "sweep", "sweep.yaml", "--executor", "slurm",
+                        "--cpus", "2", "--wait"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
+    assert "submitted job" in r.stdout and "squeue -j" in r.stdout
+    table = pd.read_csv(tmp_path / "reports/sweeps/tiny/results.csv")
+    assert len(table) == 12 and table["trial_id"].nunique() == 4 and table["fid"].notna().all()
+
+
+def test_sbatch_errors_in_one_line(slurm_cluster, tmp_path, fmnist):
+    params = _params(tmp_path, fmnist, "bad")
+    with pytest.raises(LaunchError) as e:
+        submit("train", [], str(params), executor="slurm", folder=tmp_path / "j1",
+               launcher_overrides={"partition": "nope"})
+    assert "invalid partition" in str(e.value).lower() and "\n" not in str(e.value)
+    with pytest.raises(LaunchError) as e:
+        submit("train", [], str(params), executor="slurm", folder=tmp_path / "j2",
+               launcher_overrides={"gpus_per_node": 8})
+    assert "gres" in str(e.value).lower() and "\n" not in str(e.value)
+
+
+def test_dvc_stage_command_through_slurm_waits_and_propagates_exit(slurm_cluster, tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    ok = subprocess.run([sys.executable, "-m", "pipeline", "submit", "cmd", "--executor", "slurm", "--wait",
+                         "--folder", str(tmp_path / "ok"), "--", "python3", "-c", "open('done.txt','w').write('1')"],
+                        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert ok.returncode == 0 and (tmp_path / "done.txt").read_text() == "1", ok.stderr[-2000:]
+    bad = subprocess.run([sys.executable, "-m", "pipeline", "submit", "cmd", "--executor", "slurm", "--wait",
+                          "--folder", str(tmp_path / "bad"), "--", "false"],
+                         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 1 and "exited with 1" in bad.stderr
+
+
+def test_no_slurm_suggests_local_executor_and_local_runs(tmp_path, fmnist):
+    params = tiny_params(tmp_path, fmnist, train={"duration_nimg": 32}, tracking={"enabled": False})
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "PATH": os.path.dirname(sys.executable)}   # no sbatch here
+    r = subprocess.run([sys.executable, "-m", "pipeline", "submit", "train", "--params", str(params),
+                        "--executor", "slurm"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 1 and "no `sbatch`" in r.stderr and "--executor local" in r.stderr
+    s = submit("train", [], str(params), executor="local", folder=tmp_path / "local")
+    assert wait(s)["nimg"] == 32

@@ -1,0 +1,155 @@
+"""Ray Tune sweeps on a real local Ray instance: table shape, nested MLflow runs, no retraining per EMA
+length, a killed trial worker that resumes, ASHA early stopping, bad sweep files."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+
+from conftest import ROOT, tiny_params
+from pipeline import config as C
+
+ENV = {**os.environ, "PYTHONPATH": str(ROOT), "RAY_AUTH_MODE": "disabled", "OMP_NUM_THREADS": "1"}
+
+
+def make_project(tmp_path, fmnist, **sweep_changes):
+    """A project folder with a shrunken params.yaml and sweeps/tiny.yaml adapted to it."""
+    tiny_params(tmp_path, fmnist)
+    sweep = yaml.safe_load((ROOT / "sweeps" / "tiny.yaml").read_text())
+    sweep.update(sweep_changes)
+    (tmp_path / "sweep.yaml").write_text(yaml.safe_dump(sweep))
+    return tmp_path / "sweep.yaml"
+
+
+def mlflow_runs(tmp_path, experiment="edm2-sweeps"):
+    from mlflow.tracking import MlflowClient
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    exp = client.get_experiment_by_name(experiment)
+    return client, client.search_runs([exp.experiment_id], max_results=1000)
+
+
+@pytest.mark.slow
+def test_tiny_sweep_survives_a_killed_worker(tmp_path, fmnist):
+    sweep_file = make_project(tmp_path, fmnist)
+    p = subprocess.Popen([sys.executable, "-m", "pipeline", "sweep", str(sweep_file), "--num-cpus", "2"],
+                         cwd=tmp_path, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    trials = tmp_path / "runs/sweeps/tiny/trials"
+    killed, deadline = None, time.time() + 600
+    while killed is None and time.time() < deadline and p.poll() is None:
+        for t in sorted(trials.glob("*")) if trials.is_dir() else []:
+            ckpts = list((t / "run" / "checkpoints").glob("*.pt"))
+            done = (t / "run" / "train_summary.json").is_file()
+            if ckpts and not done and (t / "worker.pid").is_file():
+                pid = int((t / "worker.pid").read_text())
+                os.kill(pid, signal.SIGKILL)                 # the Ray worker process running this trial
+                killed = (t.name, pid)
+                break
+        time.sleep(0.2)
+    out, _ = p.communicate(timeout=900)
+    assert p.returncode == 0, out[-4000:]
+    assert killed is not None, "no trial was caught mid-run"
+    print(f"killed worker {killed[1]} of trial {killed[0]}")
+
+    table = pd.read_csv(tmp_path / "reports/sweeps/tiny/results.csv")
+    assert len(table) == 12 and set(table["status"]) == {"finished"}
+    assert sorted(Counter(table["trial_id"]).values()) == [3, 3, 3, 3]
+    assert set(table["sigma_rel"].round(3)) == {0.05, 0.1, 0.15}
+    for col in ("fid", "feature_net", "num_images", "reference", "ref_num_images", "nfe", "seeds", "train.ref_lr"):
+        assert table[col].notna().all(), col
+    assert (tmp_path / "reports/sweeps/tiny/fid_vs_ema.png").is_file()
+    assert (tmp_path / "reports/sweeps/tiny/best_fid_vs_param.png").is_file()
+    assert "winner: FID" in out
+
+    client, runs = mlflow_runs(tmp_path)
+    kinds = Counter(r.data.tags.get("kind", "trial") for r in runs)
+    assert kinds == {"sweep": 1, "trial": 4, "ema": 12}
+    parent = next(r for r in runs if r.data.tags.get("kind") == "sweep")
+    children = {r.info.run_id: r for r in runs if "kind" not in r.data.tags}
+    assert all(r.data.tags["mlflow.parentRunId"] == parent.info.run_id for r in children.values())
+    per_child = Counter(r.data.tags["mlflow.parentRunId"] for r in runs if r.data.tags.get("kind") == "ema")
+    assert set(per_child) == set(children) and set(per_child.values()) == {3}
+    # Four trainings, one per trial: EMA lengths never retrained.
+    assert len(list(trials.glob("*/run/train_summary.json"))) == 4
+    # The killed trial resumed in a new worker, in the same MLflow run, with no step logged twice.
+    t = trials / killed[0]
+    assert int((t / "worker.pid").read_text()) != killed[1]
+    for run_id in children:
+        steps = [m.step for m in client.get_metric_history(run_id, "loss")]
+        assert len(steps) == len(set(steps)) and max(steps) == 96, steps
+
+
+@pytest.mark.slow
+def test_asha_stops_the_clearly_bad_trial(tmp_path, fmnist):
+    sweep_file = make_project(
+        tmp_path, fmnist, name="asha", search={"train.ref_lr": {"grid": [0.02, 0.01, 0.015, 1.0e-7]}},
+        ema_lengths=[0.1], max_concurrent=1,
+        overrides={**yaml.safe_load((ROOT / "sweeps/tiny.yaml").read_text())["overrides"],
+                   "train.duration_nimg": 192},
+        scheduler={"type": "asha", "metric": "loss", "grace_period_nimg": 64, "reduction_factor": 2})
+    r = subprocess.run([sys.executable, "-m", "pipeline", "sweep", str(sweep_file), "--num-cpus", "2"], cwd=tmp_path,
+                       env=ENV, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
+    table = pd.read_csv(tmp_path / "reports/sweeps/asha/results.csv")
+    stopped = table[table["status"] == "early-stopped"]
+    assert len(stopped) >= 1 and (stopped["nimg"] < 192).all()
+    assert 1.0e-7 in set(stopped["train.ref_lr"]), table[["train.ref_lr", "status", "nimg", "final_loss"]]
+    assert table[table["status"] == "finished"]["fid"].notna().all()
+
+
+def _sweep_file(tmp_path, fmnist, **changes):
+    tiny_params(tmp_path, fmnist)
+    sweep = yaml.safe_load((ROOT / "sweeps" / "tiny.yaml").read_text())
+    for k, v in changes.items():
+        if v is None:
+            sweep.pop(k, None)
+        else:
+            sweep[k] = v
+    f = tmp_path / "bad.yaml"
+    f.write_text(yaml.safe_dump(sweep))
+    return f
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"searchh": {}}, "searchh: unknown key"),
+    ({"search": {}, "ema_lengths": []}, "empty search space"),
+    ({"ema_lengths": [0.05, 0.3]}, "ema_lengths[1]=0.3: sigma_rel must be in (0, 0.2887)"),
+    ({"search": {"train.ref_lr": {"grid": [0.01, -1]}}}, "train.ref_lr=-1: must be > 0"),
+    ({"search": {"train.ref_lrr": {"grid": [0.01]}}}, "search.train.ref_lrr: unknown key"),
+    ({"search": {"loss.P_std": {"grid": [1.0, 0.0]}}}, "loss.P_std=0.0: must be > 0"),
+    ({"search": {"train.ref_lr": {"uniform": [0.02, 0.01]}}, "algorithm": "random"}, "needs low < high"),
+    ({"search": {"train.ref_lr": {"grid": []}}}, "grid is empty"),
+    ({"search": {"ema.targets": {"grid": [[0.1]]}}}, "sweep EMA length with `ema_lengths`"),
+])
+def test_bad_sweep_files_fail_before_any_trial(tmp_path, fmnist, monkeypatch, changes, message):
+    f = _sweep_file(tmp_path, fmnist, **changes)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(C.ConfigError) as info:
+        C.load_sweep(f)
+    assert message in str(info.value), str(info.value)
+
+
+def test_gpus_per_trial_checked_against_a_real_ray_cluster(tmp_path, fmnist, monkeypatch, capsys):
+    import ray
+
+    from pipeline.sweep import SweepError, _check_resources
+    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
+    ray.init(num_cpus=1, num_gpus=1, include_dashboard=False, configure_logging=False)   # 1 logical GPU
+    try:
+        with pytest.raises(SweepError, match="resources.gpus=2 per trial, but the cluster has 1 GPUs"):
+            _check_resources(C.SweepConfig(name="x", search={}, ema_lengths=[0.1], resources={"gpus": 2}), ray)
+        assert _check_resources(C.SweepConfig(name="x", ema_lengths=[0.1], resources={"gpus": 0.5}), ray) == (0.5, "cuda")
+    finally:
+        ray.shutdown()
+    ray.init(num_cpus=1, include_dashboard=False, configure_logging=False)                # no GPUs at all
+    try:
+        assert _check_resources(C.SweepConfig(name="x", ema_lengths=[0.1], resources={"gpus": 1}), ray) == (0.0, "cpu")
+        assert "no GPUs: running trials on CPU workers" in capsys.readouterr().out
+    finally:
+        ray.shutdown()
