@@ -91,7 +91,16 @@ def main(argv: list[str] | None = None) -> int:
                     "(what a DVC stage that runs on SLURM needs)")
     sp.set_defaults(func=_cmd_submit)
 
+    argv = list(sys.argv[1:] if argv is None else argv)
+    rest = []
+    if "--" in argv:                      # `submit cmd ... -- <command>`: everything after -- is the command
+        i = argv.index("--")
+        argv, rest = argv[:i], argv[i + 1:]
     args = p.parse_args(argv)
+    if rest:
+        if args.command != "submit":
+            p.error("`--` is only used by `submit cmd -- <command>`")
+        args.target = list(args.target) + rest
     try:
         return args.func(args) or 0
     except C.ConfigError as err:
