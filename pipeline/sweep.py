@@ -218,8 +218,9 @@ def run_sweep(sweep_file: str | Path, address: str | None = None, resume: bool =
         {"cpu": sweep.resources.cpus, "gpu": gpus})
     scheduler = None
     if sweep.scheduler.type == "asha":
+        # max_t past the end: ASHA ends trials that reach max_t, which would cut the EMA fan-out.
         scheduler = ASHAScheduler(time_attr="nimg", metric=sweep.scheduler.metric, mode="min",
-                                  max_t=base.train.duration_nimg, grace_period=sweep.scheduler.grace_period_nimg,
+                                  max_t=base.train.duration_nimg + 1, grace_period=sweep.scheduler.grace_period_nimg,
                                   reduction_factor=sweep.scheduler.reduction_factor)
     search_alg = None
     if sweep.algorithm == "optuna":
