@@ -50,6 +50,23 @@ def _cmd_submit(args) -> int:
     return 0
 
 
+def _cmd_runs(args) -> int:
+    from .tracking import load_runs
+    try:
+        df = load_runs(args.experiment, args.uri, args.sweep)
+    except ValueError as err:
+        print(f"runs: {err}", file=sys.stderr)
+        return 2
+    if args.out:
+        df.to_parquet(args.out, index=False) if args.out.endswith(".parquet") else df.to_csv(args.out, index=False)
+        print(f"{len(df)} rows -> {args.out}")
+    else:
+        import pandas as pd
+        with pd.option_context("display.max_columns", 12, "display.width", 160):
+            print(df.head(40).to_string(index=False) if len(df) else "no runs")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m pipeline", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -90,6 +107,13 @@ def main(argv: list[str] | None = None) -> int:
     sp.add_argument("--wait", action="store_true", help="block until the job ends; exit with its status "
                     "(what a DVC stage that runs on SLURM needs)")
     sp.set_defaults(func=_cmd_submit)
+
+    sp = sub.add_parser("runs", help="load the runs of an MLflow experiment (or one sweep) into a table")
+    sp.add_argument("--experiment", default="edm2-sweeps", help="MLflow experiment (default: edm2-sweeps)")
+    sp.add_argument("--sweep", help="only this sweep (its name or parent run id)")
+    sp.add_argument("--uri", help="tracking URI (default: $MLFLOW_TRACKING_URI or sqlite:///mlflow.db)")
+    sp.add_argument("--out", help="write the table as CSV (.csv) or Parquet (.parquet)")
+    sp.set_defaults(func=_cmd_runs)
 
     argv = list(sys.argv[1:] if argv is None else argv)
     rest = []

@@ -172,7 +172,7 @@ def write_run_report(cfg_dict: dict, records: Sequence[dict], out_dir: str | Pat
 
     md = [f"# {title}", ""]
     h = [f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title><style>"
-         "body{font-family:sans-serif;max-width:1100px;margin:2em auto;color:#222}"
+         "body{font-family:sans-serif;max-width:1100px;margin:2em auto;color:#222}img{max-width:100%}"
          "table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:3px 8px;font-size:13px}"
          "pre{background:#f6f6f6;padding:1em;font-size:12px;max-height:400px;overflow:auto}"
          ".rec{color:#555;font-size:12px}</style></head><body>", f"<h1>{html.escape(title)}</h1>"]
@@ -231,3 +231,43 @@ def plot_best_vs_param(best, keys: Sequence[str], path: str | Path, name: str = 
     axes[0][0].set_ylabel("best FID over EMA lengths")
     fig.suptitle(f"sweep {name}: best FID per trial", fontsize=10)
     return _save(fig, path)
+
+
+def write_sweep_report(df, swept: Sequence[str], out_dir: str | Path, name: str) -> Path:
+    """reports/sweeps/<name>/report.html: figures inline, every trial x EMA length sorted by FID, the FID
+    record on every row."""
+    import html
+    out = Path(out_dir)
+    parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>sweep {html.escape(name)}</title><style>"
+             "body{font-family:sans-serif;max-width:1200px;margin:2em auto;color:#222}img{max-width:100%}"
+             "table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:3px 8px;font-size:12px}"
+             ".rec{color:#555}</style></head><body>", f"<h1>Sweep {html.escape(name)}</h1>"]
+    done = df[df["fid"].notna()] if len(df) else df
+    if len(done):
+        best = done.iloc[0]
+        axes = ", ".join(f"{k}={best[k]}" for k in swept)
+        parts.append(f"<p>Winner: FID <b>{best['fid']:.3f}</b> at sigma_rel <b>{best['sigma_rel']:.3f}</b> "
+                     f"({html.escape(axes)}), trial {best['trial_id']}</p>")
+    for fig, title in (("fid_vs_ema.png", "FID against EMA length, per trial"),
+                       ("best_fid_vs_param.png", "Best FID against each swept parameter")):
+        if (out / fig).is_file():
+            parts.append(f"<h2>{title}</h2>{_img_tag(out / fig, title)}")
+    cols = ["trial_id", *swept, "status", "nimg", "final_loss", "sigma_rel", "fid"]
+    parts.append("<h2>Trials x EMA lengths, sorted by FID</h2><table><tr>" +
+                 "".join(f"<th>{html.escape(c)}</th>" for c in cols) + "<th>FID record</th></tr>")
+    for _, r in df.iterrows():
+        rec = ""
+        if r.get("fid") == r.get("fid") and r.get("fid") is not None:     # not NaN
+            rec = (f"{r['feature_net']}, {r['mode']}, {r['num_images']} vs {r['ref_num_images']} ({r['reference']}), "
+                   f"NFE {r['nfe']}, churn {r['churn']}, seeds {r['seeds']}")
+        cells = "".join(f"<td>{html.escape(_fmt(r.get(c)))}</td>" for c in cols)
+        parts.append(f"<tr>{cells}<td class='rec'>{html.escape(rec)}</td></tr>")
+    parts.append("</table></body></html>")
+    from .io import atomic_write_text
+    return atomic_write_text("\n".join(parts), out / "report.html")
+
+
+def _fmt(v) -> str:
+    if isinstance(v, float):
+        return "" if v != v else f"{v:.4g}"
+    return "" if v is None else str(v)

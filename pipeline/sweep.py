@@ -79,7 +79,7 @@ def run_trial(params: dict, base_raw: dict, sweep_raw: dict, parent_run_id: str 
     from .data import EncodedDataset
     from .fid import evaluate_models, load_feature_net, reference_dataset_dir, reference_stats
     from .phema import reconstruct
-    from .tracking import RunLogger
+    from .tracking import RunLogger, log_ema_runs
     from .training import train
     os.chdir(root)                                          # relative paths of the params file
     trial_id = tune.get_context().get_trial_id()
@@ -114,36 +114,14 @@ def run_trial(params: dict, base_raw: dict, sweep_raw: dict, parent_run_id: str 
         atomic_write_text(C.json_dump(records), records_file)
 
     logger = RunLogger(cfg, quiet=True)
-    for r in records:                                        # grandchild runs, one per EMA length
-        log_ema_run(logger, res.mlflow_run_id, r, trial_dir / "samples" / f"samples-{Path(r['model_file']).stem}.png")
+    log_ema_runs(logger, res.mlflow_run_id, records, trial_dir / "samples")
+    from .report import plot_fid_vs_ema                      # this trial's EDM2-figure-5 curve, in its run
+    fig = plot_fid_vs_ema(records, trial_dir / "fid_vs_ema.png", f"trial {trial_id}")
+    logger.run_id = res.mlflow_run_id
+    logger.log_artifact(fig, "figures")
     best = min(records, key=lambda r: r["fid"])
     tune.report({"nimg": res.nimg, **last, "best_fid": best["fid"], "best_sigma_rel": best["sigma_rel"],
                  "fids": json.dumps({f"{r['sigma_rel']:.3f}": r["fid"] for r in records}), "done": True})
-
-
-def log_ema_run(logger, parent_run_id: str | None, record: dict, grid: Path | None = None) -> str | None:
-    """A grandchild MLflow run for one EMA length; skipped when it exists already (retries)."""
-    if logger.client is None or parent_run_id is None:
-        return None
-    tag = f"{record['sigma_rel']:.3f}"
-    exp_id = logger.experiment_id()
-    found = logger._call("search runs", logger.client.search_runs, [exp_id],
-                         f"tags.mlflow.parentRunId = '{parent_run_id}' and tags.ema_sigma_rel = '{tag}'")
-    if found:
-        return found[0].info.run_id
-    from .tracking import RunLogger
-    child = RunLogger(uri=logger.uri, experiment=logger.experiment, quiet=True)
-    run_id = child.start(run_name=f"ema-{tag}", parent_run_id=parent_run_id,
-                         tags={"ema_sigma_rel": tag, "kind": "ema", "feature_net": record["feature_net"],
-                               "reference": record["reference"], "model_file": record["model_file"]},
-                         params={"sigma_rel": record["sigma_rel"], "num_images": record["num_images"],
-                                 "ref_num_images": record["ref_num_images"], "nfe": record["sampler"]["nfe"],
-                                 "seeds": f"{record['seeds'][0]}-{record['seeds'][1]}"})
-    child.log_metrics({"fid": record["fid"]}, step=int(record.get("nimg") or 0))
-    if grid is not None and grid.is_file():
-        child.log_artifact(grid, "samples")
-    child.end()
-    return run_id
 
 
 # ----------------------------------------------------------------------------------------------
@@ -279,7 +257,7 @@ def results_table(grid, trials_dir: Path, sweep: C.SweepConfig):
 
 
 def write_results(df, out_dir: Path, sweep: C.SweepConfig) -> Path:
-    from .report import plot_best_vs_param, plot_fid_vs_ema
+    from .report import plot_best_vs_param, plot_fid_vs_ema, write_sweep_report
     out_dir.mkdir(parents=True, exist_ok=True)
     csv = out_dir / "results.csv"
     atomic_write_text(df.to_csv(index=False), csv)
@@ -301,6 +279,7 @@ def write_results(df, out_dir: Path, sweep: C.SweepConfig) -> Path:
         if swept:
             best = done.loc[done.groupby("trial_id")["fid"].idxmin()]
             plot_best_vs_param(best, swept, out_dir / "best_fid_vs_param.png", sweep.name)
+    write_sweep_report(df, list(sweep.search), out_dir, sweep.name)
     return csv
 
 

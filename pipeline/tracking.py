@@ -2,7 +2,12 @@
 from __future__ import annotations
 
 import functools
+import json
+import os
+import socket
 import subprocess
+import sys
+import time
 from pathlib import Path
 
 
@@ -22,12 +27,6 @@ def git_revision(cwd: str | None = None) -> str:
 
 # ----------------------------------------------------------------------------------------------
 # MLflow: tracking URI, experiments, runs with explicit ids (resumable, nestable), failure-tolerant.
-
-import json  # noqa: E402
-import os  # noqa: E402
-import socket  # noqa: E402
-import sys  # noqa: E402
-import time  # noqa: E402
 
 
 def tracking_uri(cfg=None) -> str:
@@ -166,6 +165,14 @@ class RunLogger:
                        metrics=[Metric(k, v, ts, step) for k, v in clean.items()])
         return True
 
+    def log_summary(self, metrics: dict) -> None:
+        """Run-level numbers (cost, final values), logged at step 0 and replaced on each call."""
+        if self.client and self.run_id:
+            from mlflow.entities import Metric
+            ts = int(time.time() * 1000)
+            self._call("log summary", self.client.log_batch, self.run_id,
+                       metrics=[Metric(k, float(v), ts, 0) for k, v in metrics.items() if v is not None])
+
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
         if self.client and self.run_id:
             self._call("log artifact", self.client.log_artifact, self.run_id, str(path), artifact_path)
@@ -173,6 +180,46 @@ class RunLogger:
     def end(self, status: str = "FINISHED") -> None:
         if self.client and self.run_id:
             self._call("end run", self.client.set_terminated, self.run_id, status)
+
+
+def log_ema_run(logger, parent_run_id: str | None, record: dict, grid: Path | None = None) -> str | None:
+    """A grandchild MLflow run for one EMA length; skipped when it exists already (retries)."""
+    if logger.client is None or parent_run_id is None:
+        return None
+    tag = f"{record['sigma_rel']:.3f}"
+    exp_id = logger.experiment_id()
+    found = logger._call("search runs", logger.client.search_runs, [exp_id],
+                         f"tags.mlflow.parentRunId = '{parent_run_id}' and tags.ema_sigma_rel = '{tag}'")
+    if found:
+        return found[0].info.run_id
+    child = RunLogger(uri=logger.uri, experiment=logger.experiment, quiet=True)
+    run_id = child.start(run_name=f"ema-{tag}", parent_run_id=parent_run_id,
+                         tags={"ema_sigma_rel": tag, "kind": "ema", "feature_net": record["feature_net"],
+                               "reference": record["reference"], "model_file": record["model_file"]},
+                         params={"sigma_rel": record["sigma_rel"], "num_images": record["num_images"],
+                                 "ref_num_images": record["ref_num_images"], "nfe": record["sampler"]["nfe"],
+                                 "seeds": f"{record['seeds'][0]}-{record['seeds'][1]}"})
+    child.log_metrics({"fid": record["fid"]}, step=int(record.get("nimg") or 0))
+    if grid is not None and grid.is_file():
+        child.log_artifact(grid, "samples")
+    child.end()
+    return run_id
+
+
+def log_ema_runs(logger, parent_run_id: str | None, records, samples_dir: Path | None = None) -> list:
+    """One grandchild run per FID record (EMA length) under a training run, with its sample grid."""
+    out = []
+    for r in records:
+        grid = Path(samples_dir) / f"samples-{Path(r['model_file']).stem}.png" if samples_dir else None
+        out.append(log_ema_run(logger, parent_run_id, r, grid))
+    return out
+
+
+def attach(cfg, run_id: str | None, quiet: bool = True) -> "RunLogger":
+    """A logger on an existing run, for adding artifacts or child runs without reopening it."""
+    logger = RunLogger(cfg, quiet=quiet)
+    logger.run_id = run_id
+    return logger
 
 
 def run_tags(stage: str | None = None) -> dict:
@@ -186,3 +233,70 @@ def run_tags(stage: str | None = None) -> dict:
     if os.environ.get("SLURM_JOB_ID"):
         tags["slurm_job_id"] = os.environ["SLURM_JOB_ID"]
     return tags
+
+
+# ----------------------------------------------------------------------------------------------
+# Reading results back: MLflow -> pandas.
+
+def load_runs(experiment: str, uri: str | None = None, sweep: str | None = None):
+    """One row per (training run or trial) x EMA length, from MLflow: the run's swept/config params,
+    the EMA length, its FID and FID record fields, and the cost (seconds, GPU-seconds).
+
+    `sweep`: a sweep name (parent run `sweep-<name>`) or a parent run id to restrict to one sweep.
+    """
+    import pandas as pd
+    from mlflow.tracking import MlflowClient
+    client = MlflowClient(uri or tracking_uri())
+    exp = client.get_experiment_by_name(experiment)
+    if exp is None:
+        raise ValueError(f"no MLflow experiment {experiment!r} at {client.tracking_uri}")
+    runs = []
+    token = None
+    while True:
+        page = client.search_runs([exp.experiment_id], max_results=1000, page_token=token)
+        runs.extend(page)
+        token = page.token
+        if not token:
+            break
+    by_id = {r.info.run_id: r for r in runs}
+    sweep_ids = None
+    if sweep:
+        sweep_ids = {r.info.run_id for r in runs if r.info.run_id == sweep or r.info.run_name == f"sweep-{sweep}"}
+        if not sweep_ids:
+            raise ValueError(f"no sweep {sweep!r} in experiment {experiment!r}")
+    rows = []
+    for r in runs:
+        if r.data.tags.get("kind") != "ema":
+            continue
+        train = by_id.get(r.data.tags.get("mlflow.parentRunId"))
+        if train is None:
+            continue
+        parent_id = train.data.tags.get("mlflow.parentRunId")
+        if sweep_ids is not None and parent_id not in sweep_ids:
+            continue
+        parent = by_id.get(parent_id)
+        seconds = train.data.metrics.get("train_seconds")
+        gpus = float(train.data.tags.get("gpus", "0") or 0)
+        row = {"sweep": parent.info.run_name if parent else None, "run_id": train.info.run_id,
+               "run_name": train.info.run_name, "status": train.info.status,
+               "sigma_rel": float(r.data.params.get("sigma_rel", "nan")), "fid": r.data.metrics.get("fid"),
+               "num_images": int(r.data.params.get("num_images", 0)), "nfe": int(r.data.params.get("nfe", 0)),
+               "ref_num_images": int(r.data.params.get("ref_num_images", 0)), "seeds": r.data.params.get("seeds"),
+               "feature_net": r.data.tags.get("feature_net"), "reference": r.data.tags.get("reference"),
+               "train_seconds": seconds, "gpu_seconds": seconds * gpus if seconds is not None else None}
+        row.update({f"param.{k}": _parse(v) for k, v in train.data.params.items()})
+        rows.append(row)
+    df = pd.DataFrame(rows)
+    if len(df):
+        params = [c for c in df.columns if c.startswith("param.")]
+        varying = [c for c in params if df[c].astype(str).nunique() > 1 and not c.endswith("run_dir")]
+        df = df.drop(columns=[c for c in params if c not in varying])     # keep what differs between runs
+        df = df.sort_values(["fid", "run_name", "sigma_rel"]).reset_index(drop=True)
+    return df
+
+
+def _parse(v: str):
+    try:
+        return json.loads(v)
+    except (ValueError, TypeError):
+        return v

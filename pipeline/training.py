@@ -211,7 +211,7 @@ def train(cfg: C.Config, stage: str | None = None, stop: StopFlag | None = None,
     opt = torch.optim.Adam(net.parameters(), lr=tc.ref_lr, betas=(tc.beta1, tc.beta2), eps=tc.eps)
     ema = PowerFunctionEMA(net, cfg.ema.stds) if d.is_main else None
 
-    nimg, mlflow_run_id, nonfinite = 0, None, 0
+    nimg, mlflow_run_id, nonfinite, seconds_before = 0, None, 0, 0.0
     ckpt = load_latest_checkpoint(run_dir, cfg, log)   # every rank reads it from the shared run folder
     if ckpt is not None:
         net.load_state_dict(ckpt["net"])
@@ -219,6 +219,7 @@ def train(cfg: C.Config, stage: str | None = None, stop: StopFlag | None = None,
         if ema is not None:
             ema.load_state_dict(ckpt["ema"])
         nimg, mlflow_run_id, nonfinite = ckpt["nimg"], ckpt.get("mlflow_run_id"), ckpt.get("nonfinite", 0)
+        seconds_before = ckpt.get("train_seconds", 0.0)
         log(f"resuming from {ckpt['path']} at nimg={nimg}")
         del ckpt
     ddp = torch.nn.parallel.DistributedDataParallel(net) if d.world_size > 1 else None
@@ -247,6 +248,7 @@ def train(cfg: C.Config, stage: str | None = None, stop: StopFlag | None = None,
         return save_checkpoint(run_dir, {"format": CHECKPOINT_FORMAT, "nimg": nimg, "net": net.state_dict(),
                                          "optimizer": opt.state_dict(), "ema": ema.state_dict(),
                                          "mlflow_run_id": mlflow_run_id, "nonfinite": nonfinite,
+                                         "train_seconds": seconds_before + time.time() - t0,
                                          "run_key": cfg.run_key(), "config": cfg.to_dict(), "net_args": args})
 
     bar = None
@@ -336,7 +338,12 @@ def train(cfg: C.Config, stage: str | None = None, stop: StopFlag | None = None,
     if d.is_main:
         if status == "finished":
             _log_samples(net, ema, cfg, args, run_dir, nimg, logger, d)
+        total = seconds_before + seconds                  # across every resume of this run
+        devices = d.world_size if d.device.type == "cuda" else 0
+        logger.set_tags({"gpus": devices})
+        logger.log_summary({"train_seconds": total, "gpu_seconds": total * devices, "final_loss": last_loss})
         summary = {"status": status, "nimg": nimg, "final_loss": last_loss, "seconds": round(seconds, 1),
+                   "train_seconds_total": round(total, 1),
                    "images_per_s": round(steps * tc.batch_size / max(seconds, 1e-9), 1),
                    "run_dir": str(run_dir), "mlflow_run_id": mlflow_run_id, "run_key": cfg.run_key()}
         atomic_write_text(C.json_dump(summary), run_dir / "train_summary.json")

@@ -36,6 +36,7 @@ def main(argv: list[str] | None = None) -> int:
                               args.ref_cache, cfg.fid.batch_size)
         records = evaluate_models(files, cfg, ref, feat, args.samples, args.device)
         metrics = write_metrics(records, args.metrics)
+        _log_to_mlflow(cfg, records, args.samples)
         plot_fid_vs_ema([r.to_dict() for r in records], Path(args.metrics) / "fid_vs_ema.png",
                         f"{metrics['num_images']} images, NFE {metrics['nfe']}, {metrics['feature_net']}")
         for r in records:
@@ -43,6 +44,16 @@ def main(argv: list[str] | None = None) -> int:
                   f"reference, NFE {r.sampler['nfe']}, {r.feature_net})")
         print(f"best: FID {metrics['best_fid']} at sigma_rel {metrics['best_sigma_rel']} -> {args.metrics}/fid.json")
     return cli.run("evaluate", go)
+
+
+def _log_to_mlflow(cfg, records, samples_dir) -> None:
+    """FID per EMA length as child runs of the training run (the MLflow UI shows them nested)."""
+    import json
+    from pipeline.tracking import attach, log_ema_runs
+    summary = Path(cfg.train.run_dir) / "train_summary.json"
+    run_id = json.loads(summary.read_text()).get("mlflow_run_id") if summary.is_file() else None
+    if run_id:
+        log_ema_runs(attach(cfg, run_id), run_id, [r.to_dict() for r in records], Path(samples_dir))
 
 
 if __name__ == "__main__":

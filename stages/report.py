@@ -29,6 +29,13 @@ def main(argv: list[str] | None = None) -> int:
         paths = write_run_report(cfg.to_dict(), records, args.out, read_jsonl(run_dir / "metrics.jsonl"), summary,
                                  args.samples, Path(args.models) / "ema_profiles.png")
         print(f"report: {paths['html']} (self-contained), {paths['md']}")
+        if summary and summary.get("mlflow_run_id"):            # the same figures in the MLflow UI
+            from pipeline.tracking import attach
+            logger = attach(cfg, summary["mlflow_run_id"])
+            for key in ("html", "md"):
+                logger.log_artifact(paths[key], "report")
+            for f in sorted((Path(args.out) / "figures").glob("*.png")):
+                logger.log_artifact(f, "report/figures")
     return cli.run("report", go)
 
 

@@ -35,8 +35,11 @@ def mlflow_runs(tmp_path, experiment="edm2-sweeps"):
     return client, client.search_runs([exp.experiment_id], max_results=1000)
 
 
-@pytest.mark.slow
-def test_tiny_sweep_survives_a_killed_worker(tmp_path, fmnist):
+@pytest.fixture(scope="module")
+def tiny_sweep(tmp_path_factory, fmnist):
+    """The tiny sweep (4 trials x 3 EMA lengths) on a local Ray instance, with one trial's worker
+    process SIGKILLed mid-run."""
+    tmp_path = tmp_path_factory.mktemp("sweep")
     sweep_file = make_project(tmp_path, fmnist)
     p = subprocess.Popen([sys.executable, "-m", "pipeline", "sweep", str(sweep_file), "--num-cpus", "2"],
                          cwd=tmp_path, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -53,7 +56,13 @@ def test_tiny_sweep_survives_a_killed_worker(tmp_path, fmnist):
                 break
         time.sleep(0.2)
     out, _ = p.communicate(timeout=900)
-    assert p.returncode == 0, out[-4000:]
+    return {"dir": tmp_path, "out": out, "rc": p.returncode, "killed": killed, "trials": trials}
+
+
+@pytest.mark.slow
+def test_tiny_sweep_survives_a_killed_worker(tiny_sweep):
+    tmp_path, out, killed, trials = (tiny_sweep[k] for k in ("dir", "out", "killed", "trials"))
+    assert tiny_sweep["rc"] == 0, out[-4000:]
     assert killed is not None, "no trial was caught mid-run"
     print(f"killed worker {killed[1]} of trial {killed[0]}")
 
@@ -83,6 +92,50 @@ def test_tiny_sweep_survives_a_killed_worker(tmp_path, fmnist):
     for run_id in children:
         steps = [m.step for m in client.get_metric_history(run_id, "loss")]
         assert len(steps) == len(set(steps)) and max(steps) == 96, steps
+
+
+@pytest.mark.slow
+def test_dataframe_loader_one_row_per_trial_and_ema_length(tiny_sweep):
+    from pipeline.tracking import load_runs
+    d = tiny_sweep["dir"]
+    df = load_runs("edm2-sweeps", f"sqlite:///{d / 'mlflow.db'}", sweep="tiny")
+    table = pd.read_csv(d / "reports/sweeps/tiny/results.csv")
+    assert len(df) == 12 and df["run_name"].nunique() == 4
+    assert {"param.train.ref_lr", "param.loss.P_mean"} <= set(df.columns)
+    assert (df["train_seconds"] > 0).all() and (df["gpu_seconds"] == 0).all()      # CPU trials: no GPU cost
+    mine = df.set_index([df["run_name"].str.removeprefix("trial-"), df["sigma_rel"].round(3)])["fid"]
+    theirs = table.set_index(["trial_id", table["sigma_rel"].round(3)])["fid"]
+    assert mine.sort_index().round(6).tolist() == theirs.sort_index().round(6).tolist()
+
+
+@pytest.mark.slow
+def test_sweep_report_and_mlflow_ui_in_headless_chromium(tiny_sweep, tmp_path):
+    from chromium_helpers import chromium_or_skip, render, served_mlflow
+    chromium = chromium_or_skip()
+    d = tiny_sweep["dir"]
+    shot = render(chromium, (d / "reports/sweeps/tiny/report.html").as_uri(), tmp_path, "sweep-report")
+    assert shot["images_total"] == 2 and shot["images_loaded"] == 2
+    assert not shot["external_requests"] and not shot["non_local_connections"]
+    with served_mlflow(f"sqlite:///{d / 'mlflow.db'}") as base:
+        import json as _json
+        import urllib.request
+
+        def api(path, body=None):
+            req = urllib.request.Request(base + path, data=_json.dumps(body).encode() if body else None,
+                                         headers={"Content-Type": "application/json"})
+            return _json.loads(urllib.request.urlopen(req, timeout=30).read())
+        exp = api("/api/2.0/mlflow/experiments/get-by-name?experiment_name=edm2-sweeps")["experiment"]
+        runs = api("/api/2.0/mlflow/runs/search", {"experiment_ids": [exp["experiment_id"]], "max_results": 1000})["runs"]
+        tags = [{t["key"]: t["value"] for t in r["data"].get("tags", [])} for r in runs]
+        parent = [r for r, t in zip(runs, tags) if t.get("kind") == "sweep"]
+        trials = [r for r, t in zip(runs, tags) if "kind" not in t]
+        emas = [(r, t) for r, t in zip(runs, tags) if t.get("kind") == "ema"]
+        assert len(parent) == 1 and len(trials) == 4 and len(emas) == 12
+        trial_ids = {r["info"]["run_id"] for r in trials}
+        assert all(t["mlflow.parentRunId"] in trial_ids for _, t in emas)
+        assert all(any(m["key"] == "fid" for m in r["data"]["metrics"]) for r, _ in emas)
+        page = render(chromium, f"{base}/#/experiments/{exp['experiment_id']}", tmp_path, "mlflow-ui", dom=True)
+        assert "sweep-tiny" in page["dom"] and "trial-" in page["dom"], page["dom"][-2000:]
 
 
 @pytest.mark.slow
