@@ -117,7 +117,7 @@ def test_reconstruction_equals_direct_tracking(tmp_path):
 # --- snapshot directories: the stage, skipping, bad input -----------------------------------------
 
 def make_snapshots(d, times=8, interval=100, lr=0.01, width=64):
-    cfg = C.resolve({}, {"ema.snapshot_nimg": interval, "train.ref_lr": lr})
+    cfg = C.resolve({}, {"ema.snapshot_nimg": interval, "train.ref_lr": lr, "train.batch_size": 4})
     net = torch.nn.Linear(width, width)
     ema = PowerFunctionEMA(net, cfg.ema.stds)
     for i in range(1, times + 1):

@@ -134,8 +134,13 @@ def test_sweep_report_and_mlflow_ui_in_headless_chromium(tiny_sweep, tmp_path):
         trial_ids = {r["info"]["run_id"] for r in trials}
         assert all(t["mlflow.parentRunId"] in trial_ids for _, t in emas)
         assert all(any(m["key"] == "fid" for m in r["data"]["metrics"]) for r, _ in emas)
-        page = render(chromium, f"{base}/#/experiments/{exp['experiment_id']}", tmp_path, "mlflow-ui", dom=True)
-        assert "sweep-tiny" in page["dom"] and "trial-" in page["dom"], page["dom"][-2000:]
+        page = render(chromium, f"{base}/#/experiments/{exp['experiment_id']}/runs", tmp_path, "mlflow-ui",
+                      budget_ms=30000)
+        # The runs table: the sweep's parent row (children nested under it) and all 17 runs counted.
+        import re
+        count = re.search(r"(\d+)(?:</?\w+[^>]*>)*\s*matching runs", page["dom"])
+        assert "sweep-tiny" in page["dom"] and count and count.group(1) == "17", page["dom"][-2000:]
+        assert not page["non_local_connections"]
 
 
 @pytest.mark.slow
