@@ -135,6 +135,11 @@ class TrainConfig(_Section):
     run_dir: str = "runs/default"          # persistent run folder: checkpoints, snapshots, logs
     device: Literal["auto", "cpu", "cuda"] = "auto"
     max_nonfinite_steps: PosInt = 10       # consecutive non-finite losses before the run stops
+    # Speed switches (issue: benchmarks). Each keeps the numerics within a tested tolerance.
+    amp: Literal["none", "bf16"] = "none"  # bf16 autocast of the network (GPU; also works on CPU)
+    channels_last: bool = False            # NHWC memory format for convolutions
+    compile: bool = False                  # torch.compile the network; falls back (with a warning) on failure
+    fused_adam: bool = False               # fused Adam kernel (foreach otherwise)
 
 
 class EMAConfig(_Section):
@@ -275,8 +280,8 @@ class Config(_Section):
         """
         d = self.to_dict()
         train = {k: v for k, v in d["train"].items()
-                 if k not in ("run_dir", "device", "status_nimg", "sample_nimg",
-                              "checkpoint_nimg", "max_nonfinite_steps", "duration_nimg")}
+                 if k not in ("run_dir", "device", "status_nimg", "sample_nimg", "checkpoint_nimg",
+                              "max_nonfinite_steps", "duration_nimg", "channels_last", "compile", "fused_adam")}
         data = {k: v for k, v in d["data"].items() if k != "dataset_dir"}
         key = {"data": data, "network": d["network"], "loss": d["loss"], "train": train,
                "ema": {"stds": d["ema"]["stds"], "snapshot_nimg": d["ema"]["snapshot_nimg"]}}

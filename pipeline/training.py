@@ -208,7 +208,10 @@ def train(cfg: C.Config, stage: str | None = None, stop: StopFlag | None = None,
 
     torch.manual_seed(_seed(tc.seed, 2))           # network initialisation: same on every rank
     net = build_network(cfg, **args).to(d.device).train()
-    opt = torch.optim.Adam(net.parameters(), lr=tc.ref_lr, betas=(tc.beta1, tc.beta2), eps=tc.eps)
+    if tc.channels_last:
+        net = net.to(memory_format=torch.channels_last)
+    opt = torch.optim.Adam(net.parameters(), lr=tc.ref_lr, betas=(tc.beta1, tc.beta2), eps=tc.eps,
+                           **({"fused": True} if tc.fused_adam else {"foreach": True}))
     ema = PowerFunctionEMA(net, cfg.ema.stds) if d.is_main else None
 
     nimg, mlflow_run_id, nonfinite, seconds_before = 0, None, 0, 0.0
@@ -223,7 +226,8 @@ def train(cfg: C.Config, stage: str | None = None, stop: StopFlag | None = None,
         log(f"resuming from {ckpt['path']} at nimg={nimg}")
         del ckpt
     ddp = torch.nn.parallel.DistributedDataParallel(net) if d.world_size > 1 else None
-    model = ddp or net
+    model = maybe_compile(ddp or net, tc.compile, log)
+    amp = torch.autocast(d.device.type, dtype=torch.bfloat16, enabled=tc.amp == "bf16")
 
     logger = None
     if d.is_main:
@@ -283,11 +287,11 @@ def train(cfg: C.Config, stage: str | None = None, stop: StopFlag | None = None,
             sl = slice(lo, lo + batch_gpu)
             torch.manual_seed(_seed(tc.seed, 4, nimg, d.rank, r))      # dropout masks
             x, labels = ds.get(idx_all[sl], generator=torch.Generator().manual_seed(_seed(tc.seed, 5, nimg, lo)))
-            x = x.to(d.device)
+            x = x.to(d.device, memory_format=torch.channels_last if tc.channels_last else torch.preserve_format)
             labels = labels.to(d.device) if labels is not None and args["label_dim"] else None
             sync = ddp is None or r == rounds - 1
             ctx = ddp.no_sync() if (ddp is not None and not sync) else _nullcontext()
-            with ctx:
+            with ctx, amp:
                 obj, stats = edm2_loss(model, x, labels, cfg.loss.P_mean, cfg.loss.P_std, cfg.loss.sigma_data,
                                        sigma=sigma_all[sl], eps=eps_all[sl])
                 (obj * (batch_gpu / batch_rank)).backward()
@@ -352,6 +356,32 @@ def train(cfg: C.Config, stage: str | None = None, stop: StopFlag | None = None,
             f"{summary['images_per_s']} img/s over {steps} steps in {seconds:.0f} s; run {run_dir}, "
             f"checkpoint {last_ckpt}, MLflow run {mlflow_run_id or '(offline)'}")
     return TrainResult(nimg, status, run_dir, mlflow_run_id, last_loss, seconds, last_ckpt)
+
+
+def maybe_compile(model, enabled: bool, log=print):
+    """torch.compile with a fallback: compilation happens at the first call, and a model that fails
+    to compile there trains uncompiled (said once)."""
+    if not enabled:
+        return model
+    return _CompileFallback(torch.compile(model), model, log)
+
+
+class _CompileFallback:
+    def __init__(self, compiled, eager, log):
+        self.compiled, self.eager, self.log, self.failed = compiled, eager, log, False
+
+    def __call__(self, *args, **kwargs):
+        if not self.failed:
+            try:
+                return self.compiled(*args, **kwargs)
+            except Exception as err:               # no C++ compiler, unsupported op or backend
+                self.failed = True
+                self.log(f"warning: torch.compile failed ({err.__class__.__name__}: {str(err)[:200]}); "
+                         f"training uncompiled")
+        return self.eager(*args, **kwargs)
+
+    def no_sync(self):
+        return self.eager.no_sync()
 
 
 class _nullcontext:

@@ -1,0 +1,44 @@
+"""Sampling throughput (images/s) at NFE 35 (18 Heun steps) and NFE 63 (32 steps)."""
+from __future__ import annotations
+
+import torch
+
+from benchmarks.common import parser, sync, write
+from benchmarks.train import SHAPES
+from pipeline import config as C
+from pipeline.edm import sample_images
+from pipeline.networks import build_network
+
+
+def main(argv=None):
+    p = parser(__doc__)
+    p.add_argument("--shapes", nargs="+", default=["small", "xs64"], choices=sorted(SHAPES))
+    p.add_argument("--batch", type=int)
+    p.add_argument("--amp", action="store_true", help="bf16 autocast of the network")
+    args = p.parse_args(argv)
+    import time
+    runs = []
+    for shape in args.shapes:
+        raw, res, ch, labels = SHAPES[shape]
+        over = {"network.model_channels": 16, "network.channel_mult": [1, 2], "network.num_blocks": 1,
+                "network.attn_resolutions": [res // 2], "network.channels_per_head": 16} if args.smoke else {}
+        cfg = C.resolve(raw, over)
+        net = build_network(cfg, res, ch, labels).to(args.device).eval()
+        batch = args.batch or (2 if args.smoke else 256 if args.device.startswith("cuda") else 16)
+        y = torch.nn.functional.one_hot(torch.arange(batch) % labels, labels).float().to(args.device)
+        for steps in ((2,) if args.smoke else (18, 32)):
+            s = cfg.sampler.model_copy(update={"steps": steps})
+            with torch.autocast(args.device.split(":")[0], dtype=torch.bfloat16, enabled=args.amp):
+                sample_images(net, list(range(batch)), y, s, device=args.device)      # warm-up
+                sync(args.device)
+                t = time.perf_counter()
+                sample_images(net, list(range(batch)), y, s, device=args.device)
+                sync(args.device)
+            sec = time.perf_counter() - t
+            runs.append({"shape": shape, "batch": batch, "steps": steps, "nfe": s.nfe, "amp_bf16": args.amp,
+                         "images_per_s": round(batch / sec, 3)})
+    write("sample", args, {"runs": runs})
+
+
+if __name__ == "__main__":
+    main()
