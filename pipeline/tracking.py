@@ -63,7 +63,8 @@ class RunLogger:
         self.quiet = quiet
         self.client = None
         self.run_id: str | None = None
-        self.last_step = -1
+        self.last_step_jsonl = -1                  # one watermark per sink: a kill between the two
+        self.last_step_mlflow = -1                 # writes must not drop the step from either
         self.offline_reason: str | None = None
         if self.enabled:
             os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
@@ -109,8 +110,8 @@ class RunLogger:
               params: dict | None = None, parent_run_id: str | None = None) -> str | None:
         """Resume `run_id` if given (and it exists), else create a run. Returns the run id."""
         if self.jsonl is not None and self.jsonl.is_file():
-            self.last_step = max([json.loads(l).get("step", -1) for l in self.jsonl.read_text().splitlines()
-                                  if l.strip()] + [-1])
+            self.last_step_jsonl = max([json.loads(l).get("step", -1) for l in self.jsonl.read_text().splitlines()
+                                        if l.strip()] + [-1])
         if self.client is None:
             self.run_id = run_id
             return run_id
@@ -120,7 +121,7 @@ class RunLogger:
                 self.run_id = run_id
                 self._call("resume run", self.client.update_run, run_id, status="RUNNING")
                 hist = self._call("metric history", self.client.get_metric_history, run_id, "loss") or []
-                self.last_step = max([m.step for m in hist] + [self.last_step])
+                self.last_step_mlflow = max([m.step for m in hist] + [-1])
                 return run_id
         exp_id = self.experiment_id()
         if exp_id is None:
@@ -149,21 +150,21 @@ class RunLogger:
                 self._call("set tag", self.client.set_tag, self.run_id, k, str(v))
 
     def log_metrics(self, metrics: dict, step: int) -> bool:
-        """Log once per step: a step at or below the last logged one is skipped (resume)."""
-        if step <= self.last_step:
-            return False
-        self.last_step = step
+        """Log once per step and sink: a step at or below a sink's last logged one is skipped there."""
         clean = {k: float(v) for k, v in metrics.items() if v is not None}
-        if self.jsonl is not None:
+        wrote = False
+        if self.jsonl is not None and step > self.last_step_jsonl:
+            self.last_step_jsonl, wrote = step, True
             self.jsonl.parent.mkdir(parents=True, exist_ok=True)
             with open(self.jsonl, "a") as f:
                 f.write(json.dumps({"step": step, "time": time.time(), **clean}) + "\n")
-        if self.client and self.run_id:
+        if self.client and self.run_id and step > self.last_step_mlflow:
             from mlflow.entities import Metric
+            self.last_step_mlflow, wrote = step, True
             ts = int(time.time() * 1000)
             self._call("log metrics", self.client.log_batch, self.run_id,
                        metrics=[Metric(k, v, ts, step) for k, v in clean.items()])
-        return True
+        return wrote
 
     def log_summary(self, metrics: dict) -> None:
         """Run-level numbers (cost, final values), logged at step 0 and replaced on each call."""
