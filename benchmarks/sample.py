@@ -15,6 +15,7 @@ def main(argv=None):
     p.add_argument("--shapes", nargs="+", default=["small", "xs64"], choices=sorted(SHAPES))
     p.add_argument("--batch", type=int)
     p.add_argument("--amp", action="store_true", help="bf16 autocast of the network")
+    p.add_argument("--compile", action="store_true", help="also measure sampler.compile (torch.compile; CUDA graphs on a GPU)")
     args = p.parse_args(argv)
     import time
     runs = []
@@ -26,8 +27,8 @@ def main(argv=None):
         net = build_network(cfg, res, ch, labels).to(args.device).eval()
         batch = args.batch or (2 if args.smoke else 256 if args.device.startswith("cuda") else 16)
         y = torch.nn.functional.one_hot(torch.arange(batch) % labels, labels).float().to(args.device)
-        for steps in ((2,) if args.smoke else (18, 32)):
-            s = cfg.sampler.model_copy(update={"steps": steps})
+        for steps, compiled in [(n, c) for n in ((2,) if args.smoke else (18, 32)) for c in (False, True)[:1 + args.compile]]:
+            s = cfg.sampler.model_copy(update={"steps": steps, "compile": compiled})
             with torch.autocast(args.device.split(":")[0], dtype=torch.bfloat16, enabled=args.amp):
                 sample_images(net, list(range(batch)), y, s, device=args.device)      # warm-up
                 sync(args.device)
@@ -35,7 +36,7 @@ def main(argv=None):
                 sample_images(net, list(range(batch)), y, s, device=args.device)
                 sync(args.device)
             sec = time.perf_counter() - t
-            runs.append({"shape": shape, "batch": batch, "steps": steps, "nfe": s.nfe, "amp_bf16": args.amp,
+            runs.append({"shape": shape, "batch": batch, "steps": steps, "nfe": s.nfe, "amp_bf16": args.amp, "compile": compiled,
                          "images_per_s": round(batch / sec, 3)})
     write("sample", args, {"runs": runs})
 

@@ -140,6 +140,8 @@ class TrainConfig(_Section):
     channels_last: bool = False            # NHWC memory format for convolutions
     compile: bool = False                  # torch.compile the network; falls back (with a warning) on failure
     fused_adam: bool = False               # fused Adam kernel (foreach otherwise)
+    async_snapshots: bool = False          # write EMA snapshots in a background thread (in order; drained before checkpoints)
+    prefetch_batches: NonNegInt = 0        # batches assembled ahead in a background thread (pinned memory on a GPU)
 
 
 class EMAConfig(_Section):
@@ -172,6 +174,7 @@ class SamplerConfig(_Section):
     solver: Literal["heun", "euler"] = "heun"
     guidance: float = 1.0
     batch_size: PosInt = 64
+    compile: bool = False                  # torch.compile the network for sampling (CUDA graphs on a GPU); falls back on failure
 
     @model_validator(mode="after")
     def _check(self):
@@ -457,13 +460,21 @@ class SchedulerSpec(_Section):
 
 
 class ResourceSpec(_Section):
-    cpus: PosFloat = 1.0
-    gpus: NonNegFloat = 0.0                             # fractional < 1 shares a GPU; > 1 uses Ray Train
+    cpus: PosFloat = 1.0                                # per training process
+    gpus: NonNegFloat = 0.0                             # per trial; fractional < 1 shares a GPU
+    # Training processes per trial (default: one per GPU when gpus > 1). More than one runs the
+    # trial's training under Ray Train's TorchTrainer (DDP: NCCL on GPUs, gloo on CPU workers).
+    workers: Optional[PosInt] = None
 
     @model_validator(mode="after")
     def _check(self):
         if self.gpus > 1 and self.gpus != int(self.gpus):
             raise ValueError(f"resources.gpus={self.gpus}: more than one GPU per trial must be a whole number")
+        if self.workers is None:
+            self.workers = int(self.gpus) if self.gpus > 1 else 1
+        if self.workers > 1 and self.gpus and (self.gpus < self.workers or self.gpus % self.workers):
+            raise ValueError(f"resources.gpus={self.gpus:g} over resources.workers={self.workers}: each training "
+                             f"process needs the same whole number of GPUs")
         return self
 
 

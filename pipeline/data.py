@@ -11,9 +11,11 @@ import gzip
 import hashlib
 import io
 import json
+import queue
 import shutil
 import subprocess
 import tempfile
+import threading
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -430,3 +432,48 @@ class EncodedDataset(torch.utils.data.Dataset):
             raise DataError("FID reference images need a pixel dataset")
         n = len(self) if n is None else min(n, len(self))
         return np.ascontiguousarray(self.images[:n].transpose(0, 2, 3, 1))
+
+
+class Prefetcher:
+    """Runs an iterator `depth` items ahead in a background thread, so assembling the next batches
+    (memory-map reads, decoding, pinned host memory) overlaps the device's work on the current one
+    (train.prefetch_batches). The items and their order are exactly the iterator's."""
+
+    def __init__(self, it: Iterator, depth: int):
+        self._queue: queue.Queue = queue.Queue(maxsize=max(1, depth))
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(it,), daemon=True, name="batch-prefetch")
+        self._thread.start()
+
+    def _put(self, item) -> bool:
+        while not self._stop.is_set():
+            try:
+                self._queue.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def _run(self, it: Iterator) -> None:
+        try:
+            for item in it:
+                if not self._put(("item", item)):
+                    return
+            self._put(("end", None))
+        except BaseException as err:                 # surfaced in the training thread by __next__
+            self._put(("error", err))
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        kind, value = self._queue.get()
+        if kind == "item":
+            return value
+        if kind == "error":
+            raise value
+        raise StopIteration
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=10)

@@ -135,9 +135,10 @@ def sample_images(net, seeds: Sequence[int], labels: torch.Tensor | None, sample
     """Samples from a Precond network for one batch of per-image seeds (float32, data scale)."""
     noise = SeededNoise(seeds, device)
     shape = (net.img_channels, net.img_resolution, net.img_resolution)
+    model = _sampling_model(net, getattr(sampler_cfg, "compile", False), device)
 
     def denoise(x, sigma):
-        return net(x.to(torch.float32), sigma.to(torch.float32).expand(x.shape[0]), labels)
+        return model(x.to(torch.float32), sigma.to(torch.float32).expand(x.shape[0]), labels)
 
     guide_fn = None
     if guide is not None:
@@ -150,6 +151,20 @@ def sample_images(net, seeds: Sequence[int], labels: torch.Tensor | None, sample
                        solver=s.solver, guide=guide_fn, guidance=s.guidance,
                        dtype=torch.float64 if torch.device(device).type == "cpu" else torch.float32
                        ).to(torch.float32)
+
+
+def _sampling_model(net, compile_: bool, device):
+    """The network, or its compiled form (made once per network and reused across batches; on a GPU
+    mode reduce-overhead replays the sampler's fixed-shape steps as CUDA graphs)."""
+    if not compile_:
+        return net
+    compiled = net.__dict__.get("_sampling_compiled")
+    if compiled is None:
+        from .networks import maybe_compile
+        mode = "reduce-overhead" if torch.device(device).type == "cuda" else None
+        compiled = maybe_compile(net, True, what="sampling", mode=mode)
+        object.__setattr__(net, "_sampling_compiled", compiled)   # not a submodule: not in state_dict
+    return compiled
 
 
 # ----------------------------------------------------------------------------------------------

@@ -271,3 +271,37 @@ def build_network(cfg: Config | NetworkConfig, img_resolution: int, img_channels
 
 def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
+
+
+# ----------------------------------------------------------------------------------------------
+# torch.compile with a fallback (training: train.compile; sampling: sampler.compile).
+
+def maybe_compile(model, enabled: bool, log=print, what: str = "running", mode: str | None = None):
+    """torch.compile with a fallback: compilation happens at the first call, and a model that fails
+    to compile there runs uncompiled (said once). mode="reduce-overhead" adds CUDA graphs on a GPU."""
+    if not enabled:
+        return model
+    return _CompileFallback(torch.compile(model, mode=mode), model, log, what)
+
+
+class _CompileFallback:
+    def __init__(self, compiled, eager, log, what):
+        self.compiled, self.eager, self.log, self.what, self.failed = compiled, eager, log, what, False
+
+    def __call__(self, *args, **kwargs):
+        if not self.failed:
+            try:
+                return self.compiled(*args, **kwargs)
+            except Exception as err:               # no C++ compiler, unsupported op or backend
+                self.failed = True
+                self.log(f"warning: torch.compile failed ({err.__class__.__name__}: {str(err)[:200]}); "
+                         f"{self.what} uncompiled")
+        return self.eager(*args, **kwargs)
+
+    def no_sync(self):
+        return self.eager.no_sync()
+
+    def __getattr__(self, name):                   # img_channels, label_dim, ...: the eager model's
+        if name == "eager":
+            raise AttributeError(name)
+        return getattr(self.eager, name)

@@ -73,36 +73,89 @@ def trial_config(base_raw: dict, sweep_raw: dict, params: dict, trial_dir: Path,
 
 def run_trial(params: dict, base_raw: dict, sweep_raw: dict, parent_run_id: str | None, uri: str, device: str,
               ref_cache: str, root: str) -> None:
-    """Train -> post-hoc EMA fan-out -> FID per EMA length; results reported to Tune and MLflow."""
-    from ray import tune
+    """Train -> post-hoc EMA fan-out -> FID per EMA length; results reported to Tune and MLflow.
 
-    from .data import EncodedDataset
-    from .fid import evaluate_models, load_feature_net, reference_dataset_dir, reference_stats
-    from .phema import reconstruct
-    from .tracking import RunLogger, log_ema_runs
-    from .training import train
+    One training process runs here, in the trial's worker; resources.workers > 1 runs the training
+    (and then the fan-out on rank 0) in a Ray Train TorchTrainer whose reports reach Tune."""
+    from ray import tune
     os.chdir(root)                                          # relative paths of the params file
     trial_id = tune.get_context().get_trial_id()
     trial_dir = Path(sweep_raw["storage"]).resolve() / sweep_raw["name"] / "trials" / trial_id
     trial_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(str(os.getpid()), trial_dir / "worker.pid")   # lets tests (and users) find the worker
     cfg = trial_config(base_raw, sweep_raw, params, trial_dir, uri, device)
+    job = {"config": cfg.to_dict(), "trial_id": trial_id, "trial_dir": str(trial_dir), "parent_run_id": parent_run_id,
+           "ref_cache": ref_cache, "root": root}
+    res = C.SweepConfig.model_validate(sweep_raw).resources
+    if res.workers == 1:
+        trial_body(job, tune.report)
+        return
+    import ray.train
+    from ray.train.torch import TorchConfig, TorchTrainer
+    from ray.tune.integration.ray_train import TuneReportCallback
+    use_gpu = device == "cuda"
+    trainer = TorchTrainer(
+        train_worker, train_loop_config=job, torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=res.workers, use_gpu=use_gpu,
+            resources_per_worker={"CPU": res.cpus, **({"GPU": res.gpus / res.workers} if use_gpu else {})}),
+        run_config=ray.train.RunConfig(name=f"train-{trial_id}", storage_path=str(trial_dir / "ray-train"),
+                                       callbacks=[TuneReportCallback()],
+                                       failure_config=ray.train.FailureConfig(max_failures=sweep_raw["max_failures"])))
+    trainer.fit()
+
+
+def train_worker(job: dict) -> None:
+    """One Ray Train worker of a multi-process trial: DDP training, then rank 0's fan-out."""
+    import ray.train
+    import ray.train.torch
+    os.chdir(job["root"])
+    trial_body(job, ray.train.report, device=ray.train.torch.get_device())
+
+
+def trial_body(job: dict, report, device=None) -> None:
+    """Train with a report at every snapshot, then on rank 0 the post-hoc EMA fan-out; every rank
+    reports the final result (Ray Train wants the same number of reports from every worker)."""
+    import torch.distributed as dist
+
+    from .training import train
+    cfg = C.resolve(job["config"])
+    trial_id, trial_dir = job["trial_id"], Path(job["trial_dir"])
     last = {}
 
-    def report(nimg, metrics):
+    def on_snapshot(nimg, metrics):
         last.update(metrics)
-        tune.report({"nimg": nimg, **metrics})
+        report({"nimg": nimg, **metrics})
 
-    res = train(cfg, stage="sweep", progress=False, report=report, parent_run_id=parent_run_id,
-                run_name=f"trial-{trial_id}")
+    res = train(cfg, stage="sweep", progress=False, report=on_snapshot, parent_run_id=job["parent_run_id"],
+                run_name=f"trial-{trial_id}", device=device)
     if res.status != "finished":
         raise SweepError(f"trial {trial_id} stopped at nimg={res.nimg} before the end of training")
+    multi = dist.is_available() and dist.is_initialized()
+    records = fan_out(cfg, res, trial_dir, job["ref_cache"], device) if not multi or dist.get_rank() == 0 else None
+    if multi:                                                # rank 0's records to every rank
+        box = [records]
+        dist.broadcast_object_list(box, src=0)
+        records = box[0]
+    best = min(records, key=lambda r: r["fid"])
+    report({"nimg": res.nimg, **last, "best_fid": best["fid"], "best_sigma_rel": best["sigma_rel"],
+            "fids": json.dumps({f"{r['sigma_rel']:.3f}": r["fid"] for r in records}), "done": True})
 
-    # Post-hoc EMA fan-out: no retraining, one reconstruction and one FID per EMA length.
+
+def fan_out(cfg: C.Config, res, trial_dir: Path, ref_cache: str, device=None) -> list[dict]:
+    """Post-hoc EMA fan-out, no retraining: one reconstruction and one FID per EMA length, logged as
+    grandchild MLflow runs under the trial's run. A retry after the FIDs were done reuses them."""
+    from .data import EncodedDataset
+    from .fid import evaluate_models, load_feature_net, reference_dataset_dir, reference_stats
+    from .phema import reconstruct
+    from .report import plot_fid_vs_ema
+    from .tracking import RunLogger, log_ema_runs
+    device = str(device) if device is not None else cfg.train.device
+    device = "cpu" if device == "auto" else device
     ema_dir = trial_dir / "ema"
     reconstruct(Path(cfg.train.run_dir) / "snapshots", cfg.ema.targets, out_dir=ema_dir)
     records_file = trial_dir / "fid_records.json"
-    if records_file.is_file():                               # a retry after the FIDs were done
+    if records_file.is_file():
         records = json.loads(records_file.read_text())
     else:
         feat = load_feature_net(cfg.fid.feature_net, device)
@@ -112,16 +165,12 @@ def run_trial(params: dict, base_raw: dict, sweep_raw: dict, parent_run_id: str 
         records = [r.to_dict() for r in evaluate_models(files, cfg, ref, feat, trial_dir / "samples", device,
                                                          progress=False)]
         atomic_write_text(C.json_dump(records), records_file)
-
     logger = RunLogger(cfg, quiet=True)
     log_ema_runs(logger, res.mlflow_run_id, records, trial_dir / "samples")
-    from .report import plot_fid_vs_ema                      # this trial's EDM2-figure-5 curve, in its run
-    fig = plot_fid_vs_ema(records, trial_dir / "fid_vs_ema.png", f"trial {trial_id}")
+    fig = plot_fid_vs_ema(records, trial_dir / "fid_vs_ema.png", f"trial {trial_dir.name}")   # EDM2 fig. 5 curve
     logger.run_id = res.mlflow_run_id
     logger.log_artifact(fig, "figures")
-    best = min(records, key=lambda r: r["fid"])
-    tune.report({"nimg": res.nimg, **last, "best_fid": best["fid"], "best_sigma_rel": best["sigma_rel"],
-                 "fids": json.dumps({f"{r['sigma_rel']:.3f}": r["fid"] for r in records}), "done": True})
+    return records
 
 
 # ----------------------------------------------------------------------------------------------
@@ -140,14 +189,16 @@ def _check_resources(sweep: C.SweepConfig, ray) -> tuple[float, str]:
     """GPUs per trial against the cluster: none there -> CPU workers; too few -> clear error."""
     res = ray.cluster_resources()
     gpus, cpus = res.get("GPU", 0.0), res.get("CPU", 0.0)
-    want = sweep.resources.gpus
-    if sweep.resources.cpus > cpus:
-        raise SweepError(f"resources.cpus={sweep.resources.cpus} per trial, but the cluster has {cpus:g} CPUs")
+    want, workers = sweep.resources.gpus, sweep.resources.workers
+    if want > gpus > 0:
+        raise SweepError(f"resources.gpus={want:g} per trial, but the cluster has {gpus:g} GPUs")
+    need = sweep.resources.cpus * workers + (1 if workers > 1 else 0)      # + the trial's driver process
+    if need > cpus:
+        raise SweepError(f"resources.cpus={sweep.resources.cpus:g} x resources.workers={workers} per trial"
+                         f"{' + 1 for the trial driver' if workers > 1 else ''}, but the cluster has {cpus:g} CPUs")
     if want > 0 and gpus == 0:
         print(f"sweep: the cluster has no GPUs: running trials on CPU workers (resources.gpus={want:g} ignored)")
         return 0.0, "cpu"
-    if want > gpus:
-        raise SweepError(f"resources.gpus={want:g} per trial, but the cluster has {gpus:g} GPUs")
     return want, ("cuda" if want > 0 else "cpu")
 
 
@@ -190,10 +241,13 @@ def run_sweep(sweep_file: str | Path, address: str | None = None, resume: bool =
         ray.init(**kwargs, include_dashboard=False, log_to_driver=True, configure_logging=False)
     gpus, device = _check_resources(sweep, ray)
 
+    # One process: the trial's worker holds the resources. Several: the TorchTrainer's workers hold
+    # them, and the trial's own driver process (it only waits and relays reports) holds one CPU.
+    trial_resources = {"cpu": sweep.resources.cpus, "gpu": gpus} if sweep.resources.workers == 1 else {"cpu": 1}
     trainable = tune.with_resources(
         tune.with_parameters(run_trial, base_raw=base_raw, sweep_raw=sweep.model_dump(mode="json"),
                              parent_run_id=parent_id, uri=uri, device=device, ref_cache=ref_cache, root=str(root)),
-        {"cpu": sweep.resources.cpus, "gpu": gpus})
+        trial_resources)
     scheduler = None
     if sweep.scheduler.type == "asha":
         # max_t past the end: ASHA ends trials that reach max_t, which would cut the EMA fan-out.
@@ -228,6 +282,10 @@ def run_sweep(sweep_file: str | Path, address: str | None = None, resume: bool =
                         "seconds": time.time() - t0} if best else {"trials": 0}, step=0)
     parent.end("FINISHED" if best else "FAILED")
     print_summary(table, best, sweep, table_path)
+    unfinished = table.loc[table["status"] != "finished", "trial_id"].nunique() if len(table) else 0
+    if unfinished:                   # Tune cannot tell us which were interrupted (all read TERMINATED)
+        print(f"{unfinished} of {len(grid)} trials did not finish (stopped early, failed or interrupted); "
+              f"if the sweep was interrupted, the same command with --resume finishes them and keeps the rest")
     return SweepResult(table, table_path, parent_id, best, out_dir)
 
 

@@ -13,19 +13,21 @@ import os
 import signal
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
 from . import config as C
-from .data import EncodedDataset
+from .data import EncodedDataset, Prefetcher
 from .edm import edm2_loss, learning_rate, sample_images
 from .io import atomic_torch_save, atomic_write_text, load_torch_file
-from .networks import build_network
-from .phema import PowerFunctionEMA, snapshot_meta
+from .networks import build_network, maybe_compile
+from .phema import PowerFunctionEMA, snapshot_meta, write_snapshots
 
 CHECKPOINT_FORMAT = "edm2-pipeline/checkpoint/1"
 
@@ -49,8 +51,9 @@ class Dist:
         return self.rank == 0
 
 
-def init_distributed(device_choice: str = "auto") -> Dist:
-    """Ranks from torchrun's (or srun's, or Ray Train's) environment; one process without it."""
+def init_distributed(device_choice: str = "auto", device: torch.device | None = None) -> Dist:
+    """Ranks from torchrun's (or srun's, or Ray Train's) environment; one process without it.
+    `device` overrides the choice by LOCAL_RANK (Ray Train knows each worker's GPU)."""
     if dist.is_available() and dist.is_initialized():         # Ray Train's TorchTrainer set it up
         world, rank = dist.get_world_size(), dist.get_rank()
     else:
@@ -60,7 +63,9 @@ def init_distributed(device_choice: str = "auto") -> Dist:
     use_cuda = torch.cuda.is_available() if device_choice == "auto" else device_choice == "cuda"
     if use_cuda and not torch.cuda.is_available():
         raise TrainingError("train.device=cuda but no CUDA device is visible")
-    device = torch.device("cuda", local) if use_cuda else torch.device("cpu")
+    if device is None:
+        device = torch.device("cuda", local) if use_cuda else torch.device("cpu")
+    use_cuda = device.type == "cuda"
     if use_cuda:
         torch.cuda.set_device(device)
     if world > 1 and not dist.is_initialized():
@@ -183,14 +188,15 @@ def net_args(cfg: C.Config, ds: EncodedDataset) -> dict:
 
 def train(cfg: C.Config, stage: str | None = None, stop: StopFlag | None = None, progress: bool = True,
           report=None, max_steps: int | None = None, parent_run_id: str | None = None,
-          run_name: str | None = None) -> TrainResult:
+          run_name: str | None = None, device: torch.device | None = None) -> TrainResult:
     """Train (or resume) the run described by `cfg` in cfg.train.run_dir until duration_nimg.
 
-    report(nimg, metrics) is called on rank 0 after every snapshot (sweeps use it); max_steps ends
-    the call early as if stopped (tests use it to simulate interruptions).
+    report(nimg, metrics) is called on every rank after every snapshot (sweeps use it; Ray Train
+    wants every worker to report); max_steps ends the call early as if stopped (tests use it to
+    simulate interruptions); device overrides the device init_distributed would choose.
     """
     t0 = time.time()
-    d = init_distributed(cfg.train.device)
+    d = init_distributed(cfg.train.device, device)
     tc = cfg.train
     stop = stop or StopFlag().install()
     run_dir = Path(tc.run_dir)
@@ -226,7 +232,7 @@ def train(cfg: C.Config, stage: str | None = None, stop: StopFlag | None = None,
         log(f"resuming from {ckpt['path']} at nimg={nimg}")
         del ckpt
     ddp = torch.nn.parallel.DistributedDataParallel(net) if d.world_size > 1 else None
-    model = maybe_compile(ddp or net, tc.compile, log)
+    model = maybe_compile(ddp or net, tc.compile, log, what="training")
     amp = torch.autocast(d.device.type, dtype=torch.bfloat16, enabled=tc.amp == "bf16")
 
     logger = None
@@ -246,9 +252,12 @@ def train(cfg: C.Config, stage: str | None = None, stop: StopFlag | None = None,
             atomic_write_text(mlflow_run_id, id_file)
         logger.log_artifact(run_dir / "config.yaml")
 
+    writer = SnapshotWriter(tc.async_snapshots) if d.is_main else None
+
     def checkpoint():
         if not d.is_main:
             return None
+        writer.drain()                             # snapshots up to nimg are on disk before the checkpoint
         return save_checkpoint(run_dir, {"format": CHECKPOINT_FORMAT, "nimg": nimg, "net": net.state_dict(),
                                          "optimizer": opt.state_dict(), "ema": ema.state_dict(),
                                          "mlflow_run_id": mlflow_run_id, "nonfinite": nonfinite,
@@ -266,75 +275,84 @@ def train(cfg: C.Config, stage: str | None = None, stop: StopFlag | None = None,
     if d.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(d.device)
 
-    while nimg < tc.duration_nimg:
-        if stop.requested(d) or (max_steps is not None and steps >= max_steps):
-            status = "stopped"
-            break
-        # --- one optimizer step over the global batch starting at image `nimg` ---------------------
-        gen = torch.Generator(device=d.device).manual_seed(_seed(tc.seed, 3, nimg))   # on the device: cheap
-        sigma_all = torch.exp(torch.randn(tc.batch_size, generator=gen, device=d.device) * cfg.loss.P_std
-                              + cfg.loss.P_mean)
-        eps_all = torch.randn([tc.batch_size, ds.img_channels, ds.resolution, ds.resolution], generator=gen,
-                              device=d.device)
-        idx_all = batch_indices(nimg, tc.batch_size, len(ds), tc.seed)
-        lr = learning_rate(nimg, tc.batch_size, tc.ref_lr, tc.ref_batches, tc.rampup_nimg)
-        for g in opt.param_groups:
-            g["lr"] = lr
-        opt.zero_grad(set_to_none=True)
-        step_loss = step_mse = 0.0
-        for r in range(rounds):
-            lo = d.rank * batch_rank + r * batch_gpu
-            sl = slice(lo, lo + batch_gpu)
-            torch.manual_seed(_seed(tc.seed, 4, nimg, d.rank, r))      # dropout masks
-            x, labels = ds.get(idx_all[sl], generator=torch.Generator().manual_seed(_seed(tc.seed, 5, nimg, lo)))
-            x = x.to(d.device, memory_format=torch.channels_last if tc.channels_last else torch.preserve_format)
-            labels = labels.to(d.device) if labels is not None and args["label_dim"] else None
-            sync = ddp is None or r == rounds - 1
-            ctx = ddp.no_sync() if (ddp is not None and not sync) else _nullcontext()
-            with ctx, amp:
-                obj, stats = edm2_loss(model, x, labels, cfg.loss.P_mean, cfg.loss.P_std, cfg.loss.sigma_data,
-                                       sigma=sigma_all[sl], eps=eps_all[sl])
-                (obj * (batch_gpu / batch_rank)).backward()
-            step_loss += stats["loss"].item() / rounds
-            step_mse += stats["weighted_mse"].item() / rounds
-        for p in net.parameters():                 # SPEC 3: non-finite gradients are set to zero
-            if p.grad is not None:
-                torch.nan_to_num(p.grad, nan=0, posinf=0, neginf=0, out=p.grad)
-        opt.step()
-        nimg += tc.batch_size
-        steps += 1
-        if d.world_size > 1:                       # loss for logging: mean over ranks
-            t = torch.tensor([step_loss, step_mse], device=d.device)
-            dist.all_reduce(t)
-            step_loss, step_mse = (t / d.world_size).tolist()
-        nonfinite = nonfinite + 1 if not math.isfinite(step_loss) else 0
-        if nonfinite >= tc.max_nonfinite_steps:
-            if logger:
-                logger.end("FAILED")
-            raise TrainingError(f"loss was non-finite for {nonfinite} consecutive steps at nimg={nimg} "
-                                f"(try a lower train.ref_lr={tc.ref_lr}); the last good checkpoint is kept")
-        last_loss = step_loss
+    pin = d.device.type == "cuda"
+    batches = rank_batches(ds, tc, nimg, d.rank, batch_rank, batch_gpu, pin)
+    if tc.prefetch_batches:
+        batches = Prefetcher(batches, tc.prefetch_batches)
+    try:
+        while nimg < tc.duration_nimg:
+            if stop.requested(d) or (max_steps is not None and steps >= max_steps):
+                status = "stopped"
+                break
+            # --- one optimizer step over the global batch starting at image `nimg` -----------------
+            gen = torch.Generator(device=d.device).manual_seed(_seed(tc.seed, 3, nimg))   # on the device: cheap
+            sigma_all = torch.exp(torch.randn(tc.batch_size, generator=gen, device=d.device) * cfg.loss.P_std
+                                  + cfg.loss.P_mean)
+            eps_all = torch.randn([tc.batch_size, ds.img_channels, ds.resolution, ds.resolution], generator=gen,
+                                  device=d.device)
+            lr = learning_rate(nimg, tc.batch_size, tc.ref_lr, tc.ref_batches, tc.rampup_nimg)
+            for g in opt.param_groups:
+                g["lr"] = lr
+            opt.zero_grad(set_to_none=True)
+            step_loss = step_mse = 0.0
+            for r in range(rounds):
+                lo = d.rank * batch_rank + r * batch_gpu
+                sl = slice(lo, lo + batch_gpu)
+                torch.manual_seed(_seed(tc.seed, 4, nimg, d.rank, r))      # dropout masks
+                key, x, labels = next(batches)
+                if key != (nimg, r):
+                    raise TrainingError(f"batch order broken: expected {(nimg, r)}, got {key}")
+                x = x.to(d.device, non_blocking=pin,
+                         memory_format=torch.channels_last if tc.channels_last else torch.preserve_format)
+                labels = labels.to(d.device, non_blocking=pin) if labels is not None and args["label_dim"] else None
+                sync = ddp is None or r == rounds - 1
+                ctx = ddp.no_sync() if (ddp is not None and not sync) else _nullcontext()
+                with ctx, amp:
+                    obj, stats = edm2_loss(model, x, labels, cfg.loss.P_mean, cfg.loss.P_std, cfg.loss.sigma_data,
+                                           sigma=sigma_all[sl], eps=eps_all[sl])
+                    (obj * (batch_gpu / batch_rank)).backward()
+                step_loss += stats["loss"].item() / rounds
+                step_mse += stats["weighted_mse"].item() / rounds
+            for p in net.parameters():                 # SPEC 3: non-finite gradients are set to zero
+                if p.grad is not None:
+                    torch.nan_to_num(p.grad, nan=0, posinf=0, neginf=0, out=p.grad)
+            opt.step()
+            nimg += tc.batch_size
+            steps += 1
+            if d.world_size > 1:                       # loss for logging: mean over ranks
+                t = torch.tensor([step_loss, step_mse], device=d.device)
+                dist.all_reduce(t)
+                step_loss, step_mse = (t / d.world_size).tolist()
+            nonfinite = nonfinite + 1 if not math.isfinite(step_loss) else 0
+            if nonfinite >= tc.max_nonfinite_steps:
+                if logger:
+                    logger.end("FAILED")
+                raise TrainingError(f"loss was non-finite for {nonfinite} consecutive steps at nimg={nimg} "
+                                    f"(try a lower train.ref_lr={tc.ref_lr}); the last good checkpoint is kept")
+            last_loss = step_loss
 
-        if d.is_main:
-            ema.update(net, nimg, tc.batch_size)
-            if math.isfinite(step_loss):
-                window["loss"] += step_loss
-                window["weighted_mse"] += step_mse
-                window["n"] += 1
-            if bar is not None:
-                bar.update(tc.batch_size)
-                bar.set_postfix(loss=f"{step_loss:.3f}", lr=f"{lr:.2e}", refresh=False)
-            if nimg % tc.status_nimg < tc.batch_size or nimg >= tc.duration_nimg:
-                _log_window(logger, window, nimg, lr, d)
-            if nimg % cfg.ema.snapshot_nimg == 0:
-                ema.save_snapshots(run_dir / "snapshots", nimg, meta, cfg.ema.snapshot_dtype)
-                if report is not None:
-                    report(nimg, {"loss": step_loss, "weighted_mse": step_mse})
-            if tc.sample_nimg and nimg % tc.sample_nimg < tc.batch_size:
-                _log_samples(net, ema, cfg, args, run_dir, nimg, logger, d)
-        if nimg % tc.checkpoint_nimg == 0 and nimg < tc.duration_nimg:
-            last_ckpt = checkpoint()
-
+            if d.is_main:
+                ema.update(net, nimg, tc.batch_size)
+                if math.isfinite(step_loss):
+                    window["loss"] += step_loss
+                    window["weighted_mse"] += step_mse
+                    window["n"] += 1
+                if bar is not None:
+                    bar.update(tc.batch_size)
+                    bar.set_postfix(loss=f"{step_loss:.3f}", lr=f"{lr:.2e}", refresh=False)
+                if nimg % tc.status_nimg < tc.batch_size or nimg >= tc.duration_nimg:
+                    _log_window(logger, window, nimg, lr, d)
+                if nimg % cfg.ema.snapshot_nimg == 0:
+                    writer.submit(ema.snapshot_payloads(run_dir / "snapshots", nimg, meta, cfg.ema.snapshot_dtype))
+                if tc.sample_nimg and nimg % tc.sample_nimg < tc.batch_size:
+                    _log_samples(net, ema, cfg, args, run_dir, nimg, logger, d)
+            if report is not None and nimg % cfg.ema.snapshot_nimg == 0:    # every rank: same loss after all_reduce
+                report(nimg, {"loss": step_loss, "weighted_mse": step_mse})
+            if nimg % tc.checkpoint_nimg == 0 and nimg < tc.duration_nimg:
+                last_ckpt = checkpoint()
+    finally:
+        if isinstance(batches, Prefetcher):
+            batches.close()
     last_ckpt = checkpoint() or last_ckpt
     if bar is not None:
         bar.close()
@@ -358,30 +376,49 @@ def train(cfg: C.Config, stage: str | None = None, stop: StopFlag | None = None,
     return TrainResult(nimg, status, run_dir, mlflow_run_id, last_loss, seconds, last_ckpt)
 
 
-def maybe_compile(model, enabled: bool, log=print):
-    """torch.compile with a fallback: compilation happens at the first call, and a model that fails
-    to compile there trains uncompiled (said once)."""
-    if not enabled:
-        return model
-    return _CompileFallback(torch.compile(model), model, log)
+def rank_batches(ds: EncodedDataset, tc: C.TrainConfig, nimg: int, rank: int, batch_rank: int, batch_gpu: int,
+                 pin: bool = False) -> Iterator[tuple[tuple[int, int], torch.Tensor, torch.Tensor | None]]:
+    """This rank's batches from image `nimg` on, in training order: ((nimg, round), x, labels).
+
+    Everything is a function of (seed, nimg, rank, round), so a resumed run, any prefetch depth and
+    any number of processes see the same images with the same augmentation noise."""
+    rounds = batch_rank // batch_gpu
+    while nimg < tc.duration_nimg:
+        idx_all = batch_indices(nimg, tc.batch_size, len(ds), tc.seed)
+        for r in range(rounds):
+            lo = rank * batch_rank + r * batch_gpu
+            x, labels = ds.get(idx_all[lo:lo + batch_gpu], generator=torch.Generator().manual_seed(_seed(tc.seed, 5, nimg, lo)))
+            if pin:                                 # page-locked: the copy to the GPU runs asynchronously
+                x = x.pin_memory()
+                labels = labels.pin_memory() if labels is not None else None
+            yield (nimg, r), x, labels
+        nimg += tc.batch_size
 
 
-class _CompileFallback:
-    def __init__(self, compiled, eager, log):
-        self.compiled, self.eager, self.log, self.failed = compiled, eager, log, False
+class SnapshotWriter:
+    """Writes EMA snapshots now, or (async) in one background thread in submission order.
 
-    def __call__(self, *args, **kwargs):
-        if not self.failed:
-            try:
-                return self.compiled(*args, **kwargs)
-            except Exception as err:               # no C++ compiler, unsupported op or backend
-                self.failed = True
-                self.log(f"warning: torch.compile failed ({err.__class__.__name__}: {str(err)[:200]}); "
-                         f"training uncompiled")
-        return self.eager(*args, **kwargs)
+    A failed background write is raised at the next submit or drain, so it cannot go unnoticed;
+    drain() before each checkpoint keeps 'checkpoint at nimg N' => 'snapshots up to N on disk'."""
 
-    def no_sync(self):
-        return self.eager.no_sync()
+    def __init__(self, background: bool):
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="snapshot-writer") if background else None
+        self._pending: list = []
+
+    def submit(self, items) -> None:
+        if self._pool is None:
+            write_snapshots(items)
+            return
+        for f in self._pending:
+            if f.done():
+                f.result()                          # re-raises a failed write
+        self._pending = [f for f in self._pending if not f.done()]
+        self._pending.append(self._pool.submit(write_snapshots, items))
+
+    def drain(self) -> None:
+        pending, self._pending = self._pending, []
+        for f in pending:
+            f.result()
 
 
 class _nullcontext:

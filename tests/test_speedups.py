@@ -1,11 +1,16 @@
 """Speed switches keep the numerics: the loss after N steps stays within tolerance of the plain path."""
 import json
+from pathlib import Path
 
 import pytest
+import torch
 
 from conftest import tiny_params
 from pipeline import config as C
-from pipeline.training import train
+from pipeline.data import Prefetcher
+from pipeline.edm import sample_images
+from pipeline.networks import build_network
+from pipeline.training import SnapshotWriter, train
 
 STEPS = {"duration_nimg": 96, "checkpoint_nimg": 96, "status_nimg": 16}
 
@@ -18,8 +23,50 @@ def losses(tmp_path, fmnist, name, **switches):
 
 
 @pytest.fixture(scope="module")
-def plain(tmp_path_factory, fmnist):
-    return losses(tmp_path_factory.mktemp("plain"), fmnist, "plain")
+def plain_dir(tmp_path_factory, fmnist):
+    d = tmp_path_factory.mktemp("plain")
+    losses(d, fmnist, "plain")
+    return d / "plain"
+
+
+@pytest.fixture(scope="module")
+def plain(plain_dir):
+    return [json.loads(l)["loss"] for l in (plain_dir / "run" / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_async_snapshots_and_prefetch_change_nothing(tmp_path, fmnist, plain, plain_dir):
+    """Background snapshot writes and batches assembled ahead: the same losses and the same
+    snapshot files, bit for bit (they move work in time, not in value)."""
+    got = losses(tmp_path, fmnist, "async", async_snapshots=True, prefetch_batches=3)
+    assert got == plain
+    ref = sorted(p.name for p in (plain_dir / "run" / "snapshots").glob("phema-*.pt"))
+    new = sorted(p.name for p in (tmp_path / "async" / "run" / "snapshots").glob("phema-*.pt"))
+    assert new == ref and len(ref) == 2 * 3
+    for name in ref:
+        a = torch.load(plain_dir / "run" / "snapshots" / name, weights_only=False)["state"]
+        b = torch.load(tmp_path / "async" / "run" / "snapshots" / name, weights_only=False)["state"]
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_snapshot_writer_surfaces_a_failed_background_write(tmp_path):
+    blocker = tmp_path / "not-a-dir"
+    blocker.write_text("a file where the snapshot folder should be")
+    w = SnapshotWriter(background=True)
+    w.submit([(blocker / "phema-0000000032-0.050.pt", {"state": {}})])
+    with pytest.raises(OSError):
+        w.drain()
+
+
+def test_prefetcher_keeps_order_and_raises_the_producers_error():
+    assert list(Prefetcher(iter(range(50)), depth=4)) == list(range(50))
+
+    def broken():
+        yield 1
+        raise RuntimeError("corrupt batch")
+    p = Prefetcher(broken(), depth=2)
+    assert next(p) == 1
+    with pytest.raises(RuntimeError, match="corrupt batch"):
+        next(p)
 
 
 @pytest.mark.parametrize("switches, tol", [
@@ -41,3 +88,21 @@ def test_torch_compile_keeps_the_loss_or_falls_back(tmp_path, fmnist, plain, cap
     rel = max(abs(a - b) / max(abs(b), 1e-3) for a, b in zip(got, plain))
     print(f"compile: max relative loss difference {rel:.2e}; fallback used: {'torch.compile failed' in out}")
     assert rel < 1e-3
+
+
+@pytest.mark.slow
+def test_compiled_sampler_matches_eager():
+    """sampler.compile (torch.compile; CUDA graphs on a GPU) gives the eager sampler's images."""
+    cfg = C.resolve({}, {"network.model_channels": 16, "network.channel_mult": [1, 2], "network.num_blocks": 1,
+                         "network.attn_resolutions": [16], "network.channels_per_head": 16, "sampler.steps": 3})
+    torch.manual_seed(0)
+    net = build_network(cfg, 32, 1, 10).eval()
+    labels = torch.nn.functional.one_hot(torch.arange(4) % 10, 10).float()
+    eager = sample_images(net, list(range(4)), labels, cfg.sampler)
+    compiled_cfg = cfg.sampler.model_copy(update={"compile": True})
+    got = sample_images(net, list(range(4)), labels, compiled_cfg)
+    again = sample_images(net, list(range(4)), labels, compiled_cfg)     # reuses the compiled network
+    rel = ((got - eager).norm() / eager.norm()).item()
+    print(f"compiled sampler: relative L2 difference {rel:.2e}; fell back: {net._sampling_compiled.failed}")
+    assert rel < 1e-4 and torch.equal(got, again)
+    assert not any("_sampling_compiled" in k for k in net.state_dict())

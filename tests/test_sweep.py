@@ -153,7 +153,8 @@ def test_asha_stops_the_clearly_bad_trial(tmp_path, fmnist):
         overrides={**yaml.safe_load((ROOT / "sweeps/tiny.yaml").read_text())["overrides"],
                    "train.duration_nimg": 192},
         scheduler={"type": "asha", "metric": "loss", "grace_period_nimg": 64, "reduction_factor": 2})
-    r = subprocess.run([sys.executable, "-m", "pipeline", "sweep", str(sweep_file), "--num-cpus", "2"], cwd=tmp_path,
+    # 3 logical CPUs: 2 workers + the trial's driver (on this 2-core machine they mostly wait in turn).
+    r = subprocess.run([sys.executable, "-m", "pipeline", "sweep", str(sweep_file), "--num-cpus", "3"], cwd=tmp_path,
                        env=ENV, capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
     table = pd.read_csv(tmp_path / "reports/sweeps/asha/results.csv")
@@ -205,6 +206,8 @@ def test_gpus_per_trial_checked_against_a_real_ray_cluster(tmp_path, fmnist, mon
         with pytest.raises(SweepError, match="resources.gpus=2 per trial, but the cluster has 1 GPUs"):
             _check_resources(C.SweepConfig(name="x", search={}, ema_lengths=[0.1], resources={"gpus": 2}), ray)
         assert _check_resources(C.SweepConfig(name="x", ema_lengths=[0.1], resources={"gpus": 0.5}), ray) == (0.5, "cuda")
+        with pytest.raises(SweepError, match=r"resources.cpus=1 x resources.workers=2 per trial \+ 1 for the trial driver, but the cluster has 1 CPUs"):
+            _check_resources(C.SweepConfig(name="x", ema_lengths=[0.1], resources={"workers": 2}), ray)
     finally:
         ray.shutdown()
     ray.init(num_cpus=1, include_dashboard=False, configure_logging=False)                # no GPUs at all
@@ -213,3 +216,81 @@ def test_gpus_per_trial_checked_against_a_real_ray_cluster(tmp_path, fmnist, mon
         assert "no GPUs: running trials on CPU workers" in capsys.readouterr().out
     finally:
         ray.shutdown()
+
+
+@pytest.mark.slow
+def test_interrupted_sweep_resumes_without_rerunning_finished_trials(tmp_path, fmnist):
+    """Ctrl-C on the driver while the second of two trials trains; `--resume` (Tuner.restore) keeps
+    the finished trial as it is and finishes the other from its checkpoint."""
+    sweep_file = make_project(tmp_path, fmnist, search={"train.ref_lr": {"grid": [0.005, 0.02]}}, max_concurrent=1,
+                              name="resume")
+    cmd = [sys.executable, "-m", "pipeline", "sweep", str(sweep_file), "--num-cpus", "2"]
+    p = subprocess.Popen(cmd, cwd=tmp_path, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    trials = tmp_path / "runs/sweeps/resume/trials"
+    finished, deadline = None, time.time() + 600
+    while finished is None and time.time() < deadline and p.poll() is None:
+        done = [t for t in trials.glob("*") if (t / "fid_records.json").is_file()] if trials.is_dir() else []
+        running = [t for t in trials.glob("*") if t not in done and list((t / "run/checkpoints").glob("*.pt"))] \
+            if done else []
+        if done and running:
+            finished = done[0]
+            p.send_signal(signal.SIGINT)                      # what Ctrl-C does
+        time.sleep(0.2)
+    out1, _ = p.communicate(timeout=300)
+    assert finished is not None, "never caught one trial finished and one mid-run:\n" + out1[-3000:]
+    assert "1 of 2 trials did not finish" in out1 and "--resume" in out1, out1[-3000:]
+    assert not (tmp_path / "reports/sweeps/resume/results.csv").is_file() or \
+        len(pd.read_csv(tmp_path / "reports/sweeps/resume/results.csv").dropna(subset=["fid"])) < 6
+    kept = {f: (finished / f).stat().st_mtime_ns for f in ("run/train_summary.json", "fid_records.json")}
+    kept_lines = (finished / "run/metrics.jsonl").read_text()
+
+    r = subprocess.run(cmd + ["--resume"], cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=900)
+    out2 = r.stdout + r.stderr
+    assert r.returncode == 0, out2[-4000:]
+    print(out1[-1500:], "\n-----\n", "\n".join(l for l in out2.splitlines() if "resum" in l))
+    assert "sweep: resuming" in out2 and "resuming from" in out2     # Tune restore, then the trial's checkpoint
+    assert {f: (finished / f).stat().st_mtime_ns for f in kept} == kept, "the finished trial was re-run"
+    assert (finished / "run/metrics.jsonl").read_text() == kept_lines
+    table = pd.read_csv(tmp_path / "reports/sweeps/resume/results.csv")
+    assert len(table) == 6 and set(table["status"]) == {"finished"} and table["trial_id"].nunique() == 2
+    client, runs = mlflow_runs(tmp_path)
+    kinds = Counter(r.data.tags.get("kind", "trial") for r in runs)
+    assert kinds == {"sweep": 1, "trial": 2, "ema": 6}, kinds
+    for run in runs:
+        if "kind" not in run.data.tags:
+            steps = [m.step for m in client.get_metric_history(run.info.run_id, "loss")]
+            assert len(steps) == len(set(steps)) and max(steps) == 96, steps
+
+
+@pytest.mark.slow
+def test_trial_spanning_two_workers_through_ray_train(tmp_path, fmnist):
+    """resources.workers=2: the trial trains under Ray Train's TorchTrainer (2 gloo CPU workers),
+    reports reach Tune, rank 0 fans out the EMA lengths; the training equals a 1-process run."""
+    import torch
+    sweep_file = make_project(tmp_path, fmnist, search={}, name="ddp", resources={"cpus": 1, "workers": 2})
+    # 3 logical CPUs: 2 workers + the trial's driver (on this 2-core machine they mostly wait in turn).
+    r = subprocess.run([sys.executable, "-m", "pipeline", "sweep", str(sweep_file), "--num-cpus", "3"], cwd=tmp_path,
+                       env=ENV, capture_output=True, text=True, timeout=900)
+    out = r.stdout + r.stderr
+    assert r.returncode == 0, out[-4000:]
+    table = pd.read_csv(tmp_path / "reports/sweeps/ddp/results.csv")
+    assert len(table) == 3 and set(table["status"]) == {"finished"} and table["fid"].notna().all()
+    assert (table["nimg"] == 96).all()                       # Tune got the workers' reports
+    client, runs = mlflow_runs(tmp_path)
+    assert Counter(r.data.tags.get("kind", "trial") for r in runs) == {"sweep": 1, "trial": 1, "ema": 3}
+    trial = next(r for r in runs if "kind" not in r.data.tags)
+    assert trial.data.tags["processes"] == "2"
+    steps = [m.step for m in client.get_metric_history(trial.info.run_id, "loss")]
+    assert len(steps) == len(set(steps)) and max(steps) == 96
+    # The same configuration trained by one process gives the same EMA (DDP is exact up to float sums).
+    (run_dir,) = (tmp_path / "runs/sweeps/ddp/trials").glob("*/run")
+    cfg = C.load_config(run_dir / "config.yaml", {"train.run_dir": str(tmp_path / "single"), "tracking.enabled": False})
+    from pipeline.training import train
+    train(cfg, progress=False)
+    name = sorted(p.name for p in (run_dir / "snapshots").glob("phema-*.pt"))[-1]
+    a = torch.load(run_dir / "snapshots" / name, weights_only=False)["state"]
+    b = torch.load(tmp_path / "single" / "snapshots" / name, weights_only=False)["state"]
+    num = sum((a[k].float() - b[k].float()).norm() ** 2 for k in a if a[k].is_floating_point()) ** 0.5
+    den = sum(b[k].float().norm() ** 2 for k in b if b[k].is_floating_point()) ** 0.5
+    print(f"2 Ray Train workers vs 1 process: relative L2 of the last snapshot {float(num / den):.2e}")
+    assert float(num / den) < 1e-3
