@@ -354,7 +354,7 @@ def stream_combine(infos: Sequence[SnapshotInfo], X: np.ndarray, progress: bool 
     disk reads overlap the arithmetic.
 
     Memory: the accumulators (one float32 model per column), `group` half-precision snapshots, and a
-    (group + columns) x chunk_elems float32 scratch; never more as the number of snapshots grows.
+    group x chunk_elems float32 scratch; never more as the number of snapshots grows.
     """
     n_snap, n_cols = X.shape
     Xt = torch.from_numpy(np.ascontiguousarray(X.T, dtype=np.float32))
@@ -378,7 +378,7 @@ def stream_combine(infos: Sequence[SnapshotInfo], X: np.ndarray, progress: bool 
                    for k, v in states[0].items() if v.is_floating_point()}
             other = {k: v.clone() for k, v in states[0].items() if not v.is_floating_point()}
             shapes = {k: v.shape for k, v in states[0].items()}
-        weights = Xt[:, g0:g1].contiguous()
+        weights, flats = Xt[:, g0:g1].contiguous(), None
         for k, a in acc.items():
             flats = [s[k].reshape(-1) for s in states]
             for c in range(0, a.shape[1], chunk_elems):
@@ -386,7 +386,7 @@ def stream_combine(infos: Sequence[SnapshotInfo], X: np.ndarray, progress: bool 
                 for r, f in enumerate(flats):
                     buf[r, :n].copy_(f[c:c + n])         # half -> float32, in cache
                 a[:, c:c + n].addmm_(weights, buf[:g1 - g0, :n])
-        del states, flats
+        states = flats = None                          # unmap this group before the next one
         if bar is not None:
             bar.update(g1 - g0)
     if bar is not None:
