@@ -41,7 +41,7 @@ def main(argv=None):
     p.add_argument("--params-m", type=float, default=16.0, help="model size in millions of parameters")
     p.add_argument("--snapshots", type=int, default=64)
     p.add_argument("--targets", type=int, default=8)
-    p.add_argument("--group", type=int, default=4, help="snapshots combined at a time (reconstruct(group=))")
+    p.add_argument("--group", type=int, default=2, help="snapshots combined at a time (reconstruct(group=))")
     p.add_argument("--dir", help="where to write the snapshots (default: a temp folder)")
     p.add_argument("--repeats", type=int, default=3, help="measurements per cache state; the median is reported")
     args = p.parse_args(argv)

@@ -270,7 +270,7 @@ def sources_digest(infos: Sequence[SnapshotInfo], target_nimg: int) -> str:
 
 def reconstruct(snapshot_dir: str | Path, targets: Sequence[float], target_nimg: int | None = None,
                 out_dir: str | Path | None = None, batch_targets: int = 8, progress: bool = False,
-                check: bool = True, group: int = 4) -> dict:
+                check: bool = True, group: int = 2) -> dict:
     """Reconstruct EMA profiles `targets` (sigma_rel) at time `target_nimg` (default: last snapshot).
 
     Streams over the snapshots once per batch of targets: memory holds the accumulators of one
@@ -344,14 +344,14 @@ def _up_to_date(path: Path, digest: str) -> bool:
 
 
 def stream_combine(infos: Sequence[SnapshotInfo], X: np.ndarray, progress: bool = False,
-                   group: int = 4, chunk_elems: int = 1 << 16) -> Combined:
+                   group: int = 2, chunk_elems: int = 1 << 16, read_ahead: int = 8) -> Combined:
     """sum_i X_ij theta_i for each column j, reading each snapshot once, accumulating in float32.
 
     Snapshots are read `group` at a time (memory-mapped) and combined chunk by chunk as one small
     matrix product acc[:, chunk] += X[group, :]^T @ theta[group, chunk]: the accumulators are read and
     written once per group instead of once per snapshot, which is what bounds the speed on a CPU.
-    While a group is combined the kernel is already reading the next one (posix_fadvise WILLNEED), so
-    disk reads overlap the arithmetic.
+    The kernel reads `read_ahead` snapshots ahead of the one being combined (posix_fadvise WILLNEED:
+    page cache, not this process's memory), so disk reads overlap the arithmetic.
 
     Memory: the accumulators (one float32 model per column), `group` half-precision snapshots, and a
     group x chunk_elems float32 scratch; never more as the number of snapshots grows.
@@ -366,11 +366,12 @@ def stream_combine(infos: Sequence[SnapshotInfo], X: np.ndarray, progress: bool 
     if progress:
         from tqdm import tqdm
         bar = tqdm(total=n_snap, desc=f"reconstruct {n_cols} target(s)", unit="snapshot")
-    for i in range(min(group, n_snap)):
+    ahead = max(group, read_ahead)
+    for i in range(min(ahead, n_snap)):
         _prefetch(infos[i].path)
     for g0 in range(0, n_snap, group):
         g1 = min(g0 + group, n_snap)
-        for i in range(g1, min(g1 + group, n_snap)):     # start reading the next group now
+        for i in range(g0 + ahead, min(g1 + ahead, n_snap)):   # keep `ahead` snapshots in flight
             _prefetch(infos[i].path)
         states = [_read_snapshot(infos[i])["state"] for i in range(g0, g1)]
         if acc is None:
