@@ -1,6 +1,8 @@
 """Sampling throughput (images/s) at NFE 35 (18 Heun steps) and NFE 63 (32 steps)."""
 from __future__ import annotations
 
+import itertools
+
 import torch
 
 from benchmarks.common import parser, sync, write
@@ -27,7 +29,8 @@ def main(argv=None):
         net = build_network(cfg, res, ch, labels).to(args.device).eval()
         batch = args.batch or (2 if args.smoke else 256 if args.device.startswith("cuda") else 16)
         y = torch.nn.functional.one_hot(torch.arange(batch) % labels, labels).float().to(args.device)
-        for steps, compiled in [(n, c) for n in ((2,) if args.smoke else (18, 32)) for c in (False, True)[:1 + args.compile]]:
+        modes = (False, True) if args.compile else (False,)
+        for steps, compiled in itertools.product((2,) if args.smoke else (18, 32), modes):
             s = cfg.sampler.model_copy(update={"steps": steps, "compile": compiled})
             with torch.autocast(args.device.split(":")[0], dtype=torch.bfloat16, enabled=args.amp):
                 sample_images(net, list(range(batch)), y, s, device=args.device)      # warm-up

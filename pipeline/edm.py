@@ -135,7 +135,7 @@ def sample_images(net, seeds: Sequence[int], labels: torch.Tensor | None, sample
     """Samples from a Precond network for one batch of per-image seeds (float32, data scale)."""
     noise = SeededNoise(seeds, device)
     shape = (net.img_channels, net.img_resolution, net.img_resolution)
-    model = _sampling_model(net, getattr(sampler_cfg, "compile", False), device)
+    model = _sampling_model(net, sampler_cfg.compile, device)
 
     def denoise(x, sigma):
         return model(x.to(torch.float32), sigma.to(torch.float32).expand(x.shape[0]), labels)

@@ -150,8 +150,7 @@ def fan_out(cfg: C.Config, res, trial_dir: Path, ref_cache: str, device=None) ->
     from .phema import reconstruct
     from .report import plot_fid_vs_ema
     from .tracking import RunLogger, log_ema_runs
-    device = str(device) if device is not None else cfg.train.device
-    device = "cpu" if device == "auto" else device
+    device = str(device) if device is not None else cfg.train.device     # trial_config set cpu or cuda
     ema_dir = trial_dir / "ema"
     reconstruct(Path(cfg.train.run_dir) / "snapshots", cfg.ema.targets, out_dir=ema_dir)
     records_file = trial_dir / "fid_records.json"
