@@ -6,8 +6,8 @@ reported as not measured) and warm (files in the page cache, so the limit is mem
 the reconstruction's arithmetic, 2 flop per target per parameter, decides)."""
 from __future__ import annotations
 
+import os
 import statistics
-import subprocess
 import tempfile
 import time
 from pathlib import Path
@@ -19,8 +19,8 @@ from pipeline.phema import PowerFunctionEMA, reconstruct
 
 
 def drop_page_cache() -> bool:
+    os.sync()                                        # dirty pages cannot be dropped
     try:
-        subprocess.run(["sync"], check=True)
         Path("/proc/sys/vm/drop_caches").write_text("3\n")
         return True
     except OSError:
