@@ -1,6 +1,5 @@
 """Speed switches keep the numerics: the loss after N steps stays within tolerance of the plain path."""
 import json
-from pathlib import Path
 
 import pytest
 import torch
@@ -18,8 +17,11 @@ STEPS = {"duration_nimg": 96, "checkpoint_nimg": 96, "status_nimg": 16}
 def losses(tmp_path, fmnist, name, **switches):
     params = tiny_params(tmp_path / name, fmnist, tracking={"enabled": False}, train={**STEPS, **switches})
     train(C.load_config(params), progress=False)
-    rows = [json.loads(l) for l in (tmp_path / name / "run" / "metrics.jsonl").read_text().splitlines()]
-    return [r["loss"] for r in rows]
+    return logged_losses(tmp_path / name / "run")
+
+
+def logged_losses(run_dir):
+    return [json.loads(l)["loss"] for l in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
 @pytest.fixture(scope="module")
@@ -31,7 +33,7 @@ def plain_dir(tmp_path_factory, fmnist):
 
 @pytest.fixture(scope="module")
 def plain(plain_dir):
-    return [json.loads(l)["loss"] for l in (plain_dir / "run" / "metrics.jsonl").read_text().splitlines()]
+    return logged_losses(plain_dir / "run")
 
 
 def test_async_snapshots_and_prefetch_change_nothing(tmp_path, fmnist, plain, plain_dir):
