@@ -133,3 +133,4 @@ def served_mlflow(backend_uri: str):
             p.wait(timeout=20)
         except subprocess.TimeoutExpired:
             p.kill()
+        shutil.rmtree(art, ignore_errors=True)
