@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from benchmarks.common import parser, write
+from pipeline import phema
 from pipeline.phema import PowerFunctionEMA, reconstruct
 
 
@@ -41,7 +42,9 @@ def main(argv=None):
     p.add_argument("--params-m", type=float, default=16.0, help="model size in millions of parameters")
     p.add_argument("--snapshots", type=int, default=64)
     p.add_argument("--targets", type=int, default=8)
-    p.add_argument("--group", type=int, default=2, help="snapshots combined at a time (reconstruct(group=))")
+    p.add_argument("--group", type=int, default=None,
+                   help="snapshots combined at a time (reconstruct(group=); default: the library's, 16 where "
+                        "snapshots are read by offset, else 2)")
     p.add_argument("--dir", help="where to write the snapshots (default: a temp folder)")
     p.add_argument("--repeats", type=int, default=3, help="measurements per cache state; the median is reported")
     args = p.parse_args(argv)
@@ -65,7 +68,8 @@ def main(argv=None):
             reconstruct(d, targets, batch_targets=args.targets, group=args.group)
             return time.perf_counter() - t
 
-        figures.update(snapshots=len(files), targets=args.targets, group=args.group, bytes=total)
+        figures.update(snapshots=len(files), targets=args.targets, bytes=total,
+                       group=args.group or phema.default_group(phema.scan_snapshots(d)[0]))
         repeats = 1 if args.smoke else args.repeats
         for cache in ("cold", "warm"):
             if cache == "cold" and not drop_page_cache():

@@ -270,12 +270,13 @@ def sources_digest(infos: Sequence[SnapshotInfo], target_nimg: int) -> str:
 
 def reconstruct(snapshot_dir: str | Path, targets: Sequence[float], target_nimg: int | None = None,
                 out_dir: str | Path | None = None, batch_targets: int = 8, progress: bool = False,
-                check: bool = True, group: int = 2) -> dict:
+                check: bool = True, group: int | None = None) -> dict:
     """Reconstruct EMA profiles `targets` (sigma_rel) at time `target_nimg` (default: last snapshot).
 
     Streams over the snapshots once per batch of targets: memory holds the accumulators of one
-    batch (targets x one float32 model) plus `group` half-precision snapshots being combined. Writes one model file per
-    target (`ema-<T:010d>-<sigma_rel:.3f>.pt`) and `reconstruct.json` to out_dir, skipping targets
+    batch (targets x one float32 model) plus what stream_combine holds of the snapshots (a few MiB
+    each on Linux). Writes one model file per target (`ema-<T:010d>-<sigma_rel:.3f>.pt`) and
+    `reconstruct.json` to out_dir, skipping targets
     already reconstructed from the same snapshots. Returns the summary dict (also the JSON).
     """
     targets = [check_sigma_rel(float(t), f"targets[{i}]") for i, t in enumerate(targets)]
@@ -344,55 +345,161 @@ def _up_to_date(path: Path, digest: str) -> bool:
 
 
 def stream_combine(infos: Sequence[SnapshotInfo], X: np.ndarray, progress: bool = False,
-                   group: int = 2, chunk_elems: int = 1 << 16, read_ahead: int = 8) -> Combined:
+                   group: int | None = None, chunk_elems: int = 1 << 16,
+                   read_ahead_bytes: int = 8 << 20) -> Combined:
     """sum_i X_ij theta_i for each column j, reading each snapshot once, accumulating in float32.
 
-    Snapshots are read `group` at a time (memory-mapped) and combined chunk by chunk as one small
-    matrix product acc[:, chunk] += X[group, :]^T @ theta[group, chunk]: the accumulators are read and
-    written once per group instead of once per snapshot, which is what bounds the speed on a CPU.
-    The kernel reads `read_ahead` snapshots ahead of the one being combined (posix_fadvise WILLNEED:
-    page cache, not this process's memory), so disk reads overlap the arithmetic.
+    Snapshots are combined `group` at a time, chunk by chunk, as one small matrix product
+    acc[:, chunk] += X[group, :]^T @ theta[group, chunk]: the accumulators are read and written once
+    per group instead of once per snapshot, which is what bounds the speed on a CPU.
 
-    Memory: the accumulators (one float32 model per column), `group` half-precision snapshots, and a
-    group x chunk_elems float32 scratch; never more as the number of snapshots grows.
+    On Linux each chunk is read with pread(2) at the tensor's offset in the file (_SnapshotFile), with
+    the next `read_ahead_bytes` of every snapshot requested ahead (disk reads overlap the arithmetic):
+    nothing of a snapshot stays in this process, so 16 are combined at a time. Elsewhere snapshots are
+    memory-mapped whole while their group is combined, so the default group is 2.
+
+    Memory: the accumulators (one float32 model per column) and a group x chunk_elems scratch
+    (plus, on the fallback path, `group` mapped half-precision snapshots).
     """
     n_snap, n_cols = X.shape
+    if group is None:
+        group = default_group(infos[0])
     Xt = torch.from_numpy(np.ascontiguousarray(X.T, dtype=np.float32))
     acc: dict[str, torch.Tensor] | None = None          # key -> [columns, numel] float32
     other: dict[str, torch.Tensor] = {}                 # integer buffers: copied from the first snapshot
     shapes: dict[str, torch.Size] = {}
     buf = torch.empty(group, chunk_elems, dtype=torch.float32)
+    raw = torch.empty(group, chunk_elems * 8, dtype=torch.uint8)    # file bytes of a chunk (up to 8 B/elem)
     bar = None
     if progress:
         from tqdm import tqdm
         bar = tqdm(total=n_snap, desc=f"reconstruct {n_cols} target(s)", unit="snapshot")
-    ahead = max(group, read_ahead)
-    for i in range(min(ahead, n_snap)):
-        _prefetch(infos[i].path)
+    budget = _read_ahead_budget()
     for g0 in range(0, n_snap, group):
         g1 = min(g0 + group, n_snap)
-        for i in range(g0 + ahead, min(g1 + ahead, n_snap)):   # keep `ahead` snapshots in flight
-            _prefetch(infos[i].path)
-        states = [_read_snapshot(infos[i])["state"] for i in range(g0, g1)]
+        files = [_SnapshotFile(infos[i]) for i in range(g0, g1)]
+        if g0 == 0 and files[0].spans is None:         # (read by offset, the windows below ask for it)
+            _prefetch_files(infos[g0:g1], budget)
+        _prefetch_files(infos[g1:g1 + group], budget)  # the next group comes in while this one computes
         if acc is None:
+            state = files[0].state if files[0].state is not None else _read_snapshot(infos[g0])["state"]
             acc = {k: torch.zeros(n_cols, v.numel(), dtype=torch.float32)
-                   for k, v in states[0].items() if v.is_floating_point()}
-            other = {k: v.clone() for k, v in states[0].items() if not v.is_floating_point()}
-            shapes = {k: v.shape for k, v in states[0].items()}
-        weights, flats = Xt[:, g0:g1].contiguous(), None
+                   for k, v in state.items() if v.is_floating_point()}
+            other = {k: v.clone() for k, v in state.items() if not v.is_floating_point()}
+            shapes = {k: v.shape for k, v in state.items()}
+            state = None
+        weights = Xt[:, g0:g1].contiguous()
         for k, a in acc.items():
-            flats = [s[k].reshape(-1) for s in states]
+            for f in files:
+                f.check(k, a.shape[1])
+            ahead = max(chunk_elems, read_ahead_bytes // files[0].element_size(k))
             for c in range(0, a.shape[1], chunk_elems):
                 n = min(chunk_elems, a.shape[1] - c)
-                for r, f in enumerate(flats):
-                    buf[r, :n].copy_(f[c:c + n])         # half -> float32, in cache
+                if c % ahead < chunk_elems:            # keep one to two windows requested ahead
+                    for f in files:
+                        f.will_need(k, c if c == 0 else c + ahead, c + 2 * ahead)
+                for r, f in enumerate(files):
+                    f.read_into(k, c, n, buf[r, :n], raw[r])   # -> float32, in cache
                 a[:, c:c + n].addmm_(weights, buf[:g1 - g0, :n])
-        states = flats = None                          # unmap this group before the next one
+        for f in files:
+            f.close()
         if bar is not None:
             bar.update(g1 - g0)
     if bar is not None:
         bar.close()
     return Combined(acc or {}, other, shapes)
+
+
+def default_group(info: SnapshotInfo) -> int:
+    """Snapshots combined at a time: 16 where they are read by offset, 2 where they are mapped whole."""
+    f = _SnapshotFile(info)
+    f.close()
+    return 16 if f.spans is not None else 2
+
+
+class _SnapshotFile:
+    """One snapshot's floating-point tensors, read chunk by chunk.
+
+    On Linux, torch.load(mmap=True) places every tensor in a mapping of the file, and /proc/self/maps
+    gives that mapping's file offset: so each tensor's byte span in the file is known and chunks are
+    read with pread(2) straight into a small buffer (no page faults, nothing of the file kept mapped).
+    Where spans can't be found, the memory-mapped state itself is read (`spans` is None).
+    """
+
+    def __init__(self, info: SnapshotInfo):
+        self.path = info.path
+        state = _read_snapshot(info)["state"]
+        self.spans = _file_spans(info.path, state)     # key -> (byte offset, numel, dtype)
+        self.state = None if self.spans is not None else state
+        self.fd = os.open(info.path, os.O_RDONLY) if self.spans is not None else None
+
+    def check(self, key: str, numel: int) -> None:
+        if self.spans is not None:
+            have = self.spans[key][1] if key in self.spans else None
+        else:
+            have = self.state[key].numel() if key in self.state else None
+        if have != numel:
+            raise PHEMAError(f"{self.path}: tensor {key!r} is missing or has another size than in the "
+                             f"first snapshot (mismatched snapshots)")
+
+    def element_size(self, key: str) -> int:
+        return (self.spans[key][2] if self.spans is not None else self.state[key].dtype).itemsize
+
+    def will_need(self, key: str, lo: int, hi: int) -> None:
+        if self.spans is None or not hasattr(os, "posix_fadvise"):
+            return
+        off, numel, dtype = self.spans[key]
+        lo, hi = min(lo, numel), min(hi, numel)
+        if hi > lo:
+            os.posix_fadvise(self.fd, off + lo * dtype.itemsize, (hi - lo) * dtype.itemsize,
+                             os.POSIX_FADV_WILLNEED)
+
+    def read_into(self, key: str, c: int, n: int, out: torch.Tensor, raw: torch.Tensor) -> None:
+        if self.spans is None:
+            out.copy_(self.state[key].reshape(-1)[c:c + n])
+            return
+        off, _, dtype = self.spans[key]
+        nbytes = n * dtype.itemsize
+        view = memoryview(raw[:nbytes].numpy())
+        got = 0
+        while got < nbytes:                            # pread may return short
+            r = os.preadv(self.fd, [view[got:]], off + c * dtype.itemsize + got)
+            if r == 0:
+                raise PHEMAError(f"{self.path}: file ends inside tensor {key!r} (truncated snapshot)")
+            got += r
+        out.copy_(raw[:nbytes].view(dtype))
+
+    def close(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+        self.fd = self.state = None
+
+
+def _file_spans(path: Path, state: dict) -> dict | None:
+    """key -> (byte offset in the file, numel, dtype) of each floating-point tensor of a snapshot that
+    torch.load memory-mapped, or None where that can't be established (no /proc, not mapped)."""
+    if not hasattr(os, "preadv") or not os.path.exists("/proc/self/maps"):
+        return None
+    real = os.path.realpath(path)
+    maps = []                                          # (start, end, file offset) of mappings of `path`
+    with open("/proc/self/maps") as f:
+        for line in f:
+            parts = line.rstrip("\n").split(maxsplit=5)
+            if len(parts) == 6 and parts[5] == real:
+                lo, hi = (int(x, 16) for x in parts[0].split("-"))
+                maps.append((lo, hi, int(parts[2], 16)))
+    spans = {}
+    for k, t in state.items():
+        if not t.is_floating_point():
+            continue
+        if not t.is_contiguous():
+            return None
+        a, b = t.data_ptr(), t.data_ptr() + t.numel() * t.element_size()
+        m = next(((lo, off) for lo, hi, off in maps if lo <= a and b <= hi), None)
+        if m is None:
+            return None
+        spans[k] = (m[1] + a - m[0], t.numel(), t.dtype)
+    return spans
 
 
 @dataclass
@@ -408,15 +515,31 @@ class Combined:
                 for k, shape in self.shapes.items()}
 
 
-def _prefetch(path: Path) -> None:
-    """Ask the kernel to start reading a file into the page cache (returns at once)."""
+def _prefetch_files(infos: Sequence[SnapshotInfo], budget: int) -> None:
+    """Ask the kernel to start reading whole files into the page cache (returns at once), as many as
+    fit in `budget` bytes: more than the page cache holds would be read twice."""
     if not hasattr(os, "posix_fadvise"):
         return
-    fd = os.open(path, os.O_RDONLY)
+    for info in infos:
+        size = info.path.stat().st_size
+        if size > budget:
+            return
+        budget -= size
+        fd = os.open(info.path, os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_WILLNEED)
+        finally:
+            os.close(fd)
+
+
+def _read_ahead_budget() -> int:
+    """A quarter of the available memory (Linux's MemAvailable), else 1 GiB."""
     try:
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_WILLNEED)
-    finally:
-        os.close(fd)
+        with open("/proc/meminfo") as f:
+            kib = next(int(line.split()[1]) for line in f if line.startswith("MemAvailable:"))
+        return kib * 1024 // 4
+    except (OSError, StopIteration, ValueError):
+        return 1 << 30
 
 
 def load_reconstruction(path: str | Path) -> dict:
