@@ -13,7 +13,7 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -362,12 +362,12 @@ def stream_combine(infos: Sequence[SnapshotInfo], X: np.ndarray, progress: bool 
     (plus, on the fallback path, `group` mapped half-precision snapshots).
     """
     n_snap, n_cols = X.shape
+    first = _SnapshotFile(infos[0])                    # read once: it sets the layout and the group
     if group is None:
-        group = default_group(infos[0])
+        group = _group_for(first)
     Xt = torch.from_numpy(np.ascontiguousarray(X.T, dtype=np.float32))
-    acc: dict[str, torch.Tensor] | None = None          # key -> [columns, numel] float32
-    other: dict[str, torch.Tensor] = {}                 # integer buffers: copied from the first snapshot
-    shapes: dict[str, torch.Size] = {}
+    acc = {k: torch.zeros(n_cols, shape.numel(), dtype=torch.float32)      # key -> [columns, numel]
+           for k, shape in first.shapes.items() if k not in first.other}
     buf = torch.empty(group, chunk_elems, dtype=torch.float32)
     raw = torch.empty(group, chunk_elems * 8, dtype=torch.uint8)    # file bytes of a chunk (up to 8 B/elem)
     bar = None
@@ -377,17 +377,10 @@ def stream_combine(infos: Sequence[SnapshotInfo], X: np.ndarray, progress: bool 
     budget = _read_ahead_budget()
     for g0 in range(0, n_snap, group):
         g1 = min(g0 + group, n_snap)
-        files = [_SnapshotFile(infos[i]) for i in range(g0, g1)]
+        files = [first if i == 0 else _SnapshotFile(infos[i]) for i in range(g0, g1)]
         if g0 == 0 and files[0].spans is None:         # (read by offset, the windows below ask for it)
             _prefetch_files(infos[g0:g1], budget)
         _prefetch_files(infos[g1:g1 + group], budget)  # the next group comes in while this one computes
-        if acc is None:
-            state = files[0].state if files[0].state is not None else _read_snapshot(infos[g0])["state"]
-            acc = {k: torch.zeros(n_cols, v.numel(), dtype=torch.float32)
-                   for k, v in state.items() if v.is_floating_point()}
-            other = {k: v.clone() for k, v in state.items() if not v.is_floating_point()}
-            shapes = {k: v.shape for k, v in state.items()}
-            state = None
         weights = Xt[:, g0:g1].contiguous()
         for k, a in acc.items():
             for f in files:
@@ -407,13 +400,18 @@ def stream_combine(infos: Sequence[SnapshotInfo], X: np.ndarray, progress: bool 
             bar.update(g1 - g0)
     if bar is not None:
         bar.close()
-    return Combined(acc or {}, other, shapes)
+    return Combined(acc, first.other, first.shapes)
 
 
 def default_group(info: SnapshotInfo) -> int:
-    """Snapshots combined at a time: 16 where they are read by offset, 2 where they are mapped whole."""
+    """Snapshots combined at a time by default for this snapshot (benchmarks report it)."""
     f = _SnapshotFile(info)
     f.close()
+    return _group_for(f)
+
+
+def _group_for(f: "_SnapshotFile") -> int:
+    """16 where snapshots are read by offset (a few MiB each in memory), 2 where they are mapped whole."""
     return 16 if f.spans is not None else 2
 
 
@@ -429,6 +427,8 @@ class _SnapshotFile:
     def __init__(self, info: SnapshotInfo):
         self.path = info.path
         state = _read_snapshot(info)["state"]
+        self.shapes = {k: v.shape for k, v in state.items()}
+        self.other = {k: v.clone() for k, v in state.items() if not v.is_floating_point()}   # integer buffers
         self.spans = _file_spans(info.path, state)     # key -> (byte offset, numel, dtype)
         self.state = None if self.spans is not None else state
         self.fd = os.open(info.path, os.O_RDONLY) if self.spans is not None else None
