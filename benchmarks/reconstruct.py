@@ -59,7 +59,7 @@ def main(argv=None):
         for i in range(1, n_snap // 2 + 1):
             ema.update(net, i * 1000, 1000)
             ema.save_snapshots(d, i * 1000, {"model_key": "bench", "snapshot_nimg": 1000})
-        files = sorted(Path(d).glob("phema-*.pt"))
+        files = sorted(Path(d).glob("phema-*.safetensors"))
         total = sum(f.stat().st_size for f in files)
         targets = [0.03 + 0.02 * i for i in range(args.targets)]
 

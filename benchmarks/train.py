@@ -36,13 +36,13 @@ def bench(shape: str, batch: int, steps: int, device: str, amp: bool, channels_l
     def step():
         opt.zero_grad(set_to_none=True)
         with ac:
-            loss, _ = edm2_loss(model, x, y, cfg.loss.P_mean, cfg.loss.P_std, cfg.loss.sigma_data)
+            loss, _ = edm2_loss(model, x, y, cfg.loss)
         loss.backward()
         opt.step()
 
     with FlopCounterMode(display=False) as fc:          # forward + backward FLOPs of one batch
         opt.zero_grad(set_to_none=True)
-        loss, _ = edm2_loss(net, x, y, cfg.loss.P_mean, cfg.loss.P_std, cfg.loss.sigma_data)
+        loss, _ = edm2_loss(net, x, y, cfg.loss)
         loss.backward()
     flops_per_img = fc.get_total_flops() / batch
     if device.startswith("cuda"):

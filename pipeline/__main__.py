@@ -27,36 +27,40 @@ def _cmd_info(args) -> None:
 
 
 def _cmd_sweep(args) -> None:
-    from .sweep import SweepError, run_sweep
-    try:
-        run_sweep(args.file, address=args.address, resume=args.resume, reports_dir=args.reports,
-                  num_cpus=args.num_cpus)
-    except SweepError as err:
-        raise C.ConfigError(str(err)) from None
+    from .sweep import run_sweep
+    run_sweep(args.file, address=args.address, resume=args.resume, reports_dir=args.reports, num_cpus=args.num_cpus)
+
+
+def _cmd_convert(args) -> int:
+    from .phema import convert_legacy
+    if not args.trust:
+        print("convert: loading a pickled .pt file can run code; this command reads it only with "
+              "torch.load(weights_only=True), but give --trust to say you know where the files come from",
+              file=sys.stderr)
+        return 2
+    for src, dst in convert_legacy(args.paths):
+        print(f"{src} -> {dst} (the original is kept as {src.name}.orig)")
+    return 0
 
 
 def _cmd_submit(args) -> int:
-    from .launch import LaunchError, describe, submit, wait
+    from .launch import JobFailedError, describe, submit, wait
     lo = {k[len("launcher_"):]: v for k, v in vars(args).items() if k.startswith("launcher_") and v is not None}
-    try:
-        s = submit(args.kind, args.target, args.params, args.set, args.executor, args.folder, lo)
-        print(describe(s), flush=True)
-        if args.wait:
+    s = submit(args.kind, args.target, args.params, args.set, args.executor, args.folder, lo)   # bad input: exit 2
+    print(describe(s), flush=True)
+    if args.wait:
+        try:
             result = wait(s)
-            print(f"job {s.job_id} finished: {result}")
-    except LaunchError as err:
-        print(f"submit: {err}", file=sys.stderr)
-        return 1
+        except JobFailedError as err:                  # the job ran and failed: its own exit status
+            print(f"submit: {err}", file=sys.stderr)
+            return 1
+        print(f"job {s.job_id} finished: {result}")
     return 0
 
 
 def _cmd_runs(args) -> int:
     from .tracking import load_runs
-    try:
-        df = load_runs(args.experiment, args.uri, args.sweep)
-    except ValueError as err:
-        print(f"runs: {err}", file=sys.stderr)
-        return 2
+    df = load_runs(args.experiment, args.uri, args.sweep)
     if args.out:
         df.to_parquet(args.out, index=False) if args.out.endswith(".parquet") else df.to_csv(args.out, index=False)
         print(f"{len(df)} rows -> {args.out}")
@@ -108,6 +112,12 @@ def main(argv: list[str] | None = None) -> int:
                     "(what a DVC stage that runs on SLURM needs)")
     sp.set_defaults(func=_cmd_submit)
 
+    sp = sub.add_parser("convert", help="convert pickled .pt snapshots / EMA models of earlier versions to "
+                        "safetensors (needs --trust)")
+    sp.add_argument("paths", nargs="+", help="snapshot or model folders, or single .pt files")
+    sp.add_argument("--trust", action="store_true", help="you trust where these files come from")
+    sp.set_defaults(func=_cmd_convert)
+
     sp = sub.add_parser("runs", help="load the runs of an MLflow experiment (or one sweep) into a table")
     sp.add_argument("--experiment", default="edm2-sweeps", help="MLflow experiment (default: edm2-sweeps)")
     sp.add_argument("--sweep", help="only this sweep (its name or parent run id)")
@@ -125,11 +135,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.command != "submit":
             p.error("`--` is only used by `submit cmd -- <command>`")
         args.target = list(args.target) + rest
-    try:
-        return args.func(args) or 0
-    except C.ConfigError as err:
-        print(f"config error: {err}", file=sys.stderr)
-        return 2
+    from .cli import run
+    return run(args.command, lambda: args.func(args))
 
 
 if __name__ == "__main__":

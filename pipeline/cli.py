@@ -5,7 +5,8 @@ import argparse
 import sys
 from typing import Callable
 
-from .config import ConfigError, load_config
+from .config import load_config
+from .errors import PipelineError, one_line_os_error
 
 
 def parser(prog: str, doc: str | None) -> argparse.ArgumentParser:
@@ -24,13 +25,33 @@ def config_from(args):
     return load_config(args.params, args.set)
 
 
+EXIT_BAD_INPUT = 2
+
+
 def run(name: str, fn: Callable[[], int | None]) -> int:
-    """Run a command; a known bad-input error prints one clear line and exits 2 (nothing half-done)."""
-    from .data import DataError
-    from .fid import FIDError
-    from .phema import PHEMAError
+    """Run a command. A project error (PipelineError) or an operating-system error (a read-only or
+    full disk, a file where a folder belongs) prints one line and exits 2; writes are atomic, so
+    nothing is left half-written."""
     try:
         return fn() or 0
-    except (ConfigError, DataError, FIDError, PHEMAError) as err:
-        print(f"{name}: {err}", file=sys.stderr)
-        return 2
+    except PipelineError as err:
+        print(f"{name}: {_one_line(str(err))}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except OSError as err:
+        print(f"{name}: {one_line_os_error(err)}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+
+
+def _one_line(text: str) -> str:
+    return " ".join(line.strip() for line in text.strip().splitlines() if line.strip())
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"{v} must be >= 1")
+    return v

@@ -15,12 +15,13 @@ from typing import Annotated, Any, Literal, Optional
 
 import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
+from .errors import PipelineError
 
 SIGMA_REL_MAX = math.sqrt(1.0 / 12.0)  # SPEC 6: sigma_rel < sqrt(1/12) ~= 0.2887
 PRESETS_FILE = Path(__file__).with_name("presets.yaml")
 
 
-class ConfigError(ValueError):
+class ConfigError(PipelineError, ValueError):
     """A configuration value broke a rule; the message is one line per broken rule."""
 
 
@@ -59,8 +60,33 @@ NonNegFloat = Annotated[float, AfterValidator(_non_negative)]
 NonNegInt = Annotated[int, AfterValidator(_non_negative)]
 
 
+def _not_nan(v: float) -> float:
+    if math.isnan(v):
+        raise ValueError("must be a number (not NaN)")
+    return v
+
+
+def _unit_interval(v: float) -> float:
+    if not (0.0 <= v < 1.0):
+        raise ValueError("must be in [0, 1)")
+    return v
+
+
+# Fields marked NOT_IN_KEY do not change what a training run computes (paths, devices, logging
+# intervals, evaluation settings, bit-identical speed switches): Config.run_key() leaves them out,
+# so changing one resumes the same run instead of archiving it.
+NOT_IN_KEY = {"run_key": False}
+
+
+def off_key(*default: Any, **kw) -> Any:
+    """A field that is not part of the run key (see NOT_IN_KEY): off_key(value) or off_key(default_factory=f)."""
+    return Field(*default, json_schema_extra=NOT_IN_KEY, **kw)
+
+
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # allow_inf_nan=False: NaN and infinities are refused at load time (a float field that may be
+    # infinite says so itself), not found after ten steps of non-finite losses.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class DataConfig(_Section):
@@ -73,7 +99,7 @@ class DataConfig(_Section):
     encoder: Literal["pixel", "vae"] = "pixel"
     vae_path: Optional[str] = None         # local diffusers AutoencoderKL folder; never downloaded
     max_images: Optional[PosInt] = None    # cap for quick runs; None = all
-    dataset_dir: str = "data/encoded"      # where the encode stage writes the artifact + manifest
+    dataset_dir: str = off_key("data/encoded")   # where the encode stage writes the artifact + manifest
 
     @model_validator(mode="after")
     def _check(self):
@@ -106,15 +132,26 @@ class NetworkConfig(_Section):
 
 
 def _in_unit(v: float, name: str) -> float:
-    if not (0.0 <= v < 1.0):
-        raise ValueError("must be in [0, 1)")
-    return v
+    return _unit_interval(v)
+
+
+# Noise-level laws of training (method.md 2): the names here, the samplers in edm.NOISE_LAWS.
+NOISE_LAWS = ("lognormal", "loguniform")
 
 
 class LossConfig(_Section):
-    P_mean: float = -0.8                   # SPEC 2: ln(sigma) ~ N(P_mean, P_std^2)
+    noise: Literal[NOISE_LAWS] = "lognormal"   # lognormal: ln(sigma) ~ N(P_mean, P_std^2) (EDM2 eq. 14)
+    P_mean: float = -0.8
     P_std: PosFloat = 1.6
+    sigma_lo: PosFloat = 0.002             # loguniform: ln(sigma) ~ U(ln sigma_lo, ln sigma_hi)
+    sigma_hi: PosFloat = 80.0
     sigma_data: PosFloat = 0.5
+
+    @model_validator(mode="after")
+    def _check(self):
+        if self.sigma_lo >= self.sigma_hi:
+            raise ValueError(f"loss.sigma_lo={self.sigma_lo} must be < loss.sigma_hi={self.sigma_hi}")
+        return self
 
 
 class TrainConfig(_Section):
@@ -124,33 +161,34 @@ class TrainConfig(_Section):
     rampup_nimg: NonNegInt = 0             # linear warm-up length in images
     batch_size: PosInt = 2048              # global batch
     batch_gpu: Optional[PosInt] = None     # per-device batch; smaller than the share -> accumulation
-    duration_nimg: PosInt = 2**31
-    beta1: float = 0.9
-    beta2: float = 0.99
+    duration_nimg: PosInt = off_key(2**31)  # longer training continues the same run
+    beta1: Annotated[float, AfterValidator(_unit_interval)] = 0.9
+    beta2: Annotated[float, AfterValidator(_unit_interval)] = 0.99
     eps: PosFloat = 1e-8
     seed: NonNegInt = 0
-    checkpoint_nimg: PosInt = 2**24        # checkpoint interval in images
-    status_nimg: PosInt = 2**17            # metric logging interval in images
-    sample_nimg: Optional[PosInt] = None   # sample-grid interval in images (None = at the end only)
-    run_dir: str = "runs/default"          # persistent run folder: checkpoints, snapshots, logs
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    max_nonfinite_steps: PosInt = 10       # consecutive non-finite losses before the run stops
+    checkpoint_nimg: PosInt = off_key(2**24)       # checkpoint interval in images
+    status_nimg: PosInt = off_key(2**17)           # metric logging interval in images
+    sample_nimg: Optional[PosInt] = off_key(None)  # sample-grid interval in images (None = at the end only)
+    run_dir: str = off_key("runs/default")         # persistent run folder: checkpoints, snapshots, logs
+    device: Literal["auto", "cpu", "cuda"] = off_key("auto")
+    max_nonfinite_steps: PosInt = off_key(10)      # consecutive non-finite losses before the run stops
     # Speed switches (issue: benchmarks). Each keeps the numerics within a tested tolerance.
     amp: Literal["none", "bf16"] = "none"  # bf16 autocast of the network (GPU; also works on CPU)
-    channels_last: bool = False            # NHWC memory format for convolutions
-    compile: bool = False                  # torch.compile the network; falls back (with a warning) on failure
-    fused_adam: bool = False               # fused Adam kernel (foreach otherwise)
-    async_snapshots: bool = False          # write EMA snapshots in a background thread (in order; drained before checkpoints)
-    prefetch_batches: NonNegInt = 0        # batches assembled ahead in a background thread (pinned memory on a GPU)
+    channels_last: bool = off_key(False)   # NHWC memory format for convolutions
+    compile: bool = off_key(False)         # torch.compile the network; falls back (with a warning) on failure
+    fused_adam: bool = off_key(False)      # fused Adam kernel (foreach otherwise)
+    # bit-identical to the plain path (tested), so not part of the run key:
+    async_snapshots: bool = off_key(False)  # write EMA snapshots in a background thread (in order; drained before checkpoints)
+    prefetch_batches: NonNegInt = off_key(0)  # batches assembled ahead in a background thread (pinned memory on a GPU)
 
 
 class EMAConfig(_Section):
     """Power-function EMA (SPEC 6): tracked profiles, snapshots, post-hoc targets."""
     stds: list[SigmaRel] = Field(default_factory=lambda: [0.05, 0.10])
     snapshot_nimg: PosInt = 2**23
-    targets: list[SigmaRel] = Field(default_factory=lambda: [0.05, 0.10, 0.15])
-    target_nimg: Optional[PosInt] = None   # reconstruction time; None = the last snapshot
-    snapshot_dtype: Literal["float16", "bfloat16", "float32"] = "float16"
+    targets: list[SigmaRel] = off_key(default_factory=lambda: [0.05, 0.10, 0.15])
+    target_nimg: Optional[PosInt] = off_key(None)   # reconstruction time; None = the last snapshot
+    snapshot_dtype: Literal["float16", "bfloat16", "float32"] = off_key("float16")
 
     @model_validator(mode="after")
     def _check(self):
@@ -169,7 +207,7 @@ class SamplerConfig(_Section):
     sigma_max: PosFloat = 80.0
     churn: NonNegFloat = 0.0               # S_churn
     S_min: NonNegFloat = 0.0
-    S_max: float = float("inf")
+    S_max: Annotated[float, Field(allow_inf_nan=True), AfterValidator(_not_nan)] = float("inf")
     S_noise: PosFloat = 1.0
     solver: Literal["heun", "euler"] = "heun"
     guidance: float = 1.0
@@ -226,16 +264,16 @@ class LauncherConfig(_Section):
 
 class Config(_Section):
     """The whole resolved configuration; `params.yaml` is one instance of it."""
-    preset: Optional[str] = None
+    preset: Optional[str] = off_key(None)              # its values are resolved into the sections below
     data: DataConfig = Field(default_factory=DataConfig)
     network: NetworkConfig = Field(default_factory=NetworkConfig)
     loss: LossConfig = Field(default_factory=LossConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     ema: EMAConfig = Field(default_factory=EMAConfig)
-    sampler: SamplerConfig = Field(default_factory=SamplerConfig)
-    fid: FIDConfig = Field(default_factory=FIDConfig)
-    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
-    launcher: LauncherConfig = Field(default_factory=LauncherConfig)
+    sampler: SamplerConfig = off_key(default_factory=SamplerConfig)
+    fid: FIDConfig = off_key(default_factory=FIDConfig)
+    tracking: TrackingConfig = off_key(default_factory=TrackingConfig)
+    launcher: LauncherConfig = off_key(default_factory=LauncherConfig)
 
     @model_validator(mode="after")
     def _check(self):
@@ -279,22 +317,27 @@ class Config(_Section):
         """Identity of a training run: every value that changes what the run computes.
 
         Checkpoints and snapshots carry it; resuming or reconstructing across different keys is
-        refused. Paths, devices, logging intervals and evaluation settings are not part of it.
+        refused. Fields marked NOT_IN_KEY (paths, devices, logging intervals, evaluation settings,
+        bit-identical speed switches) are left out.
         """
-        d = self.to_dict()
-        train = {k: v for k, v in d["train"].items()
-                 if k not in ("run_dir", "device", "status_nimg", "sample_nimg", "checkpoint_nimg",
-                              "max_nonfinite_steps", "duration_nimg", "channels_last", "compile", "fused_adam")}
-        data = {k: v for k, v in d["data"].items() if k != "dataset_dir"}
-        key = {"data": data, "network": d["network"], "loss": d["loss"], "train": train,
-               "ema": {"stds": d["ema"]["stds"], "snapshot_nimg": d["ema"]["snapshot_nimg"]}}
-        return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+        return hashlib.sha256(json.dumps(key_values(self), sort_keys=True).encode()).hexdigest()[:16]
 
     def hash(self, sections: tuple[str, ...] | None = None) -> str:
         d = self.to_dict()
         if sections is not None:
             d = {k: d[k] for k in sections}
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def key_values(model: BaseModel) -> dict:
+    """The model's values without the fields marked NOT_IN_KEY, recursively."""
+    out = {}
+    for name, f in type(model).model_fields.items():
+        if (f.json_schema_extra or {}).get("run_key") is False:
+            continue
+        v = getattr(model, name)
+        out[name] = key_values(v) if isinstance(v, BaseModel) else (v if not isinstance(v, tuple) else list(v))
+    return out
 
 
 # ----------------------------------------------------------------------------------------------
@@ -328,7 +371,11 @@ def parse_override(text: str) -> tuple[str, Any]:
     if "=" not in text:
         raise ConfigError(f"override '{text}': expected key=value")
     key, raw = text.split("=", 1)
-    return key.strip(), yaml.safe_load(raw) if raw.strip() else None
+    try:
+        return key.strip(), yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as err:
+        reason = str(getattr(err, "problem", None) or err.__class__.__name__)
+        raise ConfigError(f"override '{text}': the value is not valid YAML ({reason})") from None
 
 
 def presets() -> dict[str, dict]:
@@ -392,17 +439,30 @@ def resolve(raw: dict | None = None, overrides: dict[str, Any] | list[str] | Non
 
 
 def load_config(path: str | Path = "params.yaml", overrides: dict[str, Any] | list[str] | None = None) -> Config:
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"config file {path} does not exist")
-    try:
-        with open(path) as f:
-            raw = yaml.safe_load(f) or {}
-    except yaml.YAMLError as err:
-        raise ConfigError(f"{path}: not valid YAML ({err.__class__.__name__}: {err})".replace("\n", " ")) from None
+    raw = read_yaml(path, "config file")
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: expected a mapping of sections at the top level")
     return resolve(raw, overrides)
+
+
+def read_yaml(path: str | Path, what: str) -> Any:
+    """A YAML file's contents; a missing, unreadable, non-UTF-8 or malformed file is a ConfigError."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{what} {path} does not exist")
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {err.object[err.start]:#04x} at offset {err.start})") from None
+    except OSError as err:
+        raise ConfigError(f"{path}: cannot be read ({err.strerror})") from None
+    try:
+        return yaml.safe_load(text) or {}
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        reason = getattr(err, "problem", None) or err.__class__.__name__
+        raise ConfigError(f"{path}: not valid YAML{where} ({reason})") from None
 
 
 def yaml_dump(cfg: Config) -> str:
@@ -511,9 +571,9 @@ class SweepConfig(_Section):
 def load_sweep(path: str | Path) -> tuple[SweepConfig, Config]:
     """Validate a sweep file and every configuration it can produce; returns (sweep, base config)."""
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"sweep file {path} does not exist")
-    raw = yaml.safe_load(path.read_text()) or {}
+    raw = read_yaml(path, "sweep file")
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping of sweep fields at the top level")
     try:
         sweep = SweepConfig.model_validate(raw)
     except ValidationError as err:

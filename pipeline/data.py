@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from .io import atomic_write_text
+from .errors import PipelineError
 
 FMNIST_DEB = "dataset-fashion-mnist"
 FMNIST_SYSTEM_DIR = Path("/usr/share/datasets/fashion-mnist")
@@ -36,7 +37,7 @@ IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 MANIFEST_FORMAT = "edm2-pipeline/encoded-dataset/1"
 
 
-class DataError(ValueError):
+class DataError(PipelineError, ValueError):
     """Missing, corrupt or mismatched data; the message says what was tried or what differs."""
 
 

@@ -13,12 +13,29 @@ Denoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]   # D(x; sigma) 
 
 
 # ----------------------------------------------------------------------------------------------
-# SPEC 2: noise levels, weighting and loss with learned uncertainty (EDM2 eqs. 14-16, 21).
+# method.md 2: noise levels, weighting and loss with learned uncertainty (EDM2 eqs. 14-16, 21).
+#
+# The noise-level law is a small tagged union: `loss.noise` names the law (config.NOISE_LAWS), and
+# NOISE_LAWS maps the name to its sampler. Training and the loss both draw through sample_sigma, so a
+# law added here is used everywhere.
 
-def sample_sigma(n: int, P_mean: float, P_std: float, generator: torch.Generator | None = None,
-                 device="cpu") -> torch.Tensor:
-    """ln(sigma) ~ Normal(P_mean, P_std^2)."""
-    return (torch.randn(n, generator=generator, device=device) * P_std + P_mean).exp()
+def _lognormal(n: int, p, generator, device) -> torch.Tensor:
+    """ln(sigma) ~ Normal(P_mean, P_std^2) (EDM2 eq. 14)."""
+    return (torch.randn(n, generator=generator, device=device) * p.P_std + p.P_mean).exp()
+
+
+def _loguniform(n: int, p, generator, device) -> torch.Tensor:
+    """ln(sigma) ~ Uniform(ln sigma_lo, ln sigma_hi)."""
+    lo, hi = math.log(p.sigma_lo), math.log(p.sigma_hi)
+    return (torch.rand(n, generator=generator, device=device) * (hi - lo) + lo).exp()
+
+
+NOISE_LAWS: dict[str, Callable] = {"lognormal": _lognormal, "loguniform": _loguniform}
+
+
+def sample_sigma(n: int, noise, generator: torch.Generator | None = None, device="cpu") -> torch.Tensor:
+    """n noise levels from the law `noise.noise` (a LossConfig, or anything with its fields)."""
+    return NOISE_LAWS[noise.noise](n, noise, generator, device)
 
 
 def loss_weight(sigma: torch.Tensor, sigma_data: float) -> torch.Tensor:
@@ -26,10 +43,12 @@ def loss_weight(sigma: torch.Tensor, sigma_data: float) -> torch.Tensor:
     return (sigma ** 2 + sigma_data ** 2) / (sigma * sigma_data) ** 2
 
 
-def edm2_loss(net, images: torch.Tensor, labels: torch.Tensor | None, P_mean: float, P_std: float,
-              sigma_data: float, generator: torch.Generator | None = None, sigma: torch.Tensor | None = None,
+def edm2_loss(net, images: torch.Tensor, labels: torch.Tensor | None, loss_cfg,
+              generator: torch.Generator | None = None, sigma: torch.Tensor | None = None,
               eps: torch.Tensor | None = None):
-    """Per element l = lambda / exp(u) * (D(y + n; sigma) - y)^2 + u  (SPEC 2).
+    """Per element l = lambda / exp(u) * (D(y + n; sigma) - y)^2 + u  (method.md 2; EDM2 eq. 21).
+
+    loss_cfg: a LossConfig (noise law and its parameters, sigma_data).
 
     sigma and eps (the unit noise, n = sigma eps) are drawn from `generator` unless given (training
     draws them for the whole global batch, so results do not depend on how it is split).
@@ -37,13 +56,13 @@ def edm2_loss(net, images: torch.Tensor, labels: torch.Tensor | None, P_mean: fl
     optimizer minimizes); stats holds the mean of l and the plain weighted MSE, both detached.
     """
     if sigma is None:
-        sigma = sample_sigma(images.shape[0], P_mean, P_std, generator, images.device)
+        sigma = sample_sigma(images.shape[0], loss_cfg, generator, images.device)
     sigma = sigma.reshape(-1, 1, 1, 1)
     if eps is None:
         eps = torch.randn(images.shape, generator=generator, device=images.device)
     noise = eps * sigma
     denoised, logvar = net(images + noise, sigma, labels, return_logvar=True)
-    weighted_se = loss_weight(sigma, sigma_data) * (denoised - images) ** 2
+    weighted_se = loss_weight(sigma, loss_cfg.sigma_data) * (denoised - images) ** 2
     per_elem = weighted_se / logvar.exp() + logvar
     objective = per_elem.flatten(1).sum(1).mean()
     return objective, {"loss": per_elem.mean().detach(), "weighted_mse": weighted_se.mean().detach()}

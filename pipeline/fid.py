@@ -18,14 +18,15 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
-from .io import atomic_write_text
+from .io import atomic_write, atomic_write_text
+from .errors import PipelineError
 
 CLEANFID_WEIGHTS = Path("/tmp/inception-2015-12-05.pt")       # where clean-fid keeps its download
 COMPARE_FIELDS = ("feature_net", "feature_net_sha256", "mode", "num_images", "reference", "ref_num_images",
                   "sampler")
 
 
-class FIDError(ValueError):
+class FIDError(PipelineError, ValueError):
     pass
 
 
@@ -161,14 +162,19 @@ def reference_stats(dataset, feat: FeatureNet, n: int | None, cache_dir: str | P
     ident = {"reference": f"{dataset.manifest['source']}", "reference_sha256": dataset.manifest["sha256"],
              "ref_num_images": n, "feature_net": feat.name, "feature_net_sha256": feat.sha256, "key": key}
     if path.is_file():
-        with np.load(path) as z:
-            return {"mu": z["mu"], "sigma": z["sigma"], **ident, "path": str(path), "cached": True}
+        try:
+            with np.load(path, allow_pickle=False) as z:
+                mu, sigma = z["mu"], z["sigma"]
+            if mu.shape != (sigma.shape[0],) or sigma.shape != (mu.shape[0], mu.shape[0]):
+                raise ValueError(f"mu {mu.shape} and sigma {sigma.shape} do not fit")
+            return {"mu": mu, "sigma": sigma, **ident, "path": str(path), "cached": True}
+        except Exception as err:                   # truncated or foreign: compute it again
+            print(f"note: reference statistics {path} are unreadable ({err.__class__.__name__}); recomputing",
+                  flush=True)
     feats = array_features(dataset.uint8_images(n), feat, batch_size, progress=progress, desc=f"reference ({n} img)")
     mu, sigma = statistics(feats)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp.npz")
-    np.savez(tmp, mu=mu, sigma=sigma)
-    os.replace(tmp, path)
+    atomic_write(path, lambda f: np.savez(f, mu=mu, sigma=sigma))
     atomic_write_text(json.dumps(ident, indent=2), path.with_suffix(".json"))
     return {"mu": mu, "sigma": sigma, **ident, "path": str(path), "cached": False}
 
@@ -177,7 +183,8 @@ def reference_stats(dataset, feat: FeatureNet, n: int | None, cache_dir: str | P
 # Models from reconstruction files.
 
 def load_model(path: str | Path, device="cpu"):
-    """A Precond network from a reconstructed EMA file (its config and build arguments inside)."""
+    """A Precond network from a reconstructed EMA file (safetensors; its config and build arguments in
+    the header). Nothing in the file can run code."""
     from .config import resolve
     from .networks import build_network
     from .phema import load_reconstruction

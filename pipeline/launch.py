@@ -20,10 +20,15 @@ from pathlib import Path
 from typing import Sequence
 
 from . import config as C
+from .errors import PipelineError
 
 
-class LaunchError(RuntimeError):
+class LaunchError(PipelineError, RuntimeError):
     pass
+
+
+class JobFailedError(LaunchError):
+    """A submitted job ran and failed (not a bad input)."""
 
 
 # ----------------------------------------------------------------------------------------------
@@ -160,6 +165,12 @@ def make_executor(launcher: C.LauncherConfig, folder: Path, executor: str | None
     return ex
 
 
+# submit's flags that only a SLURM job uses (launcher field -> flag); the local executor would ignore them.
+SLURM_ONLY_FLAGS = {"partition": "--partition", "gpus_per_node": "--gpus", "cpus_per_task": "--cpus",
+                    "mem_gb": "--mem-gb", "account": "--account", "qos": "--qos", "nnodes": "--nodes",
+                    "nproc_per_node": "--tasks-per-node", "array_parallelism": "--array-parallelism"}
+
+
 def submit(kind: str, target: Sequence[str], params_file: str = "params.yaml", overrides: Sequence[str] = (),
            executor: str | None = None, folder: str | Path | None = None, launcher_overrides: dict | None = None,
            ) -> Submitted:
@@ -181,6 +192,13 @@ def submit(kind: str, target: Sequence[str], params_file: str = "params.yaml", o
         fn, name = CommandJob(target), "edm2-cmd"
     else:
         raise LaunchError(f"unknown job kind {kind!r}")
+    kind_ex = executor or cfg.launcher.executor
+    if kind_ex == "local":                                   # flags the local executor would silently ignore
+        ignored = [SLURM_ONLY_FLAGS[k] for k, v in (launcher_overrides or {}).items()
+                   if v is not None and k in SLURM_ONLY_FLAGS and not (k in ("nnodes", "nproc_per_node") and v == 1)]
+        if ignored:
+            raise LaunchError(f"{', '.join(ignored)} only apply to SLURM jobs, and this job would run locally "
+                              f"(launcher.executor=local): add --executor slurm, or drop the flag(s)")
     ex = make_executor(cfg.launcher, folder, executor, name)
     try:
         job = ex.submit(fn)
@@ -211,5 +229,5 @@ def wait(s: Submitted, poll_s: float = 2.0):
         return s.job.result()
     except Exception as err:
         tail = s.stderr.read_text()[-1500:] if s.stderr.is_file() else ""
-        raise LaunchError(f"job {s.job_id} failed: {str(err).strip().splitlines()[-1] if str(err) else err}\n"
+        raise JobFailedError(f"job {s.job_id} failed: {str(err).strip().splitlines()[-1] if str(err) else err}\n"
                           f"--- {s.stderr} (tail) ---\n{tail}") from None

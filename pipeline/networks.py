@@ -160,7 +160,7 @@ class UNet(nn.Module):
                    res_balance=res_balance, clip_act=clip_act)
 
         # Embedding: MP-Fourier(c_0) of c_noise -> MP linear (c_0 -> E); labels by MP-sum (t = 0.5).
-        self.emb_fourier = MPFourier(c0)
+        self.emb_fourier = MPFourier(c0, seed=0)
         self.emb_noise = MPConv(c0, emb_ch)
         self.emb_label = MPConv(label_dim, emb_ch) if label_dim else None
 
@@ -228,7 +228,7 @@ class Precond(nn.Module):
         self.sigma_data = sigma_data
         self.unet = UNet(img_resolution, img_channels, label_dim, **unet_kwargs)
         # Uncertainty head: MP-Fourier(128) of c_noise -> MP linear (128 -> 1); training only.
-        self.logvar_fourier = MPFourier(logvar_channels)
+        self.logvar_fourier = MPFourier(logvar_channels, seed=1)   # drawn independently of emb_fourier (EDM2)
         self.logvar_linear = MPConv(logvar_channels, 1)
 
     def coefficients(self, sigma: torch.Tensor):

@@ -19,14 +19,17 @@ import numpy as np
 import torch
 
 from .config import SIGMA_REL_MAX
-from .io import atomic_torch_save, load_torch_file
+from .io import atomic_write_text, load_safetensors, read_safetensors_header, save_safetensors
+from .errors import PipelineError
 
 SNAPSHOT_FORMAT = "edm2-pipeline/phema-snapshot/1"
 RECONSTRUCTION_FORMAT = "edm2-pipeline/phema-reconstruction/1"
-SNAPSHOT_RE = re.compile(r"^phema-(\d{10})-(\d\.\d{3})\.pt$")
+SNAPSHOT_RE = re.compile(r"^phema-(\d{10})-(\d\.\d{3})\.safetensors$")
+LEGACY_RE = re.compile(r"^(phema|ema)-\d{10}-\d\.\d{3}\.pt$")     # pickled files of earlier versions
+CONVERT_HINT = "python -m pipeline convert --trust {path}"
 
 
-class PHEMAError(ValueError):
+class PHEMAError(PipelineError, ValueError):
     """Bad input to post-hoc EMA: the message says what and where; nothing was written."""
 
 
@@ -91,25 +94,25 @@ class PowerFunctionEMA:
         self.emas = [{k: v.to(torch.float32).clone() for k, v in e.items()} for e in state["emas"]]
 
     def snapshot_payloads(self, snapshot_dir: str | Path, nimg: int, meta: dict | None = None,
-                          dtype: str = "float16") -> list[tuple[Path, dict]]:
-        """(path, payload) per profile, with tensors copied to the CPU in the disk dtype: the copies
-        no longer change with training, so they may be written later (train.async_snapshots)."""
+                          dtype: str = "float16") -> list[tuple[Path, dict, dict]]:
+        """(path, tensors, metadata) per profile, with tensors copied to the CPU in the disk dtype: the
+        copies no longer change with training, so they may be written later (train.async_snapshots)."""
         out = []
         for std, gamma, ema in zip(self.stds, self.gammas, self.emas):
-            payload = {"format": SNAPSHOT_FORMAT, "nimg": int(nimg), "sigma_rel": std, "gamma": gamma,
-                       "dtype": dtype, "state": {k: _to_disk(v, dtype) for k, v in ema.items()},
-                       **(meta or {})}
-            out.append((Path(snapshot_dir) / snapshot_name(nimg, std), payload))
+            info = {"format": SNAPSHOT_FORMAT, "nimg": int(nimg), "sigma_rel": std, "gamma": gamma, "dtype": dtype,
+                    **(meta or {})}
+            out.append((Path(snapshot_dir) / snapshot_name(nimg, std), {k: _to_disk(v, dtype) for k, v in ema.items()},
+                        info))
         return out
 
     def save_snapshots(self, snapshot_dir: str | Path, nimg: int, meta: dict | None = None,
                        dtype: str = "float16") -> list[Path]:
-        """One file per profile, `phema-<nimg:010d>-<sigma_rel:.3f>.pt`, written atomically."""
+        """One safetensors file per profile, `phema-<nimg:010d>-<sigma_rel:.3f>.safetensors`, atomically."""
         return write_snapshots(self.snapshot_payloads(snapshot_dir, nimg, meta, dtype))
 
 
-def write_snapshots(items: Sequence[tuple[Path, dict]]) -> list[Path]:
-    return [atomic_torch_save(payload, path) for path, payload in items]
+def write_snapshots(items: Sequence[tuple[Path, dict, dict]]) -> list[Path]:
+    return [save_safetensors(tensors, info, path) for path, tensors, info in items]
 
 
 def snapshot_meta(cfg, net_args: dict | None = None) -> dict:
@@ -121,7 +124,7 @@ def snapshot_meta(cfg, net_args: dict | None = None) -> dict:
 
 
 def snapshot_name(nimg: int, sigma_rel: float) -> str:
-    return f"phema-{int(nimg):010d}-{sigma_rel:.3f}.pt"
+    return f"phema-{int(nimg):010d}-{sigma_rel:.3f}.safetensors"
 
 
 def _to_disk(v: torch.Tensor, dtype: str) -> torch.Tensor:
@@ -196,13 +199,14 @@ def scan_snapshots(snapshot_dir: str | Path) -> list[SnapshotInfo]:
     d = Path(snapshot_dir)
     if not d.is_dir():
         raise PHEMAError(f"snapshot directory {d} does not exist")
+    refuse_legacy(d, "snapshot directory")
     infos = []
     for p in sorted(d.iterdir()):
         m = SNAPSHOT_RE.match(p.name)
         if m:
             infos.append(SnapshotInfo(p, int(m.group(1)), float(m.group(2)), p.stat().st_size))
     if not infos:
-        raise PHEMAError(f"snapshot directory {d} holds no snapshots (phema-<nimg>-<sigma_rel>.pt)")
+        raise PHEMAError(f"snapshot directory {d} holds no snapshots (phema-<nimg>-<sigma_rel>.safetensors)")
     infos.sort(key=lambda s: (s.nimg, s.sigma_rel))
     stds = sorted({s.sigma_rel for s in infos})
     by_nimg: dict[int, set] = {}
@@ -216,37 +220,48 @@ def scan_snapshots(snapshot_dir: str | Path) -> list[SnapshotInfo]:
     return infos
 
 
-def _read_snapshot(info: SnapshotInfo) -> dict:
-    data = load_torch_file(info.path, what="snapshot", error=PHEMAError, mmap=True)
-    if not isinstance(data, dict) or data.get("format") != SNAPSHOT_FORMAT:
-        raise PHEMAError(f"{info.path}: not a post-hoc EMA snapshot")
-    if data["nimg"] != info.nimg or abs(data["sigma_rel"] - info.sigma_rel) > 5e-4:
+def refuse_legacy(folder: Path, what: str) -> None:
+    """Pickled `.pt` snapshots and models of earlier versions can run code when loaded: never read
+    them; name the conversion command (which needs an explicit --trust)."""
+    old = sorted(p.name for p in folder.iterdir() if LEGACY_RE.match(p.name))
+    if old:
+        raise PHEMAError(f"{what} {folder} holds {len(old)} pickled .pt file(s) of an earlier version (e.g. {old[0]}), "
+                         f"which are not loaded because a pickle can run code; if you trust where they come from, "
+                         f"convert them with `{CONVERT_HINT.format(path=folder)}`")
+
+
+def _read_header(path: Path, what: str, fmt: str) -> tuple[dict, dict]:
+    spans, meta = read_safetensors_header(path, what, PHEMAError)
+    if meta.get("format") != fmt:
+        raise PHEMAError(f"{path}: not a {what} of this pipeline (format {meta.get('format')!r})")
+    return spans, meta
+
+
+def _read_snapshot_header(info: SnapshotInfo) -> tuple[dict, dict]:
+    spans, meta = _read_header(info.path, "post-hoc EMA snapshot", SNAPSHOT_FORMAT)
+    if meta.get("nimg") != info.nimg or abs(float(meta.get("sigma_rel", -1)) - info.sigma_rel) > 5e-4:
         raise PHEMAError(f"{info.path}: file name says nimg={info.nimg} sigma_rel={info.sigma_rel}, "
-                         f"contents say nimg={data['nimg']} sigma_rel={data['sigma_rel']}")
-    return data
+                         f"contents say nimg={meta.get('nimg')} sigma_rel={meta.get('sigma_rel')}")
+    return spans, meta
 
 
 def check_consistent(infos: Sequence[SnapshotInfo]) -> dict:
     """All snapshots must come from one run configuration; returns the first one's metadata.
 
-    Reads each header once (the whole file: torch.load has no partial read) without keeping it.
-    """
-    first_meta, first_key, gaps_interval = None, None, None
+    Reads only each file's safetensors header (no tensor data)."""
+    first_meta, first_key, shapes, first_path = None, None, None, None
     for info in infos:
-        data = _read_snapshot(info)
-        key = data.get("model_key")
-        if first_key is None:
-            first_meta = {k: v for k, v in data.items() if k != "state"}
-            first_key, shapes = key, {k: tuple(v.shape) for k, v in data["state"].items()}
-            first_path = info.path
-        else:
-            if key != first_key:
-                raise PHEMAError(f"mixed configurations: {info.path.name} has model_key {key}, "
-                                 f"{first_path.name} has {first_key}; keep one run's snapshots per directory")
-            if {k: tuple(v.shape) for k, v in data["state"].items()} != shapes:
-                raise PHEMAError(f"mixed configurations: {info.path.name} and {first_path.name} hold "
-                                 f"different parameter shapes")
-        del data
+        spans, meta = _read_snapshot_header(info)
+        key = meta.get("model_key")
+        layout = {k: tuple(v[3]) for k, v in spans.items()}
+        if first_meta is None:
+            first_meta, first_key, shapes, first_path = meta, key, layout, info.path
+        elif key != first_key:
+            raise PHEMAError(f"mixed configurations: {info.path.name} has model_key {key}, "
+                             f"{first_path.name} has {first_key}; keep one run's snapshots per directory")
+        elif layout != shapes:
+            raise PHEMAError(f"mixed configurations: {info.path.name} and {first_path.name} hold "
+                             f"different parameter shapes")
     interval = (first_meta or {}).get("snapshot_nimg")
     if interval:
         nimgs = sorted({s.nimg for s in infos})
@@ -274,14 +289,15 @@ def reconstruct(snapshot_dir: str | Path, targets: Sequence[float], target_nimg:
     """Reconstruct EMA profiles `targets` (sigma_rel) at time `target_nimg` (default: last snapshot).
 
     Streams over the snapshots once per batch of targets: memory holds the accumulators of one
-    batch (targets x one float32 model) plus what stream_combine holds of the snapshots (a few MiB
-    each on Linux). Writes one model file per target (`ema-<T:010d>-<sigma_rel:.3f>.pt`) and
-    `reconstruct.json` to out_dir, skipping targets
-    already reconstructed from the same snapshots. Returns the summary dict (also the JSON).
+    batch (targets x one float32 model) plus a few MiB of read buffers. Writes one safetensors model
+    per target (`ema-<T:010d>-<sigma_rel:.3f>.safetensors`) and `reconstruct.json` to out_dir,
+    skipping targets already reconstructed from the same snapshots. Returns the summary dict.
     """
     targets = [check_sigma_rel(float(t), f"targets[{i}]") for i, t in enumerate(targets)]
     if not targets:
         raise PHEMAError("no targets given")
+    if int(batch_targets) < 1:
+        raise PHEMAError(f"batch_targets={batch_targets}: must be >= 1 (targets reconstructed per pass)")
     infos = scan_snapshots(snapshot_dir)
     nimgs = sorted({s.nimg for s in infos})
     T = nimgs[-1] if target_nimg is None else int(target_nimg)
@@ -300,20 +316,21 @@ def reconstruct(snapshot_dir: str | Path, targets: Sequence[float], target_nimg:
     skipped = []
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
+        refuse_legacy(out, "output folder")
         todo = [j for j in todo if not _up_to_date(out / reconstruction_name(T, targets[j]), digest)]
         skipped = [targets[j] for j in range(len(targets)) if j not in todo]
 
+    keep = {k: v for k, v in meta.items() if k not in ("format", "nimg", "sigma_rel", "gamma", "dtype")}
     for start in range(0, len(todo), batch_targets):
         batch = todo[start:start + batch_targets]
         acc = stream_combine(used, sol.X[:, batch], progress=progress, group=group)
         for col, j in enumerate(batch):
             if out is not None:
-                payload = {"format": RECONSTRUCTION_FORMAT, "sigma_rel": targets[j], "nimg": T,
-                           "gamma": sigma_rel_to_gamma(targets[j]), "sources_digest": digest,
-                           "coefficients": sol.X[:, j].tolist(), "rel_error": float(sol.rel_error[j]),
-                           "sources": [s.path.name for s in used], "state": acc.state(col),
-                           **{k: v for k, v in meta.items() if k not in ("format", "nimg", "sigma_rel", "gamma", "dtype")}}
-                atomic_torch_save(payload, out / reconstruction_name(T, targets[j]))
+                info = {"format": RECONSTRUCTION_FORMAT, "sigma_rel": targets[j], "nimg": T,
+                        "gamma": sigma_rel_to_gamma(targets[j]), "sources_digest": digest,
+                        "coefficients": sol.X[:, j].tolist(), "rel_error": float(sol.rel_error[j]),
+                        "sources": [s.path.name for s in used], **keep}
+                save_safetensors(acc.state(col), info, out / reconstruction_name(T, targets[j]))
         del acc
 
     summary = {
@@ -325,23 +342,24 @@ def reconstruct(snapshot_dir: str | Path, targets: Sequence[float], target_nimg:
         "warnings": sol.warnings,
     }
     if out is not None:
-        from .io import atomic_write_text
         atomic_write_text(json.dumps(summary, indent=2), out / "reconstruct.json")
     return summary
 
 
 def reconstruction_name(nimg: int, sigma_rel: float) -> str:
-    return f"ema-{int(nimg):010d}-{sigma_rel:.3f}.pt"
+    return f"ema-{int(nimg):010d}-{sigma_rel:.3f}.safetensors"
 
 
 def _up_to_date(path: Path, digest: str) -> bool:
+    """An existing output made from the same snapshots (its header says so; nothing else is read).
+    A file that is not a readable reconstruction is rebuilt (and replaced atomically)."""
     if not path.is_file():
         return False
     try:
-        data = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
-    except Exception:                                # unreadable: rebuild it
+        _, meta = _read_header(path, "reconstructed model", RECONSTRUCTION_FORMAT)
+    except PHEMAError:
         return False
-    return isinstance(data, dict) and data.get("sources_digest") == digest
+    return meta.get("sources_digest") == digest
 
 
 def stream_combine(infos: Sequence[SnapshotInfo], X: np.ndarray, progress: bool = False,
@@ -353,21 +371,20 @@ def stream_combine(infos: Sequence[SnapshotInfo], X: np.ndarray, progress: bool 
     acc[:, chunk] += X[group, :]^T @ theta[group, chunk]: the accumulators are read and written once
     per group instead of once per snapshot, which is what bounds the speed on a CPU.
 
-    On Linux each chunk is read with pread(2) at the tensor's offset in the file (_SnapshotFile), with
-    the next `read_ahead_bytes` of every snapshot requested ahead (disk reads overlap the arithmetic):
-    nothing of a snapshot stays in this process, so 16 are combined at a time. Elsewhere snapshots are
-    memory-mapped whole while their group is combined, so the default group is 2.
-
-    Memory: the accumulators (one float32 model per column) and a group x chunk_elems scratch
-    (plus, on the fallback path, `group` mapped half-precision snapshots).
+    Each chunk is read with pread(2) at the byte range the safetensors header gives (_SnapshotFile),
+    with the next `read_ahead_bytes` of every snapshot requested ahead (disk reads overlap the
+    arithmetic) and the whole next group prefetched within a memory budget: nothing of a snapshot
+    stays in this process. Memory: the accumulators (one float32 model per column) and a
+    group x chunk_elems scratch.
     """
     n_snap, n_cols = X.shape
-    first = _SnapshotFile(infos[0])                    # read once: it sets the layout and the group
-    if group is None:
-        group = _group_for(first)
+    first = _SnapshotFile(infos[0])                    # its header sets the layout
+    group = group or DEFAULT_GROUP
     Xt = torch.from_numpy(np.ascontiguousarray(X.T, dtype=np.float32))
-    acc = {k: torch.zeros(n_cols, shape.numel(), dtype=torch.float32)      # key -> [columns, numel]
-           for k, shape in first.shapes.items() if k not in first.other}
+    acc = {k: torch.zeros(n_cols, numel, dtype=torch.float32)                # key -> [columns, numel]
+           for k, (_, numel, dtype, _) in first.spans.items() if dtype.is_floating_point}
+    other = {k: first.read_whole(k) for k, (_, _, dtype, _) in first.spans.items() if not dtype.is_floating_point}
+    shapes = {k: torch.Size(v[3]) for k, v in first.spans.items()}
     buf = torch.empty(group, chunk_elems, dtype=torch.float32)
     raw = torch.empty(group, chunk_elems * 8, dtype=torch.uint8)    # file bytes of a chunk (up to 8 B/elem)
     bar = None
@@ -378,8 +395,6 @@ def stream_combine(infos: Sequence[SnapshotInfo], X: np.ndarray, progress: bool 
     for g0 in range(0, n_snap, group):
         g1 = min(g0 + group, n_snap)
         files = [first if i == 0 else _SnapshotFile(infos[i]) for i in range(g0, g1)]
-        if g0 == 0 and files[0].spans is None:         # (read by offset, the windows below ask for it)
-            _prefetch_files(infos[g0:g1], budget)
         _prefetch_files(infos[g1:g1 + group], budget)  # the next group comes in while this one computes
         weights = Xt[:, g0:g1].contiguous()
         for k, a in acc.items():
@@ -400,106 +415,68 @@ def stream_combine(infos: Sequence[SnapshotInfo], X: np.ndarray, progress: bool 
             bar.update(g1 - g0)
     if bar is not None:
         bar.close()
-    return Combined(acc, first.other, first.shapes)
+    return Combined(acc, other, shapes)
+
+
+DEFAULT_GROUP = 16                                     # snapshots combined at a time
 
 
 def default_group(info: SnapshotInfo) -> int:
-    """Snapshots combined at a time by default for this snapshot (benchmarks report it)."""
-    f = _SnapshotFile(info)
-    f.close()
-    return _group_for(f)
-
-
-def _group_for(f: "_SnapshotFile") -> int:
-    """16 where snapshots are read by offset (a few MiB each in memory), 2 where they are mapped whole."""
-    return 16 if f.spans is not None else 2
+    """Snapshots combined at a time by default (benchmarks report it)."""
+    return DEFAULT_GROUP
 
 
 class _SnapshotFile:
-    """One snapshot's floating-point tensors, read chunk by chunk.
-
-    On Linux, torch.load(mmap=True) places every tensor in a mapping of the file, and /proc/self/maps
-    gives that mapping's file offset: so each tensor's byte span in the file is known and chunks are
-    read with pread(2) straight into a small buffer (no page faults, nothing of the file kept mapped).
-    Where spans can't be found, the memory-mapped state itself is read (`spans` is None).
-    """
+    """One snapshot's tensors, read chunk by chunk with pread(2) at the byte ranges its safetensors
+    header gives (no memory map, no page faults, nothing of the file kept in the process)."""
 
     def __init__(self, info: SnapshotInfo):
         self.path = info.path
-        state = _read_snapshot(info)["state"]
-        self.shapes = {k: v.shape for k, v in state.items()}
-        self.other = {k: v.clone() for k, v in state.items() if not v.is_floating_point()}   # integer buffers
-        self.spans = _file_spans(info.path, state)     # key -> (byte offset, numel, dtype)
-        self.state = None if self.spans is not None else state
-        self.fd = os.open(info.path, os.O_RDONLY) if self.spans is not None else None
+        self.spans, _ = _read_snapshot_header(info)    # key -> (byte offset, numel, dtype, shape)
+        self.fd = os.open(info.path, os.O_RDONLY)
 
     def check(self, key: str, numel: int) -> None:
-        if self.spans is not None:
-            have = self.spans[key][1] if key in self.spans else None
-        else:
-            have = self.state[key].numel() if key in self.state else None
+        have = self.spans[key][1] if key in self.spans else None
         if have != numel:
             raise PHEMAError(f"{self.path}: tensor {key!r} is missing or has another size than in the "
                              f"first snapshot (mismatched snapshots)")
 
     def element_size(self, key: str) -> int:
-        return (self.spans[key][2] if self.spans is not None else self.state[key].dtype).itemsize
+        return self.spans[key][2].itemsize
 
     def will_need(self, key: str, lo: int, hi: int) -> None:
-        if self.spans is None or not hasattr(os, "posix_fadvise"):
+        if not hasattr(os, "posix_fadvise"):
             return
-        off, numel, dtype = self.spans[key]
+        off, numel, dtype, _ = self.spans[key]
         lo, hi = min(lo, numel), min(hi, numel)
         if hi > lo:
             os.posix_fadvise(self.fd, off + lo * dtype.itemsize, (hi - lo) * dtype.itemsize,
                              os.POSIX_FADV_WILLNEED)
 
-    def read_into(self, key: str, c: int, n: int, out: torch.Tensor, raw: torch.Tensor) -> None:
-        if self.spans is None:
-            out.copy_(self.state[key].reshape(-1)[c:c + n])
-            return
-        off, _, dtype = self.spans[key]
-        nbytes = n * dtype.itemsize
-        view = memoryview(raw[:nbytes].numpy())
+    def _pread(self, view: memoryview, offset: int, key: str) -> None:
         got = 0
-        while got < nbytes:                            # pread may return short
-            r = os.preadv(self.fd, [view[got:]], off + c * dtype.itemsize + got)
+        while got < len(view):                         # pread may return short
+            r = os.preadv(self.fd, [view[got:]], offset + got)
             if r == 0:
                 raise PHEMAError(f"{self.path}: file ends inside tensor {key!r} (truncated snapshot)")
             got += r
+
+    def read_into(self, key: str, c: int, n: int, out: torch.Tensor, raw: torch.Tensor) -> None:
+        off, _, dtype, _ = self.spans[key]
+        nbytes = n * dtype.itemsize
+        self._pread(memoryview(raw[:nbytes].numpy()), off + c * dtype.itemsize, key)
         out.copy_(raw[:nbytes].view(dtype))
+
+    def read_whole(self, key: str) -> torch.Tensor:
+        off, numel, dtype, shape = self.spans[key]
+        raw = torch.empty(numel * dtype.itemsize, dtype=torch.uint8)
+        self._pread(memoryview(raw.numpy()), off, key)
+        return raw.view(dtype).reshape(shape).clone()
 
     def close(self) -> None:
         if self.fd is not None:
             os.close(self.fd)
-        self.fd = self.state = None
-
-
-def _file_spans(path: Path, state: dict) -> dict | None:
-    """key -> (byte offset in the file, numel, dtype) of each floating-point tensor of a snapshot that
-    torch.load memory-mapped, or None where that can't be established (no /proc, not mapped)."""
-    if not hasattr(os, "preadv") or not os.path.exists("/proc/self/maps"):
-        return None
-    real = os.path.realpath(path)
-    maps = []                                          # (start, end, file offset) of mappings of `path`
-    with open("/proc/self/maps") as f:
-        for line in f:
-            parts = line.rstrip("\n").split(maxsplit=5)
-            if len(parts) == 6 and parts[5] == real:
-                lo, hi = (int(x, 16) for x in parts[0].split("-"))
-                maps.append((lo, hi, int(parts[2], 16)))
-    spans = {}
-    for k, t in state.items():
-        if not t.is_floating_point():
-            continue
-        if not t.is_contiguous():
-            return None
-        a, b = t.data_ptr(), t.data_ptr() + t.numel() * t.element_size()
-        m = next(((lo, off) for lo, hi, off in maps if lo <= a and b <= hi), None)
-        if m is None:
-            return None
-        spans[k] = (m[1] + a - m[0], t.numel(), t.dtype)
-    return spans
+        self.fd = None
 
 
 @dataclass
@@ -543,7 +520,42 @@ def _read_ahead_budget() -> int:
 
 
 def load_reconstruction(path: str | Path) -> dict:
-    data = load_torch_file(path, what="reconstructed model", error=PHEMAError)
-    if not isinstance(data, dict) or data.get("format") != RECONSTRUCTION_FORMAT:
-        raise PHEMAError(f"{path}: not a reconstructed EMA model")
-    return data
+    """A reconstructed model: {'state': tensors, **metadata}; anything but this pipeline's
+    safetensors reconstruction (a pickled .pt included) is refused without being loaded."""
+    path = Path(path)
+    if LEGACY_RE.match(path.name):
+        raise PHEMAError(f"{path} is a pickled .pt model of an earlier version, not loaded because a pickle can run "
+                         f"code; if you trust it, convert it with `{CONVERT_HINT.format(path=path)}`")
+    _read_header(path, "reconstructed model", RECONSTRUCTION_FORMAT)
+    state, meta = load_safetensors(path, "reconstructed model", PHEMAError)
+    return {**meta, "state": state}
+
+
+def convert_legacy(paths: Sequence[str | Path]) -> list[tuple[Path, Path]]:
+    """Pickled `.pt` snapshots and reconstructions of earlier versions -> safetensors beside them.
+
+    Read with torch.load(weights_only=True) (a file holding other objects is still refused); each
+    original is renamed to `<name>.orig`, so the folder is accepted afterwards."""
+    from .io import load_torch_file
+    files: list[Path] = []
+    for p in map(Path, paths):
+        if p.is_dir():
+            files += sorted(f for f in p.iterdir() if LEGACY_RE.match(f.name))
+        elif p.is_file():
+            files.append(p)
+        else:
+            raise PHEMAError(f"{p} does not exist")
+    if not files:
+        raise PHEMAError(f"no pickled snapshots or models (phema-*.pt, ema-*.pt) in {', '.join(map(str, paths))}")
+    done = []
+    for src in files:
+        data = load_torch_file(src, "pickled file", PHEMAError)
+        if not isinstance(data, dict) or data.get("format") not in (SNAPSHOT_FORMAT, RECONSTRUCTION_FORMAT) \
+                or not isinstance(data.get("state"), dict):
+            raise PHEMAError(f"{src}: not a snapshot or reconstructed model of this pipeline")
+        state = data.pop("state")
+        dst = src.with_suffix(".safetensors")
+        save_safetensors(state, data, dst)
+        os.replace(src, src.with_name(src.name + ".orig"))
+        done.append((src, dst))
+    return done

@@ -17,11 +17,12 @@ from pathlib import Path
 
 from . import config as C
 from .io import atomic_write_text
+from .errors import PipelineError
 
 AXIS_SEP = "__"                     # Tune flattens nested keys with "/": keep dotted keys flat and safe
 
 
-class SweepError(ValueError):
+class SweepError(PipelineError, ValueError):
     pass
 
 
@@ -40,6 +41,36 @@ def sweep_tracking_uri(base: C.Config) -> str:
     if uri.startswith("sqlite:") and "timeout=" not in uri:
         uri += ("&" if "?" in uri else "?") + "timeout=60"
     return uri
+
+
+def make_private(folder: Path) -> None:
+    """Create the sweep's storage folder (and its parent) readable and writable by its owner only:
+    Ray's `Tuner.restore` unpickles files in it, so nobody else may place files there."""
+    for d in (folder.parent, folder):
+        d.mkdir(parents=True, exist_ok=True)
+        if d.stat().st_uid == os.getuid():
+            os.chmod(d, 0o700)
+
+
+def check_private(folder: Path) -> None:
+    """Refuse to resume from a sweep folder that someone else owns or can write to (anything in it,
+    or the folder above it): resuming unpickles Ray's state files, which can run code."""
+    import stat
+
+    def why_not(path: Path) -> str | None:
+        st = path.lstat()
+        if st.st_uid != os.getuid():
+            return f"owned by uid {st.st_uid}"
+        if not stat.S_ISLNK(st.st_mode) and st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+            return "writable by others"
+        return None
+
+    paths = [folder.parent, folder] + [Path(d) / n for d, dirs, files in os.walk(folder) for n in dirs + files]
+    for path in paths:
+        why = why_not(path)
+        if why:
+            raise SweepError(f"refusing to resume: {path} is {why}; --resume unpickles Ray's files in {folder}, "
+                             f"so it must be private to you (chmod -R go-w, or start under a new sweep name)")
 
 
 def param_space(sweep: C.SweepConfig) -> dict:
@@ -216,7 +247,9 @@ def run_sweep(sweep_file: str | Path, address: str | None = None, resume: bool =
     root = Path.cwd()
     storage = (root / sweep.storage).resolve()
     exp_dir = storage / sweep.name
-    exp_dir.mkdir(parents=True, exist_ok=True)
+    if resume and exp_dir.exists():
+        check_private(exp_dir)                             # before Ray unpickles anything in it
+    make_private(exp_dir)
     uri = sweep_tracking_uri(base)
     base_raw = {k: v for k, v in base.to_dict().items() if k != "preset"}
 

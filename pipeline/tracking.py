@@ -10,6 +10,13 @@ import sys
 import time
 from pathlib import Path
 
+from .errors import PipelineError
+from .io import append_line, read_jsonl
+
+
+class TrackingError(PipelineError):
+    """The tracking URI cannot work at all (unknown scheme, a database that cannot be created)."""
+
 
 @functools.lru_cache(maxsize=None)
 def git_revision(cwd: str | None = None) -> str:
@@ -33,6 +40,27 @@ def tracking_uri(cfg=None) -> str:
     """cfg.tracking.uri, else $MLFLOW_TRACKING_URI, else a sqlite file in the project folder."""
     uri = (cfg.tracking.uri if cfg is not None else None) or os.environ.get("MLFLOW_TRACKING_URI")
     return uri or f"sqlite:///{Path.cwd() / 'mlflow.db'}"
+
+
+KNOWN_SCHEMES = ("sqlite", "http", "https", "file", "postgresql", "mysql", "mssql", "databricks")
+
+
+def check_uri(uri: str) -> None:
+    """Fail early, in one line, on a URI that can never work; an unreachable server is not checked
+    here (training carries on without it, see RunLogger)."""
+    scheme = uri.split(":", 1)[0].split("+", 1)[0].lower() if ":" in uri else ""
+    if scheme not in KNOWN_SCHEMES:
+        raise TrackingError(f"tracking URI {uri!r}: unknown scheme {scheme or '(none)'!r}; use sqlite:///<file>, "
+                            f"http(s)://<server> or a database URI (set tracking.uri or MLFLOW_TRACKING_URI)")
+    if scheme == "sqlite":
+        path = uri.split("?", 1)[0][len("sqlite:///"):] if uri.startswith("sqlite:///") else ""
+        if path and path != ":memory:":
+            folder = Path(path).parent
+            if not folder.is_dir():
+                raise TrackingError(f"tracking URI {uri!r}: folder {folder} does not exist (the sqlite file "
+                                    f"cannot be created)")
+            if not os.access(folder, os.W_OK) or (Path(path).exists() and not os.access(path, os.W_OK)):
+                raise TrackingError(f"tracking URI {uri!r}: {path} is not writable")
 
 
 def _reachable(uri: str, timeout: float = 3.0) -> str | None:
@@ -67,6 +95,7 @@ class RunLogger:
         self.last_step_mlflow = -1                 # writes must not drop the step from either
         self.offline_reason: str | None = None
         if self.enabled:
+            check_uri(self.uri)
             os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
             os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
             why = _reachable(self.uri)
@@ -107,35 +136,71 @@ class RunLogger:
         return self._call("experiment", get_or_create)
 
     def start(self, run_id: str | None = None, run_name: str | None = None, tags: dict | None = None,
-              params: dict | None = None, parent_run_id: str | None = None) -> str | None:
-        """Resume `run_id` if given (and it exists), else create a run. Returns the run id."""
-        if self.jsonl is not None and self.jsonl.is_file():
-            self.last_step_jsonl = max([json.loads(l).get("step", -1) for l in self.jsonl.read_text().splitlines()
-                                        if l.strip()] + [-1])
+              params: dict | None = None, parent_run_id: str | None = None, on_run_id=None) -> str | None:
+        """Resume `run_id` if given (and it exists), else create a run. Returns the run id.
+
+        on_run_id(run_id) is called as soon as a new run exists, before anything is logged to it (the
+        caller saves the id, so a kill right after cannot leave an orphan run). Params the run does
+        not have yet are logged, so a run resumed after such a kill gets them too."""
+        self._jsonl_rows = []
+        if self.jsonl is not None:
+            self._jsonl_rows, notes = read_jsonl(self.jsonl, repair=True)   # a torn last line is dropped
+            for note in notes:
+                print(f"note: {note}", file=sys.stderr, flush=True)
+            self.last_step_jsonl = max([r.get("step", -1) for r in self._jsonl_rows] + [-1])
         if self.client is None:
             self.run_id = run_id
             return run_id
+        run = None
         if run_id:
             run = self._call("resume run", self.client.get_run, run_id)
             if run is not None:
                 self.run_id = run_id
                 self._call("resume run", self.client.update_run, run_id, status="RUNNING")
                 hist = self._call("metric history", self.client.get_metric_history, run_id, "loss") or []
-                self.last_step_mlflow = max([m.step for m in hist] + [-1])
-                return run_id
-        exp_id = self.experiment_id()
-        if exp_id is None:
-            return None
-        all_tags = dict(tags or {})
-        if parent_run_id:
-            all_tags["mlflow.parentRunId"] = parent_run_id
-        run = self._call("create run", self.client.create_run, exp_id, run_name=run_name, tags=all_tags)
+                self._mlflow_steps = {m.step for m in hist}
+                self.last_step_mlflow = max(self._mlflow_steps | {-1})
         if run is None:
-            return None
-        self.run_id = run.info.run_id
+            exp_id = self.experiment_id()
+            if exp_id is None:
+                return None
+            all_tags = dict(tags or {})
+            if parent_run_id:
+                all_tags["mlflow.parentRunId"] = parent_run_id
+            run = self._call("create run", self.client.create_run, exp_id, run_name=run_name, tags=all_tags)
+            if run is None:
+                return None
+            self.run_id = run.info.run_id
+            self._mlflow_steps = set()
+            if on_run_id is not None:
+                on_run_id(self.run_id)
         if params:
-            self.log_params(params)
+            have = run.data.params if run.data is not None else {}
+            self.log_params({k: v for k, v in params.items() if k not in have})
         return self.run_id
+
+    def replay_missing(self) -> int:
+        """Log the metrics-file steps that MLflow lacks (logged while it was unreachable), once each,
+        in step order. Returns how many steps were replayed."""
+        if not (self.client and self.run_id and self.jsonl is not None):
+            return 0
+        from mlflow.entities import Metric
+        have = getattr(self, "_mlflow_steps", set())
+        todo = [r for r in getattr(self, "_jsonl_rows", []) if r.get("step") is not None and r["step"] not in have]
+        for r in sorted(todo, key=lambda r: r["step"]):
+            ts = int(float(r.get("time", time.time())) * 1000)
+            metrics = [Metric(k, float(v), ts, int(r["step"])) for k, v in r.items()
+                       if k not in ("step", "time") and isinstance(v, (int, float))]
+            if self._call("replay metrics", self.client.log_batch, self.run_id, metrics=metrics) is None \
+                    and self.client is None:
+                return 0
+            have.add(r["step"])
+        self._mlflow_steps = have
+        self.last_step_mlflow = max(have | {self.last_step_mlflow})
+        if todo and not self.quiet:
+            print(f"note: replayed {len(todo)} logged step(s) into MLflow run {self.run_id} "
+                  f"(they were written while it was unreachable)", file=sys.stderr, flush=True)
+        return len(todo)
 
     def log_params(self, params: dict) -> None:
         from mlflow.entities import Param
@@ -154,10 +219,8 @@ class RunLogger:
         clean = {k: float(v) for k, v in metrics.items() if v is not None}
         wrote = False
         if self.jsonl is not None and step > self.last_step_jsonl:
+            append_line(self.jsonl, json.dumps({"step": step, "time": time.time(), **clean}))   # all or nothing
             self.last_step_jsonl, wrote = step, True
-            self.jsonl.parent.mkdir(parents=True, exist_ok=True)
-            with open(self.jsonl, "a") as f:
-                f.write(json.dumps({"step": step, "time": time.time(), **clean}) + "\n")
         if self.client and self.run_id and step > self.last_step_mlflow:
             from mlflow.entities import Metric
             self.last_step_mlflow, wrote = step, True
@@ -250,7 +313,7 @@ def load_runs(experiment: str, uri: str | None = None, sweep: str | None = None)
     client = MlflowClient(uri or tracking_uri())
     exp = client.get_experiment_by_name(experiment)
     if exp is None:
-        raise ValueError(f"no MLflow experiment {experiment!r} at {client.tracking_uri}")
+        raise TrackingError(f"no MLflow experiment {experiment!r} at {client.tracking_uri}")
     runs = []
     token = None
     while True:
@@ -264,7 +327,7 @@ def load_runs(experiment: str, uri: str | None = None, sweep: str | None = None)
     if sweep:
         sweep_ids = {r.info.run_id for r in runs if r.info.run_id == sweep or r.info.run_name == f"sweep-{sweep}"}
         if not sweep_ids:
-            raise ValueError(f"no sweep {sweep!r} in experiment {experiment!r}")
+            raise TrackingError(f"no sweep {sweep!r} in experiment {experiment!r}")
     rows = []
     for r in runs:
         if r.data.tags.get("kind") != "ema":

@@ -1,4 +1,4 @@
-"""The EDM2 training loop (SPEC 2, 3, 6): DDP under torchrun (NCCL on GPUs, gloo on CPU), gradient
+"""The EDM2 training loop (docs/method.md 2, 3, 6): DDP under torchrun (NCCL on GPUs, gloo on CPU), gradient
 accumulation, power-function EMA snapshots, atomic checkpoints and exact resume, MLflow logging.
 
 Determinism: the data order is a permutation per epoch seeded by (seed, epoch), and the noise levels
@@ -8,6 +8,7 @@ not on the number of processes, the accumulation split or on where a run was int
 """
 from __future__ import annotations
 
+import json
 import math
 import os
 import signal
@@ -24,15 +25,18 @@ import torch.distributed as dist
 
 from . import config as C
 from .data import EncodedDataset, Prefetcher
-from .edm import edm2_loss, learning_rate, sample_images
-from .io import atomic_torch_save, atomic_write_text, load_torch_file
+from .edm import edm2_loss, learning_rate, sample_images, sample_sigma
+from .io import (RunLock, atomic_torch_save, atomic_write_text, load_torch_file, read_jsonl,
+                 remove_stale_temps)
 from .networks import build_network, maybe_compile
 from .phema import PowerFunctionEMA, snapshot_meta, write_snapshots
+from .errors import PipelineError
 
 CHECKPOINT_FORMAT = "edm2-pipeline/checkpoint/1"
+CHECKPOINT_FIELDS = ("nimg", "net", "optimizer", "ema", "run_key", "config")
 
 
-class TrainingError(RuntimeError):
+class TrainingError(PipelineError, RuntimeError):
     pass
 
 
@@ -110,23 +114,34 @@ def list_checkpoints(run_dir: Path) -> list[Path]:
 
 def load_latest_checkpoint(run_dir: Path, cfg: C.Config, log=print) -> dict | None:
     """The newest readable checkpoint; a corrupt or truncated one is skipped (and said so). A
-    checkpoint of another configuration is refused, naming the fields that differ."""
-    for path in reversed(list_checkpoints(run_dir)):
+    checkpoint of another configuration is refused, naming the fields that differ; one that holds
+    anything but tensors and plain values is refused without being loaded (UnsafeFileError); when
+    checkpoints exist but none is readable, training does not silently start over."""
+    paths = list_checkpoints(run_dir)
+    problems = []
+    for path in reversed(paths):
         try:
             ckpt = load_torch_file(path, what="checkpoint", error=TrainingError)
-            if ckpt.get("format") != CHECKPOINT_FORMAT:
+            if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
                 raise TrainingError(f"checkpoint {path} has an unknown format")
+            missing = [k for k in CHECKPOINT_FIELDS if k not in ckpt]
+            if missing:
+                raise TrainingError(f"checkpoint {path} lacks {', '.join(missing)}")
         except TrainingError as err:
             log(f"warning: {err}; falling back to the previous checkpoint")
+            problems.append(str(err))
             continue
         if ckpt["run_key"] != cfg.run_key():
-            old = C.resolve({k: v for k, v in ckpt["config"].items() if k != "preset"})
-            fields = C.diff(old, cfg, ("data", "network", "loss", "train", "ema"))
-            shown = "; ".join(f"{k}: checkpoint {a!r}, config {b!r}" for k, (a, b) in fields.items()
-                              if not k.startswith(("train.run_dir", "train.device", "ema.targets")))
+            have, want = C.flatten(ckpt["config"]), C.flatten(cfg.to_dict())
+            keyed = C.flatten(C.key_values(cfg))
+            shown = "; ".join(f"{k}: checkpoint {have.get(k)!r}, config {want[k]!r}" for k in sorted(keyed)
+                              if have.get(k) != want[k])
             raise TrainingError(f"{path} was written by a different configuration ({shown or 'run key differs'}). "
                                 f"Use another train.run_dir, or remove {run_dir} to start over.")
         return {**ckpt, "path": path}
+    if paths:
+        raise TrainingError(f"none of the {len(paths)} checkpoint(s) in {run_dir / 'checkpoints'} is readable "
+                            f"({problems[0]}); move the folder aside to start over")
     return None
 
 
@@ -194,13 +209,31 @@ def train(cfg: C.Config, stage: str | None = None, stop: StopFlag | None = None,
     report(nimg, metrics) is called on every rank after every snapshot (sweeps use it; Ray Train
     wants every worker to report); max_steps ends the call early as if stopped (tests use it to
     simulate interruptions); device overrides the device init_distributed would choose.
+    The main process holds the run folder's lock for the whole call (one writer per run folder).
     """
-    t0 = time.time()
+    run_dir = Path(cfg.train.run_dir)
+    if run_dir.exists() and not run_dir.is_dir():
+        raise TrainingError(f"train.run_dir={run_dir} is a file, not a folder")
     d = init_distributed(cfg.train.device, device)
+    lock = RunLock(run_dir).acquire() if d.is_main else None
+    try:
+        return _train_locked(cfg, d, stage, stop, progress, report, max_steps, parent_run_id, run_name)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _train_locked(cfg: C.Config, d: Dist, stage, stop, progress, report, max_steps, parent_run_id,
+                  run_name) -> TrainResult:
+    t0 = time.time()
     tc = cfg.train
     stop = stop or StopFlag().install()
     run_dir = Path(tc.run_dir)
     log = (lambda *a, **k: print(*a, **k, flush=True)) if d.is_main else (lambda *a, **k: None)
+    if d.is_main:
+        gone = remove_stale_temps(run_dir, run_dir / "checkpoints", run_dir / "snapshots")
+        if gone:
+            log(f"note: removed {len(gone)} temp file(s) left by an interrupted write ({gone[0].name} ...)")
 
     ds = EncodedDataset(dataset_dir(cfg), cfg)
     args = net_args(cfg, ds)
@@ -222,18 +255,22 @@ def train(cfg: C.Config, stage: str | None = None, stop: StopFlag | None = None,
 
     nimg, mlflow_run_id, nonfinite, seconds_before = 0, None, 0, 0.0
     ckpt = load_latest_checkpoint(run_dir, cfg, log)   # every rank reads it from the shared run folder
+    ckpt_path = None
     if ckpt is not None:
-        net.load_state_dict(ckpt["net"])
-        opt.load_state_dict(ckpt["optimizer"])
-        if ema is not None:
-            ema.load_state_dict(ckpt["ema"])
+        try:
+            net.load_state_dict(ckpt["net"])
+            opt.load_state_dict(ckpt["optimizer"])
+            if ema is not None:
+                ema.load_state_dict(ckpt["ema"])
+        except (RuntimeError, KeyError, ValueError, TypeError) as err:
+            raise TrainingError(f"checkpoint {ckpt['path']} does not fit this network "
+                                f"({str(err).splitlines()[0][:160]})") from None
         nimg, mlflow_run_id, nonfinite = ckpt["nimg"], ckpt.get("mlflow_run_id"), ckpt.get("nonfinite", 0)
         seconds_before = ckpt.get("train_seconds", 0.0)
-        log(f"resuming from {ckpt['path']} at nimg={nimg}")
+        ckpt_path = ckpt["path"]
+        if nimg < tc.duration_nimg:
+            log(f"resuming from {ckpt_path} at nimg={nimg}")
         del ckpt
-    ddp = torch.nn.parallel.DistributedDataParallel(net) if d.world_size > 1 else None
-    model = maybe_compile(ddp or net, tc.compile, log, what="training")
-    amp = torch.autocast(d.device.type, dtype=torch.bfloat16, enabled=tc.amp == "bf16")
 
     logger = None
     if d.is_main:
@@ -244,20 +281,38 @@ def train(cfg: C.Config, stage: str | None = None, stop: StopFlag | None = None,
         id_file = run_dir / "mlflow_run_id"            # reused even when no checkpoint exists yet
         if mlflow_run_id is None and id_file.is_file():
             mlflow_run_id = id_file.read_text().strip() or None
+
+        def save_id(run_id: str) -> None:              # before anything is logged: a kill leaves no orphan
+            atomic_write_text(run_id, id_file)
         mlflow_run_id = logger.start(mlflow_run_id, run_name=run_name or f"train-{cfg.run_key()[:8]}",
                                      tags={**run_tags(stage), "run_key": cfg.run_key(), "run_dir": str(run_dir),
                                            "processes": str(d.world_size)},
-                                     params=cfg.flat(), parent_run_id=parent_run_id)
-        if mlflow_run_id:
-            atomic_write_text(mlflow_run_id, id_file)
+                                     params=cfg.flat(), parent_run_id=parent_run_id, on_run_id=save_id)
+        logger.replay_missing()                        # steps logged while MLflow was unreachable
         logger.log_artifact(run_dir / "config.yaml")
 
+    if nimg >= tc.duration_nimg:                       # finished before: change nothing, say so
+        if d.is_main:
+            summary = write_summary(run_dir, cfg, "finished", nimg, seconds_before, mlflow_run_id, steps=0,
+                                    seconds=0.0, keep_existing=True)
+            logger.end("FINISHED")
+            log(f"run {run_dir} is already finished at nimg={nimg} (train.duration_nimg={tc.duration_nimg}): "
+                f"nothing to do; final loss {summary['final_loss']}")
+        return TrainResult(nimg, "finished", run_dir, mlflow_run_id, None, 0.0, ckpt_path)
+
+    ddp = torch.nn.parallel.DistributedDataParallel(net) if d.world_size > 1 else None
+    model = maybe_compile(ddp or net, tc.compile, log, what="training")
+    amp = torch.autocast(d.device.type, dtype=torch.bfloat16, enabled=tc.amp == "bf16")
     writer = SnapshotWriter(tc.async_snapshots) if d.is_main else None
 
     def checkpoint():
         if not d.is_main:
             return None
         writer.drain()                             # snapshots up to nimg are on disk before the checkpoint
+        if nonfinite or not all(torch.isfinite(p).all() for p in net.parameters()):
+            log(f"warning: no checkpoint at nimg={nimg}: the weights or the last loss are not finite; "
+                f"the last good checkpoint is kept")
+            return None
         return save_checkpoint(run_dir, {"format": CHECKPOINT_FORMAT, "nimg": nimg, "net": net.state_dict(),
                                          "optimizer": opt.state_dict(), "ema": ema.state_dict(),
                                          "mlflow_run_id": mlflow_run_id, "nonfinite": nonfinite,
@@ -286,8 +341,7 @@ def train(cfg: C.Config, stage: str | None = None, stop: StopFlag | None = None,
                 break
             # --- one optimizer step over the global batch starting at image `nimg` -----------------
             gen = torch.Generator(device=d.device).manual_seed(_seed(tc.seed, 3, nimg))   # on the device: cheap
-            sigma_all = torch.exp(torch.randn(tc.batch_size, generator=gen, device=d.device) * cfg.loss.P_std
-                                  + cfg.loss.P_mean)
+            sigma_all = sample_sigma(tc.batch_size, cfg.loss, gen, d.device)     # the loss's own noise law
             eps_all = torch.randn([tc.batch_size, ds.img_channels, ds.resolution, ds.resolution], generator=gen,
                                   device=d.device)
             lr = learning_rate(nimg, tc.batch_size, tc.ref_lr, tc.ref_batches, tc.rampup_nimg)
@@ -308,12 +362,11 @@ def train(cfg: C.Config, stage: str | None = None, stop: StopFlag | None = None,
                 sync = ddp is None or r == rounds - 1
                 ctx = ddp.no_sync() if (ddp is not None and not sync) else _nullcontext()
                 with ctx, amp:
-                    obj, stats = edm2_loss(model, x, labels, cfg.loss.P_mean, cfg.loss.P_std, cfg.loss.sigma_data,
-                                           sigma=sigma_all[sl], eps=eps_all[sl])
+                    obj, stats = edm2_loss(model, x, labels, cfg.loss, sigma=sigma_all[sl], eps=eps_all[sl])
                     (obj * (batch_gpu / batch_rank)).backward()
                 step_loss += stats["loss"].item() / rounds
                 step_mse += stats["weighted_mse"].item() / rounds
-            for p in net.parameters():                 # SPEC 3: non-finite gradients are set to zero
+            for p in net.parameters():                 # method.md 3: non-finite gradients are set to zero
                 if p.grad is not None:
                     torch.nan_to_num(p.grad, nan=0, posinf=0, neginf=0, out=p.grad)
             opt.step()
@@ -349,7 +402,14 @@ def train(cfg: C.Config, stage: str | None = None, stop: StopFlag | None = None,
             if report is not None and nimg % cfg.ema.snapshot_nimg == 0:    # every rank: same loss after all_reduce
                 report(nimg, {"loss": step_loss, "weighted_mse": step_mse})
             if nimg % tc.checkpoint_nimg == 0 and nimg < tc.duration_nimg:
-                last_ckpt = checkpoint()
+                last_ckpt = checkpoint() or last_ckpt
+    except BaseException:
+        if writer is not None:                         # a failed write elsewhere must not hide this one
+            try:
+                writer.drain()
+            except Exception:
+                pass
+        raise
     finally:
         if isinstance(batches, Prefetcher):
             batches.close()
@@ -362,18 +422,45 @@ def train(cfg: C.Config, stage: str | None = None, stop: StopFlag | None = None,
             _log_samples(net, ema, cfg, args, run_dir, nimg, logger, d)
         total = seconds_before + seconds                  # across every resume of this run
         devices = d.world_size if d.device.type == "cuda" else 0
+        summary = write_summary(run_dir, cfg, status, nimg, total, mlflow_run_id, steps, seconds)
         logger.set_tags({"gpus": devices})
-        logger.log_summary({"train_seconds": total, "gpu_seconds": total * devices, "final_loss": last_loss})
-        summary = {"status": status, "nimg": nimg, "final_loss": last_loss, "seconds": round(seconds, 1),
-                   "train_seconds_total": round(total, 1),
-                   "images_per_s": round(steps * tc.batch_size / max(seconds, 1e-9), 1),
-                   "run_dir": str(run_dir), "mlflow_run_id": mlflow_run_id, "run_key": cfg.run_key()}
-        atomic_write_text(C.json_dump(summary), run_dir / "train_summary.json")
+        logger.log_summary({"train_seconds": total, "gpu_seconds": total * devices,
+                            "final_loss": summary["final_loss"]})
         logger.end("FINISHED" if status == "finished" else "KILLED")
-        log(f"{status} at nimg={nimg}/{tc.duration_nimg}: loss {last_loss if last_loss is None else round(last_loss, 4)}, "
-            f"{summary['images_per_s']} img/s over {steps} steps in {seconds:.0f} s; run {run_dir}, "
+        fl = summary["final_loss"]
+        log(f"{status} at nimg={nimg}/{tc.duration_nimg}: loss {fl if fl is None else round(fl, 4)}, "
+            f"{summary['images_per_s_session']} img/s over {steps} steps in {seconds:.0f} s; run {run_dir}, "
             f"checkpoint {last_ckpt}, MLflow run {mlflow_run_id or '(offline)'}")
     return TrainResult(nimg, status, run_dir, mlflow_run_id, last_loss, seconds, last_ckpt)
+
+
+def write_summary(run_dir: Path, cfg: C.Config, status: str, nimg: int, train_seconds_total: float,
+                  mlflow_run_id: str | None, steps: int, seconds: float, keep_existing: bool = False) -> dict:
+    """train_summary.json, computed from the run's whole metrics history (never from this call alone,
+    so a rerun or a resume after a kill keeps the final loss and the speed). keep_existing: leave a
+    complete summary as it is (a finished run rerun changes nothing)."""
+    path = run_dir / "train_summary.json"
+    if keep_existing and path.is_file():
+        try:
+            old = json.loads(path.read_text())
+            if isinstance(old, dict) and old.get("final_loss") is not None and old.get("nimg") == nimg:
+                return old
+        except (OSError, ValueError):
+            pass                                      # unreadable: rebuilt below
+    rows, _ = read_jsonl(run_dir / "metrics.jsonl")
+    rows = sorted((r for r in rows if isinstance(r.get("step"), (int, float)) and r["step"] <= nimg),
+                  key=lambda r: r["step"])
+    final = next((r for r in reversed(rows) if r.get("loss") is not None and math.isfinite(r["loss"])), None)
+    summary = {"status": status, "nimg": nimg, "final_loss": final["loss"] if final else None,
+               "final_loss_nimg": final["step"] if final else None,
+               "final_weighted_mse": final.get("weighted_mse") if final else None,
+               "train_seconds_total": round(train_seconds_total, 1),
+               "images_per_s": round(nimg / train_seconds_total, 1) if train_seconds_total > 0 else None,
+               "seconds": round(seconds, 1),
+               "images_per_s_session": round(steps * cfg.train.batch_size / max(seconds, 1e-9), 1) if steps else None,
+               "run_dir": str(run_dir), "mlflow_run_id": mlflow_run_id, "run_key": cfg.run_key()}
+    atomic_write_text(C.json_dump(summary), path)
+    return summary
 
 
 def rank_batches(ds: EncodedDataset, tc: C.TrainConfig, nimg: int, rank: int, batch_rank: int, batch_gpu: int,

@@ -1,6 +1,6 @@
 """DVC stage: FID of every reconstructed EMA model (SPEC 8).
 
-For each `ema-*.pt` in the models folder: generate fid.num_images images with the sampler (image i
+For each `ema-*.safetensors` in the models folder: generate fid.num_images images with the sampler (image i
 seeded with fid.seed + i), Inception features through clean-fid, Frechet distance to the cached
 reference statistics. Writes metrics/fid.json (`dvc metrics show`), metrics/fid_vs_ema.csv
 (`dvc plots show`), metrics/fid_records.json (full FID records) and a sample grid per model.
@@ -14,6 +14,7 @@ from pipeline import cli
 from pipeline.data import EncodedDataset
 from pipeline.fid import (FIDError, evaluate_models, load_feature_net, reference_dataset_dir, reference_stats,
                           write_metrics)
+from pipeline.phema import refuse_legacy
 from pipeline.report import plot_fid_vs_ema
 
 
@@ -28,9 +29,11 @@ def main(argv: list[str] | None = None) -> int:
 
     def go():
         cfg = cli.config_from(args)
-        files = sorted(Path(args.models).glob("ema-*.pt"))
+        if Path(args.models).is_dir():
+            refuse_legacy(Path(args.models), "models folder")
+        files = sorted(Path(args.models).glob("ema-*.safetensors"))
         if not files:
-            raise FIDError(f"no reconstructed models (ema-*.pt) in {args.models}: run the reconstruct stage")
+            raise FIDError(f"no reconstructed models (ema-*.safetensors) in {args.models}: run the reconstruct stage")
         feat = load_feature_net(cfg.fid.feature_net, args.device)
         ref = reference_stats(EncodedDataset(reference_dataset_dir(cfg)), feat, cfg.fid.ref_num_images,
                               args.ref_cache, cfg.fid.batch_size)

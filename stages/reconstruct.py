@@ -1,6 +1,6 @@
 """DVC stage: reconstruct post-hoc EMA models (SPEC 6) from a training run's snapshots.
 
-Snapshot directory in, one model file per target sigma_rel out (`ema-<nimg>-<sigma_rel>.pt`), plus
+Snapshot directory in, one model file per target sigma_rel out (`ema-<nimg>-<sigma_rel>.safetensors`), plus
 `reconstruct.json` (coefficients, profile errors, warnings) and `ema_profiles.png`. Targets already
 reconstructed from the same snapshots are skipped.
 """
@@ -22,7 +22,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--targets", type=float, nargs="+", help="target sigma_rel values (default: ema.targets)")
     p.add_argument("--target-nimg", type=int, help="reconstruct at this training time in images "
                    "(default: ema.target_nimg, else the last snapshot)")
-    p.add_argument("--batch-targets", type=int, default=8, help="targets per pass over the snapshots (memory: "
+    p.add_argument("--batch-targets", type=cli.positive_int, default=8, help="targets per pass over the snapshots (memory: "
                    "this many float32 models)")
     args = p.parse_args(argv)
 

@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 from pipeline import cli
+from pipeline.io import RunLock
 from pipeline.training import TrainingError, list_checkpoints, load_latest_checkpoint, train
 
 EXIT_STOPPED = 75          # EX_TEMPFAIL: stopped on request, rerun to resume
@@ -36,25 +37,24 @@ def main(argv: list[str] | None = None) -> int:
             return _torchrun(nproc, cfg.launcher.nnodes, argv if argv is not None else sys.argv[1:])
         if args.on_mismatch == "archive" and int(os.environ.get("RANK", "0")) == 0:
             _archive_if_mismatched(cfg)
-        try:
-            res = train(cfg, stage=args.stage, progress=not args.no_progress)
-        except TrainingError as err:
-            print(f"train: {err}", file=sys.stderr)
-            return 2
+        res = train(cfg, stage=args.stage, progress=not args.no_progress)
         return 0 if res.status == "finished" else EXIT_STOPPED
     return cli.run("train", go)
 
 
 def _archive_if_mismatched(cfg) -> None:
     run_dir = Path(cfg.train.run_dir)
-    if not list_checkpoints(run_dir):
+    if not run_dir.is_dir() or not list_checkpoints(run_dir):
         return
-    try:
-        load_latest_checkpoint(run_dir, cfg, log=lambda *a: None)
-    except TrainingError as err:
+    with RunLock(run_dir):                         # never move a folder another process is writing
+        try:
+            load_latest_checkpoint(run_dir, cfg, log=lambda *a: None)
+            return
+        except TrainingError as err:
+            reason = err
         aside = run_dir.with_name(f"{run_dir.name}.{time.strftime('%Y%m%d-%H%M%S')}")
         shutil.move(str(run_dir), aside)
-        print(f"train: {run_dir} held another configuration; moved it to {aside} ({err})")
+    print(f"train: {run_dir} held another configuration; moved it to {aside} ({reason})")
 
 
 def _torchrun(nproc: int, nnodes: int, argv: list[str]) -> int:

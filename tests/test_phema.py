@@ -11,11 +11,14 @@ import torch
 
 from pipeline import config as C
 from pipeline import phema
+from pipeline.config import LossConfig
 from pipeline.edm import edm2_loss
 from pipeline.networks import Precond
 from pipeline.phema import (PHEMAError, PowerFunctionEMA, gamma_to_sigma_rel, load_reconstruction, reconstruct,
                             sigma_rel_to_gamma, snapshot_meta, snapshot_name, solve_weights)
 from stages.reconstruct import main as reconstruct_cli
+from pipeline.io import read_safetensors_header
+from safetensors.torch import load_file
 
 REFERENCE = [(0.010, 96.994898), (0.050, 16.972199), (0.100, 6.937204), (0.150, 3.557869), (0.250, 0.719824)]
 
@@ -94,7 +97,7 @@ def test_reconstruction_equals_direct_tracking(tmp_path):
     g = torch.Generator().manual_seed(2)
     for step in range(1, steps + 1):
         idx = torch.randint(0, 64, (batch,), generator=g)
-        loss, _ = edm2_loss(net, data[idx], None, -0.8, 1.6, 0.5, generator=g)
+        loss, _ = edm2_loss(net, data[idx], None, LossConfig(), generator=g)
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -129,19 +132,13 @@ def make_snapshots(d, times=8, interval=100, lr=0.01, width=64):
     return cfg
 
 
-@pytest.mark.parametrize("by_offset", [True, False], ids=["read-by-offset", "memory-mapped"])
-def test_stream_combine_equals_an_in_memory_sum(tmp_path, monkeypatch, by_offset):
-    """Both ways of reading snapshots (pread at the tensors' file offsets; whole mapped snapshots
-    where offsets can't be found) give sum_i X_ij theta_i, across group and chunk boundaries."""
+def test_stream_combine_equals_an_in_memory_sum(tmp_path):
+    """Reading snapshots chunk by chunk at the byte ranges of their safetensors headers gives
+    sum_i X_ij theta_i, across group and chunk boundaries."""
     make_snapshots(tmp_path / "s")
     infos = phema.scan_snapshots(tmp_path / "s")
-    if not by_offset:
-        monkeypatch.setattr(phema, "_file_spans", lambda path, state: None)
-    elif phema._SnapshotFile(infos[0]).spans is None:
-        pytest.skip("snapshots can't be read by offset here (needs /proc/self/maps and preadv)")
-    assert phema.default_group(infos[0]) == (16 if by_offset else 2)
     X = np.random.default_rng(0).normal(size=(len(infos), 3))
-    states = [torch.load(i.path)["state"] for i in infos]
+    states = [load_file(i.path) for i in infos]
     for group, chunk in ((3, 1000), (None, 1 << 16)):
         got = phema.stream_combine(infos, X, group=group, chunk_elems=chunk)
         for j in range(X.shape[1]):
@@ -157,17 +154,18 @@ def test_stage_writes_models_json_figure_and_skips_up_to_date(tmp_path, capsys):
             "--targets", "0.05", "0.12", "0.2"]
     assert reconstruct_cli(args) == 0
     summary = json.loads((out / "reconstruct.json").read_text())
-    assert [t["file"] for t in summary["targets"]] == ["ema-0000000800-0.050.pt", "ema-0000000800-0.120.pt",
-                                                       "ema-0000000800-0.200.pt"]
+    assert [t["file"] for t in summary["targets"]] == ["ema-0000000800-0.050.safetensors",
+                                                       "ema-0000000800-0.120.safetensors",
+                                                       "ema-0000000800-0.200.safetensors"]
     for t in summary["targets"]:
         assert sum(t["coefficients"]) == pytest.approx(1.0)
         assert (out / t["file"]).is_file() and not t["skipped"]
     assert (out / "ema_profiles.png").stat().st_size > 10_000
-    mtimes = {p.name: p.stat().st_mtime_ns for p in out.glob("ema-*.pt")}
+    mtimes = {p.name: p.stat().st_mtime_ns for p in out.glob("ema-*.safetensors")}
     capsys.readouterr()
     assert reconstruct_cli(args) == 0
     assert "skipped (up to date)" in capsys.readouterr().out
-    assert {p.name: p.stat().st_mtime_ns for p in out.glob("ema-*.pt")} == mtimes
+    assert {p.name: p.stat().st_mtime_ns for p in out.glob("ema-*.safetensors")} == mtimes
     # New snapshots -> the reconstruction at the new last time is made afresh.
     assert reconstruct(tmp_path / "s", [0.05], target_nimg=400, out_dir=out)["target_nimg"] == 400
 
@@ -176,14 +174,14 @@ def test_reconstruct_at_a_snapshot_reproduces_it(tmp_path):
     make_snapshots(tmp_path / "s")
     summary = reconstruct(tmp_path / "s", [0.10], target_nimg=500, out_dir=tmp_path / "o")
     rec = load_reconstruction(tmp_path / "o" / summary["targets"][0]["file"])["state"]
-    snap = torch.load(tmp_path / "s" / snapshot_name(500, 0.10))["state"]
+    snap = load_file(tmp_path / "s" / snapshot_name(500, 0.10))
     assert torch.allclose(rec["weight"], snap["weight"].float(), atol=1e-5)
     assert summary["targets"][0]["rel_error"] < 1e-6
     # Snapshots and reconstructions describe themselves: resolved config, run key, git revision.
     for f in (tmp_path / "s" / snapshot_name(500, 0.10), tmp_path / "o" / summary["targets"][0]["file"]):
-        data = torch.load(f, weights_only=False)
+        _, data = read_safetensors_header(f)
         assert data["config"]["ema"]["snapshot_nimg"] == 100 and data["model_key"] and data["git"]
-    assert torch.load(tmp_path / "s" / snapshot_name(500, 0.10))["state"]["weight"].dtype == torch.float16
+    assert load_file(tmp_path / "s" / snapshot_name(500, 0.10))["weight"].dtype == torch.float16
 
 
 def test_ill_conditioned_target_warns(tmp_path):
@@ -211,12 +209,12 @@ def test_bad_input_clear_errors_nothing_overwritten(tmp_path):
     (tmp_path / "empty").mkdir()
     _assert_fails_and_keeps(out, lambda: reconstruct(tmp_path / "empty", [0.1], out_dir=out), "holds no snapshots")
     # Missing file: one profile gone at one time.
-    (s / snapshot_name(300, 0.10)).rename(tmp_path / "aside.pt")
+    (s / snapshot_name(300, 0.10)).rename(tmp_path / "aside.safetensors")
     _assert_fails_and_keeps(out, lambda: reconstruct(s, [0.1], out_dir=out), "missing at nimg=300 for sigma_rel 0.100")
     # A whole time gone.
     (s / snapshot_name(300, 0.05)).unlink()
     _assert_fails_and_keeps(out, lambda: reconstruct(s, [0.1], out_dir=out), "snapshots missing for nimg 300")
-    (tmp_path / "aside.pt").rename(s / snapshot_name(300, 0.10))
+    (tmp_path / "aside.safetensors").rename(s / snapshot_name(300, 0.10))
     make_snapshots(tmp_path / "other", lr=0.02)       # another run configuration
     (tmp_path / "other" / snapshot_name(300, 0.05)).rename(s / snapshot_name(300, 0.05))
     _assert_fails_and_keeps(out, lambda: reconstruct(s, [0.1], out_dir=out), "mixed configurations")
@@ -224,7 +222,9 @@ def test_bad_input_clear_errors_nothing_overwritten(tmp_path):
     make_snapshots(tmp_path / "c")
     f = tmp_path / "c" / snapshot_name(200, 0.05)
     f.write_bytes(f.read_bytes()[:100])
-    _assert_fails_and_keeps(out, lambda: reconstruct(tmp_path / "c", [0.1], out_dir=out), "unreadable")
+    _assert_fails_and_keeps(out, lambda: reconstruct(tmp_path / "c", [0.1], out_dir=out), "not a safetensors file")
+    f.write_bytes((tmp_path / "s" / snapshot_name(200, 0.05)).read_bytes()[:-10])   # header intact, data cut short
+    _assert_fails_and_keeps(out, lambda: reconstruct(tmp_path / "c", [0.1], out_dir=out), "is truncated")
 
 
 @pytest.mark.slow
@@ -240,7 +240,7 @@ def test_memory_bounded_by_targets_plus_two_models(tmp_path):
     for i in range(1, 26):
         ema.update(net, i * 1000, 1000)
         ema.save_snapshots(tmp_path, i * 1000, {"model_key": "m", "snapshot_nimg": 1000})
-    assert len(list(tmp_path.glob("phema-*.pt"))) == 50
+    assert len(list(tmp_path.glob("phema-*.safetensors"))) == 50
     # A fresh process that only reconstructs, so its peak RSS is the reconstruction's.
     script = textwrap.dedent("""
         import gc, sys

@@ -26,7 +26,7 @@ def _params(tmp_path, fmnist, name):
 
 def _final(params):
     run = Path(yaml.safe_load(Path(params).read_text())["train"]["run_dir"])
-    return torch.load(list_checkpoints(run)[-1], weights_only=False)
+    return torch.load(list_checkpoints(run)[-1], weights_only=True)
 
 
 def _wait_for_checkpoint(params, timeout=240):

@@ -10,6 +10,7 @@ from pipeline.data import Prefetcher
 from pipeline.edm import sample_images
 from pipeline.networks import build_network
 from pipeline.training import SnapshotWriter, train
+from safetensors.torch import load_file
 
 STEPS = {"duration_nimg": 96, "checkpoint_nimg": 96, "status_nimg": 16}
 
@@ -41,12 +42,12 @@ def test_async_snapshots_and_prefetch_change_nothing(tmp_path, fmnist, plain, pl
     snapshot files, bit for bit (they move work in time, not in value)."""
     got = losses(tmp_path, fmnist, "async", async_snapshots=True, prefetch_batches=3)
     assert got == plain
-    ref = sorted(p.name for p in (plain_dir / "run" / "snapshots").glob("phema-*.pt"))
-    new = sorted(p.name for p in (tmp_path / "async" / "run" / "snapshots").glob("phema-*.pt"))
+    ref = sorted(p.name for p in (plain_dir / "run" / "snapshots").glob("phema-*.safetensors"))
+    new = sorted(p.name for p in (tmp_path / "async" / "run" / "snapshots").glob("phema-*.safetensors"))
     assert new == ref and len(ref) == 2 * 3
     for name in ref:
-        a = torch.load(plain_dir / "run" / "snapshots" / name, weights_only=False)["state"]
-        b = torch.load(tmp_path / "async" / "run" / "snapshots" / name, weights_only=False)["state"]
+        a = load_file(plain_dir / "run" / "snapshots" / name)
+        b = load_file(tmp_path / "async" / "run" / "snapshots" / name)
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
@@ -54,7 +55,7 @@ def test_snapshot_writer_surfaces_a_failed_background_write(tmp_path):
     blocker = tmp_path / "not-a-dir"
     blocker.write_text("a file where the snapshot folder should be")
     w = SnapshotWriter(background=True)
-    w.submit([(blocker / "phema-0000000032-0.050.pt", {"state": {}})])
+    w.submit([(blocker / "phema-0000000032-0.050.safetensors", {"w": torch.zeros(2)}, {"format": "x"})])
     with pytest.raises(OSError):
         w.drain()
 

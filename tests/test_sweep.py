@@ -16,6 +16,7 @@ import yaml
 
 from conftest import ROOT, tiny_params
 from pipeline import config as C
+from safetensors.torch import load_file
 
 ENV = {**os.environ, "PYTHONPATH": str(ROOT), "RAY_AUTH_MODE": "disabled", "OMP_NUM_THREADS": "1"}
 
@@ -288,9 +289,9 @@ def test_trial_spanning_two_workers_through_ray_train(tmp_path, fmnist):
     cfg = C.load_config(run_dir / "config.yaml", {"train.run_dir": str(tmp_path / "single"), "tracking.enabled": False})
     from pipeline.training import train
     train(cfg, progress=False)
-    name = sorted(p.name for p in (run_dir / "snapshots").glob("phema-*.pt"))[-1]
-    a = torch.load(run_dir / "snapshots" / name, weights_only=False)["state"]
-    b = torch.load(tmp_path / "single" / "snapshots" / name, weights_only=False)["state"]
+    name = sorted(p.name for p in (run_dir / "snapshots").glob("phema-*.safetensors"))[-1]
+    a = load_file(run_dir / "snapshots" / name)
+    b = load_file(tmp_path / "single" / "snapshots" / name)
     num = sum((a[k].float() - b[k].float()).norm() ** 2 for k in a if a[k].is_floating_point()) ** 0.5
     den = sum(b[k].float().norm() ** 2 for k in b if b[k].is_floating_point()) ** 0.5
     print(f"2 Ray Train workers vs 1 process: relative L2 of the last snapshot {float(num / den):.2e}")

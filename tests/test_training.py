@@ -25,7 +25,7 @@ def run_stage(params, *extra, timeout=600):
 
 def final_state(params):
     ckpts = list_checkpoints(Path(C.load_config(params).train.run_dir))
-    return torch.load(ckpts[-1], weights_only=False)
+    return torch.load(ckpts[-1], weights_only=True)
 
 
 def assert_close_states(a: dict, b: dict, what: str, rel=1e-5, atol=1e-3):
