@@ -17,7 +17,7 @@ import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
 from .errors import PipelineError
 
-SIGMA_REL_MAX = math.sqrt(1.0 / 12.0)  # SPEC 6: sigma_rel < sqrt(1/12) ~= 0.2887
+SIGMA_REL_MAX = math.sqrt(1.0 / 12.0)  # method.md 6: sigma_rel < sqrt(1/12) ~= 0.2887
 PRESETS_FILE = Path(__file__).with_name("presets.yaml")
 
 
@@ -111,7 +111,7 @@ class DataConfig(_Section):
 
 
 class NetworkConfig(_Section):
-    model_channels: PosInt = 32                          # C in SPEC 4
+    model_channels: PosInt = 32                          # C in method.md 4
     channel_mult: list[PosInt] = Field(default_factory=lambda: [1, 2, 2])
     num_blocks: PosInt = 2
     attn_resolutions: list[PosInt] = Field(default_factory=lambda: [8])
@@ -155,8 +155,8 @@ class LossConfig(_Section):
 
 
 class TrainConfig(_Section):
-    """Optimizer, schedule and run length. Time is counted in images (SPEC: nimg)."""
-    ref_lr: PosFloat = 0.012               # SPEC 3, eq. 11
+    """Optimizer, schedule and run length. Time is counted in images (method.md: nimg)."""
+    ref_lr: PosFloat = 0.012               # method.md 3, eq. 11
     ref_batches: PosFloat = 35000          # iterations before the 1/sqrt(t) decay starts
     rampup_nimg: NonNegInt = 0             # linear warm-up length in images
     batch_size: PosInt = 2048              # global batch
@@ -183,7 +183,7 @@ class TrainConfig(_Section):
 
 
 class EMAConfig(_Section):
-    """Power-function EMA (SPEC 6): tracked profiles, snapshots, post-hoc targets."""
+    """Power-function EMA (method.md 6): tracked profiles, snapshots, post-hoc targets."""
     stds: list[SigmaRel] = Field(default_factory=lambda: [0.05, 0.10])
     snapshot_nimg: PosInt = 2**23
     targets: list[SigmaRel] = off_key(default_factory=lambda: [0.05, 0.10, 0.15])
@@ -200,7 +200,7 @@ class EMAConfig(_Section):
 
 
 class SamplerConfig(_Section):
-    """EDM Algorithm 2 (SPEC 5)."""
+    """EDM Algorithm 2 (method.md 5)."""
     steps: Annotated[int, AfterValidator(lambda v: _min(v, 2))] = 32
     rho: PosFloat = 7.0
     sigma_min: PosFloat = 0.002

@@ -1,5 +1,5 @@
 """Datasets: sources (Fashion-MNIST, image folders, zips), encoders (pixels; VAE latents), the
-encoded-dataset artifact with its manifest, and the memory-mapped training loader (SPEC 7).
+encoded-dataset artifact with its manifest, and the memory-mapped training loader (method.md 7).
 
 An encoded dataset is a folder holding `images.npy` (uint8, N x C x H x W; or float16 latent
 mean/std for the VAE encoder), `labels.npy` (int64, N) and `manifest.json` (count, shape, dtype,
@@ -42,7 +42,7 @@ class DataError(PipelineError, ValueError):
 
 
 # ----------------------------------------------------------------------------------------------
-# SPEC 7: pixel encoding.
+# method.md 7: pixel encoding.
 
 def encode_pixels(x_uint8: np.ndarray | torch.Tensor) -> torch.Tensor:
     """uint8 -> x / 127.5 - 1 (std about 0.5 = sigma_data)."""
@@ -300,7 +300,7 @@ def encode_dataset(cfg, out_dir: str | Path, split: str = "train", cache_dir: st
 
 
 # ----------------------------------------------------------------------------------------------
-# Optional latent encoder (SPEC 7): a local diffusers AutoencoderKL, never downloaded.
+# Optional latent encoder (method.md 7): a local diffusers AutoencoderKL, never downloaded.
 
 def load_vae(vae_path: str | Path):
     try:

@@ -1,6 +1,6 @@
-"""EDM training objective, learning-rate schedule and sampler (SPEC sections 2, 3 and 5).
+"""EDM training objective, learning-rate schedule and sampler (method.md 2, 3 and 5).
 
-Written from SPEC.md (EDM2 equation numbers; EDM Algorithm 2 for the sampler).
+Written from docs/method.md (EDM2 equation numbers; EDM Algorithm 2 for the sampler).
 """
 from __future__ import annotations
 
@@ -69,7 +69,7 @@ def edm2_loss(net, images: torch.Tensor, labels: torch.Tensor | None, loss_cfg,
 
 
 # ----------------------------------------------------------------------------------------------
-# SPEC 3: learning-rate schedule (EDM2 eq. 11), counted in images.
+# method.md 3: learning-rate schedule (EDM2 eq. 11), counted in images.
 
 def learning_rate(nimg: float, batch_size: int, ref_lr: float, ref_batches: float, rampup_nimg: float = 0) -> float:
     """lr(t) = ref_lr / sqrt(max(t / ref_batches, 1)) * min(nimg / rampup_nimg, 1), t = nimg / batch_size."""
@@ -81,7 +81,7 @@ def learning_rate(nimg: float, batch_size: int, ref_lr: float, ref_batches: floa
 
 
 # ----------------------------------------------------------------------------------------------
-# SPEC 5: EDM sampler (EDM Algorithm 2), Heun or Euler, optional churn and guidance.
+# method.md 5: EDM sampler (EDM Algorithm 2), Heun or Euler, optional churn and guidance.
 
 class SeededNoise:
     """One random stream per image seed, so an image's noise does not depend on which batch it
@@ -187,7 +187,7 @@ def _sampling_model(net, compile_: bool, device):
 
 
 # ----------------------------------------------------------------------------------------------
-# Closed-form ideal denoiser of a Gaussian mixture (SPEC 5 correctness check; also a test oracle).
+# Closed-form ideal denoiser of a Gaussian mixture (method.md 5 correctness check; also a test oracle).
 
 def gmm_denoiser(weights: torch.Tensor, means: torch.Tensor, covs: torch.Tensor) -> Denoiser:
     """D(x; sigma) = E[y | x] for y ~ sum_k w_k N(mu_k, S_k), x = y + sigma n, on flat (B, d) inputs."""

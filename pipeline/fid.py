@@ -1,4 +1,4 @@
-"""FID (SPEC 8): Inception features through clean-fid ("clean" mode), Frechet distance by an
+"""FID (method.md 8): Inception features through clean-fid ("clean" mode), Frechet distance by an
 eigen-decomposition route, cached reference statistics, image generation, and FID records.
 
 Every stored FID is a record carrying what it depends on (feature network and its hash, mode, number
@@ -129,7 +129,7 @@ def statistics(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
-    """||mu1 - mu2||^2 + Tr(S1 + S2 - 2 (S1 S2)^(1/2)) (SPEC 8).
+    """||mu1 - mu2||^2 + Tr(S1 + S2 - 2 (S1 S2)^(1/2)) (method.md 8).
 
     Tr((S1 S2)^(1/2)) = sum of sqrt(eigenvalues of S1^(1/2) S2 S1^(1/2)), which is symmetric PSD:
     two symmetric eigendecompositions instead of scipy's general sqrtm (several times faster).

@@ -40,7 +40,10 @@ def _atomic_path(path: str | Path, write: Callable[[Path], None]) -> Path:
     A crash or a full disk leaves the previous file untouched (the temp file is removed)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as err:                           # name the file the caller wanted, not the temp name
+        raise OSError(err.errno, err.strerror, str(path)) from None
     os.close(fd)
     try:
         write(Path(tmp))
@@ -51,11 +54,13 @@ def _atomic_path(path: str | Path, write: Callable[[Path], None]) -> Path:
             os.close(fd)
         os.chmod(tmp, 0o666 & ~_umask())                 # mkstemp makes 0600; use the usual mode
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as err:
         try:
             os.unlink(tmp)
         except FileNotFoundError:
             pass
+        if isinstance(err, OSError) and err.filename == tmp:
+            raise OSError(err.errno, err.strerror, str(path)) from None
         raise
     return path
 
@@ -246,6 +251,9 @@ class RunLock:
 # ----------------------------------------------------------------------------------------------
 # The metrics log (JSON lines): appends are all-or-nothing, a torn last line is dropped on read.
 
+_write = os.write                                    # the one write call of append_line (tests inject a full disk)
+
+
 def append_line(path: str | Path, line: str) -> None:
     """Append one line; on failure (disk full) cut the file back to where it was, then raise."""
     path = Path(path)
@@ -257,7 +265,7 @@ def append_line(path: str | Path, line: str) -> None:
         try:
             done = 0
             while done < len(data):
-                done += os.write(fd, data[done:])
+                done += _write(fd, data[done:])
         except OSError:
             os.ftruncate(fd, before)
             raise

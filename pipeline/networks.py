@@ -1,6 +1,6 @@
-"""Magnitude-preserving U-Net of EDM2 (SPEC section 4) and the EDM preconditioning wrapper (SPEC 1).
+"""Magnitude-preserving U-Net of EDM2 (method.md 4) and the EDM preconditioning wrapper (method.md 1).
 
-Written from SPEC.md; equation numbers are the EDM2 paper's. Every layer keeps activations at unit
+Written from docs/method.md; equation numbers are the EDM2 paper's. Every layer keeps activations at unit
 RMS in expectation, weights are kept at unit norm by forced weight normalization, and there are no
 biases (a constant ones channel replaces them).
 """
@@ -19,7 +19,7 @@ from .config import Config, NetworkConfig
 # Magnitude-preserving primitives.
 
 def normalize(x: torch.Tensor, dim=None, eps: float = 1e-4) -> torch.Tensor:
-    """Divide each vector along `dim` by eps + ||x|| / sqrt(N) -> unit RMS (SPEC 4, normalize)."""
+    """Divide each vector along `dim` by eps + ||x|| / sqrt(N) -> unit RMS (method.md 4, normalize)."""
     if dim is None:
         dim = list(range(1, x.ndim))
     norm = torch.linalg.vector_norm(x, dim=dim, keepdim=True, dtype=torch.float32)
@@ -70,11 +70,11 @@ class MPConv(nn.Module):
     def forward(self, x: torch.Tensor, gain: float | torch.Tensor = 1.0) -> torch.Tensor:
         w = self.weight.to(torch.float32)
         if self.training:
-            # Forced weight normalization (SPEC 4.1): the stored weight itself stays at unit RMS per
+            # Forced weight normalization (method.md 4): the stored weight itself stays at unit RMS per
             # output row, so Adam's effective step size does not shrink as weights grow.
             with torch.no_grad():
                 self.weight.copy_(normalize(w))
-        w = normalize(w)                                         # differentiable (SPEC 4.2)
+        w = normalize(w)                                         # differentiable (method.md 4)
         w = w * (gain / math.sqrt(w[0].numel()))
         w = w.to(x.dtype)
         if w.ndim == 2:
@@ -92,7 +92,7 @@ def resample(x: torch.Tensor, mode: str) -> torch.Tensor:
 
 
 # ----------------------------------------------------------------------------------------------
-# U-Net blocks and layout (SPEC 4, EDM2 figure 21).
+# U-Net blocks and layout (method.md 4, EDM2 figure 21).
 
 class Block(nn.Module):
     """Encoder or decoder residual block with optional cosine self-attention."""
@@ -219,7 +219,7 @@ class UNet(nn.Module):
 
 
 class Precond(nn.Module):
-    """EDM preconditioning (SPEC 1) around the U-Net, plus the learned uncertainty u(sigma) (SPEC 2)."""
+    """EDM preconditioning (method.md 1) around the U-Net, plus the learned uncertainty u(sigma) (method.md 2)."""
 
     def __init__(self, img_resolution: int, img_channels: int, label_dim: int = 0, sigma_data: float = 0.5,
                  logvar_channels: int = 128, **unet_kwargs):
@@ -232,7 +232,7 @@ class Precond(nn.Module):
         self.logvar_linear = MPConv(logvar_channels, 1)
 
     def coefficients(self, sigma: torch.Tensor):
-        """SPEC 1 (EDM Table 1): c_skip, c_out, c_in, c_noise."""
+        """method.md 1 (EDM Table 1): c_skip, c_out, c_in, c_noise."""
         sd = self.sigma_data
         c_skip = sd ** 2 / (sigma ** 2 + sd ** 2)
         c_out = sigma * sd / (sigma ** 2 + sd ** 2).sqrt()
@@ -248,7 +248,7 @@ class Precond(nn.Module):
             raise ValueError("this model is class-conditional: pass class_labels (one-hot)")
         c_skip, c_out, c_in, c_noise = self.coefficients(sigma)
         F_x = self.unet(c_in * x, c_noise.flatten().expand(x.shape[0]), class_labels)
-        D_x = c_skip * x + c_out * F_x.to(torch.float32)        # SPEC 1: D = c_skip x + c_out F(c_in x)
+        D_x = c_skip * x + c_out * F_x.to(torch.float32)        # method.md 1: D = c_skip x + c_out F(c_in x)
         if return_logvar:
             logvar = self.logvar_linear(self.logvar_fourier(c_noise.flatten().expand(x.shape[0])))
             return D_x, logvar.reshape(-1, 1, 1, 1)

@@ -1,4 +1,4 @@
-"""Power-function EMA tracking and post-hoc EMA reconstruction (SPEC section 6; EDM2 sec. 3.1, app. C).
+"""Power-function EMA tracking and post-hoc EMA reconstruction (method.md 6; EDM2 sec. 3.1, app. C).
 
 Training tracks a few EMA profiles and writes them as low-precision snapshots at a fixed interval in
 images. Afterwards any EMA length sigma_rel can be reconstructed as a linear combination of the
@@ -63,7 +63,7 @@ class PowerFunctionEMA:
 
     `update(net, nimg, batch_nimg)` after each optimizer step (or every k steps with batch_nimg the
     images since the last update): beta = (1 - dt / t)^(gamma + 1), ema = beta ema + (1 - beta) theta.
-    Counting in images makes the profile right for any batch size and update interval (SPEC 6).
+    Counting in images makes the profile right for any batch size and update interval (method.md 6).
     """
 
     def __init__(self, net: torch.nn.Module, stds: Sequence[float]):
@@ -141,7 +141,7 @@ def profile(tau: np.ndarray, t: float, gamma: float) -> np.ndarray:
 
 
 def p_dot_p(t_a, g_a, t_b, g_b):
-    """<p_a, p_b> = (g_a + 1)(g_b + 1) / ((g_a + g_b + 1) max(t_a, t_b)) * r (SPEC 6)."""
+    """<p_a, p_b> = (g_a + 1)(g_b + 1) / ((g_a + g_b + 1) max(t_a, t_b)) * r (method.md 6)."""
     t_a, g_a, t_b, g_b = (np.asarray(v, dtype=np.float64) for v in (t_a, g_a, t_b, g_b))
     ratio = t_a / t_b
     r = np.where(t_a < t_b, ratio ** g_b, (1.0 / ratio) ** g_a)
@@ -316,6 +316,8 @@ def reconstruct(snapshot_dir: str | Path, targets: Sequence[float], target_nimg:
     skipped = []
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
+        if not os.access(out, os.W_OK):               # before any reading: fail in a second, not after the pass
+            raise PHEMAError(f"output folder {out} is not writable (read-only file system or no permission)")
         refuse_legacy(out, "output folder")
         todo = [j for j in todo if not _up_to_date(out / reconstruction_name(T, targets[j]), digest)]
         skipped = [targets[j] for j in range(len(targets)) if j not in todo]
@@ -519,14 +521,19 @@ def _read_ahead_budget() -> int:
         return 1 << 30
 
 
-def load_reconstruction(path: str | Path) -> dict:
-    """A reconstructed model: {'state': tensors, **metadata}; anything but this pipeline's
-    safetensors reconstruction (a pickled .pt included) is refused without being loaded."""
+def check_reconstruction(path: str | Path) -> dict:
+    """A reconstructed model's metadata from its header alone (cheap: check inputs before compute)."""
     path = Path(path)
     if LEGACY_RE.match(path.name):
         raise PHEMAError(f"{path} is a pickled .pt model of an earlier version, not loaded because a pickle can run "
                          f"code; if you trust it, convert it with `{CONVERT_HINT.format(path=path)}`")
-    _read_header(path, "reconstructed model", RECONSTRUCTION_FORMAT)
+    return _read_header(path, "reconstructed model", RECONSTRUCTION_FORMAT)[1]
+
+
+def load_reconstruction(path: str | Path) -> dict:
+    """A reconstructed model: {'state': tensors, **metadata}; anything but this pipeline's
+    safetensors reconstruction (a pickled .pt included) is refused without being loaded."""
+    check_reconstruction(path)
     state, meta = load_safetensors(path, "reconstructed model", PHEMAError)
     return {**meta, "state": state}
 

@@ -220,11 +220,17 @@ def plot_best_vs_param(best, keys: Sequence[str], path: str | Path, name: str = 
     plt = _plt()
     fig, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 3.2), squeeze=False)
     w = best["fid"].idxmin()
+    import pandas as pd
     for ax, key in zip(axes[0], keys):
-        x = best[key].astype(float)
+        x = pd.to_numeric(best[key], errors="coerce")
+        if x.isna().any():                       # a text-valued axis (e.g. loss.noise): one column per value
+            cats = sorted(best[key].astype(str).unique())
+            x = best[key].astype(str).map({c: i for i, c in enumerate(cats)}).astype(float)
+            ax.set_xticks(range(len(cats)), cats)
+            ax.set_xlim(-0.5, len(cats) - 0.5)
         ax.scatter(x, best["fid"], color="tab:blue")
         ax.scatter([x[w]], [best["fid"][w]], marker="*", s=200, color="gold", edgecolor="black", zorder=3)
-        if x.min() > 0 and x.max() / x.min() > 20:
+        if not ax.get_xticklabels() and x.min() > 0 and x.max() / x.min() > 20:
             ax.set_xscale("log")
         ax.set_xlabel(key)
         ax.grid(alpha=0.3)

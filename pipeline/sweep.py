@@ -287,6 +287,9 @@ def run_sweep(sweep_file: str | Path, address: str | None = None, resume: bool =
                                   max_t=base.train.duration_nimg + 1, grace_period=sweep.scheduler.grace_period_nimg,
                                   reduction_factor=sweep.scheduler.reduction_factor)
     search_alg = None
+    if sweep.algorithm == "random":                          # the sweep's seed fixes the draws
+        from ray.tune.search.basic_variant import BasicVariantGenerator
+        search_alg = BasicVariantGenerator(random_state=sweep.seed)
     if sweep.algorithm == "optuna":
         from ray.tune.search.optuna import OptunaSearch
         search_alg = OptunaSearch(metric="best_fid", mode="min", seed=sweep.seed)

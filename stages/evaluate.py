@@ -1,4 +1,4 @@
-"""DVC stage: FID of every reconstructed EMA model (SPEC 8).
+"""DVC stage: FID of every reconstructed EMA model (method.md 8).
 
 For each `ema-*.safetensors` in the models folder: generate fid.num_images images with the sampler (image i
 seeded with fid.seed + i), Inception features through clean-fid, Frechet distance to the cached
@@ -14,7 +14,7 @@ from pipeline import cli
 from pipeline.data import EncodedDataset
 from pipeline.fid import (FIDError, evaluate_models, load_feature_net, reference_dataset_dir, reference_stats,
                           write_metrics)
-from pipeline.phema import refuse_legacy
+from pipeline.phema import check_reconstruction, refuse_legacy
 from pipeline.report import plot_fid_vs_ema
 
 
@@ -34,6 +34,8 @@ def main(argv: list[str] | None = None) -> int:
         files = sorted(Path(args.models).glob("ema-*.safetensors"))
         if not files:
             raise FIDError(f"no reconstructed models (ema-*.safetensors) in {args.models}: run the reconstruct stage")
+        for f in files:                            # every model's header before any compute
+            check_reconstruction(f)
         feat = load_feature_net(cfg.fid.feature_net, args.device)
         ref = reference_stats(EncodedDataset(reference_dataset_dir(cfg)), feat, cfg.fid.ref_num_images,
                               args.ref_cache, cfg.fid.batch_size)

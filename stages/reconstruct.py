@@ -1,4 +1,4 @@
-"""DVC stage: reconstruct post-hoc EMA models (SPEC 6) from a training run's snapshots.
+"""DVC stage: reconstruct post-hoc EMA models (method.md 6) from a training run's snapshots.
 
 Snapshot directory in, one model file per target sigma_rel out (`ema-<nimg>-<sigma_rel>.safetensors`), plus
 `reconstruct.json` (coefficients, profile errors, warnings) and `ema_profiles.png`. Targets already

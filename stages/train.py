@@ -1,4 +1,4 @@
-"""DVC stage: train the run described by params.yaml (SPEC 2, 3, 6), or resume it.
+"""DVC stage: train the run described by params.yaml (method.md 2, 3, 6), or resume it.
 
 Rerunning the same command resumes from the newest checkpoint in train.run_dir. With
 launcher.nproc_per_node > 1 (or --nproc-per-node) the stage starts itself under torchrun (DDP: NCCL

@@ -106,11 +106,12 @@ def render(chromium: str, url: str, out_dir: Path, name: str, dom: bool = False,
 
 
 @contextlib.contextmanager
-def served_mlflow(backend_uri: str):
+def served_mlflow(backend_uri: str, port: int | None = None):
     """`mlflow server` on 127.0.0.1 (one worker, no job runner), yields its base URL."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    if port is None:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
     env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
     art = tempfile.mkdtemp(prefix="mlart")
     p = subprocess.Popen([os.path.join(os.path.dirname(sys.executable), "mlflow"), "server", "--backend-store-uri",

@@ -1,4 +1,4 @@
-"""Dataset sources, resolution/channel handling, the encoded artifact and its loader (SPEC 7)."""
+"""Dataset sources, resolution/channel handling, the encoded artifact and its loader (method.md 7)."""
 import json
 import zipfile
 

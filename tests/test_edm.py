@@ -1,4 +1,4 @@
-"""SPEC 1-3, 5: loss with learned uncertainty, learning-rate schedule, EDM sampler on a Gaussian mixture."""
+"""method.md 1-3, 5: loss with learned uncertainty, learning-rate schedule, EDM sampler on a Gaussian mixture."""
 import math
 
 import pytest
@@ -42,7 +42,7 @@ def test_loss_matches_spec_formula_and_u_gets_gradients():
     g_u = net.logvar_linear.weight.grad
     assert g_u is not None and g_u.abs().sum() > 0, "u(sigma) must receive gradients"
 
-    # Independent computation with the same random draws, straight from SPEC 2. (Eval mode: the
+    # Independent computation with the same random draws, straight from method.md 2. (Eval mode: the
     # training forward already normalized the stored weights, so the network computes the same.)
     net.eval()
     g = torch.Generator().manual_seed(7)

@@ -1,4 +1,4 @@
-"""FID (SPEC 8): clean-fid features, eigen-route Frechet distance, reference cache, generation, records."""
+"""FID (method.md 8): clean-fid features, eigen-route Frechet distance, reference cache, generation, records."""
 import json
 import shutil
 import subprocess

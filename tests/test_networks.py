@@ -1,4 +1,4 @@
-"""SPEC 4: magnitude-preserving primitives, forced weight normalization, layout, fresh denoiser."""
+"""method.md 4: magnitude-preserving primitives, forced weight normalization, layout, fresh denoiser."""
 import math
 
 import pytest

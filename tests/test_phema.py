@@ -1,4 +1,4 @@
-"""SPEC 6: power-function EMA tracking, snapshots and post-hoc reconstruction."""
+"""method.md 6: power-function EMA tracking, snapshots and post-hoc reconstruction."""
 import json
 import os
 import subprocess
@@ -77,7 +77,7 @@ def test_tracked_average_is_the_power_function_profile(batch, every):
 
 
 def test_step_counter_rule_tracks_the_wrong_profile():
-    # The rule the SPEC warns against: dt = one batch while updating every k steps.
+    # The rule method.md warns against: dt = one batch while updating every k steps.
     T, values, gammas = _drive(64, 2000, every=5, naive=True)
     errors = [abs(v / ((g + 1) / (g + 2) * T) - 1) for v, g in zip(values, gammas)]
     assert max(errors) > 1e-2

@@ -296,3 +296,27 @@ def test_trial_spanning_two_workers_through_ray_train(tmp_path, fmnist):
     den = sum(b[k].float().norm() ** 2 for k in b if b[k].is_floating_point()) ** 0.5
     print(f"2 Ray Train workers vs 1 process: relative L2 of the last snapshot {float(num / den):.2e}")
     assert float(num / den) < 1e-3
+
+
+@pytest.mark.slow
+def test_sweep_over_the_noise_law_itself_and_a_private_store(tmp_path, fmnist):
+    """`loss.noise` as a `choice` axis: trials train with either law, the table and figures take the
+    text-valued axis; the sweep's store is private, and --resume refuses a store others can write."""
+    sweep_file = make_project(tmp_path, fmnist, name="law", algorithm="random", num_samples=4, seed=3,
+                              search={"loss.noise": {"choice": ["lognormal", "loguniform"]}}, ema_lengths=[0.1])
+    r = subprocess.run([sys.executable, "-m", "pipeline", "sweep", str(sweep_file), "--num-cpus", "2"], cwd=tmp_path,
+                       env=ENV, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
+    table = pd.read_csv(tmp_path / "reports/sweeps/law/results.csv")
+    assert set(table["loss.noise"]) == {"lognormal", "loguniform"} and table["fid"].notna().all()
+    assert (tmp_path / "reports/sweeps/law/best_fid_vs_param.png").stat().st_size > 5000
+    for trial in (tmp_path / "runs/sweeps/law/trials").iterdir():     # each trial trained with its own law
+        cfg = yaml.safe_load((trial / "run" / "config.yaml").read_text())
+        assert cfg["loss"]["noise"] in ("lognormal", "loguniform")
+    exp_dir = tmp_path / "runs/sweeps/law"
+    assert exp_dir.stat().st_mode & 0o777 == 0o700
+    os.chmod(exp_dir, 0o777)
+    r = subprocess.run([sys.executable, "-m", "pipeline", "sweep", str(sweep_file), "--resume"], cwd=tmp_path,
+                       env=ENV, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2 and "refusing to resume" in r.stderr and "writable by others" in r.stderr, r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
