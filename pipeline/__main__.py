@@ -28,7 +28,8 @@ def _cmd_info(args) -> None:
 
 def _cmd_sweep(args) -> None:
     from .sweep import run_sweep
-    run_sweep(args.file, address=args.address, resume=args.resume, reports_dir=args.reports, num_cpus=args.num_cpus)
+    run_sweep(args.file, address=args.address, resume=args.resume, reports_dir=args.reports, num_cpus=args.num_cpus,
+              dry_run=args.dry_run)
 
 
 def _cmd_convert(args) -> int:
@@ -92,6 +93,8 @@ def main(argv: list[str] | None = None) -> int:
     sp.add_argument("--resume", action="store_true", help="resume an interrupted sweep (finished trials are kept)")
     sp.add_argument("--num-cpus", type=int, help="CPUs of the local Ray instance (default: all)")
     sp.add_argument("--reports", default="reports/sweeps", help="where the table and figures go")
+    sp.add_argument("--dry-run", action="store_true", help="print the plan (trials and their values, axes, EMA "
+                    "lengths, images to train and generate) and exit")
     sp.set_defaults(func=_cmd_sweep)
 
     sp = sub.add_parser("submit", help="run training, a sweep or a command on SLURM (submitit) or locally",

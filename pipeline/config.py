@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import re
 import json
 import math
 from pathlib import Path
 from typing import Annotated, Any, Literal, Optional
 
 import yaml
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from .errors import PipelineError
 
 SIGMA_REL_MAX = math.sqrt(1.0 / 12.0)  # method.md 6: sigma_rel < sqrt(1/12) ~= 0.2887
@@ -514,9 +515,25 @@ class AxisSpec(_Section):
 
 class SchedulerSpec(_Section):
     type: Literal["none", "asha"] = "none"
-    metric: Literal["loss", "weighted_mse"] = "loss"   # intermediate result reported at each snapshot
+    # Intermediate result ASHA ranks trials by, reported at each snapshot. val_loss (default) does not
+    # depend on a trial's own noise law or learning rate; loss / weighted_mse are the training losses.
+    metric: Literal["val_loss", "loss", "weighted_mse"] = "val_loss"
     grace_period_nimg: PosInt = 4096                    # no stop before this many images
     reduction_factor: Annotated[float, AfterValidator(lambda v: _min(v, 2))] = 2.0
+
+
+class ValidationSpec(_Section):
+    """The fixed validation loss (edm.validation_loss): the first `num_images` of the FID reference
+    set, noised at each of `sigmas` with noise drawn from `seed`; the same for every trial."""
+    num_images: PosInt = 64
+    sigmas: list[PosFloat] = Field(default_factory=lambda: [0.05, 0.2, 0.5, 1.0, 2.0, 5.0])
+    seed: NonNegInt = 0
+
+    @model_validator(mode="after")
+    def _check(self):
+        if not self.sigmas:
+            raise ValueError("validation.sigmas must list at least one noise level")
+        return self
 
 
 class ResourceSpec(_Section):
@@ -547,12 +564,23 @@ class SweepConfig(_Section):
     algorithm: Literal["grid", "random", "optuna"] = "grid"
     num_samples: PosInt = 1                             # random/optuna: trials; grid: repeats of the grid
     scheduler: SchedulerSpec = Field(default_factory=SchedulerSpec)
+    validation: ValidationSpec = Field(default_factory=ValidationSpec)
     max_concurrent: PosInt = 2
     resources: ResourceSpec = Field(default_factory=ResourceSpec)
     max_failures: NonNegInt = 2                         # retries of a crashed trial (from its checkpoint)
-    seed: NonNegInt = 0
+    seed: NonNegInt = 0                                 # fixes every random draw (random search, Optuna/TPE)
     experiment: str = "edm2-sweeps"                     # MLflow experiment (one parent run per sweep)
     storage: str = "runs/sweeps"                        # Ray results, trial run folders
+
+    @field_validator("scheduler", "validation", "resources", mode="before")
+    @classmethod
+    def _mapping(cls, v, info):
+        if v is not None and not isinstance(v, dict):
+            example = {"scheduler": "{type: asha, metric: val_loss, grace_period_nimg: 4096, reduction_factor: 2}",
+                       "validation": "{num_images: 64, sigmas: [0.05, 0.2, 0.5, 1.0, 2.0, 5.0], seed: 0}",
+                       "resources": "{cpus: 1, gpus: 0}"}[info.field_name]
+            raise ValueError(f"expected a mapping, e.g. {info.field_name}: {example}")
+        return v
 
     @model_validator(mode="after")
     def _check(self):
@@ -565,6 +593,8 @@ class SweepConfig(_Section):
             raise ValueError(f"`grid` axes need algorithm=grid (got algorithm={self.algorithm})")
         if any(k.startswith("ema.targets") for k in self.search):
             raise ValueError("sweep EMA length with `ema_lengths` (post-hoc, no retraining), not as a search axis")
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", self.name):
+            raise ValueError(f"name={self.name!r}: use letters, digits, '.', '_' and '-' (it names folders and runs)")
         return self
 
 
@@ -584,9 +614,18 @@ def load_sweep(path: str | Path) -> tuple[SweepConfig, Config]:
         overrides["ema.targets"] = list(sweep.ema_lengths)
     base = load_config(base_path, overrides)
     flat = base.flat()
+    durations = [base.train.duration_nimg]
     for key, axis in sweep.search.items():
         if key not in flat:
             raise ConfigError(f"{path.name}: search.{key}: unknown key (not a field of the config)")
         for v in axis.probe_values():
-            load_config(base_path, {**overrides, key: v})    # raises the one-line error for a bad value
+            cfg = load_config(base_path, {**overrides, key: v})    # raises the one-line error for a bad value
+            durations.append(cfg.train.duration_nimg)
+    if sweep.scheduler.type == "asha" and sweep.scheduler.grace_period_nimg > min(durations):
+        raise ConfigError(f"{path.name}: scheduler.grace_period_nimg={sweep.scheduler.grace_period_nimg} is longer than "
+                          f"the training (train.duration_nimg={min(durations)}): ASHA could never stop a trial; "
+                          f"lower it below the duration")
+    if sweep.scheduler.type == "asha" and sweep.scheduler.grace_period_nimg < base.ema.snapshot_nimg:
+        raise ConfigError(f"{path.name}: scheduler.grace_period_nimg={sweep.scheduler.grace_period_nimg} is shorter than "
+                          f"ema.snapshot_nimg={base.ema.snapshot_nimg}, the interval at which trials report")
     return sweep, base

@@ -68,6 +68,32 @@ def edm2_loss(net, images: torch.Tensor, labels: torch.Tensor | None, loss_cfg,
     return objective, {"loss": per_elem.mean().detach(), "weighted_mse": weighted_se.mean().detach()}
 
 
+@torch.no_grad()
+def validation_loss(net, images: torch.Tensor, labels: torch.Tensor | None, sigmas: Sequence[float],
+                    eps: torch.Tensor, sigma_data: float, batch_size: int = 64) -> float:
+    """The weighted denoising error lambda(sigma) ||D(y + sigma eps; sigma) - y||^2 (per element,
+    without the learned u) of fixed images at a fixed grid of noise levels with fixed noise `eps`,
+    averaged with equal weight per level: unlike the training loss, it does not depend on the
+    noise law a run trains with, so runs with different P_mean/P_std can be ranked on it.
+    The network is evaluated in eval mode (no dropout) and put back in its previous mode."""
+    was_training = net.training
+    net.eval()
+    try:
+        total = 0.0
+        for s in sigmas:
+            sigma = torch.full((len(images),), float(s), device=images.device)
+            err = 0.0
+            for i in range(0, len(images), batch_size):
+                y, n = images[i:i + batch_size], eps[i:i + batch_size] * float(s)
+                lab = labels[i:i + batch_size] if labels is not None else None
+                d = net(y + n, sigma[i:i + batch_size], lab).to(torch.float32)
+                err += (loss_weight(sigma[i:i + batch_size].view(-1, 1, 1, 1), sigma_data) * (d - y) ** 2).sum().item()
+            total += err / images.numel()
+        return total / len(sigmas)
+    finally:
+        net.train(was_training)
+
+
 # ----------------------------------------------------------------------------------------------
 # method.md 3: learning-rate schedule (EDM2 eq. 11), counted in images.
 

@@ -1,19 +1,15 @@
-"""FID (method.md 8): Inception features through clean-fid ("clean" mode), Frechet distance by an
-eigen-decomposition route, cached reference statistics, image generation, and FID records.
-
-Every stored FID is a record carrying what it depends on (feature network and its hash, mode, number
-of generated images, reference identity and n, sampler, seeds, model file, EMA length); FIDs are only
-compared when their records match.
+"""FID, the metric (method.md 8): Inception features through clean-fid ("clean" mode), the Frechet
+distance by an eigen-decomposition route, cached reference statistics, and the measurement with its
+uncertainty (bootstrap interval, KID). Evaluating models (generation, records) is pipeline/evaluate.py.
 """
 from __future__ import annotations
 
 import functools
 import hashlib
 import json
-import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable
 
 import numpy as np
 import torch
@@ -22,8 +18,6 @@ from .io import atomic_write, atomic_write_text
 from .errors import PipelineError
 
 CLEANFID_WEIGHTS = Path("/tmp/inception-2015-12-05.pt")       # where clean-fid keeps its download
-COMPARE_FIELDS = ("feature_net", "feature_net_sha256", "mode", "num_images", "reference", "ref_num_images",
-                  "sampler")
 
 
 class FIDError(PipelineError, ValueError):
@@ -153,9 +147,13 @@ def reference_dataset_dir(cfg) -> str:
     return f"{cfg.data.dataset_dir}/test" if cfg.fid.reference == "fashion-mnist-test" else cfg.fid.reference
 
 
+REF_FEATURES_KEPT = 5000           # reference features stored beside mu/Sigma for KID (subsets of <= 1000)
+
+
 def reference_stats(dataset, feat: FeatureNet, n: int | None, cache_dir: str | Path, batch_size: int = 32,
                     progress: bool = True) -> dict:
-    """mu/sigma of a pixel dataset's first n images; computed once, then read from the cache."""
+    """mu/Sigma (and up to REF_FEATURES_KEPT features, for KID) of a pixel dataset's first n images;
+    computed once, then read from the cache. An unreadable or older cache file is recomputed."""
     n = len(dataset) if n is None else min(n, len(dataset))
     key = hashlib.sha256(f"{dataset.manifest['sha256']}|{feat.sha256}|{n}".encode()).hexdigest()[:16]
     path = Path(cache_dir) / f"ref-{key}.npz"
@@ -164,92 +162,24 @@ def reference_stats(dataset, feat: FeatureNet, n: int | None, cache_dir: str | P
     if path.is_file():
         try:
             with np.load(path, allow_pickle=False) as z:
-                mu, sigma = z["mu"], z["sigma"]
-            if mu.shape != (sigma.shape[0],) or sigma.shape != (mu.shape[0], mu.shape[0]):
-                raise ValueError(f"mu {mu.shape} and sigma {sigma.shape} do not fit")
-            return {"mu": mu, "sigma": sigma, **ident, "path": str(path), "cached": True}
-        except Exception as err:                   # truncated or foreign: compute it again
-            print(f"note: reference statistics {path} are unreadable ({err.__class__.__name__}); recomputing",
-                  flush=True)
+                mu, sigma, feats = z["mu"], z["sigma"], z["features"]
+            if mu.shape != (sigma.shape[0],) or sigma.shape != (mu.shape[0], mu.shape[0]) or feats.shape[1] != mu.shape[0]:
+                raise ValueError(f"mu {mu.shape}, sigma {sigma.shape} and features {feats.shape} do not fit")
+            return {"mu": mu, "sigma": sigma, "features": feats, **ident, "path": str(path), "cached": True}
+        except Exception as err:                   # truncated, foreign or without features: compute it again
+            print(f"note: reference statistics {path} are unreadable or incomplete ({err.__class__.__name__}); "
+                  f"recomputing", flush=True)
     feats = array_features(dataset.uint8_images(n), feat, batch_size, progress=progress, desc=f"reference ({n} img)")
     mu, sigma = statistics(feats)
+    kept = feats[:REF_FEATURES_KEPT].astype(np.float32)
     path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write(path, lambda f: np.savez(f, mu=mu, sigma=sigma))
+    atomic_write(path, lambda f: np.savez(f, mu=mu, sigma=sigma, features=kept))
     atomic_write_text(json.dumps(ident, indent=2), path.with_suffix(".json"))
-    return {"mu": mu, "sigma": sigma, **ident, "path": str(path), "cached": False}
+    return {"mu": mu, "sigma": sigma, "features": kept, **ident, "path": str(path), "cached": False}
 
 
 # ----------------------------------------------------------------------------------------------
-# Models from reconstruction files.
-
-def load_model(path: str | Path, device="cpu"):
-    """A Precond network from a reconstructed EMA file (safetensors; its config and build arguments in
-    the header). Nothing in the file can run code."""
-    from .config import resolve
-    from .networks import build_network
-    from .phema import load_reconstruction
-    data = load_reconstruction(path)
-    if not data.get("net_args"):
-        raise FIDError(f"{path}: carries no network build arguments (not written by the training stage)")
-    cfg = resolve({k: v for k, v in data["config"].items() if k != "preset"})
-    net = build_network(cfg, **data["net_args"])
-    net.load_state_dict(data["state"])
-    return net.eval().to(device), data
-
-
-# ----------------------------------------------------------------------------------------------
-# Generation (seeded per image: the result does not depend on the batch size).
-
-def generate(net, num_images: int, seed: int, sampler_cfg, batch_size: int, device="cpu", progress: bool = False):
-    """num_images samples as N x H x W x C uint8; image i uses seed `seed + i` and, for a
-    conditional model, class (seed + i) % label_dim."""
-    from .data import decode_pixels
-    from .edm import sample_images
-    net = net.eval().to(device)
-    seeds = list(range(seed, seed + num_images))
-    out = []
-    rng = range(0, num_images, batch_size)
-    if progress:
-        from tqdm import tqdm
-        rng = tqdm(rng, desc=f"sample NFE {sampler_cfg.nfe}", unit="batch", mininterval=2.0)
-    for i in rng:
-        batch = seeds[i:i + batch_size]
-        labels = None
-        if net.label_dim:
-            labels = torch.nn.functional.one_hot(torch.tensor(batch) % net.label_dim, net.label_dim).float().to(device)
-        x = sample_images(net, batch, labels, sampler_cfg, device=device)
-        out.append(decode_pixels(x).permute(0, 2, 3, 1).cpu().numpy())
-    return np.concatenate(out)
-
-
-# ----------------------------------------------------------------------------------------------
-# Records.
-
-@dataclass
-class FIDRecord:
-    fid: float
-    feature_net: str
-    feature_net_sha256: str
-    mode: str
-    num_images: int
-    reference: str
-    reference_sha256: str
-    ref_num_images: int
-    sampler: dict                      # steps, nfe, solver, churn, rho, sigma_min, sigma_max, guidance
-    seeds: list[int]                   # [first, last]
-    model_file: str
-    sigma_rel: float | None = None
-    nimg: int | None = None
-    extra: dict = field(default_factory=dict)
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-
-def sampler_record(s) -> dict:
-    return {"steps": s.steps, "nfe": s.nfe, "solver": s.solver, "churn": s.churn, "rho": s.rho,
-            "sigma_min": s.sigma_min, "sigma_max": s.sigma_max, "guidance": s.guidance}
-
+# The metric with its uncertainty (stats.py): FID, bootstrap interval, KID from the same features.
 
 def fid_from_features(gen_feats: np.ndarray, ref: dict, asked: int) -> float:
     if len(gen_feats) < asked:
@@ -260,54 +190,15 @@ def fid_from_features(gen_feats: np.ndarray, ref: dict, asked: int) -> float:
     return frechet_distance(mu, sigma, ref["mu"], ref["sigma"])
 
 
-def check_comparable(records: Sequence[dict]) -> None:
-    """Raise when FID records differ in anything that changes the FID's meaning."""
-    if not records:
-        return
-    first = records[0]
-    for r in records[1:]:
-        diffs = [f"{k}: {first.get(k)!r} vs {r.get(k)!r}" for k in COMPARE_FIELDS if first.get(k) != r.get(k)]
-        if diffs:
-            raise FIDError("FIDs are not comparable, their records differ in " + "; ".join(diffs))
-
-
-# ----------------------------------------------------------------------------------------------
-# The evaluate stage: every reconstructed model -> FID record, metrics, plot table, sample grids.
-
-def evaluate_models(model_files: Sequence[str | Path], cfg, ref: dict, feat: FeatureNet, samples_dir=None,
-                    device="cpu", progress: bool = True) -> list[FIDRecord]:
-    from .report import save_image_grid
-    f = cfg.fid
-    records = []
-    for path in model_files:
-        net, data = load_model(path, device)
-        images = generate(net, f.num_images, f.seed, cfg.sampler, cfg.sampler.batch_size, device, progress)
-        feats = array_features(images, feat, f.batch_size, progress=progress, desc=f"features {Path(path).name}")
-        value = fid_from_features(feats, ref, f.num_images)
-        if samples_dir is not None:
-            save_image_grid(images[:64], Path(samples_dir) / f"samples-{Path(path).stem}.png")
-        records.append(FIDRecord(
-            fid=value, feature_net=feat.name, feature_net_sha256=feat.sha256, mode=f.mode, num_images=len(images),
-            reference=ref["reference"], reference_sha256=ref["reference_sha256"], ref_num_images=ref["ref_num_images"],
-            sampler=sampler_record(cfg.sampler), seeds=[f.seed, f.seed + f.num_images - 1], model_file=str(path),
-            sigma_rel=data.get("sigma_rel"), nimg=data.get("nimg")))
-        del net
-    check_comparable([r.to_dict() for r in records])
-    return records
-
-
-def write_metrics(records: Sequence[FIDRecord], metrics_dir: str | Path) -> dict:
-    """`fid.json` for `dvc metrics show`, `fid_vs_ema.csv` for `dvc plots`, `fid_records.json` in full."""
-    out = Path(metrics_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    rows = sorted(records, key=lambda r: r.sigma_rel or 0)
-    best = min(rows, key=lambda r: r.fid)
-    metrics = {"fid": {f"ema_{r.sigma_rel:.3f}": round(r.fid, 4) for r in rows},
-               "best_fid": round(best.fid, 4), "best_sigma_rel": best.sigma_rel,
-               "num_images": best.num_images, "ref_num_images": best.ref_num_images,
-               "feature_net": best.feature_net, "nfe": best.sampler["nfe"]}
-    atomic_write_text(json.dumps(metrics, indent=2), out / "fid.json")
-    atomic_write_text("sigma_rel,fid\n" + "".join(f"{r.sigma_rel:.3f},{r.fid:.4f}\n" for r in rows),
-                      out / "fid_vs_ema.csv")
-    atomic_write_text(json.dumps([r.to_dict() for r in rows], indent=2), out / "fid_records.json")
-    return metrics
+def measure(gen_feats: np.ndarray, ref: dict, asked: int) -> dict:
+    """FID with its bootstrap standard error and 95 % interval, and KID with its standard deviation,
+    all from the same generated features (no extra sampling); the reference is held fixed."""
+    from .stats import ReferenceStats, fid_uncertainty, kid
+    value = fid_from_features(gen_feats, ref, asked)
+    prepared = ref.get("_prepared")
+    if prepared is None:                           # Sigma_ref^(1/2) once per reference
+        prepared = ref["_prepared"] = ReferenceStats(ref["mu"], ref["sigma"])
+    out = {"fid": value, **fid_uncertainty(gen_feats, prepared, fid=value)}
+    if ref.get("features") is not None:
+        out["kid"], out["kid_std"] = kid(gen_feats, ref["features"])
+    return out

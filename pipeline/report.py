@@ -84,7 +84,11 @@ def plot_fid_vs_ema(rows: Sequence[dict], path: str | Path, title: str = "") -> 
     for label, rs in groups.items():
         rs = sorted(rs, key=lambda r: r["sigma_rel"])
         x, y = [r["sigma_rel"] for r in rs], [r["fid"] for r in rs]
-        line, = ax.plot(x, y, marker="o", ms=4, label=label or None)
+        if all(r.get("fid_ci95") for r in rs):          # 95 % bootstrap interval as error bars
+            err = np.array([[r["fid"] - r["fid_ci95"][0], r["fid_ci95"][1] - r["fid"]] for r in rs]).T.clip(0)
+            line = ax.errorbar(x, y, yerr=err, marker="o", ms=4, capsize=3, label=label or None).lines[0]
+        else:
+            line, = ax.plot(x, y, marker="o", ms=4, label=label or None)
         b = int(np.argmin(y))
         ax.plot([x[b]], [y[b]], marker="*", ms=14, color=line.get_color(), mec="black")
         ax.annotate(f"{y[b]:.2f} @ {x[b]:.3f}", (x[b], y[b]), textcoords="offset points", xytext=(6, 8), fontsize=8)
@@ -135,6 +139,13 @@ def _img_tag(path: Path, alt: str, width: int | None = None) -> str:
     return f'<img alt="{alt}" src="data:image/png;base64,{data}"{w}>'
 
 
+def _uncertainty_cells(r: dict) -> tuple[str, str, str]:
+    se = f"{r['fid_se']:.2f}" if r.get("fid_se") is not None else "-"
+    ci = f"{r['fid_ci95'][0]:.1f} - {r['fid_ci95'][1]:.1f}" if r.get("fid_ci95") else "-"
+    kd = f"{r['kid'] * 1e3:.2f}e-3 +- {r['kid_std'] * 1e3:.2f}e-3" if r.get("kid") is not None else "-"
+    return se, ci, kd
+
+
 def record_line(r: dict) -> str:
     """The FID record printed next to every FID number."""
     s = r["sampler"]
@@ -177,15 +188,22 @@ def write_run_report(cfg_dict: dict, records: Sequence[dict], out_dir: str | Pat
          "pre{background:#f6f6f6;padding:1em;font-size:12px;max-height:400px;overflow:auto}"
          ".rec{color:#555;font-size:12px}</style></head><body>", f"<h1>{html.escape(title)}</h1>"]
     if best:
-        line = f"Best FID **{best['fid']:.3f}** at sigma_rel **{best['sigma_rel']:.3f}** ({record_line(best)})"
+        se = f" +- {best['fid_se']:.2f}" if best.get("fid_se") is not None else ""
+        line = f"Best FID **{best['fid']:.3f}{se}** at sigma_rel **{best['sigma_rel']:.3f}** ({record_line(best)})"
         md += [line, ""]
-        h.append(f"<p>Best FID <b>{best['fid']:.3f}</b> at sigma_rel <b>{best['sigma_rel']:.3f}</b> "
+        h.append(f"<p>Best FID <b>{best['fid']:.3f}{se}</b> at sigma_rel <b>{best['sigma_rel']:.3f}</b> "
                  f"<span class='rec'>({html.escape(record_line(best))})</span></p>")
+        if all(r.get("bootstrap") for r in recs):
+            from .stats import ranking
+            for text in ranking(recs)["lines"][1:]:
+                md += [text, ""]
+                h.append(f"<p>{html.escape(text)}</p>")
     if train_summary:
         ts = ", ".join(f"{k} {v}" for k, v in train_summary.items())
         md += [f"Training: {ts}", ""]
         h.append(f"<p class='rec'>Training: {html.escape(ts)}</p>")
-    sections = [("fid", "FID against EMA length", "the star marks the best sigma_rel"),
+    sections = [("fid", "FID against EMA length", "the star marks the best sigma_rel; bars: 95% bootstrap "
+                 "interval over the generated images (reference held fixed)"),
                 ("curves", "Loss and learning rate", "against images seen"),
                 ("ema", "Post-hoc EMA reconstruction", "target profiles and their reconstruction from snapshots")]
     for key, name, note in sections:
@@ -193,14 +211,16 @@ def write_run_report(cfg_dict: dict, records: Sequence[dict], out_dir: str | Pat
             md += [f"## {name}", "", f"![{name}](figures/{paths[key].name})", "", f"_{note}_", ""]
             h.append(f"<h2>{name}</h2>{_img_tag(paths[key], name)}<p class='rec'>{note}</p>")
     if recs:
-        md += ["## FID per EMA length", "", "| sigma_rel | FID | record |", "|---|---|---|"]
-        h.append("<h2>FID per EMA length</h2><table><tr><th>sigma_rel</th><th>FID</th><th>samples</th>"
-                 "<th>record</th></tr>")
+        md += ["## FID per EMA length", "", "| sigma_rel | FID | +- SE | 95% interval | KID | record |",
+               "|---|---|---|---|---|---|"]
+        h.append("<h2>FID per EMA length</h2><table><tr><th>sigma_rel</th><th>FID</th><th>+- SE</th>"
+                 "<th>95% interval</th><th>KID</th><th>samples</th><th>record</th></tr>")
         for r in recs:
-            md.append(f"| {r['sigma_rel']:.3f} | {r['fid']:.3f} | {record_line(r)} |")
+            se, ci, kd = _uncertainty_cells(r)
+            md.append(f"| {r['sigma_rel']:.3f} | {r['fid']:.3f} | {se} | {ci} | {kd} | {record_line(r)} |")
             grid = _img_tag(grids[r["sigma_rel"]], f"samples {r['sigma_rel']:.3f}", 192) if r["sigma_rel"] in grids else ""
-            h.append(f"<tr><td>{r['sigma_rel']:.3f}</td><td>{r['fid']:.3f}</td><td>{grid}</td>"
-                     f"<td class='rec'>{html.escape(record_line(r))}</td></tr>")
+            h.append(f"<tr><td>{r['sigma_rel']:.3f}</td><td>{r['fid']:.3f}</td><td>{se}</td><td>{ci}</td><td>{kd}</td>"
+                     f"<td>{grid}</td><td class='rec'>{html.escape(record_line(r))}</td></tr>")
         h.append("</table>")
         md.append("")
         for s, g in grids.items():
@@ -239,26 +259,25 @@ def plot_best_vs_param(best, keys: Sequence[str], path: str | Path, name: str = 
     return _save(fig, path)
 
 
-def write_sweep_report(df, swept: Sequence[str], out_dir: str | Path, name: str) -> Path:
-    """reports/sweeps/<name>/report.html: figures inline, every trial x EMA length sorted by FID, the FID
-    record on every row."""
+def write_sweep_report(df, swept: Sequence[str], out_dir: str | Path, name: str,
+                       summary: Sequence[str] = ()) -> Path:
+    """reports/sweeps/<name>/report.html: the winner with what is not distinguishable from it, figures
+    inline, every trial x EMA length sorted by FID with its uncertainty, the FID record on every row."""
     import html
     out = Path(out_dir)
     parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>sweep {html.escape(name)}</title><style>"
              "body{font-family:sans-serif;max-width:1200px;margin:2em auto;color:#222}img{max-width:100%}"
              "table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:3px 8px;font-size:12px}"
              ".rec{color:#555}</style></head><body>", f"<h1>Sweep {html.escape(name)}</h1>"]
-    done = df[df["fid"].notna()] if len(df) else df
-    if len(done):
-        best = done.iloc[0]
-        axes = ", ".join(f"{k}={best[k]}" for k in swept)
-        parts.append(f"<p>Winner: FID <b>{best['fid']:.3f}</b> at sigma_rel <b>{best['sigma_rel']:.3f}</b> "
-                     f"({html.escape(axes)}), trial {best['trial_id']}</p>")
+    for line in summary:
+        parts.append(f"<p>{html.escape(line)}</p>")
     for fig, title in (("fid_vs_ema.png", "FID against EMA length, per trial"),
                        ("best_fid_vs_param.png", "Best FID against each swept parameter")):
         if (out / fig).is_file():
             parts.append(f"<h2>{title}</h2>{_img_tag(out / fig, title)}")
-    cols = ["trial_id", *swept, "status", "nimg", "final_loss", "sigma_rel", "fid"]
+    cols = ["trial_id", *swept, "status", "nimg", "final_loss", "val_loss", "sigma_rel", "fid", "fid_se", "fid_lo",
+            "fid_hi", "kid", "tied_with_best"]
+    cols = [c for c in cols if c in df.columns]
     parts.append("<h2>Trials x EMA lengths, sorted by FID</h2><table><tr>" +
                  "".join(f"<th>{html.escape(c)}</th>" for c in cols) + "<th>FID record</th></tr>")
     for _, r in df.iterrows():

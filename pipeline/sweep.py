@@ -73,8 +73,75 @@ def check_private(folder: Path) -> None:
                              f"so it must be private to you (chmod -R go-w, or start under a new sweep name)")
 
 
+POINT = "_point"                      # random search: Tune gets the pre-drawn points as one grid axis
+
+
+def draw_points(sweep: C.SweepConfig) -> list[dict]:
+    """Random search, drawn here from the sweep's seed (numpy): the same file draws the same values,
+    another seed others, and --dry-run shows exactly what will run."""
+    import math
+
+    import numpy as np
+    rng = np.random.default_rng(sweep.seed)
+    points = []
+    for _ in range(sweep.num_samples):
+        point = {}
+        for key in sorted(sweep.search):
+            a = sweep.search[key]
+            if a.choice is not None:
+                point[key] = a.choice[int(rng.integers(len(a.choice)))]
+            elif a.uniform is not None:
+                point[key] = float(rng.uniform(*a.uniform))
+            else:
+                point[key] = float(math.exp(rng.uniform(math.log(a.loguniform[0]), math.log(a.loguniform[1]))))
+        points.append(point)
+    return points
+
+
+def plan(sweep: C.SweepConfig, base: C.Config) -> dict:
+    """What a sweep will do, without running it: trials (their values where known in advance), axes,
+    EMA lengths, images to train and to generate."""
+    import itertools
+    if sweep.algorithm == "grid":
+        keys = list(sweep.search)
+        combos = list(itertools.product(*(sweep.search[k].grid for k in keys))) or [()]
+        points = [dict(zip(keys, c)) for c in combos] * sweep.num_samples
+    elif sweep.algorithm == "random":
+        points = draw_points(sweep)
+    else:
+        points = [None] * sweep.num_samples                   # Optuna proposes them during the sweep
+    n = len(points)
+    lengths = sweep.ema_lengths or base.ema.targets
+    return {"name": sweep.name, "algorithm": sweep.algorithm, "seed": sweep.seed, "trials": n, "points": points,
+            "axes": {k: v.model_dump(exclude_none=True) for k, v in sweep.search.items()},
+            "ema_lengths": list(lengths), "images_to_train": n * base.train.duration_nimg,
+            "fids": n * len(lengths), "images_to_generate": n * len(lengths) * base.fid.num_images,
+            "scheduler": sweep.scheduler.model_dump(), "max_concurrent": sweep.max_concurrent,
+            "resources": sweep.resources.model_dump()}
+
+
+def print_plan(p: dict) -> None:
+    print(f"sweep {p['name']}: {p['trials']} trial(s), algorithm {p['algorithm']} (seed {p['seed']}), "
+          f"at most {p['max_concurrent']} at once, each {p['resources']}")
+    for k, v in p["axes"].items():
+        print(f"  axis {k}: {v}")
+    print(f"  post-hoc EMA lengths (no retraining): {', '.join(f'{x:g}' for x in p['ema_lengths'])}")
+    for i, pt in enumerate(p["points"]):
+        print(f"  trial {i + 1}: " + ((", ".join(f"{k}={v:.6g}" if isinstance(v, float) else f"{k}={v}"
+                                              for k, v in pt.items()) or "the base config") if pt is not None
+                                            else "drawn by Optuna during the sweep"))
+    sched = p["scheduler"]
+    print(f"  scheduler: {sched['type']}" + (f" on {sched['metric']}, grace {sched['grace_period_nimg']} images"
+                                              if sched["type"] == "asha" else ""))
+    asha = " (at most: ASHA may stop trials early)" if sched["type"] == "asha" else ""
+    print(f"  images to train: {p['images_to_train']:,}{asha}; FIDs: {p['fids']} "
+          f"({p['images_to_generate']:,} images to generate)")
+
+
 def param_space(sweep: C.SweepConfig) -> dict:
     from ray import tune
+    if sweep.algorithm == "random":
+        return {POINT: tune.grid_search([{axis_name(k): v for k, v in pt.items()} for pt in draw_points(sweep)])}
     space = {}
     for key, a in sweep.search.items():
         name = axis_name(key)
@@ -110,13 +177,14 @@ def run_trial(params: dict, base_raw: dict, sweep_raw: dict, parent_run_id: str 
     (and then the fan-out on rank 0) in a Ray Train TorchTrainer whose reports reach Tune."""
     from ray import tune
     os.chdir(root)                                          # relative paths of the params file
+    params = {**params.pop(POINT, {}), **params}
     trial_id = tune.get_context().get_trial_id()
     trial_dir = Path(sweep_raw["storage"]).resolve() / sweep_raw["name"] / "trials" / trial_id
     trial_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(str(os.getpid()), trial_dir / "worker.pid")   # lets tests (and users) find the worker
     cfg = trial_config(base_raw, sweep_raw, params, trial_dir, uri, device)
     job = {"config": cfg.to_dict(), "trial_id": trial_id, "trial_dir": str(trial_dir), "parent_run_id": parent_run_id,
-           "ref_cache": ref_cache, "root": root}
+           "ref_cache": ref_cache, "root": root, "sweep": sweep_raw}
     res = C.SweepConfig.model_validate(sweep_raw).resources
     if res.workers == 1:
         trial_body(job, tune.report)
@@ -158,8 +226,9 @@ def trial_body(job: dict, report, device=None) -> None:
         last.update(metrics)
         report({"nimg": nimg, **metrics})
 
+    validate = make_validator(cfg, C.SweepConfig.model_validate(job["sweep"]).validation, device)
     res = train(cfg, stage="sweep", progress=False, report=on_snapshot, parent_run_id=job["parent_run_id"],
-                run_name=f"trial-{trial_id}", device=device)
+                run_name=f"trial-{trial_id}", device=device, validate=validate)
     if res.status != "finished":
         raise SweepError(f"trial {trial_id} stopped at nimg={res.nimg} before the end of training")
     multi = dist.is_available() and dist.is_initialized()
@@ -170,37 +239,48 @@ def trial_body(job: dict, report, device=None) -> None:
         records = box[0]
     best = min(records, key=lambda r: r["fid"])
     report({"nimg": res.nimg, **last, "best_fid": best["fid"], "best_sigma_rel": best["sigma_rel"],
+            "best_fid_se": best.get("fid_se"),
             "fids": json.dumps({f"{r['sigma_rel']:.3f}": r["fid"] for r in records}), "done": True})
 
 
 def fan_out(cfg: C.Config, res, trial_dir: Path, ref_cache: str, device=None) -> list[dict]:
-    """Post-hoc EMA fan-out, no retraining: one reconstruction and one FID per EMA length, logged as
-    grandchild MLflow runs under the trial's run. A retry after the FIDs were done reuses them."""
-    from .data import EncodedDataset
-    from .fid import evaluate_models, load_feature_net, reference_dataset_dir, reference_stats
-    from .phema import reconstruct
+    """Post-hoc EMA fan-out, no retraining: evaluate.evaluate_run reconstructs and measures every EMA
+    length (a retry reuses finished records); here the results go to MLflow as child runs of the
+    trial's run, with the trial's best FID / EMA length / KID on the trial run itself."""
+    from .evaluate import evaluate_run
     from .report import plot_fid_vs_ema
     from .tracking import RunLogger, log_ema_runs
     device = str(device) if device is not None else cfg.train.device     # trial_config set cpu or cuda
-    ema_dir = trial_dir / "ema"
-    reconstruct(Path(cfg.train.run_dir) / "snapshots", cfg.ema.targets, out_dir=ema_dir)
-    records_file = trial_dir / "fid_records.json"
-    if records_file.is_file():
-        records = json.loads(records_file.read_text())
-    else:
-        feat = load_feature_net(cfg.fid.feature_net, device)
-        ref = reference_stats(EncodedDataset(reference_dataset_dir(cfg)), feat, cfg.fid.ref_num_images, ref_cache,
-                              cfg.fid.batch_size, progress=False)
-        files = [ema_dir / t["file"] for t in json.loads((ema_dir / "reconstruct.json").read_text())["targets"]]
-        records = [r.to_dict() for r in evaluate_models(files, cfg, ref, feat, trial_dir / "samples", device,
-                                                         progress=False)]
-        atomic_write_text(C.json_dump(records), records_file)
+    records = evaluate_run(cfg, Path(cfg.train.run_dir) / "snapshots", trial_dir, ref_cache, device)
     logger = RunLogger(cfg, quiet=True)
     log_ema_runs(logger, res.mlflow_run_id, records, trial_dir / "samples")
     fig = plot_fid_vs_ema(records, trial_dir / "fid_vs_ema.png", f"trial {trial_dir.name}")   # EDM2 fig. 5 curve
     logger.run_id = res.mlflow_run_id
     logger.log_artifact(fig, "figures")
+    best = min(records, key=lambda r: r["fid"])
+    logger.log_summary({"best_fid": best["fid"], "best_fid_se": best.get("fid_se"),
+                        "best_sigma_rel": best["sigma_rel"], "best_kid": best.get("kid")})
     return records
+
+
+def make_validator(cfg: C.Config, spec: C.ValidationSpec, device=None):
+    """validate(net) -> the fixed validation loss (edm.validation_loss) on the first spec.num_images of
+    the FID reference set, the same images, levels and noise for every trial."""
+    import torch
+
+    from .data import EncodedDataset
+    from .edm import validation_loss
+    from .fid import reference_dataset_dir
+    ds = EncodedDataset(reference_dataset_dir(cfg))
+    n = min(spec.num_images, len(ds))
+    dev = torch.device(device) if device is not None and str(device) != "auto" else torch.device("cpu")
+    images, labels = ds.get(list(range(n)), generator=torch.Generator().manual_seed(spec.seed))
+    images = images.to(dev)
+    label_dim = cfg.network.label_dim if cfg.network.label_dim is not None else \
+        (ds.label_dim if cfg.data.use_labels else 0)
+    labels = labels.to(dev) if labels is not None and label_dim else None
+    eps = torch.randn(images.shape, generator=torch.Generator().manual_seed(spec.seed + 1)).to(dev)
+    return lambda net: validation_loss(net, images, labels, spec.sigmas, eps, cfg.loss.sigma_data)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -232,29 +312,55 @@ def _check_resources(sweep: C.SweepConfig, ray) -> tuple[float, str]:
     return want, ("cuda" if want > 0 else "cpu")
 
 
+def _check_before_start(sweep: C.SweepConfig, exp_dir: Path, reports: Path, resume: bool, address: str | None,
+                        num_cpus: int | None, trials: int) -> None:
+    """Everything that can be checked before Ray starts and before any MLflow run is created."""
+    if not resume and ((exp_dir / "sweep_state.json").is_file() or (reports / "results.csv").is_file()):
+        raise SweepError(f"sweep {sweep.name!r} already has results ({exp_dir if exp_dir.exists() else reports}): "
+                         f"continue it with --resume, or give the sweep file another `name:` to start a new one")
+    if resume and not exp_dir.is_dir():
+        raise SweepError(f"nothing to resume: no sweep {sweep.name!r} in {exp_dir.parent}")
+    if address is None:                                      # a local instance: its CPUs are known now
+        cpus = num_cpus or os.cpu_count() or 1
+        res = sweep.resources
+        per_trial = res.cpus * res.workers + (1 if res.workers > 1 else 0)
+        if per_trial > cpus:
+            raise SweepError(f"resources.cpus={res.cpus:g} x resources.workers={res.workers} per trial needs "
+                             f"{per_trial:g} CPUs, this machine has {cpus}")
+        if sweep.max_concurrent * per_trial > cpus and trials > int(cpus // per_trial):
+            print(f"sweep: note: max_concurrent={sweep.max_concurrent} trials x {per_trial:g} CPUs each exceeds the "
+                  f"{cpus} CPUs here: at most {int(cpus // per_trial)} run at once")
+
+
 def run_sweep(sweep_file: str | Path, address: str | None = None, resume: bool = False,
-              reports_dir: str | Path = "reports/sweeps", num_cpus: int | None = None) -> SweepResult:
+              reports_dir: str | Path = "reports/sweeps", num_cpus: int | None = None,
+              dry_run: bool = False) -> SweepResult | dict:
     sweep, base = C.load_sweep(sweep_file)                   # every value checked before Ray starts
+    root = Path.cwd()
+    storage = (root / sweep.storage).resolve()
+    exp_dir = storage / sweep.name
+    out_dir = Path(reports_dir) / sweep.name
+    the_plan = plan(sweep, base)
+    if dry_run:
+        print_plan(the_plan)
+        return the_plan
+    _check_before_start(sweep, exp_dir, out_dir, resume, address, num_cpus, the_plan["trials"])
+    if resume:
+        check_private(exp_dir)                               # before Ray unpickles anything in it
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     import ray
     from ray import tune
-    from ray.tune.schedulers import ASHAScheduler
 
     from .data import EncodedDataset
     from .fid import load_feature_net, reference_dataset_dir, reference_stats
     from .tracking import RunLogger, run_tags
 
-    root = Path.cwd()
-    storage = (root / sweep.storage).resolve()
-    exp_dir = storage / sweep.name
-    if resume and exp_dir.exists():
-        check_private(exp_dir)                             # before Ray unpickles anything in it
     make_private(exp_dir)
     uri = sweep_tracking_uri(base)
     base_raw = {k: v for k, v in base.to_dict().items() if k != "preset"}
 
-    # Reference statistics once, before any trial (trials read the cache).
-    ref_cache = str(root / "data" / "fid-ref")
+    # Reference statistics once, before any trial, in the sweeps' own cache (never a DVC output).
+    ref_cache = str(storage / "fid-ref")
     feat = load_feature_net(base.fid.feature_net)
     reference_stats(EncodedDataset(reference_dataset_dir(base)), feat, base.fid.ref_num_images, ref_cache,
                     base.fid.batch_size)
@@ -265,85 +371,170 @@ def run_sweep(sweep_file: str | Path, address: str | None = None, resume: bool =
     parent = RunLogger(uri=uri, experiment=sweep.experiment)
     parent_id = parent.start(state.get("parent_run_id"), run_name=f"sweep-{sweep.name}",
                              tags={**run_tags("sweep"), "kind": "sweep", "sweep_file": str(sweep_file)},
-                             params={"sweep." + k: v for k, v in C.flatten(sweep.model_dump(mode="json")).items()})
+                             params={"sweep." + k: v for k, v in C.flatten(sweep.model_dump(mode="json")).items()},
+                             on_run_id=lambda rid: atomic_write_text(json.dumps({"parent_run_id": rid}), state_file))
     atomic_write_text(json.dumps({"parent_run_id": parent_id}), state_file)
 
-    if not ray.is_initialized():
-        kwargs = {"address": address} if address else {"num_cpus": num_cpus}
-        ray.init(**kwargs, include_dashboard=False, log_to_driver=True, configure_logging=False)
-    gpus, device = _check_resources(sweep, ray)
-
-    # One process: the trial's worker holds the resources. Several: the TorchTrainer's workers hold
-    # them, and the trial's own driver process (it only waits and relays reports) holds one CPU.
-    trial_resources = {"cpu": sweep.resources.cpus, "gpu": gpus} if sweep.resources.workers == 1 else {"cpu": 1}
-    trainable = tune.with_resources(
-        tune.with_parameters(run_trial, base_raw=base_raw, sweep_raw=sweep.model_dump(mode="json"),
-                             parent_run_id=parent_id, uri=uri, device=device, ref_cache=ref_cache, root=str(root)),
-        trial_resources)
-    scheduler = None
-    if sweep.scheduler.type == "asha":
-        # max_t past the end: ASHA ends trials that reach max_t, which would cut the EMA fan-out.
-        scheduler = ASHAScheduler(time_attr="nimg", metric=sweep.scheduler.metric, mode="min",
-                                  max_t=base.train.duration_nimg + 1, grace_period=sweep.scheduler.grace_period_nimg,
-                                  reduction_factor=sweep.scheduler.reduction_factor)
-    search_alg = None
-    if sweep.algorithm == "random":                          # the sweep's seed fixes the draws
-        from ray.tune.search.basic_variant import BasicVariantGenerator
-        search_alg = BasicVariantGenerator(random_state=sweep.seed)
-    if sweep.algorithm == "optuna":
-        from ray.tune.search.optuna import OptunaSearch
-        search_alg = OptunaSearch(metric="best_fid", mode="min", seed=sweep.seed)
-    tune_config = tune.TuneConfig(num_samples=sweep.num_samples, scheduler=scheduler, search_alg=search_alg,
-                                  max_concurrent_trials=sweep.max_concurrent)
-    run_config = tune.RunConfig(name=sweep.name, storage_path=str(storage), verbose=1,
-                                failure_config=tune.FailureConfig(max_failures=sweep.max_failures))
-    if resume and tune.Tuner.can_restore(str(exp_dir)):
-        print(f"sweep: resuming {exp_dir} (finished trials are kept)")
-        tuner = tune.Tuner.restore(str(exp_dir), trainable, resume_errored=True)
-    else:
-        tuner = tune.Tuner(trainable, param_space=param_space(sweep), tune_config=tune_config, run_config=run_config)
+    outcome = "FAILED"
     t0 = time.time()
-    grid = tuner.fit()
+    try:
+        if not ray.is_initialized():
+            kwargs = {"address": address} if address else {"num_cpus": num_cpus}
+            ray.init(**kwargs, include_dashboard=False, log_to_driver=True, configure_logging=False)
+        gpus, device = _check_resources(sweep, ray)
 
-    out_dir = Path(reports_dir) / sweep.name
-    table = results_table(grid, exp_dir / "trials", sweep)
+        # One process: the trial's worker holds the resources. Several: the TorchTrainer's workers hold
+        # them, and the trial's own driver process (it only waits and relays reports) holds one CPU.
+        trial_resources = {"cpu": sweep.resources.cpus, "gpu": gpus} if sweep.resources.workers == 1 else {"cpu": 1}
+        trainable = tune.with_resources(
+            tune.with_parameters(run_trial, base_raw=base_raw, sweep_raw=sweep.model_dump(mode="json"),
+                                 parent_run_id=parent_id, uri=uri, device=device, ref_cache=ref_cache, root=str(root)),
+            trial_resources)
+        scheduler = None
+        if sweep.scheduler.type == "asha":
+            # max_t past the end: ASHA ends trials that reach max_t, which would cut the EMA fan-out.
+            scheduler = _recording_asha(exp_dir / "asha_stopped.json")(
+                time_attr="nimg", metric=sweep.scheduler.metric, mode="min", max_t=base.train.duration_nimg + 1,
+                grace_period=sweep.scheduler.grace_period_nimg, reduction_factor=sweep.scheduler.reduction_factor)
+        search_alg = None
+        if sweep.algorithm == "optuna":
+            from ray.tune.search.optuna import OptunaSearch
+            search_alg = OptunaSearch(metric="best_fid", mode="min", seed=sweep.seed)
+        tune_config = tune.TuneConfig(num_samples=1 if sweep.algorithm == "random" else sweep.num_samples,
+                                      scheduler=scheduler, search_alg=search_alg,
+                                      max_concurrent_trials=sweep.max_concurrent)
+        run_config = tune.RunConfig(name=sweep.name, storage_path=str(storage), verbose=1,
+                                    failure_config=tune.FailureConfig(max_failures=sweep.max_failures))
+        if resume and tune.Tuner.can_restore(str(exp_dir)):
+            print(f"sweep: resuming {exp_dir} (finished trials are kept)")
+            tuner = tune.Tuner.restore(str(exp_dir), trainable, resume_errored=True)
+        else:
+            tuner = tune.Tuner(trainable, param_space=param_space(sweep), tune_config=tune_config,
+                               run_config=run_config)
+        grid = tuner.fit()
+        outcome = None
+    except KeyboardInterrupt:
+        outcome = "KILLED"
+        raise
+    finally:
+        if outcome is not None:                              # no run of this sweep is left RUNNING
+            close_trial_runs(exp_dir / "trials", uri, {}, default="KILLED" if outcome == "KILLED" else "FAILED")
+            parent.end(outcome)
+
+    table = results_table(grid, exp_dir / "trials", sweep, _read_stopped(exp_dir / "asha_stopped.json"))
+    close_trial_runs(exp_dir / "trials", uri, dict(zip(table["trial_id"], table["status"])) if len(table) else {})
     table_path = write_results(table, out_dir, sweep)
     best = None
     if len(table) and table["fid"].notna().any():
         best = table.loc[table["fid"].idxmin()].to_dict()
     for f in sorted(out_dir.glob("*")):
         parent.log_artifact(f, "sweep")
-    parent.log_metrics({"best_fid": best["fid"], "trials": table["trial_id"].nunique(),
+    parent.log_metrics({"best_fid": best["fid"], "best_fid_se": best.get("fid_se"), "trials": table["trial_id"].nunique(),
                         "seconds": time.time() - t0} if best else {"trials": 0}, step=0)
-    parent.end("FINISHED" if best else "FAILED")
+    interrupted = table.loc[table["status"] == "interrupted", "trial_id"].nunique() if len(table) else 0
+    parent.end("FINISHED" if best and not interrupted else ("KILLED" if interrupted else "FAILED"))
     print_summary(table, best, sweep, table_path)
-    unfinished = table.loc[table["status"] != "finished", "trial_id"].nunique() if len(table) else 0
-    if unfinished:                   # Tune cannot tell us which were interrupted (all read TERMINATED)
-        print(f"{unfinished} of {len(grid)} trials did not finish (stopped early, failed or interrupted); "
-              f"if the sweep was interrupted, the same command with --resume finishes them and keeps the rest")
     return SweepResult(table, table_path, parent_id, best, out_dir)
 
 
-def results_table(grid, trials_dir: Path, sweep: C.SweepConfig):
-    """One row per trial x EMA length (the FID record fields and the swept values); trials that ended
-    early (ASHA) or failed get one row with their status and no FID."""
+def _recording_asha(path: Path):
+    """ASHA that also writes which trials it stopped (at what time and value) to `path`, so the
+    results tell early-stopped trials from interrupted ones."""
+    from ray.tune.schedulers import ASHAScheduler, TrialScheduler
+
+    class RecordingASHA(ASHAScheduler):
+        def on_trial_result(self, tune_controller, trial, result):
+            decision = super().on_trial_result(tune_controller, trial, result)
+            if decision == TrialScheduler.STOP and not result.get("done"):
+                stopped = _read_stopped(path)
+                stopped[trial.trial_id] = {"nimg": result.get("nimg"), "metric": self._metric,
+                                           "value": result.get(self._metric)}
+                atomic_write_text(json.dumps(stopped, indent=2), path)
+            return decision
+    return RecordingASHA
+
+
+def _read_stopped(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def close_trial_runs(trials_dir: Path, uri: str, status_by_trial: dict, default: str | None = None) -> None:
+    """End every trial's MLflow run truthfully: finished -> FINISHED, error -> FAILED, stopped by ASHA
+    -> KILLED (tag stop_reason), interrupted -> KILLED (tag stop_reason=interrupted, --resume continues
+    it). `default`: the status for runs still RUNNING when the sweep itself failed or was stopped."""
+    if not trials_dir.is_dir():
+        return
+    from mlflow.tracking import MlflowClient
+    client = MlflowClient(uri)
+    for t in sorted(trials_dir.iterdir()):
+        id_file = t / "run" / "mlflow_run_id"
+        if not id_file.is_file():
+            continue
+        run_id = id_file.read_text().strip()
+        try:
+            run = client.get_run(run_id)
+        except Exception:                                    # unreachable server or unknown id: nothing to close
+            continue
+        status = status_by_trial.get(t.name)
+        if status is None:
+            if default is None or run.info.status != "RUNNING":
+                continue
+            new, reason = default, "sweep-" + default.lower()
+        else:
+            new, reason = {"finished": ("FINISHED", None), "error": ("FAILED", "error"),
+                           "early-stopped": ("KILLED", "asha"), "interrupted": ("KILLED", "interrupted")}[status]
+        try:
+            if reason:
+                client.set_tag(run_id, "stop_reason", reason)
+            if run.info.status != new:
+                client.set_terminated(run_id, new)
+            for child in client.search_runs([run.info.experiment_id],
+                                            f"tags.mlflow.parentRunId = '{run_id}' and attributes.status = 'RUNNING'"):
+                client.set_terminated(child.info.run_id, "KILLED" if new != "FINISHED" else "FINISHED")
+        except Exception as err:                             # bookkeeping must not hide the results
+            print(f"sweep: could not set the MLflow status of trial {t.name} ({err.__class__.__name__})",
+                  file=sys.stderr)
+
+
+def results_table(grid, trials_dir: Path, sweep: C.SweepConfig, stopped: dict | None = None):
+    """One row per trial x EMA length (the FID record fields with their uncertainty and the swept
+    values); a trial without results gets one row saying why: early-stopped (ASHA), error, or
+    interrupted. `tied_with_best` marks the rows not distinguishable from the best (paired bootstrap)."""
     import pandas as pd
-    rows = []
+
+    from .records import eval_key
+    from .stats import rank
+    stopped = stopped or {}
+    rows, recs = [], []
     for result in grid:
         trial_id = (result.metrics or {}).get("trial_id")
-        params = {axis_key(k): v for k, v in (result.config or {}).items()}
+        config = dict(result.config or {})
+        config = {**config.pop(POINT, {}), **config}
+        params = {axis_key(k): v for k, v in config.items()}
         recs_file = trials_dir / str(trial_id) / "fid_records.json"
         base = {"trial_id": trial_id, **params, "nimg": (result.metrics or {}).get("nimg"),
-                "final_loss": (result.metrics or {}).get("loss")}
+                "final_loss": (result.metrics or {}).get("loss"), "val_loss": (result.metrics or {}).get("val_loss")}
         if recs_file.is_file():
             for r in json.loads(recs_file.read_text()):
-                s = r.pop("sampler")
-                rows.append({**base, "status": "finished", **r, "nfe": s["nfe"], "steps": s["steps"],
-                             "churn": s["churn"], "seeds": f"{r['seeds'][0]}-{r['seeds'][1]}"})
+                recs.append(r)
+                s = r["sampler"]
+                flat = {k: v for k, v in r.items() if k not in ("sampler", "bootstrap", "fid_ci95", "extra")}
+                rows.append({**base, "status": "finished", **flat, "fid_lo": r["fid_ci95"][0],
+                             "fid_hi": r["fid_ci95"][1], "nfe": s["nfe"], "steps": s["steps"], "churn": s["churn"],
+                             "seeds": f"{r['seeds'][0]}-{r['seeds'][1]}", "eval_key": r.get("eval_key") or eval_key(r)})
         else:
-            rows.append({**base, "status": "error" if result.error else "early-stopped", "fid": None,
-                         "sigma_rel": None})
+            status = ("early-stopped" if str(trial_id) in stopped else "error" if result.error else "interrupted")
+            rows.append({**base, "status": status, "fid": None, "sigma_rel": None,
+                         "stop_reason": (f"ASHA at nimg={stopped[str(trial_id)]['nimg']} on "
+                                         f"{stopped[str(trial_id)]['metric']}" if status == "early-stopped" else None)})
     df = pd.DataFrame(rows)
+    if recs:
+        rk = rank(recs)
+        tied = {recs[i].get("eval_key") or eval_key(recs[i]) for i in rk["tied"]}
+        df["tied_with_best"] = df["eval_key"].map(lambda k: k in tied if isinstance(k, str) else False)
     if len(df):
         df = df.sort_values(["fid", "trial_id"], na_position="last").reset_index(drop=True)
     return df
@@ -367,20 +558,60 @@ def write_results(df, out_dir: Path, sweep: C.SweepConfig) -> Path:
         swept = list(sweep.search)
         label = (lambda r: ", ".join(f"{k.split('.')[-1]}={r[k]:.4g}" if isinstance(r[k], float) else
                                      f"{k.split('.')[-1]}={r[k]}" for k in swept)) if swept else (lambda r: r["trial_id"])
-        rows = [{"sigma_rel": r["sigma_rel"], "fid": r["fid"], "label": label(r)} for _, r in done.iterrows()]
-        plot_fid_vs_ema(rows, out_dir / "fid_vs_ema.png", f"sweep {sweep.name}: FID vs EMA length per trial")
+        rows = [{"sigma_rel": r["sigma_rel"], "fid": r["fid"], "fid_ci95": [r["fid_lo"], r["fid_hi"]], "label": label(r)}
+                for _, r in done.iterrows()]
+        plot_fid_vs_ema(rows, out_dir / "fid_vs_ema.png", f"sweep {sweep.name}: FID vs EMA length per trial "
+                        f"(bars: 95% bootstrap interval)")
         if swept:
             best = done.loc[done.groupby("trial_id")["fid"].idxmin()]
             plot_best_vs_param(best, swept, out_dir / "best_fid_vs_param.png", sweep.name)
-    write_sweep_report(df, list(sweep.search), out_dir, sweep.name)
+    write_sweep_report(df, list(sweep.search), out_dir, sweep.name, summary_lines(df, sweep))
     return csv
 
 
+def summary_lines(df, sweep: C.SweepConfig) -> list[str]:
+    """The winner with its uncertainty, what is not distinguishable from it, and edge warnings."""
+    from .stats import edge_note
+    done = df[df["fid"].notna()] if len(df) else df
+    if not len(done):
+        return ["no trial finished"]
+    best = done.loc[done["fid"].idxmin()]
+    swept = ", ".join(f"{k}={best[k]}" for k in sweep.search)
+    lines = [f"winner: FID {best['fid']:.2f} +- {best['fid_se']:.2f} (95% {best['fid_lo']:.1f}-{best['fid_hi']:.1f}) "
+             f"at EMA sigma_rel {best['sigma_rel']:.3f} ({swept or 'base config'}); trial {best['trial_id']}, "
+             f"{best['num_images']} images, NFE {best['nfe']}, {best['feature_net']}"]
+    if "tied_with_best" in done:
+        tied = done[done["tied_with_best"] & (done["eval_key"] != best["eval_key"])]
+        names = [f"trial {r['trial_id']} sigma_rel {r['sigma_rel']:.3f} (FID {r['fid']:.2f})" for _, r in tied.iterrows()]
+        lines.append(f"not distinguishable from the winner (paired 95% interval of the difference contains 0): "
+                     f"{len(names)} of {len(done) - 1}" + (": " + "; ".join(names[:8]) + (" ..." if len(names) > 8 else "")
+                                                         if names else ": none, the winner is resolved"))
+    notes = [edge_note(done["sigma_rel"], best["sigma_rel"], "sigma_rel")]
+    for key, axis in sweep.search.items():
+        lo_hi = axis.uniform or axis.loguniform
+        values = axis.grid or axis.choice
+        if lo_hi:
+            notes.append(edge_note(list(lo_hi), float(best[key]), key, *lo_hi))
+        elif values and all(isinstance(v, (int, float)) for v in values):
+            notes.append(edge_note(values, float(best[key]), key))
+    lines += [f"note: {n}" for n in notes if n]
+    return lines
+
+
 def print_summary(df, best: dict | None, sweep: C.SweepConfig, table_path: Path) -> None:
-    n_trials = df["trial_id"].nunique() if len(df) else 0
-    stopped = int((df.groupby("trial_id")["status"].first() != "finished").sum()) if len(df) else 0
-    print(f"\nsweep {sweep.name}: {n_trials} trials ({stopped} stopped early or failed), {len(df)} rows -> {table_path}")
-    if best:
-        swept = ", ".join(f"{k}={best[k]}" for k in sweep.search)
-        print(f"winner: FID {best['fid']:.3f} at EMA sigma_rel {best['sigma_rel']:.3f} ({swept or 'base config'}); "
-              f"trial {best['trial_id']}, {best['num_images']} images, NFE {best['nfe']}, {best['feature_net']}")
+    status = df.groupby("trial_id")["status"].first() if len(df) else None
+    counts = status.value_counts().to_dict() if status is not None else {}
+    n_trials = len(status) if status is not None else 0
+    parts = ", ".join(f"{v} {k}" for k, v in sorted(counts.items()))
+    print(f"\nsweep {sweep.name}: {n_trials} trials ({parts or 'none'}), {len(df)} rows -> {table_path}")
+    for line in summary_lines(df, sweep):
+        print(line)
+    if counts.get("early-stopped"):
+        print(f"{counts['early-stopped']} trial(s) were stopped early by ASHA on {sweep.scheduler.metric}: that is "
+              f"final (--resume does not rerun them)")
+    if counts.get("interrupted"):
+        print(f"{counts['interrupted']} trial(s) were interrupted: the same command with --resume finishes them "
+              f"from their checkpoints and keeps the rest")
+    if counts.get("error"):
+        print(f"{counts['error']} trial(s) failed after {sweep.max_failures} retries: see their error in the Ray "
+              f"logs under {sweep.storage}/{sweep.name}")

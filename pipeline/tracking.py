@@ -229,6 +229,14 @@ class RunLogger:
                        metrics=[Metric(k, v, ts, step) for k, v in clean.items()])
         return wrote
 
+    def log_metrics_at(self, metrics: dict, step: int) -> None:
+        """Extra metrics at a step already logged (e.g. a validation loss): MLflow only, no watermark."""
+        if self.client and self.run_id:
+            from mlflow.entities import Metric
+            ts = int(time.time() * 1000)
+            self._call("log metrics", self.client.log_batch, self.run_id,
+                       metrics=[Metric(k, float(v), ts, step) for k, v in metrics.items() if v is not None])
+
     def log_summary(self, metrics: dict) -> None:
         """Run-level numbers (cost, final values), logged at step 0 and replaced on each call."""
         if self.client and self.run_id:
@@ -247,23 +255,34 @@ class RunLogger:
 
 
 def log_ema_run(logger, parent_run_id: str | None, record: dict, grid: Path | None = None) -> str | None:
-    """A grandchild MLflow run for one EMA length; skipped when it exists already (retries)."""
+    """A child run of a training run for one evaluation (EMA length x settings), keyed by the whole
+    record (`eval_key`): the same evaluation again (a retry) reuses its run, other settings (sampler,
+    image count, seeds, reference, feature net) get a new one beside it."""
     if logger.client is None or parent_run_id is None:
         return None
+    from .records import eval_key
+    key = record.get("eval_key") or eval_key(record)
     tag = f"{record['sigma_rel']:.3f}"
     exp_id = logger.experiment_id()
     found = logger._call("search runs", logger.client.search_runs, [exp_id],
-                         f"tags.mlflow.parentRunId = '{parent_run_id}' and tags.ema_sigma_rel = '{tag}'")
+                         f"tags.mlflow.parentRunId = '{parent_run_id}' and tags.eval_key = '{key}'")
     if found:
         return found[0].info.run_id
     child = RunLogger(uri=logger.uri, experiment=logger.experiment, quiet=True)
-    run_id = child.start(run_name=f"ema-{tag}", parent_run_id=parent_run_id,
-                         tags={"ema_sigma_rel": tag, "kind": "ema", "feature_net": record["feature_net"],
+    s = record["sampler"]
+    run_id = child.start(run_name=f"ema-{tag}-nfe{s['nfe']}-n{record['num_images']}", parent_run_id=parent_run_id,
+                         tags={"ema_sigma_rel": tag, "kind": "ema", "eval_key": key, "feature_net": record["feature_net"],
                                "reference": record["reference"], "model_file": record["model_file"]},
                          params={"sigma_rel": record["sigma_rel"], "num_images": record["num_images"],
-                                 "ref_num_images": record["ref_num_images"], "nfe": record["sampler"]["nfe"],
-                                 "seeds": f"{record['seeds'][0]}-{record['seeds'][1]}"})
-    child.log_metrics({"fid": record["fid"]}, step=int(record.get("nimg") or 0))
+                                 "ref_num_images": record["ref_num_images"], "nfe": s["nfe"], "steps": s["steps"],
+                                 "churn": s["churn"], "guidance": s["guidance"],
+                                 "seeds": f"{record['seeds'][0]}-{record['seeds'][1]}",
+                                 "bootstrap_resamples": (record.get("bootstrap") or {}).get("resamples")})
+    metrics = {"fid": record["fid"], "fid_se": record.get("fid_se"), "kid": record.get("kid"),
+               "kid_std": record.get("kid_std")}
+    if record.get("fid_ci95"):
+        metrics.update(fid_lo=record["fid_ci95"][0], fid_hi=record["fid_ci95"][1])
+    child.log_metrics(metrics, step=int(record.get("nimg") or 0))
     if grid is not None and grid.is_file():
         child.log_artifact(grid, "samples")
     child.end()
@@ -344,6 +363,7 @@ def load_runs(experiment: str, uri: str | None = None, sweep: str | None = None)
         row = {"sweep": parent.info.run_name if parent else None, "run_id": train.info.run_id,
                "run_name": train.info.run_name, "status": train.info.status,
                "sigma_rel": float(r.data.params.get("sigma_rel", "nan")), "fid": r.data.metrics.get("fid"),
+               "fid_se": r.data.metrics.get("fid_se"), "kid": r.data.metrics.get("kid"),
                "num_images": int(r.data.params.get("num_images", 0)), "nfe": int(r.data.params.get("nfe", 0)),
                "ref_num_images": int(r.data.params.get("ref_num_images", 0)), "seeds": r.data.params.get("seeds"),
                "feature_net": r.data.tags.get("feature_net"), "reference": r.data.tags.get("reference"),

@@ -12,7 +12,6 @@ import json
 import math
 import os
 import signal
-import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -203,11 +202,11 @@ def net_args(cfg: C.Config, ds: EncodedDataset) -> dict:
 
 def train(cfg: C.Config, stage: str | None = None, stop: StopFlag | None = None, progress: bool = True,
           report=None, max_steps: int | None = None, parent_run_id: str | None = None,
-          run_name: str | None = None, device: torch.device | None = None) -> TrainResult:
+          run_name: str | None = None, device: torch.device | None = None, validate=None) -> TrainResult:
     """Train (or resume) the run described by `cfg` in cfg.train.run_dir until duration_nimg.
 
     report(nimg, metrics) is called on every rank after every snapshot (sweeps use it; Ray Train
-    wants every worker to report); max_steps ends the call early as if stopped (tests use it to
+    wants every worker to report), with validate(net) as metrics["val_loss"] when given; max_steps ends the call early as if stopped (tests use it to
     simulate interruptions); device overrides the device init_distributed would choose.
     The main process holds the run folder's lock for the whole call (one writer per run folder).
     """
@@ -217,14 +216,14 @@ def train(cfg: C.Config, stage: str | None = None, stop: StopFlag | None = None,
     d = init_distributed(cfg.train.device, device)
     lock = RunLock(run_dir).acquire() if d.is_main else None
     try:
-        return _train_locked(cfg, d, stage, stop, progress, report, max_steps, parent_run_id, run_name)
+        return _train_locked(cfg, d, stage, stop, progress, report, max_steps, parent_run_id, run_name, validate)
     finally:
         if lock is not None:
             lock.release()
 
 
 def _train_locked(cfg: C.Config, d: Dist, stage, stop, progress, report, max_steps, parent_run_id,
-                  run_name) -> TrainResult:
+                  run_name, validate) -> TrainResult:
     t0 = time.time()
     tc = cfg.train
     stop = stop or StopFlag().install()
@@ -400,7 +399,10 @@ def _train_locked(cfg: C.Config, d: Dist, stage, stop, progress, report, max_ste
                 if tc.sample_nimg and nimg % tc.sample_nimg < tc.batch_size:
                     _log_samples(net, ema, cfg, args, run_dir, nimg, logger, d)
             if report is not None and nimg % cfg.ema.snapshot_nimg == 0:    # every rank: same loss after all_reduce
-                report(nimg, {"loss": step_loss, "weighted_mse": step_mse})
+                extra = {"val_loss": validate(net)} if validate is not None else {}
+                if extra and logger is not None:
+                    logger.log_metrics_at(extra, nimg)
+                report(nimg, {"loss": step_loss, "weighted_mse": step_mse, **extra})
             if nimg % tc.checkpoint_nimg == 0 and nimg < tc.duration_nimg:
                 last_ckpt = checkpoint() or last_ckpt
     except BaseException:

@@ -1,9 +1,11 @@
 """DVC stage: FID of every reconstructed EMA model (method.md 8).
 
-For each `ema-*.safetensors` in the models folder: generate fid.num_images images with the sampler (image i
-seeded with fid.seed + i), Inception features through clean-fid, Frechet distance to the cached
-reference statistics. Writes metrics/fid.json (`dvc metrics show`), metrics/fid_vs_ema.csv
-(`dvc plots show`), metrics/fid_records.json (full FID records) and a sample grid per model.
+For each `ema-*.safetensors` in the models folder: generate fid.num_images images with the sampler
+(image i seeded with fid.seed + i), Inception features through clean-fid, FID against the cached
+reference statistics with its bootstrap standard error and 95 % interval, and KID. Prints each
+result as soon as it is known, then the best EMA length and the ones not distinguishable from it.
+Writes metrics/fid.json (`dvc metrics show`), metrics/fid_vs_ema.csv (`dvc plots show`),
+metrics/fid_records.json (full records) and a sample grid per model.
 """
 from __future__ import annotations
 
@@ -12,8 +14,8 @@ from pathlib import Path
 
 from pipeline import cli
 from pipeline.data import EncodedDataset
-from pipeline.fid import (FIDError, evaluate_models, load_feature_net, reference_dataset_dir, reference_stats,
-                          write_metrics)
+from pipeline.evaluate import evaluate_models, write_metrics
+from pipeline.fid import FIDError, load_feature_net, reference_dataset_dir, reference_stats
 from pipeline.phema import check_reconstruction, refuse_legacy
 from pipeline.report import plot_fid_vs_ema
 
@@ -39,26 +41,30 @@ def main(argv: list[str] | None = None) -> int:
         feat = load_feature_net(cfg.fid.feature_net, args.device)
         ref = reference_stats(EncodedDataset(reference_dataset_dir(cfg)), feat, cfg.fid.ref_num_images,
                               args.ref_cache, cfg.fid.batch_size)
-        records = evaluate_models(files, cfg, ref, feat, args.samples, args.device)
+        records = [r.to_dict() for r in evaluate_models(files, cfg, ref, feat, args.samples, args.device)]
         metrics = write_metrics(records, args.metrics)
-        _log_to_mlflow(cfg, records, args.samples)
-        plot_fid_vs_ema([r.to_dict() for r in records], Path(args.metrics) / "fid_vs_ema.png",
-                        f"{metrics['num_images']} images, NFE {metrics['nfe']}, {metrics['feature_net']}")
-        for r in records:
-            print(f"sigma_rel {r.sigma_rel:.3f}: FID {r.fid:.3f}  ({r.num_images} images vs {r.ref_num_images} "
-                  f"reference, NFE {r.sampler['nfe']}, {r.feature_net})")
-        print(f"best: FID {metrics['best_fid']} at sigma_rel {metrics['best_sigma_rel']} -> {args.metrics}/fid.json")
+        _log_to_mlflow(cfg, records, args.samples, metrics)
+        plot_fid_vs_ema(records, Path(args.metrics) / "fid_vs_ema.png",
+                        f"{metrics['num_images']} images, NFE {metrics['nfe']}, {metrics['feature_net']}; "
+                        f"bars: 95% bootstrap interval")
+        for line in metrics["ranking"]["lines"]:
+            print(line)
+        print(f"-> {args.metrics}/fid.json, {args.metrics}/fid_records.json")
     return cli.run("evaluate", go)
 
 
-def _log_to_mlflow(cfg, records, samples_dir) -> None:
-    """FID per EMA length as child runs of the training run (the MLflow UI shows them nested)."""
+def _log_to_mlflow(cfg, records, samples_dir, metrics) -> None:
+    """One child run per evaluation (keyed by its whole record) under the training run, and the
+    training run's best FID / EMA length / KID, so MLflow's tables sort runs by them."""
     import json
     from pipeline.tracking import attach, log_ema_runs
     summary = Path(cfg.train.run_dir) / "train_summary.json"
     run_id = json.loads(summary.read_text()).get("mlflow_run_id") if summary.is_file() else None
     if run_id:
-        log_ema_runs(attach(cfg, run_id), run_id, [r.to_dict() for r in records], Path(samples_dir))
+        logger = attach(cfg, run_id)
+        log_ema_runs(logger, run_id, records, Path(samples_dir))
+        logger.log_summary({"best_fid": metrics["best_fid"], "best_fid_se": metrics["best_fid_se"],
+                            "best_sigma_rel": metrics["best_sigma_rel"], "best_kid": metrics.get("best_kid")})
 
 
 if __name__ == "__main__":

@@ -69,6 +69,20 @@ def test_exp_run_set_param_reruns_only_dependent_stages(repo):
     ran = {s for s in ("encode", "reference", "train", "reconstruct", "evaluate", "report")
            if f"Running stage '{s}'" in out}
     assert ran == {"evaluate", "report"}, out[-3000:]
+    # MLflow agrees with metrics/fid_records.json for the current settings; the NFE-7 children stay beside.
+    from mlflow.tracking import MlflowClient
+    records = json.loads((repo / "metrics/fid_records.json").read_text())
+    assert {r["sampler"]["nfe"] for r in records} == {9}
+    client = MlflowClient(f"sqlite:///{repo / 'mlflow.db'}")
+    run_id = json.loads((repo / "runs/tiny/train_summary.json").read_text())["mlflow_run_id"]
+    run = client.get_run(run_id)
+    children = client.search_runs([run.info.experiment_id], f"tags.mlflow.parentRunId = '{run_id}'")
+    by_key = {c.data.tags["eval_key"]: c for c in children}
+    for r in records:
+        assert by_key[r["eval_key"]].data.metrics["fid"] == pytest.approx(r["fid"])
+        assert by_key[r["eval_key"]].data.params["nfe"] == "9"
+    assert {c.data.params["nfe"] for c in children} == {"7", "9"}
+    assert run.data.metrics["best_fid"] == pytest.approx(min(r["fid"] for r in records))
 
 
 def test_every_stage_lists_its_script_and_every_module_it_imports(root):

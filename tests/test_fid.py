@@ -11,8 +11,10 @@ from PIL import Image
 
 from pipeline import config as C
 from pipeline.data import EncodedDataset
-from pipeline.fid import (CLEANFID_WEIGHTS, FIDError, array_features, check_comparable, fid_from_features,
-                          folder_features, frechet_distance, generate, load_feature_net, reference_stats, statistics)
+from pipeline.evaluate import generate
+from pipeline.records import RecordError, check_comparable
+from pipeline.fid import (CLEANFID_WEIGHTS, FIDError, array_features, fid_from_features,
+                          folder_features, frechet_distance, load_feature_net, reference_stats, statistics)
 
 
 @pytest.fixture(scope="module")
@@ -122,7 +124,7 @@ def test_reference_cache_records_and_comparability(fmnist, feat, tmp_path):
     rec = {"feature_net": "fid-helper", "feature_net_sha256": "x", "mode": "clean", "num_images": 100,
            "reference": "r", "ref_num_images": 10, "sampler": {"nfe": 35}}
     check_comparable([rec, dict(rec)])
-    with pytest.raises(FIDError, match="num_images: 100 vs 50"):
+    with pytest.raises(RecordError, match="num_images: 100 vs 50"):
         check_comparable([rec, {**rec, "num_images": 50}])
 
 
@@ -157,11 +159,88 @@ def test_reference_and_evaluate_stages_end_to_end(fmnist, tmp_path, root):
                           "--samples", str(tmp_path / "samples")]) == 0
     metrics = json.loads((tmp_path / "metrics/fid.json").read_text())
     assert set(metrics["fid"]) == {"ema_0.050", "ema_0.100"} and metrics["num_images"] == 4
-    assert (tmp_path / "metrics/fid_vs_ema.csv").read_text().splitlines()[0] == "sigma_rel,fid"
+    assert (tmp_path / "metrics/fid_vs_ema.csv").read_text().splitlines()[0] == "sigma_rel,fid,fid_lo,fid_hi,kid"
+    assert metrics["best_fid_se"] > 0 and metrics["best_sigma_rel"] in (0.05, 0.1) and "tied_with_best" in metrics
     records = json.loads((tmp_path / "metrics/fid_records.json").read_text())
     for r in records:
         assert r["fid"] > 0 and r["ref_num_images"] == 8 and r["sampler"]["nfe"] == 7 and r["seeds"] == [0, 3]
+        assert r["fid_ci95"][0] <= r["fid"] + 1e-6 or r["fid_se"] > 0          # interval and KID on every record
+        assert r["kid"] is not None and r["kid_std"] >= 0 and len(r["bootstrap"]["replicates"]) == 200
+        assert r["bootstrap"]["reference"] == "held fixed" and r["eval_key"]
         assert r["feature_net_sha256"] and r["reference_sha256"] == fmnist["test"][1]["sha256"]
     assert len(list((tmp_path / "samples").glob("samples-ema-*.png"))) == 2
     # No models: a clear error.
     assert evaluate_main(["--params", str(params), "--models", str(tmp_path / "none")]) == 2
+
+
+# ----------------------------------------------------------------------------------------------
+# Uncertainty (pipeline/stats.py).
+
+def _gaussian_reference(d=32, seed=0):
+    from pipeline.stats import ReferenceStats
+    rng = np.random.default_rng(seed)
+    A = rng.normal(size=(d, d)) / np.sqrt(d)
+    cov = A @ A.T + 0.5 * np.eye(d)
+    return rng, cov, ReferenceStats(np.zeros(d), cov)
+
+
+def test_fast_fid_replicate_equals_the_frechet_distance():
+    from pipeline.stats import fid_replicates
+    rng, cov, ref = _gaussian_reference()
+    x = rng.multivariate_normal(np.full(32, 0.3), cov * 1.2, size=100)
+    mu, sigma = statistics(x)
+    direct = frechet_distance(mu, sigma, ref.mu, ref.sigma)
+    assert fid_replicates(x, ref, np.arange(100)[None])[0] == pytest.approx(direct, rel=1e-5)
+
+
+def test_bootstrap_standard_error_matches_the_spread_over_independent_draws():
+    """Synthetic Gaussian features: the bootstrap SE from one set of n images agrees within 25 % with
+    the standard deviation of the FID over independent sets of the same size."""
+    from pipeline.stats import fid_replicates, fid_uncertainty
+    rng, cov, ref = _gaussian_reference()
+    n, mean = 128, np.full(32, 0.2)
+    draws = [rng.multivariate_normal(mean, cov * 1.3, size=n) for _ in range(300)]
+    spread = np.std([fid_replicates(x, ref, np.arange(n)[None])[0] for x in draws], ddof=1)
+    ses = [fid_uncertainty(x, ref)["fid_se"] for x in draws[:10]]
+    print(f"bootstrap SE {np.mean(ses):.4f} (median over 10 sets) vs spread over 300 draws {spread:.4f}")
+    assert abs(np.median(ses) / spread - 1) < 0.25
+
+
+def test_kid_equals_cleanfid_on_full_subsets():
+    from cleanfid.fid import kernel_distance
+    from pipeline.stats import kid
+    rng = np.random.default_rng(1)
+    a, b = rng.normal(size=(60, 16)), rng.normal(0.3, 1.1, size=(60, 16))
+    value, std = kid(a, b, subsets=3)
+    assert value == pytest.approx(kernel_distance(a, b, num_subsets=2), rel=1e-9)   # every subset is the full set
+    assert std == pytest.approx(0.0, abs=1e-12)
+    assert kid(rng.normal(size=(200, 16)), rng.normal(size=(300, 16)), subsets=20, max_subset=50)[1] > 0
+
+
+def test_paired_comparison_cancels_shared_seed_noise():
+    """Two models on the same seeds: the paired interval of their FID difference is much narrower
+    than the unpaired one, and resolves a small real difference the separate intervals overlap on."""
+    from pipeline.stats import fid_uncertainty, paired, rank
+    rng, cov, ref = _gaussian_reference()
+    z = rng.normal(size=(128, 32))                       # the shared seeds
+    L = np.linalg.cholesky(cov)
+    a, b = z @ L.T + 0.30, z @ L.T + 0.40                 # model b is slightly further from the reference
+    ra = {"fid": fid_replicates_point(a, ref), "seeds": [0, 127], "num_images": 128, **fid_uncertainty(a, ref)}
+    rb = {"fid": fid_replicates_point(b, ref), "seeds": [0, 127], "num_images": 128, **fid_uncertainty(b, ref)}
+    c = paired(ra, rb)
+    assert c.resolved and c.diff > 0 and c.ci95[0] > 0
+    assert ra["fid_ci95"][1] > rb["fid_ci95"][0]          # the separate intervals overlap
+    assert rank([rb, ra])["best"] == 1 and rank([rb, ra])["tied"] == [1]
+    assert paired(ra, {**rb, "seeds": [1, 128]}) is None  # other seeds: not paired
+
+
+def fid_replicates_point(x, ref):
+    from pipeline.stats import fid_replicates
+    return float(fid_replicates(x, ref, np.arange(len(x))[None])[0])
+
+
+def test_edge_note():
+    from pipeline.stats import edge_note
+    assert "smallest" in edge_note([0.04, 0.08, 0.12], 0.04, "sigma_rel")
+    assert "largest" in edge_note([1, 2], 3.0, "lr", 1, 3)
+    assert edge_note([0.04, 0.08, 0.12], 0.08, "sigma_rel") is None

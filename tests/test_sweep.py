@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+import torch
 import yaml
 
 from conftest import ROOT, tiny_params
@@ -153,17 +154,29 @@ def test_asha_stops_the_clearly_bad_trial(tmp_path, fmnist):
         ema_lengths=[0.1], max_concurrent=1,
         overrides={**yaml.safe_load((ROOT / "sweeps/tiny.yaml").read_text())["overrides"],
                    "train.duration_nimg": 192},
-        scheduler={"type": "asha", "metric": "loss", "grace_period_nimg": 64, "reduction_factor": 2})
+        scheduler={"type": "asha", "grace_period_nimg": 64, "reduction_factor": 2})     # metric: val_loss (default)
     r = subprocess.run([sys.executable, "-m", "pipeline", "sweep", str(sweep_file), "--num-cpus", "2"], cwd=tmp_path,
                        env=ENV, capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
     table = pd.read_csv(tmp_path / "reports/sweeps/asha/results.csv")
     stopped = table[table["status"] == "early-stopped"]
     assert len(stopped) >= 1 and (stopped["nimg"] < 192).all()
+    assert stopped["stop_reason"].str.contains("ASHA at nimg=").all() and stopped["val_loss"].notna().all()
     bad = table[table["train.ref_lr"] == 1.0e-7]               # the clearly bad trial, by exact value
     assert len(bad) == 1 and bad["status"].item() == "early-stopped", table[["train.ref_lr", "status", "nimg"]]
     assert 64 <= bad["nimg"].item() < 192                       # stopped after the grace period, before the end
     assert table[table["status"] == "finished"]["fid"].notna().all()
+    assert "stopped early by ASHA on val_loss" in r.stdout and "--resume finishes" not in r.stdout
+    # MLflow ends true: nothing RUNNING; the stopped trial KILLED, with the reason.
+    client, runs = mlflow_runs(tmp_path)
+    assert runs and not [x.info.run_name for x in runs if x.info.status == "RUNNING"]
+    bad_id = (tmp_path / "runs/sweeps/asha/trials" / bad["trial_id"].item() / "run/mlflow_run_id").read_text().strip()
+    bad_run = client.get_run(bad_id)
+    assert bad_run.info.status == "KILLED" and bad_run.data.tags["stop_reason"] == "asha"
+    finished = table[table["status"] == "finished"]["trial_id"].iloc[0]
+    fin_id = (tmp_path / "runs/sweeps/asha/trials" / finished / "run/mlflow_run_id").read_text().strip()
+    fin = client.get_run(fin_id)
+    assert fin.info.status == "FINISHED" and {"best_fid", "best_sigma_rel", "best_kid"} <= set(fin.data.metrics)
 
 
 def _sweep_file(tmp_path, fmnist, **changes):
@@ -189,6 +202,10 @@ def _sweep_file(tmp_path, fmnist, **changes):
     ({"search": {"train.ref_lr": {"uniform": [0.02, 0.01]}}, "algorithm": "random"}, "needs low < high"),
     ({"search": {"train.ref_lr": {"grid": []}}}, "grid is empty"),
     ({"search": {"ema.targets": {"grid": [[0.1]]}}}, "sweep EMA length with `ema_lengths`"),
+    ({"scheduler": "asha"}, "scheduler='asha': expected a mapping, e.g. scheduler: {type: asha"),
+    ({"scheduler": {"type": "asha", "grace_period_nimg": 4096}}, "grace_period_nimg=4096 is longer than the training"),
+    ({"scheduler": {"type": "asha", "metric": "fid"}}, "scheduler.metric='fid'"),
+    ({"validation": {"sigmas": [0.5, -1]}}, "validation.sigmas[1]=-1"),
 ])
 def test_bad_sweep_files_fail_before_any_trial(tmp_path, fmnist, monkeypatch, changes, message):
     f = _sweep_file(tmp_path, fmnist, **changes)
@@ -268,7 +285,6 @@ def test_interrupted_sweep_resumes_without_rerunning_finished_trials(tmp_path, f
 def test_trial_spanning_two_workers_through_ray_train(tmp_path, fmnist):
     """resources.workers=2: the trial trains under Ray Train's TorchTrainer (2 gloo CPU workers),
     reports reach Tune, rank 0 fans out the EMA lengths; the training equals a 1-process run."""
-    import torch
     sweep_file = make_project(tmp_path, fmnist, search={}, name="ddp", resources={"cpus": 1, "workers": 2})
     # 3 logical CPUs: 2 workers + the trial's driver (on this 2-core machine they mostly wait in turn).
     r = subprocess.run([sys.executable, "-m", "pipeline", "sweep", str(sweep_file), "--num-cpus", "3"], cwd=tmp_path,
@@ -299,7 +315,7 @@ def test_trial_spanning_two_workers_through_ray_train(tmp_path, fmnist):
 
 
 @pytest.mark.slow
-def test_sweep_over_the_noise_law_itself_and_a_private_store(tmp_path, fmnist):
+def test_sweep_over_the_noise_law_itself_and_a_private_store(tmp_path, fmnist, monkeypatch):
     """`loss.noise` as a `choice` axis: trials train with either law, the table and figures take the
     text-valued axis; the sweep's store is private, and --resume refuses a store others can write."""
     sweep_file = make_project(tmp_path, fmnist, name="law", algorithm="random", num_samples=4, seed=3,
@@ -313,6 +329,14 @@ def test_sweep_over_the_noise_law_itself_and_a_private_store(tmp_path, fmnist):
     for trial in (tmp_path / "runs/sweeps/law/trials").iterdir():     # each trial trained with its own law
         cfg = yaml.safe_load((trial / "run" / "config.yaml").read_text())
         assert cfg["loss"]["noise"] in ("lognormal", "loguniform")
+    from pipeline.sweep import plan
+    monkeypatch.chdir(tmp_path)
+    drawn = plan(*C.load_sweep(sweep_file))["points"]          # what --dry-run shows is what ran
+    per_trial = table.groupby("trial_id")["loss.noise"].first().sort_values().tolist()
+    assert per_trial == sorted(p["loss.noise"] for p in drawn)
+    again = subprocess.run([sys.executable, "-m", "pipeline", "sweep", str(sweep_file)], cwd=tmp_path, env=ENV,
+                           capture_output=True, text=True, timeout=300)
+    assert again.returncode == 2 and "already has results" in again.stderr and "--resume" in again.stderr
     exp_dir = tmp_path / "runs/sweeps/law"
     assert exp_dir.stat().st_mode & 0o777 == 0o700
     os.chmod(exp_dir, 0o777)
@@ -320,3 +344,50 @@ def test_sweep_over_the_noise_law_itself_and_a_private_store(tmp_path, fmnist):
                        env=ENV, capture_output=True, text=True, timeout=300)
     assert r.returncode == 2 and "refusing to resume" in r.stderr and "writable by others" in r.stderr, r.stderr
     assert len(r.stderr.strip().splitlines()) == 1
+
+
+def test_the_same_sweep_file_draws_the_same_values(tmp_path, fmnist, monkeypatch, capsys):
+    from pipeline.sweep import plan, run_sweep
+    f = _sweep_file(tmp_path, fmnist, algorithm="random", num_samples=5, seed=7,
+                    search={"train.ref_lr": {"loguniform": [0.001, 0.1]}, "loss.P_std": {"uniform": [0.8, 2.0]},
+                            "loss.noise": {"choice": ["lognormal", "loguniform"]}})
+    monkeypatch.chdir(tmp_path)
+    first, second = plan(*C.load_sweep(f)), plan(*C.load_sweep(f))
+    assert first["points"] == second["points"] and len({str(p) for p in first["points"]}) == 5
+    other = _sweep_file(tmp_path, fmnist, algorithm="random", num_samples=5, seed=8,
+                        search={"train.ref_lr": {"loguniform": [0.001, 0.1]}, "loss.P_std": {"uniform": [0.8, 2.0]},
+                                "loss.noise": {"choice": ["lognormal", "loguniform"]}})
+    assert plan(*C.load_sweep(other))["points"] != first["points"]
+    assert run_sweep(f, dry_run=True)["points"] == first["points"]          # --dry-run prints exactly these
+    out = capsys.readouterr().out
+    assert "5 trial(s), algorithm random (seed 7)" in out and "images to train" in out
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "mlflow.db").exists()
+
+
+def test_grace_period_longer_than_training_exits_2_before_ray_and_mlflow(tmp_path, fmnist):
+    f = _sweep_file(tmp_path, fmnist, scheduler={"type": "asha", "grace_period_nimg": 100000})
+    r = subprocess.run([sys.executable, "-m", "pipeline", "sweep", str(f)], cwd=tmp_path, env=ENV,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert "grace_period_nimg=100000 is longer than the training" in r.stderr
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "mlflow.db").exists()
+
+
+def test_validation_loss_does_not_depend_on_the_trials_noise_law(tmp_path, fmnist):
+    """The same weights give the same validation loss whatever P_mean / P_std / law the trial trains
+    with (the training loss would not), and different weights give a different one."""
+    from pipeline.networks import build_network
+    from pipeline.sweep import make_validator
+    base = C.load_config(tiny_params(tmp_path, fmnist))
+    spec = C.ValidationSpec(num_images=16)
+    torch.manual_seed(0)
+    net = build_network(base, 32, 1, 10)
+    with torch.no_grad():
+        net.unet.out_gain.fill_(0.5)                      # not the zero-initialised identity
+    values = [make_validator(C.load_config(tiny_params(tmp_path, fmnist), o), spec)(net)
+              for o in ([], ["loss.P_mean=0.5", "loss.P_std=0.6"], ["loss.noise=loguniform"])]
+    assert values[0] == values[1] == values[2] and values[0] > 0
+    assert net.training                                   # put back in its mode
+    with torch.no_grad():
+        net.unet.out_gain.fill_(0.2)
+    assert make_validator(base, spec)(net) != values[0]

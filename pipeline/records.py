@@ -1,0 +1,82 @@
+"""Measurement records: what a stored metric value depends on, its identity, and how it is printed.
+
+A record carries the value with its uncertainty and everything it depends on (feature network and
+its hash, mode, number of generated images, reference identity and n, sampler, seeds, model file,
+EMA length); values are compared only when their records match.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from .errors import PipelineError
+
+COMPARE_FIELDS = ("feature_net", "feature_net_sha256", "mode", "num_images", "reference", "ref_num_images",
+                  "sampler")
+
+
+class RecordError(PipelineError, ValueError):
+    pass
+
+
+@dataclass
+class FIDRecord:
+    fid: float
+    feature_net: str
+    feature_net_sha256: str
+    mode: str
+    num_images: int
+    reference: str
+    reference_sha256: str
+    ref_num_images: int
+    sampler: dict                      # steps, nfe, solver, churn, rho, sigma_min, sigma_max, guidance
+    seeds: list[int]                   # [first, last]
+    model_file: str
+    sigma_rel: float | None = None
+    nimg: int | None = None
+    fid_se: float | None = None        # bootstrap standard error over the generated images
+    fid_ci95: list[float] | None = None
+    kid: float | None = None           # clean-fid's unbiased KID, same features
+    kid_std: float | None = None
+    bootstrap: dict | None = None      # resamples, seed, what was resampled, replicates
+    extra: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["eval_key"] = eval_key(d)
+        return d
+
+
+def sampler_record(s) -> dict:
+    return {"steps": s.steps, "nfe": s.nfe, "solver": s.solver, "churn": s.churn, "rho": s.rho,
+            "sigma_min": s.sigma_min, "sigma_max": s.sigma_max, "guidance": s.guidance}
+
+
+def eval_key(record: dict) -> str:
+    """Identity of one evaluation: the model (file name and EMA length) and everything the number
+    depends on. Re-evaluating with other settings gives another key (a new MLflow child run)."""
+    ident = {k: record.get(k) for k in ("feature_net_sha256", "mode", "num_images", "reference_sha256",
+                                        "ref_num_images", "sampler", "seeds", "sigma_rel", "nimg")}
+    ident["model"] = Path(record.get("model_file") or "").name
+    return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def check_comparable(records) -> None:
+    """Raise when records differ in anything that changes the FID's meaning."""
+    if not records:
+        return
+    first = records[0]
+    for r in records[1:]:
+        diffs = [f"{k}: {first.get(k)!r} vs {r.get(k)!r}" for k in COMPARE_FIELDS if first.get(k) != r.get(k)]
+        if diffs:
+            raise RecordError("FIDs are not comparable, their records differ in " + "; ".join(diffs))
+
+
+def result_line(r: dict) -> str:
+    lo, hi = r.get("fid_ci95") or (float("nan"), float("nan"))
+    kid_part = f", KID {r['kid'] * 1e3:.2f}e-3 +- {r['kid_std'] * 1e3:.2f}e-3" if r.get("kid") is not None else ""
+    return (f"sigma_rel {r['sigma_rel']:.3f}: FID {r['fid']:.2f} +- {r.get('fid_se') or float('nan'):.2f} "
+            f"(95% {lo:.1f}-{hi:.1f}){kid_part}  [{r['num_images']} images vs {r['ref_num_images']} reference, "
+            f"NFE {r['sampler']['nfe']}, {r['feature_net']}]")
