@@ -257,7 +257,10 @@ def test_interrupted_sweep_resumes_without_rerunning_finished_trials(tmp_path, f
         time.sleep(0.2)
     out1, _ = p.communicate(timeout=300)
     assert finished is not None, "never caught one trial finished and one mid-run:\n" + out1[-3000:]
-    assert "1 of 2 trials did not finish" in out1 and "--resume" in out1, out1[-3000:]
+    assert "1 trial(s) were interrupted" in out1 and "--resume" in out1, out1[-3000:]
+    client, runs = mlflow_runs(tmp_path)                      # nothing left RUNNING; the interrupted one says so
+    assert not [x.info.run_name for x in runs if x.info.status == "RUNNING"]
+    assert any(x.data.tags.get("stop_reason") == "interrupted" and x.info.status == "KILLED" for x in runs)
     assert not (tmp_path / "reports/sweeps/resume/results.csv").is_file() or \
         len(pd.read_csv(tmp_path / "reports/sweeps/resume/results.csv").dropna(subset=["fid"])) < 6
     kept = {f: (finished / f).stat().st_mtime_ns for f in ("run/train_summary.json", "fid_records.json")}
