@@ -379,19 +379,24 @@ def parse_override(text: str) -> tuple[str, Any]:
         raise ConfigError(f"override '{text}': the value is not valid YAML ({reason})") from None
 
 
-def presets() -> dict[str, dict]:
+def presets(internal: bool = False) -> dict[str, dict]:
+    """The presets by name; entries whose name starts with '_' only serve as `base:` of others."""
     with open(PRESETS_FILE) as f:
-        return yaml.safe_load(f)
+        table = yaml.safe_load(f)
+    return table if internal else {k: v for k, v in table.items() if not k.startswith("_")}
 
 
 def preset(name: str) -> dict:
     """A preset's values, with `base:` presets merged underneath (deep merge)."""
-    table = presets()
-    if name not in table:
-        raise ConfigError(f"preset={name!r}: unknown preset; choose one of {', '.join(sorted(table))}")
+    if name not in presets():
+        raise ConfigError(f"preset={name!r}: unknown preset; choose one of {', '.join(sorted(presets()))}")
+    return _merged(name, presets(internal=True))
+
+
+def _merged(name: str, table: dict) -> dict:
     entry = dict(table[name])
     base = entry.pop("base", None)
-    return _deep_merge(preset(base), entry) if base else entry
+    return _deep_merge(_merged(base, table), entry) if base else entry
 
 
 def _deep_merge(base: dict, over: dict) -> dict:

@@ -108,7 +108,7 @@ def write_metrics(records: Sequence[FIDRecord | dict], metrics_dir: str | Path) 
                "kid": {f"ema_{r['sigma_rel']:.3f}": round(r["kid"], 6) for r in rows if r.get("kid") is not None},
                "best_fid": round(best["fid"], 4), "best_fid_se": round(best["fid_se"], 4),
                "best_sigma_rel": best["sigma_rel"], "best_kid": best.get("kid"),
-               "tied_with_best": [t for t in rk["tied"]], "best_at_edge": rk["edge"],
+               "tied_with_best": rk["tied_with_best"], "best_at_edge": rk["edge"],
                "num_images": best["num_images"], "ref_num_images": best["ref_num_images"],
                "feature_net": best["feature_net"], "nfe": best["sampler"]["nfe"]}
     atomic_write_text(json.dumps(metrics, indent=2), out / "fid.json")

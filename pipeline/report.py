@@ -202,8 +202,9 @@ def write_run_report(cfg_dict: dict, records: Sequence[dict], out_dir: str | Pat
         ts = ", ".join(f"{k} {v}" for k, v in train_summary.items())
         md += [f"Training: {ts}", ""]
         h.append(f"<p class='rec'>Training: {html.escape(ts)}</p>")
-    sections = [("fid", "FID against EMA length", "the star marks the best sigma_rel; bars: 95% bootstrap "
-                 "interval over the generated images (reference held fixed)"),
+    sections = [("fid", "FID against EMA length", "the star marks the best sigma_rel; bars: 95% interval of each FID "
+                 "(resampling the generated images, reference held fixed). Shared seeds make the FIDs' errors "
+                 "correlated, so the paired comparisons above can resolve differences that overlapping bars cannot."),
                 ("curves", "Loss and learning rate", "against images seen"),
                 ("ema", "Post-hoc EMA reconstruction", "target profiles and their reconstruction from snapshots")]
     for key, name, note in sections:

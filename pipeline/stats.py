@@ -179,11 +179,12 @@ def edge_note(values: Sequence[float], best_value: float, name: str, lo: float |
 
 
 def ranking(records: Sequence[dict], label=lambda r: f"sigma_rel {r['sigma_rel']:.3f}") -> dict:
-    """The best record, the ones not distinguishable from it (paired 95 % interval of the FID
-    difference contains 0), each comparison, and a note when the best is at the edge of the range."""
+    """The best record (index), the labels of the others not distinguishable from it (paired 95 %
+    interval of the FID difference contains 0), each comparison, printable lines, and a note when
+    the best is at the edge of the evaluated EMA lengths."""
     res = rank(records)
     if res["best"] is None:
-        return {"best": None, "tied": [], "lines": ["no results"], "edge": None, "comparisons": []}
+        return {"best": None, "tied_with_best": [], "lines": ["no results"], "edge": None, "comparisons": []}
     best = records[res["best"]]
     comps = []
     for i, c in res["comparisons"].items():
@@ -203,7 +204,6 @@ def ranking(records: Sequence[dict], label=lambda r: f"sigma_rel {r['sigma_rel']
                          f"to {c['ci95'][1]:+.2f}): {'resolved' if c['resolved'] else 'not resolved'}")
     if edge:
         lines.append(f"note: {edge}")
-    return {"best": res["best"], "tied": [label(records[i]) for i in res["tied"]], "lines": lines, "edge": edge,
-            "comparisons": comps}
+    return {"best": res["best"], "tied_with_best": tied, "lines": lines, "edge": edge, "comparisons": comps}
 
 

@@ -66,3 +66,27 @@ def test_cli_reports_config_errors(root, capsys):
     assert "loss.P_std=-1: must be > 0" in capsys.readouterr().err
     assert main(["config", "--preset", "img64-s"]) == 0
     assert "model_channels: 192" in capsys.readouterr().out
+
+
+# The EDM2 paper's configuration table (NVIDIA's published training configs): channels, ref_lr,
+# ref_batches, duration in Mi (2^20) images, dropout, P_mean, P_std; batch 2048 and a 10M-image
+# learning-rate ramp-up throughout.
+EDM2_TABLE = {
+    "img512-xxs": (64, 0.0170, 70000, 2048, 0.00, -0.4, 1.0), "img512-xs": (128, 0.0120, 70000, 2048, 0.00, -0.4, 1.0),
+    "img512-s": (192, 0.0100, 70000, 2048, 0.00, -0.4, 1.0), "img512-m": (256, 0.0090, 70000, 2048, 0.10, -0.4, 1.0),
+    "img512-l": (320, 0.0080, 70000, 1792, 0.10, -0.4, 1.0), "img512-xl": (384, 0.0070, 70000, 1280, 0.10, -0.4, 1.0),
+    "img512-xxl": (448, 0.0065, 70000, 896, 0.10, -0.4, 1.0),
+    "img64-xs": (128, 0.0120, 35000, 1024, 0.00, -0.8, 1.6), "img64-s": (192, 0.0100, 35000, 1024, 0.00, -0.8, 1.6),
+    "img64-m": (256, 0.0090, 35000, 2048, 0.10, -0.8, 1.6), "img64-l": (320, 0.0080, 35000, 1024, 0.10, -0.8, 1.6),
+    "img64-xl": (384, 0.0070, 35000, 640, 0.10, -0.8, 1.6),
+}
+
+
+@pytest.mark.parametrize("name", sorted(EDM2_TABLE))
+def test_presets_equal_the_edm2_table(name):
+    c = C.resolve({"preset": name})
+    ch, lr, ref_batches, dur_mi, dropout, p_mean, p_std = EDM2_TABLE[name]
+    got = (c.network.model_channels, c.train.ref_lr, c.train.ref_batches, c.train.duration_nimg, c.network.dropout,
+           c.loss.P_mean, c.loss.P_std, c.train.batch_size, c.train.rampup_nimg)
+    assert got == (ch, lr, ref_batches, dur_mi * 2**20, dropout, p_mean, p_std, 2048, 10_000_000)
+    assert {n for n in C.presets() if n.startswith(("img64-", "img512-")) and not n.endswith("-base")} == set(EDM2_TABLE)
