@@ -226,7 +226,8 @@ def trial_body(job: dict, report, device=None) -> None:
         last.update(metrics)
         report({"nimg": nimg, **metrics})
 
-    validate = make_validator(cfg, C.SweepConfig.model_validate(job["sweep"]).validation, device)
+    validate = make_validator(cfg, C.SweepConfig.model_validate(job["sweep"]).validation,
+                              device if device is not None else cfg.train.device)
     res = train(cfg, stage="sweep", progress=False, report=on_snapshot, parent_run_id=job["parent_run_id"],
                 run_name=f"trial-{trial_id}", device=device, validate=validate)
     if res.status != "finished":
@@ -273,7 +274,9 @@ def make_validator(cfg: C.Config, spec: C.ValidationSpec, device=None):
     from .fid import reference_dataset_dir
     ds = EncodedDataset(reference_dataset_dir(cfg))
     n = min(spec.num_images, len(ds))
-    dev = torch.device(device) if device is not None and str(device) != "auto" else torch.device("cpu")
+    if device is None or str(device) == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    dev = torch.device(device)
     images, labels = ds.get(list(range(n)), generator=torch.Generator().manual_seed(spec.seed))
     images = images.to(dev)
     label_dim = cfg.network.label_dim if cfg.network.label_dim is not None else \
