@@ -177,7 +177,7 @@ def run_trial(params: dict, base_raw: dict, sweep_raw: dict, parent_run_id: str 
     (and then the fan-out on rank 0) in a Ray Train TorchTrainer whose reports reach Tune."""
     from ray import tune
     os.chdir(root)                                          # relative paths of the params file
-    params = {**params.pop(POINT, {}), **params}
+    params = {**params.get(POINT, {}), **{k: v for k, v in params.items() if k != POINT}}   # never mutate Tune's config
     trial_id = tune.get_context().get_trial_id()
     trial_dir = Path(sweep_raw["storage"]).resolve() / sweep_raw["name"] / "trials" / trial_id
     trial_dir.mkdir(parents=True, exist_ok=True)

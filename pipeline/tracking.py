@@ -103,7 +103,11 @@ class RunLogger:
                 self._go_offline(f"tracking server {self.uri} is unreachable ({why})")
             else:
                 from mlflow.tracking import MlflowClient
-                self.client = MlflowClient(self.uri)
+                try:
+                    self.client = MlflowClient(self.uri)
+                except Exception as err:           # e.g. a file store MLflow 3 refuses, a missing DB driver
+                    raise TrackingError(f"tracking URI {self.uri!r} cannot be used: "
+                                        f"{str(err).strip().splitlines()[0][:200] if str(err).strip() else err!r}") from None
 
     # --- failure handling ---------------------------------------------------------------------
     def _go_offline(self, reason: str) -> None:

@@ -128,6 +128,6 @@ def test_no_slurm_suggests_local_executor_and_local_runs(tmp_path, fmnist):
     env = {**os.environ, "PYTHONPATH": str(ROOT), "PATH": os.path.dirname(sys.executable)}   # no sbatch here
     r = subprocess.run([sys.executable, "-m", "pipeline", "submit", "train", "--params", str(params),
                         "--executor", "slurm"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
-    assert r.returncode == 1 and "no `sbatch`" in r.stderr and "--executor local" in r.stderr
+    assert r.returncode == 2 and "no `sbatch`" in r.stderr and "--executor local" in r.stderr   # bad input: exit 2
     s = submit("train", [], str(params), executor="local", folder=tmp_path / "local")
     assert wait(s)["nimg"] == 32
