@@ -249,10 +249,15 @@ def plot_best_vs_param(best, keys: Sequence[str], path: str | Path, name: str = 
             x = best[key].astype(str).map({c: i for i, c in enumerate(cats)}).astype(float)
             ax.set_xticks(range(len(cats)), cats)
             ax.set_xlim(-0.5, len(cats) - 0.5)
-        ax.scatter(x, best["fid"], color="tab:blue")
+        if {"fid_lo", "fid_hi"} <= set(best.columns):      # 95 % interval of each trial's best FID
+            err = np.array([best["fid"] - best["fid_lo"], best["fid_hi"] - best["fid"]]).clip(0)
+            ax.errorbar(x, best["fid"], yerr=err, fmt="o", color="tab:blue", capsize=3)
+        else:
+            ax.scatter(x, best["fid"], color="tab:blue")
         ax.scatter([x[w]], [best["fid"][w]], marker="*", s=200, color="gold", edgecolor="black", zorder=3)
         if not ax.get_xticklabels() and x.min() > 0 and x.max() / x.min() > 20:
             ax.set_xscale("log")
+        ax.tick_params(axis="x", labelrotation=30)         # long numbers must not run into each other
         ax.set_xlabel(key)
         ax.grid(alpha=0.3)
     axes[0][0].set_ylabel("best FID over EMA lengths")
