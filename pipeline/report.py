@@ -244,7 +244,8 @@ def plot_best_vs_param(best, keys: Sequence[str], path: str | Path, name: str = 
     import pandas as pd
     for ax, key in zip(axes[0], keys):
         x = pd.to_numeric(best[key], errors="coerce")
-        if x.isna().any():                       # a text-valued axis (e.g. loss.noise): one column per value
+        categorical = bool(x.isna().any())
+        if categorical:                          # a text-valued axis (e.g. loss.noise): one column per value
             cats = sorted(best[key].astype(str).unique())
             x = best[key].astype(str).map({c: i for i, c in enumerate(cats)}).astype(float)
             ax.set_xticks(range(len(cats)), cats)
@@ -255,7 +256,7 @@ def plot_best_vs_param(best, keys: Sequence[str], path: str | Path, name: str = 
         else:
             ax.scatter(x, best["fid"], color="tab:blue")
         ax.scatter([x[w]], [best["fid"][w]], marker="*", s=200, color="gold", edgecolor="black", zorder=3)
-        if not ax.get_xticklabels() and x.min() > 0 and x.max() / x.min() > 20:
+        if not categorical and x.min() > 0 and x.max() / x.min() > 20:
             ax.set_xscale("log")
         ax.tick_params(axis="x", labelrotation=30)         # long numbers must not run into each other
         ax.set_xlabel(key)
