@@ -60,8 +60,13 @@ def _cmd_submit(args) -> int:
 
 
 def _cmd_runs(args) -> int:
-    from .tracking import load_runs
-    df = load_runs(args.experiment, args.uri, args.sweep)
+    from pathlib import Path
+
+    from .tracking import load_runs, tracking_uri
+    cfg = C.load_config(args.params) if Path(args.params).is_file() else None
+    experiment = args.experiment or ("edm2-sweeps" if args.sweep else
+                                     (cfg.tracking.experiment if cfg is not None else "edm2"))
+    df = load_runs(experiment, args.uri or tracking_uri(cfg), args.sweep)
     if args.out:
         df.to_parquet(args.out, index=False) if args.out.endswith(".parquet") else df.to_csv(args.out, index=False)
         print(f"{len(df)} rows -> {args.out}")
@@ -122,9 +127,11 @@ def main(argv: list[str] | None = None) -> int:
     sp.set_defaults(func=_cmd_convert)
 
     sp = sub.add_parser("runs", help="load the runs of an MLflow experiment (or one sweep) into a table")
-    sp.add_argument("--experiment", default="edm2-sweeps", help="MLflow experiment (default: edm2-sweeps)")
+    sp.add_argument("--experiment", help="MLflow experiment (default: the main job's, tracking.experiment of "
+                    "--params; with --sweep: edm2-sweeps)")
     sp.add_argument("--sweep", help="only this sweep (its name or parent run id)")
-    sp.add_argument("--uri", help="tracking URI (default: $MLFLOW_TRACKING_URI or sqlite:///mlflow.db)")
+    sp.add_argument("--params", default="params.yaml", help="params file for the default experiment and URI")
+    sp.add_argument("--uri", help="tracking URI (default: tracking.uri, $MLFLOW_TRACKING_URI or sqlite:///mlflow.db)")
     sp.add_argument("--out", help="write the table as CSV (.csv) or Parquet (.parquet)")
     sp.set_defaults(func=_cmd_runs)
 
