@@ -50,7 +50,7 @@ def test_repro_runs_all_stages_then_is_a_noop(repo):
     assert "fid_vs_ema.csv" in plots and "sigma_rel" in plots
     assert (repo / "reports" / "report.html").is_file()
     runs = sh("python -m pipeline runs", repo)          # the main job's runs by default
-    assert "sigma_rel" in runs and "0.050" in runs and "no runs" not in runs, runs
+    assert "sigma_rel" in runs and " 0.05 " in runs and "FINISHED" in runs and "no runs" not in runs, runs
     assert sorted(p.name for p in (repo / "runs/tiny/snapshots").iterdir())[0] == "phema-0000000032-0.050.safetensors"
     sh("git add -A && git commit -qm repro", repo)
     again = sh("dvc repro", repo)
