@@ -298,6 +298,12 @@ class SweepResult:
     out_dir: Path
 
 
+def cpus_per_trial(sweep: C.SweepConfig) -> float:
+    """CPUs one trial holds: its training processes, plus the trial's driver when there are several."""
+    res = sweep.resources
+    return res.cpus * res.workers + (1 if res.workers > 1 else 0)
+
+
 def _check_resources(sweep: C.SweepConfig, ray) -> tuple[float, str]:
     """GPUs per trial against the cluster: none there -> CPU workers; too few -> clear error."""
     res = ray.cluster_resources()
@@ -305,7 +311,7 @@ def _check_resources(sweep: C.SweepConfig, ray) -> tuple[float, str]:
     want, workers = sweep.resources.gpus, sweep.resources.workers
     if want > gpus > 0:
         raise SweepError(f"resources.gpus={want:g} per trial, but the cluster has {gpus:g} GPUs")
-    need = sweep.resources.cpus * workers + (1 if workers > 1 else 0)      # + the trial's driver process
+    need = cpus_per_trial(sweep)
     if need > cpus:
         raise SweepError(f"resources.cpus={sweep.resources.cpus:g} x resources.workers={workers} per trial"
                          f"{' + 1 for the trial driver' if workers > 1 else ''}, but the cluster has {cpus:g} CPUs")
@@ -326,7 +332,7 @@ def _check_before_start(sweep: C.SweepConfig, exp_dir: Path, reports: Path, resu
     if address is None:                                      # a local instance: its CPUs are known now
         cpus = num_cpus or os.cpu_count() or 1
         res = sweep.resources
-        per_trial = res.cpus * res.workers + (1 if res.workers > 1 else 0)
+        per_trial = cpus_per_trial(sweep)
         if per_trial > cpus:
             raise SweepError(f"resources.cpus={res.cpus:g} x resources.workers={res.workers} per trial needs "
                              f"{per_trial:g} CPUs, this machine has {cpus}")
