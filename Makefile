@@ -25,10 +25,12 @@ $(STAMP): pyproject.toml Makefile
 
 run: setup
 	$(BIN)/python -m pipeline info
-	if [ -f dvc.yaml ]; then $(BIN)/dvc repro; fi
+	$(BIN)/dvc repro
+	@echo
+	@$(BIN)/python -m pipeline results     # the last lines: FID per EMA length, the best, where to look
 
 test: setup
-	bash scripts/system-deps.sh slurm      # a real SLURM cluster for tests/test_slurm.py (root only)
+	bash scripts/system-deps.sh slurm chromium   # SLURM for tests/test_slurm.py, Chromium for the browser tests (root only)
 	$(BIN)/python -m pytest -q
 
 test-fast: setup

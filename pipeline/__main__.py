@@ -77,6 +77,13 @@ def _cmd_runs(args) -> int:
     return 0
 
 
+def _cmd_results(args) -> int:
+    from .results import results_lines
+    for line in results_lines(C.load_config(args.params, args.set), args.metrics, args.report):
+        print(line)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m pipeline", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -91,6 +98,13 @@ def main(argv: list[str] | None = None) -> int:
     sp = sub.add_parser("info", help="validate the config and describe the network it builds")
     common(sp)
     sp.set_defaults(func=_cmd_info)
+
+    sp = sub.add_parser("results", help="the main job's results: FID per EMA length with its interval, the best "
+                        "and what is not distinguishable from it, and where to look next")
+    common(sp)
+    sp.add_argument("--metrics", default="metrics", help="metrics folder (default: metrics)")
+    sp.add_argument("--report", default="reports/report.html", help="the run report (default: reports/report.html)")
+    sp.set_defaults(func=_cmd_results)
 
     sp = sub.add_parser("sweep", help="run a Ray Tune sweep from sweeps/<name>.yaml")
     sp.add_argument("file", help="sweep definition (YAML), e.g. sweeps/lr.yaml")

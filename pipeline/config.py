@@ -16,6 +16,7 @@ from typing import Annotated, Any, Literal, Optional
 
 import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from .devices import DEVICE_PATTERN
 from .errors import PipelineError
 
 SIGMA_REL_MAX = math.sqrt(1.0 / 12.0)  # method.md 6: sigma_rel < sqrt(1/12) ~= 0.2887
@@ -59,6 +60,15 @@ PosFloat = Annotated[float, AfterValidator(_positive)]
 PosInt = Annotated[int, AfterValidator(_positive)]
 NonNegFloat = Annotated[float, AfterValidator(_non_negative)]
 NonNegInt = Annotated[int, AfterValidator(_non_negative)]
+
+
+def _device(v: str) -> str:
+    if not re.match(DEVICE_PATTERN, v):
+        raise ValueError("expected auto, cpu, cuda or cuda:N (GPU N of several)")
+    return v
+
+
+Device = Annotated[str, AfterValidator(_device)]     # resolved by devices.pick_device
 
 
 def _not_nan(v: float) -> float:
@@ -171,7 +181,7 @@ class TrainConfig(_Section):
     status_nimg: PosInt = off_key(2**17)           # metric logging interval in images
     sample_nimg: Optional[PosInt] = off_key(None)  # sample-grid interval in images (None = at the end only)
     run_dir: str = off_key("runs/default")         # persistent run folder: checkpoints, snapshots, logs
-    device: Literal["auto", "cpu", "cuda"] = off_key("auto")
+    device: Device = off_key("auto")       # auto | cpu | cuda | cuda:N
     max_nonfinite_steps: PosInt = off_key(10)      # consecutive non-finite losses before the run stops
     # Speed switches (issue: benchmarks). Each keeps the numerics within a tested tolerance.
     amp: Literal["none", "bf16"] = "none"  # bf16 autocast of the network (GPU; also works on CPU)
@@ -214,6 +224,7 @@ class SamplerConfig(_Section):
     guidance: float = 1.0
     batch_size: PosInt = 64
     compile: bool = False                  # torch.compile the network for sampling (CUDA graphs on a GPU); falls back on failure
+    amp: Literal["none", "bf16"] = "none"  # bf16 autocast of the network's evaluations (the ODE stays float64/32)
 
     @model_validator(mode="after")
     def _check(self):
@@ -240,6 +251,7 @@ class FIDConfig(_Section):
     seed: NonNegInt = 0                    # generated image i uses seed `seed + i`
     batch_size: PosInt = 64
     mode: Literal["clean"] = "clean"
+    device: Device = "auto"                # sampling and features (reference, evaluate): auto | cpu | cuda | cuda:N
 
 
 class TrackingConfig(_Section):

@@ -236,6 +236,22 @@ def sha256_files(paths: Sequence[Path]) -> str:
     return h.hexdigest()
 
 
+def dataset_splits(cfg) -> list[str]:
+    """The splits the encode stage writes: Fashion-MNIST's train (training) and test (FID reference);
+    a folder or zip source has train only."""
+    return ["train", "test"] if cfg.data.source == "fashion-mnist" else ["train"]
+
+
+def ensure_encoded(cfg, cache_dir: str | Path = "data/raw", log=print) -> None:
+    """Encode the splits that are not there yet (what a sweep on a fresh clone needs before the
+    first trial), with the encode stage's own code; encoded splits are left as they are."""
+    for split in dataset_splits(cfg):
+        out = Path(cfg.data.dataset_dir) / split
+        if not (out / "manifest.json").is_file():
+            log(f"{out}: not encoded yet, encoding it now (the encode stage's code; `dvc repro encode` does the same)")
+            encode_dataset(cfg, out, split, cache_dir=cache_dir)
+
+
 def encode_dataset(cfg, out_dir: str | Path, split: str = "train", cache_dir: str | Path = "data/raw",
                    progress: bool = True) -> dict:
     """Read a source, bring it to the configured resolution/channels, encode, write the artifact.

@@ -181,14 +181,17 @@ def sample_images(net, seeds: Sequence[int], labels: torch.Tensor | None, sample
     noise = SeededNoise(seeds, device)
     shape = (net.img_channels, net.img_resolution, net.img_resolution)
     model = _sampling_model(net, sampler_cfg.compile, device)
+    amp = getattr(sampler_cfg, "amp", "none") == "bf16"        # network in bf16 autocast; the ODE is not
 
     def denoise(x, sigma):
-        return model(x.to(torch.float32), sigma.to(torch.float32).expand(x.shape[0]), labels)
+        with torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=amp):
+            return model(x.to(torch.float32), sigma.to(torch.float32).expand(x.shape[0]), labels)
 
     guide_fn = None
     if guide is not None:
         def guide_fn(x, sigma):
-            return guide(x.to(torch.float32), sigma.to(torch.float32).expand(x.shape[0]), labels)
+            with torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=amp):
+                return guide(x.to(torch.float32), sigma.to(torch.float32).expand(x.shape[0]), labels)
 
     s = sampler_cfg
     return edm_sampler(denoise, noise, shape, steps=s.steps, sigma_min=s.sigma_min, sigma_max=s.sigma_max,

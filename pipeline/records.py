@@ -51,7 +51,7 @@ class FIDRecord:
 
 def sampler_record(s) -> dict:
     return {"steps": s.steps, "nfe": s.nfe, "solver": s.solver, "churn": s.churn, "rho": s.rho,
-            "sigma_min": s.sigma_min, "sigma_max": s.sigma_max, "guidance": s.guidance}
+            "sigma_min": s.sigma_min, "sigma_max": s.sigma_max, "guidance": s.guidance, "amp": s.amp}
 
 
 def eval_key(record: dict) -> str:
@@ -79,4 +79,4 @@ def result_line(r: dict) -> str:
     kid_part = f", KID {r['kid'] * 1e3:.2f}e-3 +- {r['kid_std'] * 1e3:.2f}e-3" if r.get("kid") is not None else ""
     return (f"sigma_rel {r['sigma_rel']:.3f}: FID {r['fid']:.2f} +- {r.get('fid_se') or float('nan'):.2f} "
             f"(95% {lo:.1f}-{hi:.1f}){kid_part}  [{r['num_images']} images vs {r['ref_num_images']} reference, "
-            f"NFE {r['sampler']['nfe']}, {r['feature_net']}]")
+            f"NFE {r['sampler']['nfe']}{' bf16' if r['sampler'].get('amp') == 'bf16' else ''}, {r['feature_net']}]")

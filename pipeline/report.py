@@ -57,9 +57,13 @@ def plot_ema_reconstruction(summary: dict, path: str | Path, max_targets: int = 
     return _save(fig, path)
 
 
-def save_image_grid(images: np.ndarray, path: str | Path, cols: int | None = None) -> Path:
-    """N x H x W x C uint8 images -> one PNG grid."""
+def save_image_grid(images: np.ndarray, path: str | Path, cols: int | None = None, min_size: int = 96) -> Path:
+    """N x H x W x C uint8 images -> one PNG grid; small images are enlarged (nearest neighbour, by a
+    whole factor) to at least min_size pixels so the full-size grid is worth opening."""
     from PIL import Image
+    scale = max(1, min_size // images.shape[1])
+    if scale > 1:
+        images = images.repeat(scale, axis=1).repeat(scale, axis=2)
     n, h, w, c = images.shape
     cols = cols or int(np.ceil(np.sqrt(n)))
     rows = int(np.ceil(n / cols))
@@ -91,13 +95,19 @@ def plot_fid_vs_ema(rows: Sequence[dict], path: str | Path, title: str = "") -> 
             line, = ax.plot(x, y, marker="o", ms=4, label=label or None)
         b = int(np.argmin(y))
         ax.plot([x[b]], [y[b]], marker="*", ms=14, color=line.get_color(), mec="black")
-        ax.annotate(f"{y[b]:.2f} @ {x[b]:.3f}", (x[b], y[b]), textcoords="offset points", xytext=(6, 8), fontsize=8)
+        if len(groups) == 1:                  # one curve: the best beside its star
+            ax.annotate(f"{y[b]:.2f} @ {x[b]:.3f}", (x[b], y[b]), textcoords="offset points", xytext=(6, 8), fontsize=8)
+        else:                                 # several: in the legend, where labels cannot overlap
+            line.set_label(f"{label}: best {y[b]:.1f} @ {x[b]:.3f}")
     ax.set_xlabel("EMA length sigma_rel")
     ax.set_ylabel("FID")
     ax.set_title(title, fontsize=9)
     ax.grid(alpha=0.3)
     if any(groups):
-        ax.legend(fontsize=7)
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0) if len(groups) > 1 \
+            else ax.legend(fontsize=7)
+    if len(groups) > 1:
+        fig.set_size_inches(8.5, 3.8)
     return _save(fig, path)
 
 
@@ -150,8 +160,28 @@ def record_line(r: dict) -> str:
     """The FID record printed next to every FID number."""
     s = r["sampler"]
     return (f"{r['feature_net']} ({r['feature_net_sha256'][:10]}), {r['mode']} mode, {r['num_images']} generated vs "
-            f"{r['ref_num_images']} reference ({r['reference']}), {s['solver']} {s['steps']} steps / NFE {s['nfe']}, "
+            f"{r['ref_num_images']} reference ({r['reference']}), {s['solver']} {s['steps']} steps / NFE {s['nfe']}"
+            f"{' (network in bf16)' if s.get('amp') == 'bf16' else ''}, "
             f"churn {s['churn']}, seeds {r['seeds'][0]}-{r['seeds'][1]}")
+
+
+def header_rows(summary: dict) -> list[tuple[str, str]]:
+    """The run report's header table: when, where, from which code, and what it cost."""
+    def num(v, fmt):
+        return format(v, fmt) if isinstance(v, (int, float)) else "-"
+    secs = summary.get("train_seconds_total")
+    rows = [("finished", summary.get("finished_at") or "-"),
+            ("device", f"{summary.get('device') or '-'}" + (f" x {summary['processes']} processes"
+                                                             if (summary.get("processes") or 1) > 1 else "")),
+            ("git revision", (summary.get("git_revision") or "-")[:12] +
+             ("-dirty" if str(summary.get("git_revision", "")).endswith("-dirty") else "")),
+            ("training", f"{num(summary.get('nimg'), ',')} images in {num(secs / 60 if secs else None, '.1f')} min "
+                         f"({num(summary.get('images_per_s'), '.1f')} images/s)"),
+            ("final loss", num(summary.get("final_loss"), ".4f") + f" (weighted MSE "
+                           f"{num(summary.get('final_weighted_mse'), '.4f')})"),
+            ("status", summary.get("status") or "-"),
+            ("MLflow run", summary.get("mlflow_run_id") or "(offline)")]
+    return rows
 
 
 def write_run_report(cfg_dict: dict, records: Sequence[dict], out_dir: str | Path, training_rows: Sequence[dict] = (),
@@ -186,7 +216,8 @@ def write_run_report(cfg_dict: dict, records: Sequence[dict], out_dir: str | Pat
          "body{font-family:sans-serif;max-width:1100px;margin:2em auto;color:#222}img{max-width:100%}"
          "table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:3px 8px;font-size:13px}"
          "pre{background:#f6f6f6;padding:1em;font-size:12px;max-height:400px;overflow:auto}"
-         ".rec{color:#555;font-size:12px}</style></head><body>", f"<h1>{html.escape(title)}</h1>"]
+         ".rec{color:#555;font-size:12px}table.head th{text-align:left;background:#f3f3f3}</style></head><body>",
+         f"<h1>{html.escape(title)}</h1>"]
     if best:
         se = f" +- {best['fid_se']:.2f}" if best.get("fid_se") is not None else ""
         line = f"Best FID **{best['fid']:.3f}{se}** at sigma_rel **{best['sigma_rel']:.3f}** ({record_line(best)})"
@@ -199,9 +230,10 @@ def write_run_report(cfg_dict: dict, records: Sequence[dict], out_dir: str | Pat
                 md += [text, ""]
                 h.append(f"<p>{html.escape(text)}</p>")
     if train_summary:
-        ts = ", ".join(f"{k} {v}" for k, v in train_summary.items())
-        md += [f"Training: {ts}", ""]
-        h.append(f"<p class='rec'>Training: {html.escape(ts)}</p>")
+        rows = header_rows(train_summary)
+        md += ["| how it was made | |", "|---|---|", *(f"| {k} | {v} |" for k, v in rows), ""]
+        h.append("<table class='head'>" + "".join(f"<tr><th>{html.escape(k)}</th><td>{html.escape(str(v))}</td></tr>"
+                                                  for k, v in rows) + "</table>")
     sections = [("fid", "FID against EMA length", "the star marks the best sigma_rel; bars: 95% interval of each FID "
                  "(resampling the generated images, reference held fixed). Shared seeds make the FIDs' errors "
                  "correlated, so the paired comparisons above can resolve differences that overlapping bars cannot."),
@@ -219,7 +251,10 @@ def write_run_report(cfg_dict: dict, records: Sequence[dict], out_dir: str | Pat
         for r in recs:
             se, ci, kd = _uncertainty_cells(r)
             md.append(f"| {r['sigma_rel']:.3f} | {r['fid']:.3f} | {se} | {ci} | {kd} | {record_line(r)} |")
-            grid = _img_tag(grids[r["sigma_rel"]], f"samples {r['sigma_rel']:.3f}", 192) if r["sigma_rel"] in grids else ""
+            grid = ""
+            if r["sigma_rel"] in grids:                 # a thumbnail that opens the full-size grid beside the report
+                g, alt = grids[r["sigma_rel"]], f"samples {r['sigma_rel']:.3f}"
+                grid = f"<a href='figures/{g.name}' target='_blank' title='full size'>{_img_tag(g, alt, 192)}</a>"
             h.append(f"<tr><td>{r['sigma_rel']:.3f}</td><td>{r['fid']:.3f}</td><td>{se}</td><td>{ci}</td><td>{kd}</td>"
                      f"<td>{grid}</td><td class='rec'>{html.escape(record_line(r))}</td></tr>")
         h.append("</table>")
@@ -236,64 +271,104 @@ def write_run_report(cfg_dict: dict, records: Sequence[dict], out_dir: str | Pat
     return paths
 
 
-def plot_best_vs_param(best, keys: Sequence[str], path: str | Path, name: str = "") -> Path:
-    """Best FID of each trial against each swept parameter (one panel per parameter); winner starred."""
+def plot_best_vs_param(best, keys: Sequence[str], path: str | Path, name: str = "", stopped=None,
+                       ranges: dict | None = None) -> Path:
+    """Best FID of each trial against each swept parameter (one panel per parameter); winner starred.
+    `stopped`: trials without a FID (early-stopped by ASHA, failed), drawn as crosses along the top so
+    the figure shows every trial; `ranges`: the searched interval of a numeric axis, drawn as the
+    panel's extent (shaded), not just the span of the values drawn."""
     plt = _plt()
-    fig, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 3.2), squeeze=False)
+    fig, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 3.4), squeeze=False)
     w = best["fid"].idxmin()
     import pandas as pd
+    stopped = stopped if stopped is not None and len(stopped) else None
+    ranges = ranges or {}
     for ax, key in zip(axes[0], keys):
         x = pd.to_numeric(best[key], errors="coerce")
-        categorical = bool(x.isna().any())
+        xs = pd.to_numeric(stopped[key], errors="coerce") if stopped is not None else None
+        categorical = bool(x.isna().any()) or (xs is not None and bool(xs.isna().any()))
         if categorical:                          # a text-valued axis (e.g. loss.noise): one column per value
-            cats = sorted(best[key].astype(str).unique())
+            values = list(best[key].astype(str)) + (list(stopped[key].astype(str)) if stopped is not None else [])
+            cats = sorted(set(values) | {str(v) for v in ranges.get(key, ())})
             x = best[key].astype(str).map({c: i for i, c in enumerate(cats)}).astype(float)
+            if stopped is not None:
+                xs = stopped[key].astype(str).map({c: i for i, c in enumerate(cats)}).astype(float)
             ax.set_xticks(range(len(cats)), cats)
             ax.set_xlim(-0.5, len(cats) - 0.5)
+        if stopped is not None:                  # no FID: a cross at the top, at the trial's value
+            top = float(best["fid_hi"].max() if "fid_hi" in best else best["fid"].max())
+            ax.scatter(xs, [top] * len(xs), marker="x", color="tab:red", zorder=3,
+                       label=f"stopped early / failed ({len(xs)})")
+            ax.legend(fontsize=7, loc="lower right")
         if {"fid_lo", "fid_hi"} <= set(best.columns):      # 95 % interval of each trial's best FID
             err = np.array([best["fid"] - best["fid_lo"], best["fid_hi"] - best["fid"]]).clip(0)
             ax.errorbar(x, best["fid"], yerr=err, fmt="o", color="tab:blue", capsize=3)
         else:
             ax.scatter(x, best["fid"], color="tab:blue")
         ax.scatter([x[w]], [best["fid"][w]], marker="*", s=200, color="gold", edgecolor="black", zorder=3)
-        if not categorical and x.min() > 0 and x.max() / x.min() > 20:
+        lo_hi = ranges.get(key) if not categorical else None
+        lo = min(x.min(), *(lo_hi or ()), *(xs if xs is not None else ()))
+        hi = max(x.max(), *(lo_hi or ()), *(xs if xs is not None else ()))
+        if not categorical and lo > 0 and hi / lo > 20:
             ax.set_xscale("log")
+        if lo_hi and not categorical:            # the searched range, not only the values drawn
+            ax.axvspan(lo_hi[0], lo_hi[1], color="tab:blue", alpha=0.06, lw=0)
+            pad = (hi / lo) ** 0.05 if ax.get_xscale() == "log" else None
+            ax.set_xlim(*(lo / pad, hi * pad) if pad else (lo - 0.05 * (hi - lo or 1), hi + 0.05 * (hi - lo or 1)))
         ax.tick_params(axis="x", labelrotation=30)         # long numbers must not run into each other
         ax.set_xlabel(key)
         ax.grid(alpha=0.3)
     axes[0][0].set_ylabel("best FID over EMA lengths")
-    fig.suptitle(f"sweep {name}: best FID per trial", fontsize=10)
+    fig.suptitle(f"sweep {name}: best FID per trial (shaded: the searched range)", fontsize=10)
     return _save(fig, path)
 
 
+SWEEP_HEADERS = {"trial_id": "trial", "nimg": "images trained", "final_loss": "final loss", "val_loss": "val loss",
+                 "fid_se": "FID +- SE", "fid_lo": "95% lo", "fid_hi": "95% hi", "fid": "FID", "kid": "KID",
+                 "tied_with_best": "tied with best", "train_min": "cost: train min", "img_per_s": "images/s",
+                 "stop_reason": "stopped by"}
+
+
 def write_sweep_report(df, swept: Sequence[str], out_dir: str | Path, name: str,
-                       summary: Sequence[str] = ()) -> Path:
+                       summary: Sequence[str] = (), grids: dict | None = None) -> Path:
     """reports/sweeps/<name>/report.html: the winner with what is not distinguishable from it, figures
-    inline, every trial x EMA length sorted by FID with its uncertainty, the FID record on every row."""
+    inline, a sample grid per trial at its best EMA length, every trial x EMA length sorted by FID with
+    its uncertainty and cost, early-stopped trials marked, the FID record on every row."""
     import html
     out = Path(out_dir)
     parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>sweep {html.escape(name)}</title><style>"
              "body{font-family:sans-serif;max-width:1200px;margin:2em auto;color:#222}img{max-width:100%}"
              "table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:3px 8px;font-size:12px}"
-             ".rec{color:#555}</style></head><body>", f"<h1>Sweep {html.escape(name)}</h1>"]
+             ".rec{color:#555}.grids{display:flex;flex-wrap:wrap;gap:8px}figure{margin:0;width:190px;font-size:11px}"
+             "tr.stopped td{color:#999;font-style:italic}</style></head><body>", f"<h1>Sweep {html.escape(name)}</h1>"]
     for line in summary:
         parts.append(f"<p>{html.escape(line)}</p>")
     for fig, title in (("fid_vs_ema.png", "FID against EMA length, per trial"),
                        ("best_fid_vs_param.png", "Best FID against each swept parameter")):
         if (out / fig).is_file():
             parts.append(f"<h2>{title}</h2>{_img_tag(out / fig, title)}")
+    if grids:                                    # one grid per trial, at its best EMA length
+        parts.append("<h2>Samples per trial, at its best EMA length</h2><div class='grids'>")
+        best_rows = df[df["fid"].notna()].groupby("trial_id").first()
+        for tid, (png, s_rel) in grids.items():
+            vals = ", ".join(f"{k.split('.')[-1]}={_fmt(best_rows.loc[tid, k])}" for k in swept if k in best_rows)
+            cap = f"trial {tid}: {vals + ', ' if vals else ''}sigma_rel {s_rel:.3f}, FID {best_rows.loc[tid, 'fid']:.2f}"
+            parts.append(f"<figure><a href='samples/{png.name}' target='_blank'>{_img_tag(png, cap, 180)}</a>"
+                         f"<figcaption>{html.escape(cap)}</figcaption></figure>")
+        parts.append("</div>")
     cols = ["trial_id", *swept, "status", "nimg", "final_loss", "val_loss", "sigma_rel", "fid", "fid_se", "fid_lo",
-            "fid_hi", "kid", "tied_with_best"]
+            "fid_hi", "kid", "tied_with_best", "train_min", "img_per_s", "stop_reason"]
     cols = [c for c in cols if c in df.columns]
     parts.append("<h2>Trials x EMA lengths, sorted by FID</h2><table><tr>" +
-                 "".join(f"<th>{html.escape(c)}</th>" for c in cols) + "<th>FID record</th></tr>")
+                 "".join(f"<th>{html.escape(SWEEP_HEADERS.get(c, c))}</th>" for c in cols) + "<th>FID record</th></tr>")
     for _, r in df.iterrows():
         rec = ""
         if r.get("fid") == r.get("fid") and r.get("fid") is not None:     # not NaN
             rec = (f"{r['feature_net']}, {r['mode']}, {r['num_images']} vs {r['ref_num_images']} ({r['reference']}), "
                    f"NFE {r['nfe']}, churn {r['churn']}, seeds {r['seeds']}")
         cells = "".join(f"<td>{html.escape(_fmt(r.get(c)))}</td>" for c in cols)
-        parts.append(f"<tr>{cells}<td class='rec'>{html.escape(rec)}</td></tr>")
+        cls = " class='stopped'" if r.get("status") in ("early-stopped", "error", "interrupted") else ""
+        parts.append(f"<tr{cls}>{cells}<td class='rec'>{html.escape(rec)}</td></tr>")
     parts.append("</table></body></html>")
     from .io import atomic_write_text
     return atomic_write_text("\n".join(parts), out / "report.html")

@@ -274,9 +274,8 @@ def make_validator(cfg: C.Config, spec: C.ValidationSpec, device=None):
     from .fid import reference_dataset_dir
     ds = EncodedDataset(reference_dataset_dir(cfg))
     n = min(spec.num_images, len(ds))
-    if device is None or str(device) == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    dev = torch.device(device)
+    from .devices import pick_device
+    dev = device if isinstance(device, torch.device) else pick_device(device or "auto", "train.device")
     images, labels = ds.get(list(range(n)), generator=torch.Generator().manual_seed(spec.seed))
     images = images.to(dev)
     label_dim = cfg.network.label_dim if cfg.network.label_dim is not None else \
@@ -360,7 +359,7 @@ def run_sweep(sweep_file: str | Path, address: str | None = None, resume: bool =
     import ray
     from ray import tune
 
-    from .data import EncodedDataset
+    from .data import EncodedDataset, ensure_encoded
     from .fid import load_feature_net, reference_dataset_dir, reference_stats
     from .tracking import RunLogger, run_tags
 
@@ -368,7 +367,9 @@ def run_sweep(sweep_file: str | Path, address: str | None = None, resume: bool =
     uri = sweep_tracking_uri(base)
     base_raw = {k: v for k, v in base.to_dict().items() if k != "preset"}
 
-    # Reference statistics once, before any trial, in the sweeps' own cache (never a DVC output).
+    # Encoded data (on a fresh clone: encoded now, as the encode stage would) and the reference
+    # statistics once, before any trial, in the sweeps' own cache (never a DVC output).
+    ensure_encoded(base, log=lambda m: print(f"sweep: {m}"))
     ref_cache = str(storage / "fid-ref")
     feat = load_feature_net(base.fid.feature_net)
     reference_stats(EncodedDataset(reference_dataset_dir(base)), feat, base.fid.ref_num_images, ref_cache,
@@ -464,6 +465,7 @@ def _recording_asha(path: Path):
 
 
 def _read_stopped(path: Path) -> dict:
+    """A small JSON object from `path`, or {} when it is missing or unreadable."""
     try:
         return json.loads(path.read_text())
     except (OSError, ValueError):
@@ -524,8 +526,11 @@ def results_table(grid, trials_dir: Path, sweep: C.SweepConfig, stopped: dict | 
         config = {**config.pop(POINT, {}), **config}
         params = {axis_key(k): v for k, v in config.items()}
         recs_file = trials_dir / str(trial_id) / "fid_records.json"
+        cost = _read_stopped(trials_dir / str(trial_id) / "run" / "train_summary.json")   # {} when absent
         base = {"trial_id": trial_id, **params, "nimg": (result.metrics or {}).get("nimg"),
-                "final_loss": (result.metrics or {}).get("loss"), "val_loss": (result.metrics or {}).get("val_loss")}
+                "final_loss": (result.metrics or {}).get("loss"), "val_loss": (result.metrics or {}).get("val_loss"),
+                "train_min": round(cost["train_seconds_total"] / 60, 2) if cost.get("train_seconds_total") else None,
+                "img_per_s": cost.get("images_per_s")}
         if recs_file.is_file():
             for r in json.loads(recs_file.read_text()):
                 recs.append(r)
@@ -573,9 +578,29 @@ def write_results(df, out_dir: Path, sweep: C.SweepConfig) -> Path:
                         f"(bars: 95% bootstrap interval)")
         if swept:
             best = done.loc[done.groupby("trial_id")["fid"].idxmin()]
-            plot_best_vs_param(best, swept, out_dir / "best_fid_vs_param.png", sweep.name)
-    write_sweep_report(df, list(sweep.search), out_dir, sweep.name, summary_lines(df, sweep))
+            no_fid = df[df["fid"].isna()]
+            ranges = {k: tuple(a.uniform or a.loguniform or a.grid or a.choice) for k, a in sweep.search.items()}
+            plot_best_vs_param(best, swept, out_dir / "best_fid_vs_param.png", sweep.name, stopped=no_fid,
+                               ranges=ranges)
+    grids = trial_grids(done, out_dir / "samples")
+    write_sweep_report(df, list(sweep.search), out_dir, sweep.name, summary_lines(df, sweep), grids)
     return csv
+
+
+def trial_grids(done, out: Path) -> dict:
+    """Each finished trial's sample grid at its best EMA length, copied beside the sweep report:
+    {trial_id: (png path, sigma_rel)}."""
+    import shutil
+    grids = {}
+    if not len(done):
+        return grids
+    for _, r in done.loc[done.groupby("trial_id")["fid"].idxmin()].iterrows():
+        model = Path(r["model_file"])
+        src = model.parent.parent / "samples" / f"samples-{model.stem}.png"      # evaluate_run's layout
+        if src.is_file():
+            out.mkdir(parents=True, exist_ok=True)
+            grids[r["trial_id"]] = (Path(shutil.copy(src, out / f"{r['trial_id']}-{src.name}")), r["sigma_rel"])
+    return grids
 
 
 def summary_lines(df, sweep: C.SweepConfig) -> list[str]:

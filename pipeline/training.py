@@ -63,11 +63,14 @@ def init_distributed(device_choice: str = "auto", device: torch.device | None = 
         world = int(os.environ.get("WORLD_SIZE", "1"))
         rank = int(os.environ.get("RANK", "0"))
     local = int(os.environ.get("LOCAL_RANK", "0"))
-    use_cuda = torch.cuda.is_available() if device_choice == "auto" else device_choice == "cuda"
-    if use_cuda and not torch.cuda.is_available():
-        raise TrainingError("train.device=cuda but no CUDA device is visible")
     if device is None:
-        device = torch.device("cuda", local) if use_cuda else torch.device("cpu")
+        from .devices import pick_device
+        device = pick_device(device_choice, "train.device")
+        if device.type == "cuda" and device.index is not None and world > 1:
+            raise TrainingError(f"train.device={device_choice} picks one GPU, but this run has {world} processes "
+                                f"(each takes cuda:LOCAL_RANK): set train.device=cuda or auto")
+        if device.type == "cuda" and device.index is None:
+            device = torch.device("cuda", local)
     use_cuda = device.type == "cuda"
     if use_cuda:
         torch.cuda.set_device(device)
@@ -293,7 +296,7 @@ def _train_locked(cfg: C.Config, d: Dist, stage, stop, progress, report, max_ste
     if nimg >= tc.duration_nimg:                       # finished before: change nothing, say so
         if d.is_main:
             summary = write_summary(run_dir, cfg, "finished", nimg, seconds_before, mlflow_run_id, steps=0,
-                                    seconds=0.0, keep_existing=True)
+                                    seconds=0.0, keep_existing=True, device=d.device, processes=d.world_size)
             logger.end("FINISHED")
             log(f"run {run_dir} is already finished at nimg={nimg} (train.duration_nimg={tc.duration_nimg}): "
                 f"nothing to do; final loss {summary['final_loss']}")
@@ -424,7 +427,8 @@ def _train_locked(cfg: C.Config, d: Dist, stage, stop, progress, report, max_ste
             _log_samples(net, ema, cfg, args, run_dir, nimg, logger, d)
         total = seconds_before + seconds                  # across every resume of this run
         devices = d.world_size if d.device.type == "cuda" else 0
-        summary = write_summary(run_dir, cfg, status, nimg, total, mlflow_run_id, steps, seconds)
+        summary = write_summary(run_dir, cfg, status, nimg, total, mlflow_run_id, steps, seconds,
+                                device=d.device, processes=d.world_size)
         logger.set_tags({"gpus": devices})
         logger.log_summary({"train_seconds": total, "gpu_seconds": total * devices,
                             "final_loss": summary["final_loss"]})
@@ -437,10 +441,12 @@ def _train_locked(cfg: C.Config, d: Dist, stage, stop, progress, report, max_ste
 
 
 def write_summary(run_dir: Path, cfg: C.Config, status: str, nimg: int, train_seconds_total: float,
-                  mlflow_run_id: str | None, steps: int, seconds: float, keep_existing: bool = False) -> dict:
+                  mlflow_run_id: str | None, steps: int, seconds: float, keep_existing: bool = False,
+                  device: torch.device | None = None, processes: int = 1) -> dict:
     """train_summary.json, computed from the run's whole metrics history (never from this call alone,
     so a rerun or a resume after a kill keeps the final loss and the speed). keep_existing: leave a
     complete summary as it is (a finished run rerun changes nothing)."""
+    from .tracking import git_revision
     path = run_dir / "train_summary.json"
     if keep_existing and path.is_file():
         try:
@@ -460,9 +466,18 @@ def write_summary(run_dir: Path, cfg: C.Config, status: str, nimg: int, train_se
                "images_per_s": round(nimg / train_seconds_total, 1) if train_seconds_total > 0 else None,
                "seconds": round(seconds, 1),
                "images_per_s_session": round(steps * cfg.train.batch_size / max(seconds, 1e-9), 1) if steps else None,
-               "run_dir": str(run_dir), "mlflow_run_id": mlflow_run_id, "run_key": cfg.run_key()}
+               "run_dir": str(run_dir), "mlflow_run_id": mlflow_run_id, "run_key": cfg.run_key(),
+               # how it was made, for the report's header (MLflow has the same as tags)
+               "device": _device_name(device), "processes": processes, "git_revision": git_revision(),
+               "finished_at": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
     atomic_write_text(C.json_dump(summary), path)
     return summary
+
+
+def _device_name(device: torch.device | None) -> str:
+    if device is not None and device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"cpu ({torch.get_num_threads()} threads)"
 
 
 def rank_batches(ds: EncodedDataset, tc: C.TrainConfig, nimg: int, rank: int, batch_rank: int, batch_gpu: int,

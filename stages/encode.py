@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 from pipeline import cli
-from pipeline.data import encode_dataset
+from pipeline.data import dataset_splits, encode_dataset
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -20,7 +20,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def go():
         cfg = cli.config_from(args)
-        splits = args.splits or (["train", "test"] if cfg.data.source == "fashion-mnist" else ["train"])
+        splits = args.splits or dataset_splits(cfg)
         for split in splits:
             out = Path(cfg.data.dataset_dir) / split
             m = encode_dataset(cfg, out, split, cache_dir=args.cache_dir)

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from pipeline import cli
 from pipeline.data import EncodedDataset
+from pipeline.devices import pick_device
 from pipeline.evaluate import evaluate_models, write_metrics
 from pipeline.fid import FIDError, load_feature_net, reference_dataset_dir, reference_stats
 from pipeline.phema import check_reconstruction, refuse_legacy
@@ -26,11 +27,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--ref-cache", default="data/fid-ref", help="reference statistics cache (default: data/fid-ref)")
     p.add_argument("--metrics", default="metrics", help="metrics folder (default: metrics)")
     p.add_argument("--samples", default="reports/samples", help="sample grid folder (default: reports/samples)")
-    p.add_argument("--device", default="cpu", help="torch device for sampling and features (default: cpu)")
+    p.add_argument("--device", help="torch device for sampling and features: auto, cpu, cuda, cuda:N "
+                   "(default: fid.device of the params)")
     args = p.parse_args(argv)
 
     def go():
         cfg = cli.config_from(args)
+        device = str(pick_device(args.device or cfg.fid.device, "--device" if args.device else "fid.device"))
+        print(f"evaluate: sampling and features on {device}")
         if Path(args.models).is_dir():
             refuse_legacy(Path(args.models), "models folder")
         files = sorted(Path(args.models).glob("ema-*.safetensors"))
@@ -38,10 +42,10 @@ def main(argv: list[str] | None = None) -> int:
             raise FIDError(f"no reconstructed models (ema-*.safetensors) in {args.models}: run the reconstruct stage")
         for f in files:                            # every model's header before any compute
             check_reconstruction(f)
-        feat = load_feature_net(cfg.fid.feature_net, args.device)
+        feat = load_feature_net(cfg.fid.feature_net, device)
         ref = reference_stats(EncodedDataset(reference_dataset_dir(cfg)), feat, cfg.fid.ref_num_images,
                               args.ref_cache, cfg.fid.batch_size)
-        records = [r.to_dict() for r in evaluate_models(files, cfg, ref, feat, args.samples, args.device)]
+        records = [r.to_dict() for r in evaluate_models(files, cfg, ref, feat, args.samples, device)]
         metrics = write_metrics(records, args.metrics)
         _log_to_mlflow(cfg, records, args.samples, metrics)
         plot_fid_vs_ema(records, Path(args.metrics) / "fid_vs_ema.png",

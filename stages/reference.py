@@ -6,21 +6,24 @@ import sys
 
 from pipeline import cli
 from pipeline.data import EncodedDataset
+from pipeline.devices import pick_device
 from pipeline.fid import load_feature_net, reference_dataset_dir, reference_stats
 
 
 def main(argv: list[str] | None = None) -> int:
     p = cli.parser("python -m stages.reference", __doc__)
     p.add_argument("--out", default="data/fid-ref", help="cache folder (default: data/fid-ref)")
+    p.add_argument("--device", help="torch device for the features (default: fid.device of the params)")
     args = p.parse_args(argv)
 
     def go():
         cfg = cli.config_from(args)
-        ref = reference_stats(EncodedDataset(reference_dataset_dir(cfg)), load_feature_net(cfg.fid.feature_net),
+        device = str(pick_device(args.device or cfg.fid.device, "--device" if args.device else "fid.device"))
+        ref = reference_stats(EncodedDataset(reference_dataset_dir(cfg)), load_feature_net(cfg.fid.feature_net, device),
                               cfg.fid.ref_num_images, args.out, cfg.fid.batch_size)
         print(f"reference statistics: {ref['ref_num_images']} images of {ref['reference']}, feature net "
               f"{ref['feature_net']} ({ref['feature_net_sha256'][:12]}), "
-              f"{'cached' if ref['cached'] else 'computed'} -> {ref['path']}")
+              f"{'cached' if ref['cached'] else f'computed on {device}'} -> {ref['path']}")
     return cli.run("reference", go)
 
 

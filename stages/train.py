@@ -28,6 +28,8 @@ def main(argv: list[str] | None = None) -> int:
                         "aside to <run_dir>.<time> and start afresh (what `dvc exp run -S ...` needs)")
     p.add_argument("--stage", default=None, help="DVC stage name to tag the MLflow run with")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--metrics", help="also write the training summary's numbers here (a git-tracked DVC metrics "
+                   "file, e.g. metrics/train.json, so `dvc exp show` has training columns)")
     args = p.parse_args(argv)
 
     def go():
@@ -38,8 +40,24 @@ def main(argv: list[str] | None = None) -> int:
         if args.on_mismatch == "archive" and int(os.environ.get("RANK", "0")) == 0:
             _archive_if_mismatched(cfg)
         res = train(cfg, stage=args.stage, progress=not args.no_progress)
+        if args.metrics and int(os.environ.get("RANK", "0")) == 0:
+            _write_metrics(Path(cfg.train.run_dir) / "train_summary.json", Path(args.metrics))
         return 0 if res.status == "finished" else EXIT_STOPPED
     return cli.run("train", go)
+
+
+TRAIN_METRICS = ("final_loss", "final_weighted_mse", "nimg", "train_seconds_total", "images_per_s")
+
+
+def _write_metrics(summary_file: Path, out: Path) -> None:
+    """The numbers of train_summary.json (which lives in the git-ignored run folder) in a small file
+    beside metrics/fid.json, which git (and so `dvc exp show`) tracks."""
+    import json
+
+    from pipeline.io import atomic_write_text
+    summary = json.loads(summary_file.read_text())
+    out.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(json.dumps({k: summary.get(k) for k in TRAIN_METRICS}, indent=2), out)
 
 
 def _archive_if_mismatched(cfg) -> None:

@@ -46,8 +46,20 @@ def test_repro_runs_all_stages_then_is_a_noop(repo):
     metrics = json.loads(sh("dvc metrics show --json", repo))
     fid = metrics[""]["data"]["metrics/fid.json"]["data"]["fid"]
     assert set(fid) == {"ema_0.050", "ema_0.100", "ema_0.150"} and all(v > 0 for v in fid.values())
-    plots = sh("dvc plots show --json", repo)
-    assert "fid_vs_ema.csv" in plots and "sigma_rel" in plots
+    train = metrics[""]["data"]["metrics/train.json"]["data"]          # git-tracked training numbers
+    assert train["nimg"] == 64 and train["final_loss"] is not None and train["images_per_s"] > 0
+    # `dvc plots show`: the PNG figures, on a page that asks nothing of the network.
+    sh("dvc plots show", repo)
+    page = (repo / "dvc_plots" / "index.html").read_text()
+    for fig in ("fid_vs_ema.png", "training_curves.png", "ema_profiles.png", "samples-ema-"):
+        assert fig in page, fig
+    assert "<script" not in page and "http://" not in page and "https://" not in page
+    assert len(list((repo / "dvc_plots" / "static").glob("*.png"))) >= 6
+    # `python -m pipeline results` (the end of `make run`): every EMA length, the best, where to look.
+    res = sh("python -m pipeline results", repo).strip().splitlines()
+    assert sum("sigma_rel 0." in line and "FID" in line for line in res) >= 3 and "<- best" in "\n".join(res)
+    assert any(line.startswith("training: 64 images") for line in res), res
+    assert res[-1].startswith("MLflow: mlflow ui --backend-store-uri sqlite:///"), res
     assert (repo / "reports" / "report.html").is_file()
     runs = sh("python -m pipeline runs", repo)          # the main job's runs by default
     assert "sigma_rel" in runs and " 0.05 " in runs and "FINISHED" in runs and "no runs" not in runs, runs
@@ -67,6 +79,12 @@ def test_exp_run_set_param_reruns_only_dependent_stages(repo):
     assert summary["status"] == "finished" and summary["nimg"] == 64
     # The old run folder (another configuration) was moved aside, not mixed with the new one.
     assert any(p.name.startswith("tiny.") for p in (repo / "runs").iterdir())
+    # `dvc exp show` has the training columns (metrics/train.json) for the baseline and the experiment.
+    import csv
+    import io
+    table = list(csv.DictReader(io.StringIO(sh("dvc exp show --csv --no-pager 2>/dev/null", repo))))
+    assert len(table) >= 2 and all(row.get("final_loss") not in (None, "", "!") for row in table), table
+    assert {row["train.ref_lr"] for row in table} >= {"0.01", "0.005"}
     out = sh("dvc exp run -S sampler.steps=5", repo)
     ran = {s for s in ("encode", "reference", "train", "reconstruct", "evaluate", "report")
            if f"Running stage '{s}'" in out}

@@ -10,6 +10,7 @@ import torch
 from PIL import Image
 
 from pipeline import config as C
+from test_gpu import DEVICES
 from pipeline.data import EncodedDataset
 from pipeline.evaluate import generate
 from pipeline.records import RecordError, check_comparable
@@ -129,17 +130,15 @@ def test_reference_cache_records_and_comparability(fmnist, feat, tmp_path):
 
 
 @pytest.mark.slow
-def test_reference_and_evaluate_stages_end_to_end(fmnist, tmp_path, root):
+def _params_and_models(fmnist, tmp_path, root, **fid):
+    """A shrunken params.yaml and two reconstructed models of an untrained network."""
     import yaml
 
     from pipeline.networks import build_network
     from pipeline.phema import PowerFunctionEMA, reconstruct, snapshot_meta
-    from stages.evaluate import main as evaluate_main
-    from stages.reference import main as reference_main
-
     raw = yaml.safe_load((root / "params.yaml").read_text())
     raw["data"]["dataset_dir"] = str(fmnist["train"][0].parent)
-    raw["fid"].update({"num_images": 4, "ref_num_images": 8, "batch_size": 8})
+    raw["fid"].update({"num_images": 4, "ref_num_images": 8, "batch_size": 8, **fid})
     raw["sampler"].update({"steps": 4, "batch_size": 4})
     params = tmp_path / "params.yaml"
     params.write_text(yaml.safe_dump(raw))
@@ -152,6 +151,14 @@ def test_reference_and_evaluate_stages_end_to_end(fmnist, tmp_path, root):
         ema.save_snapshots(tmp_path / "snaps", i * cfg.ema.snapshot_nimg,
                            snapshot_meta(cfg, {"img_resolution": 32, "img_channels": 1, "label_dim": 10}))
     reconstruct(tmp_path / "snaps", [0.05, 0.1], out_dir=tmp_path / "models")
+    return params
+
+
+def test_reference_and_evaluate_stages_end_to_end(fmnist, tmp_path, root):
+    from stages.evaluate import main as evaluate_main
+    from stages.reference import main as reference_main
+
+    params = _params_and_models(fmnist, tmp_path, root)
     ref = ["--params", str(params), "--out", str(tmp_path / "ref")]
     assert reference_main(ref) == 0 and len(list((tmp_path / "ref").glob("ref-*.npz"))) == 1
     assert evaluate_main(["--params", str(params), "--models", str(tmp_path / "models"), "--ref-cache",
@@ -171,6 +178,32 @@ def test_reference_and_evaluate_stages_end_to_end(fmnist, tmp_path, root):
     assert len(list((tmp_path / "samples").glob("samples-ema-*.png"))) == 2
     # No models: a clear error.
     assert evaluate_main(["--params", str(params), "--models", str(tmp_path / "none")]) == 2
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_reference_and_evaluate_stages_take_the_device_from_params(fmnist, tmp_path, root, device, capsys):
+    from stages.evaluate import main as evaluate_main
+    from stages.reference import main as reference_main
+    params = _params_and_models(fmnist, tmp_path, root, device=device)
+    assert reference_main(["--params", str(params), "--out", str(tmp_path / "ref")]) == 0
+    assert f"computed on {device}" in capsys.readouterr().out
+    assert evaluate_main(["--params", str(params), "--models", str(tmp_path / "models"), "--ref-cache",
+                          str(tmp_path / "ref"), "--metrics", str(tmp_path / "metrics"),
+                          "--samples", str(tmp_path / "samples")]) == 0
+    assert f"sampling and features on {device}" in capsys.readouterr().out
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error on a machine without a GPU")
+def test_a_missing_gpu_is_one_clear_line_naming_the_field(fmnist, tmp_path, root, capsys):
+    from stages.reference import main as reference_main
+    params = _params_and_models(fmnist, tmp_path, root, device="cuda:1")
+    assert reference_main(["--params", str(params), "--out", str(tmp_path / "ref")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "fid.device=cuda:1" in err[0] and "no CUDA device" in err[0], err
+    assert not (tmp_path / "ref").exists()                               # nothing computed
+    with pytest.raises(C.ConfigError, match="cuda:N"):
+        C.resolve({}, {"train.device": "gpu0"})
+    assert C.resolve({}, {"train.device": "cuda:3"}).train.device == "cuda:3"
 
 
 # ----------------------------------------------------------------------------------------------

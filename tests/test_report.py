@@ -1,5 +1,7 @@
 """The run report: built by the report stage for a tiny run, rendered in headless Chromium with
 every image loaded and no request leaving the machine; its figures are in the MLflow run too."""
+import re
+
 import pytest
 
 from chromium_helpers import chromium_or_skip, render
@@ -28,8 +30,16 @@ def test_tiny_run_report_renders_offline_in_chromium(tmp_path, fmnist):
                         "--samples", str(tmp_path / "samples"), "--out", str(tmp_path / "reports")]) == 0
     html = (tmp_path / "reports" / "report.html").read_text()
     for needle in ("FID against EMA length", "Loss and learning rate", "Resolved configuration", "fid-helper",
-                   "NFE 7", "seeds 0-3"):
+                   "NFE 7", "seeds 0-3", "<th>device</th><td>cpu (", "<th>git revision</th>", "<th>finished</th>",
+                   "images/s)</td>"):
         assert needle in html, needle
+    assert "final_loss -" not in html and "run_key" not in html.split("Resolved configuration")[0]   # no raw dump
+    # Each sample thumbnail opens the full-size grid (a file beside the report, enlarged 3x for 32-pixel images).
+    from PIL import Image
+    links = re.findall(r"<a href='(figures/samples-[^']+\.png)'", html)
+    assert len(links) == 3, links
+    for link in links:
+        assert Image.open(tmp_path / "reports" / link).size == (2 * 96, 2 * 96)          # 4 images, 2 x 2
     page = render(chromium, (tmp_path / "reports" / "report.html").as_uri(), tmp_path, "run-report")
     print(f"screenshot: {page['screenshot']}; {page['images_loaded']}/{page['images_total']} images; "
           f"{len(page['urls'])} URLs requested")

@@ -22,9 +22,9 @@ from safetensors.torch import load_file
 ENV = {**os.environ, "PYTHONPATH": str(ROOT), "RAY_AUTH_MODE": "disabled", "OMP_NUM_THREADS": "1"}
 
 
-def make_project(tmp_path, fmnist, **sweep_changes):
+def make_project(tmp_path, fmnist, params=None, **sweep_changes):
     """A project folder with a shrunken params.yaml and sweeps/tiny.yaml adapted to it."""
-    tiny_params(tmp_path, fmnist)
+    tiny_params(tmp_path, fmnist, **(params or {}))
     sweep = yaml.safe_load((ROOT / "sweeps" / "tiny.yaml").read_text())
     sweep.update(sweep_changes)
     (tmp_path / "sweep.yaml").write_text(yaml.safe_dump(sweep))
@@ -43,7 +43,8 @@ def tiny_sweep(tmp_path_factory, fmnist):
     """The tiny sweep (4 trials x 3 EMA lengths) on a local Ray instance, with one trial's worker
     process SIGKILLed mid-run."""
     tmp_path = tmp_path_factory.mktemp("sweep")
-    sweep_file = make_project(tmp_path, fmnist)
+    # As on a fresh clone: no encoded data yet (the sweep encodes what it needs).
+    sweep_file = make_project(tmp_path, fmnist, params={"data": {"dataset_dir": "data/encoded", "max_images": 512}})
     p = subprocess.Popen([sys.executable, "-m", "pipeline", "sweep", str(sweep_file), "--num-cpus", "2"],
                          cwd=tmp_path, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     trials = tmp_path / "runs/sweeps/tiny/trials"
@@ -78,6 +79,13 @@ def test_tiny_sweep_survives_a_killed_worker(tiny_sweep):
     assert (tmp_path / "reports/sweeps/tiny/fid_vs_ema.png").is_file()
     assert (tmp_path / "reports/sweeps/tiny/best_fid_vs_param.png").is_file()
     assert "winner: FID" in out
+    # A fresh project: the sweep encoded both splits with the encode stage's code before the first trial.
+    assert out.count("not encoded yet, encoding it now") == 2, out[:3000]
+    for split in ("train", "test"):
+        assert json.loads((tmp_path / "data/encoded" / split / "manifest.json").read_text())["count"] == 512
+    assert (table["train_min"] > 0).all() and (table["img_per_s"] > 0).all()          # the cost column
+    # No traceback and no "Exception ignored" noise on a successful sweep.
+    assert "Traceback" not in out and "Exception ignored" not in out, out[-3000:]
 
     client, runs = mlflow_runs(tmp_path)
     kinds = Counter(r.data.tags.get("kind", "trial") for r in runs)
@@ -116,8 +124,11 @@ def test_sweep_report_and_mlflow_ui_in_headless_chromium(tiny_sweep, tmp_path):
     from chromium_helpers import chromium_or_skip, render, served_mlflow
     chromium = chromium_or_skip()
     d = tiny_sweep["dir"]
+    html = (d / "reports/sweeps/tiny/report.html").read_text()
+    for needle in ("Samples per trial, at its best EMA length", "cost: train min", "images/s", "ref_lr="):
+        assert needle in html, needle
     shot = render(chromium, (d / "reports/sweeps/tiny/report.html").as_uri(), tmp_path, "sweep-report")
-    assert shot["images_total"] == 2 and shot["images_loaded"] == 2
+    assert shot["images_total"] == 2 + 4 and shot["images_loaded"] == 6          # 2 figures + a grid per trial
     assert not shot["external_requests"] and not shot["non_local_connections"]
     with served_mlflow(f"sqlite:///{d / 'mlflow.db'}") as base:
         import json as _json
@@ -167,6 +178,8 @@ def test_asha_stops_the_clearly_bad_trial(tmp_path, fmnist):
     assert 64 <= bad["nimg"].item() < 192                       # stopped after the grace period, before the end
     assert table[table["status"] == "finished"]["fid"].notna().all()
     assert "stopped early by ASHA on val_loss" in r.stdout and "--resume finishes" not in r.stdout
+    html = (tmp_path / "reports/sweeps/asha/report.html").read_text()
+    assert html.count("<tr class='stopped'>") == len(stopped) and "ASHA at nimg=" in html     # shown as such
     # MLflow ends true: nothing RUNNING; the stopped trial KILLED, with the reason.
     client, runs = mlflow_runs(tmp_path)
     assert runs and not [x.info.run_name for x in runs if x.info.status == "RUNNING"]

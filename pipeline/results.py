@@ -1,0 +1,47 @@
+"""The main job's results in a few lines (`python -m pipeline results`, the end of `make run`): FID per
+EMA length with its 95 % interval, the best and what is not distinguishable from it, what training
+cost, and where to look next (report, DVC plots, MLflow UI)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from .errors import PipelineError
+
+
+class ResultsError(PipelineError, FileNotFoundError):
+    pass
+
+
+def results_lines(cfg, metrics_dir: str | Path = "metrics", report: str | Path = "reports/report.html") -> list[str]:
+    from .records import result_line
+    from .stats import ranking
+    from .tracking import tracking_uri
+    m = Path(metrics_dir)
+    rec_file = m / "fid_records.json"
+    if not rec_file.is_file():
+        raise ResultsError(f"no results yet: {rec_file} is missing (run `dvc repro`, or `make run`)")
+    records = sorted(json.loads(rec_file.read_text()), key=lambda r: r["sigma_rel"] or 0)
+    lines = [f"== Results: FID per EMA length ({records[0]['num_images']} generated vs {records[0]['ref_num_images']} "
+             f"reference images, NFE {records[0]['sampler']['nfe']}, {records[0]['feature_net']}) =="]
+    best = min(records, key=lambda r: r["fid"])
+    for r in records:
+        ci = f"95% {r['fid_ci95'][0]:.1f}-{r['fid_ci95'][1]:.1f}" if r.get("fid_ci95") else ""
+        se = f" +- {r['fid_se']:.2f}" if r.get("fid_se") is not None else ""
+        lines.append(f"  sigma_rel {r['sigma_rel']:.3f}: FID {r['fid']:7.2f}{se}  ({ci})" + ("  <- best" if r is best else ""))
+    if all(r.get("bootstrap") for r in records) and len(records) > 1:
+        lines += ranking(records)["lines"][1:]
+    else:
+        lines.append(f"best: {result_line(best)}")
+    train_file = m / "train.json"
+    if train_file.is_file():
+        t = json.loads(train_file.read_text())
+        if t.get("train_seconds_total"):
+            lines.append(f"training: {t['nimg']:,} images in {t['train_seconds_total'] / 60:.1f} min "
+                         f"({t.get('images_per_s')} images/s), final loss {t.get('final_loss', float('nan')):.4f}")
+    uri = tracking_uri(cfg)
+    lines.append(f"report: {report}" + (" (open it in a browser)" if Path(report).is_file() else " (not written yet)"))
+    lines.append("plots: `dvc plots show` -> dvc_plots/index.html; metrics: `dvc metrics show`")
+    ui = f"mlflow ui --backend-store-uri {uri}" if uri.startswith(("sqlite:", "file:", "postgresql", "mysql")) else uri
+    lines.append(f"MLflow: {ui}  (then http://127.0.0.1:5000; runs as a table: python -m pipeline runs)")
+    return lines
