@@ -77,6 +77,21 @@ def _cmd_runs(args) -> int:
     return 0
 
 
+def _cmd_sample(args) -> int:
+    from .devices import pick_device
+    from .evaluate import export_samples
+    cfg = C.load_config(args.params, args.set)
+    sampler = cfg.sampler.model_copy(update={"guidance": args.guidance}) if args.guidance is not None else cfg.sampler
+    if args.guide is None and sampler.guidance != 1:
+        raise C.ConfigError(f"guidance {sampler.guidance} needs --guide (a model file or unconditional)")
+    device = pick_device(args.device or cfg.fid.device, "--device" if args.device else "fid.device")
+    out = export_samples(args.model, args.num, args.out, sampler, args.seed, args.batch or sampler.batch_size,
+                         device, args.guide, progress=True)
+    print(f"{args.num} samples (seeds {args.seed}-{args.seed + args.num - 1}, NFE {sampler.nfe}"
+          f"{f', guidance {sampler.guidance} with {args.guide}' if args.guide else ''}) -> {out}")
+    return 0
+
+
 def _cmd_results(args) -> int:
     from .results import results_lines
     for line in results_lines(C.load_config(args.params, args.set), args.metrics, args.report):
@@ -89,6 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     sub = p.add_subparsers(dest="command", required=True)
 
     from .cli import add_config_args as common
+    from .cli import positive_int
 
     sp = sub.add_parser("config", help="validate a params file (or a preset) and print the resolved config")
     common(sp)
@@ -98,6 +114,20 @@ def main(argv: list[str] | None = None) -> int:
     sp = sub.add_parser("info", help="validate the config and describe the network it builds")
     common(sp)
     sp.set_defaults(func=_cmd_info)
+
+    sp = sub.add_parser("sample", help="write N samples of a reconstructed model (PNG folder or .npz), "
+                        "optionally guided", description="Example: python -m pipeline sample --model "
+                        "models/ema/ema-0000030720-0.040.safetensors --num 1000 --out samples.npz")
+    common(sp)
+    sp.add_argument("--model", required=True, help="a reconstructed EMA model (ema-*.safetensors)")
+    sp.add_argument("--num", type=positive_int, required=True, help="number of images")
+    sp.add_argument("--out", required=True, help="a folder (one PNG per image, named by seed) or a .npz file")
+    sp.add_argument("--seed", type=int, default=0, help="image i uses seed SEED + i (default: 0)")
+    sp.add_argument("--guide", help="guiding model: a model file (autoguidance) or `unconditional`")
+    sp.add_argument("--guidance", type=float, help="guidance weight w (default: sampler.guidance; 1 = unguided)")
+    sp.add_argument("--batch", type=positive_int, help="images per batch (default: sampler.batch_size)")
+    sp.add_argument("--device", help="auto, cpu, cuda or cuda:N (default: fid.device)")
+    sp.set_defaults(func=_cmd_sample)
 
     sp = sub.add_parser("results", help="the main job's results: FID per EMA length with its interval, the best "
                         "and what is not distinguishable from it, and where to look next")

@@ -177,6 +177,7 @@ class TrainConfig(_Section):
     beta2: Annotated[float, AfterValidator(_unit_interval)] = 0.99
     eps: PosFloat = 1e-8
     seed: NonNegInt = 0
+    label_dropout: Annotated[float, AfterValidator(_unit_interval)] = 0.0   # P(zero label): trains the unconditional guide
     checkpoint_nimg: PosInt = off_key(2**24)       # checkpoint interval in images
     status_nimg: PosInt = off_key(2**17)           # metric logging interval in images
     sample_nimg: Optional[PosInt] = off_key(None)  # sample-grid interval in images (None = at the end only)

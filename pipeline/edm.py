@@ -176,8 +176,10 @@ def edm_sampler(denoise: Denoiser, noise: SeededNoise | torch.Tensor, shape: Seq
 
 
 def sample_images(net, seeds: Sequence[int], labels: torch.Tensor | None, sampler_cfg, device="cpu",
-                  guide=None) -> torch.Tensor:
-    """Samples from a Precond network for one batch of per-image seeds (float32, data scale)."""
+                  guide=None, guide_labels: torch.Tensor | None = None) -> torch.Tensor:
+    """Samples from a Precond network for one batch of per-image seeds (float32, data scale).
+    `guide`: the guiding network D_g (used only where sampler_cfg.guidance != 1), fed `guide_labels`
+    (default: the same labels; zeros make the same network its own unconditional guide)."""
     noise = SeededNoise(seeds, device)
     shape = (net.img_channels, net.img_resolution, net.img_resolution)
     model = _sampling_model(net, sampler_cfg.compile, device)
@@ -191,7 +193,8 @@ def sample_images(net, seeds: Sequence[int], labels: torch.Tensor | None, sample
     if guide is not None:
         def guide_fn(x, sigma):
             with torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=amp):
-                return guide(x.to(torch.float32), sigma.to(torch.float32).expand(x.shape[0]), labels)
+                return guide(x.to(torch.float32), sigma.to(torch.float32).expand(x.shape[0]),
+                             labels if guide_labels is None else guide_labels)
 
     s = sampler_cfg
     return edm_sampler(denoise, noise, shape, steps=s.steps, sigma_min=s.sigma_min, sigma_max=s.sigma_max,

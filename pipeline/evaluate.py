@@ -40,12 +40,17 @@ def load_model(path: str | Path, device="cpu"):
 
 
 def generate(net, num_images: int, seed: int, sampler_cfg, batch_size: int, device="cpu", progress: bool = False,
-             desc: str | None = None):
+             desc: str | None = None, guide=None):
     """num_images samples as N x H x W x C uint8; image i uses seed `seed + i` and, for a
-    conditional model, class (seed + i) % label_dim."""
+    conditional model, class (seed + i) % label_dim. `guide`: a guiding network, or "unconditional"
+    (the same network with the zero label), used with weight sampler_cfg.guidance."""
     from .data import decode_pixels
     from .edm import sample_images
     net = net.eval().to(device)
+    unconditional = isinstance(guide, str) and guide == "unconditional"
+    if unconditional and not net.label_dim:
+        raise FIDError("guide=unconditional needs a class-conditional model (this one has no labels)")
+    guide_net = net if unconditional else (guide.eval().to(device) if guide is not None else None)
     seeds = list(range(seed, seed + num_images))
     out = []
     rng = range(0, num_images, batch_size)
@@ -57,7 +62,8 @@ def generate(net, num_images: int, seed: int, sampler_cfg, batch_size: int, devi
         labels = None
         if net.label_dim:
             labels = torch.nn.functional.one_hot(torch.tensor(batch) % net.label_dim, net.label_dim).float().to(device)
-        x = sample_images(net, batch, labels, sampler_cfg, device=device)
+        x = sample_images(net, batch, labels, sampler_cfg, device=device, guide=guide_net,
+                          guide_labels=torch.zeros_like(labels) if unconditional else None)
         out.append(decode_pixels(x).permute(0, 2, 3, 1).cpu().numpy())
     return np.concatenate(out)
 
@@ -144,3 +150,28 @@ def evaluate_run(cfg, snapshot_dir: str | Path, out_dir: str | Path, ref_cache: 
                                                      log=None)]
     atomic_write_text(json.dumps(records, indent=2), records_file)
     return records
+
+
+# ----------------------------------------------------------------------------------------------
+# Sample export (`python -m pipeline sample`).
+
+def export_samples(model_file: str | Path, num_images: int, out: str | Path, sampler_cfg, seed: int = 0,
+                   batch_size: int = 64, device="cpu", guide: str | Path | None = None, progress: bool = True) -> Path:
+    """num_images samples of a reconstructed model (image i: seed `seed + i`, class (seed + i) %
+    label_dim) written as PNG files `<seed>.png` into a folder, or as one .npz (images N x H x W x C
+    uint8, seeds, labels). `guide`: a model file or "unconditional", with weight sampler_cfg.guidance."""
+    from PIL import Image
+    out = Path(out)
+    net, _ = load_model(model_file, device)
+    guide_net = guide if guide in (None, "unconditional") else load_model(guide, device)[0]
+    images = generate(net, num_images, seed, sampler_cfg, batch_size, device, progress,
+                      desc=f"sample {Path(model_file).name} NFE {sampler_cfg.nfe}", guide=guide_net)
+    seeds = np.arange(seed, seed + num_images)
+    labels = seeds % net.label_dim if net.label_dim else np.full(num_images, -1)
+    if out.suffix == ".npz":
+        from .io import atomic_write
+        return atomic_write(out, lambda f: np.savez(f, images=images, seeds=seeds, labels=labels))
+    out.mkdir(parents=True, exist_ok=True)
+    for im, s in zip(images, seeds):
+        Image.fromarray(im[..., 0] if im.shape[2] == 1 else im).save(out / f"{s:06d}.png")
+    return out

@@ -90,15 +90,17 @@ def plot_fid_vs_ema(rows: Sequence[dict], path: str | Path, title: str = "") -> 
         x, y = [r["sigma_rel"] for r in rs], [r["fid"] for r in rs]
         if all(r.get("fid_ci95") for r in rs):          # 95 % bootstrap interval as error bars
             err = np.array([[r["fid"] - r["fid_ci95"][0], r["fid_ci95"][1] - r["fid"]] for r in rs]).T.clip(0)
-            line = ax.errorbar(x, y, yerr=err, marker="o", ms=4, capsize=3, label=label or None).lines[0]
+            handle = ax.errorbar(x, y, yerr=err, marker="o", ms=4, capsize=3, label=label or None)
+            line = handle.lines[0]
         else:
             line, = ax.plot(x, y, marker="o", ms=4, label=label or None)
+            handle = line
         b = int(np.argmin(y))
         ax.plot([x[b]], [y[b]], marker="*", ms=14, color=line.get_color(), mec="black")
         if len(groups) == 1:                  # one curve: the best beside its star
             ax.annotate(f"{y[b]:.2f} @ {x[b]:.3f}", (x[b], y[b]), textcoords="offset points", xytext=(6, 8), fontsize=8)
         else:                                 # several: in the legend, where labels cannot overlap
-            line.set_label(f"{label}: best {y[b]:.1f} @ {x[b]:.3f}")
+            handle.set_label(f"{label}: best {y[b]:.1f} @ {x[b]:.3f}")
     ax.set_xlabel("EMA length sigma_rel")
     ax.set_ylabel("FID")
     ax.set_title(title, fontsize=9)
@@ -278,7 +280,7 @@ def plot_best_vs_param(best, keys: Sequence[str], path: str | Path, name: str = 
     the figure shows every trial; `ranges`: the searched interval of a numeric axis, drawn as the
     panel's extent (shaded), not just the span of the values drawn."""
     plt = _plt()
-    fig, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 3.4), squeeze=False)
+    fig, axes = plt.subplots(1, len(keys), figsize=(max(4 * len(keys), 6), 3.4), squeeze=False)
     w = best["fid"].idxmin()
     import pandas as pd
     stopped = stopped if stopped is not None and len(stopped) else None

@@ -176,6 +176,7 @@ def run_trial(params: dict, base_raw: dict, sweep_raw: dict, parent_run_id: str 
     One training process runs here, in the trial's worker; resources.workers > 1 runs the training
     (and then the fan-out on rank 0) in a Ray Train TorchTrainer whose reports reach Tune."""
     from ray import tune
+    _quiet_stop()
     os.chdir(root)                                          # relative paths of the params file
     params = {**params.get(POINT, {}), **{k: v for k, v in params.items() if k != POINT}}   # never mutate Tune's config
     trial_id = tune.get_context().get_trial_id()
@@ -202,6 +203,20 @@ def run_trial(params: dict, base_raw: dict, sweep_raw: dict, parent_run_id: str 
                                        callbacks=[TuneReportCallback()],
                                        failure_config=ray.train.FailureConfig(max_failures=sweep_raw["max_failures"])))
     trainer.fit()
+
+
+def _quiet_stop() -> None:
+    """When Tune stops a trial (ASHA, the end of the sweep), Ray's SIGTERM handler raises SystemExit in
+    the worker's main thread, wherever it is; inside a finaliser Python prints it as "Exception
+    ignored ... SystemExit" with a traceback, which reaches the driver's output. That exit is the
+    intended stop: drop exactly that report and keep every other one."""
+    previous = sys.unraisablehook
+
+    def hook(unraisable):
+        if isinstance(unraisable.exc_value, SystemExit):
+            return
+        previous(unraisable)
+    sys.unraisablehook = hook
 
 
 def train_worker(job: dict) -> None:
@@ -579,12 +594,20 @@ def write_results(df, out_dir: Path, sweep: C.SweepConfig) -> Path:
         if swept:
             best = done.loc[done.groupby("trial_id")["fid"].idxmin()]
             no_fid = df[df["fid"].isna()]
-            ranges = {k: tuple(a.uniform or a.loguniform or a.grid or a.choice) for k, a in sweep.search.items()}
+            ranges = {k: _searched_range(a) for k, a in sweep.search.items()}
             plot_best_vs_param(best, swept, out_dir / "best_fid_vs_param.png", sweep.name, stopped=no_fid,
                                ranges=ranges)
     grids = trial_grids(done, out_dir / "samples")
     write_sweep_report(df, list(sweep.search), out_dir, sweep.name, summary_lines(df, sweep), grids)
     return csv
+
+
+def _searched_range(axis) -> tuple:
+    """(lo, hi) of a numeric axis as searched (not only the values drawn); a text axis: its values."""
+    values = list(axis.uniform or axis.loguniform or axis.grid or axis.choice)
+    if all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
+        return (min(values), max(values))
+    return tuple(values)
 
 
 def trial_grids(done, out: Path) -> dict:

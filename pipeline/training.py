@@ -361,6 +361,9 @@ def _train_locked(cfg: C.Config, d: Dist, stage, stop, progress, report, max_ste
                 x = x.to(d.device, non_blocking=pin,
                          memory_format=torch.channels_last if tc.channels_last else torch.preserve_format)
                 labels = labels.to(d.device, non_blocking=pin) if labels is not None and args["label_dim"] else None
+                if labels is not None and tc.label_dropout > 0:     # method.md 5: the zero label = unconditional
+                    u = torch.rand(labels.shape[0], generator=torch.Generator().manual_seed(_seed(tc.seed, 6, nimg, lo)))
+                    labels = labels * (u >= tc.label_dropout).to(labels.dtype).to(d.device)[:, None]
                 sync = ddp is None or r == rounds - 1
                 ctx = ddp.no_sync() if (ddp is not None and not sync) else _nullcontext()
                 with ctx, amp:

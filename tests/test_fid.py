@@ -3,6 +3,7 @@ import json
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -277,3 +278,32 @@ def test_edge_note():
     assert "smallest" in edge_note([0.04, 0.08, 0.12], 0.04, "sigma_rel")
     assert "largest" in edge_note([1, 2], 3.0, "lr", 1, 3)
     assert edge_note([0.04, 0.08, 0.12], 0.08, "sigma_rel") is None
+
+
+def test_sample_export_cli_seeds_guidance_and_formats(fmnist, tmp_path, root):
+    from PIL import Image
+
+    from pipeline.__main__ import main as pipeline_main
+    params = _params_and_models(fmnist, tmp_path, root)
+    model = sorted((tmp_path / "models").glob("ema-*.safetensors"))[0]
+    guide = sorted((tmp_path / "models").glob("ema-*.safetensors"))[1]
+    base = ["sample", "--params", str(params), "--model", str(model)]
+    assert pipeline_main([*base, "--num", "4", "--out", str(tmp_path / "a.npz")]) == 0
+    a = np.load(tmp_path / "a.npz")
+    assert a["images"].shape == (4, 32, 32, 1) and a["images"].dtype == np.uint8
+    assert a["seeds"].tolist() == [0, 1, 2, 3] and a["labels"].tolist() == [0, 1, 2, 3]
+    # Per-image seeds: images 2 and 3 again, alone, in another batch size, into a folder of PNGs.
+    assert pipeline_main([*base, "--num", "2", "--seed", "2", "--batch", "1", "--out", str(tmp_path / "png")]) == 0
+    pngs = sorted((tmp_path / "png").glob("*.png"))
+    assert [p.name for p in pngs] == ["000002.png", "000003.png"]
+    assert np.array_equal(np.stack([np.asarray(Image.open(p)) for p in pngs]), a["images"][2:, ..., 0])
+    # Guidance: w = 1 with a guide is the unguided result; w = 2 (autoguidance, unconditional) is not.
+    for guide_arg, w, same in ((str(guide), "1", True), (str(guide), "2", False), ("unconditional", "2", False)):
+        out = tmp_path / f"g-{Path(guide_arg).stem}-{w}.npz"
+        assert pipeline_main([*base, "--num", "4", "--guide", guide_arg, "--guidance", w, "--out", str(out)]) == 0
+        assert np.array_equal(np.load(out)["images"], a["images"]) == same, (guide_arg, w)
+    # Guidance without a guide, or a missing model: one line, exit 2, nothing written.
+    assert pipeline_main([*base, "--num", "2", "--guidance", "2", "--out", str(tmp_path / "x.npz")]) == 2
+    assert pipeline_main(["sample", "--params", str(params), "--model", str(tmp_path / "nope.safetensors"),
+                          "--num", "2", "--out", str(tmp_path / "y.npz")]) == 2
+    assert not (tmp_path / "x.npz").exists() and not (tmp_path / "y.npz").exists()
