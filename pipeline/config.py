@@ -255,6 +255,54 @@ class FIDConfig(_Section):
     device: Device = "auto"                # sampling and features (reference, evaluate): auto | cpu | cuda | cuda:N
 
 
+class GuideSpec(_Section):
+    """An autoguidance guide: a reconstruction of the same run (an earlier training time `nimg` and/or
+    another EMA length `sigma_rel`; unset = the main model's), or a model file."""
+    nimg: Optional[PosInt] = None
+    sigma_rel: Optional[SigmaRel] = None
+    file: Optional[str] = None
+
+    @model_validator(mode="after")
+    def _check(self):
+        if self.file is not None and (self.nimg is not None or self.sigma_rel is not None):
+            raise ValueError("a guide is either {file: ...} or {nimg: ..., sigma_rel: ...}, not both")
+        if self.file is None and self.nimg is None and self.sigma_rel is None:
+            raise ValueError("a guide needs file, or nimg and/or sigma_rel (use `none` for no guide)")
+        return self
+
+    def label(self) -> str:
+        if self.file is not None:
+            return f"file {Path(self.file).name}"
+        return "ema" + (f" {self.sigma_rel:.3f}" if self.sigma_rel is not None else "") + \
+            (f" at {self.nimg} img" if self.nimg is not None else "")
+
+
+class GridConfig(_Section):
+    """Post-hoc axes evaluated from one training (method.md 5, 6): every combination is one point."""
+    sigma_rel: list[SigmaRel] = Field(default_factory=list)        # empty: ema.targets
+    guidance: list[float] = Field(default_factory=lambda: [1.0])  # w; 1 = unguided
+    guide: list[Any] = Field(default_factory=lambda: ["none"])    # none | unconditional | GuideSpec mapping
+    steps: list[Annotated[int, AfterValidator(lambda v: _min(v, 2))]] = Field(default_factory=list)  # empty: sampler.steps
+
+    @field_validator("guide")
+    @classmethod
+    def _guides(cls, v):
+        out = []
+        for g in v:
+            if g in ("none", "unconditional", None):
+                out.append(g or "none")
+            elif isinstance(g, (dict, GuideSpec)):
+                out.append(GuideSpec.model_validate(g))
+            else:
+                raise ValueError(f"guide {g!r}: expected none, unconditional, or a mapping "
+                                 f"{{nimg: ..., sigma_rel: ...}} / {{file: ...}}")
+        return out
+
+
+class EvaluateConfig(_Section):
+    grid: Optional[GridConfig] = None      # None: the ema.targets at the sampler's settings, unguided
+
+
 class TrackingConfig(_Section):
     uri: Optional[str] = None              # None: $MLFLOW_TRACKING_URI or sqlite:///<project>/mlflow.db
     experiment: str = "edm2"
@@ -286,6 +334,7 @@ class Config(_Section):
     ema: EMAConfig = Field(default_factory=EMAConfig)
     sampler: SamplerConfig = off_key(default_factory=SamplerConfig)
     fid: FIDConfig = off_key(default_factory=FIDConfig)
+    evaluate: EvaluateConfig = off_key(default_factory=EvaluateConfig)
     tracking: TrackingConfig = off_key(default_factory=TrackingConfig)
     launcher: LauncherConfig = off_key(default_factory=LauncherConfig)
 
@@ -579,6 +628,7 @@ class SweepConfig(_Section):
     overrides: dict[str, Any] = Field(default_factory=dict)   # fixed for all trials
     search: dict[str, AxisSpec] = Field(default_factory=dict)  # dotted config key -> axis
     ema_lengths: list[SigmaRel] = Field(default_factory=list)  # post-hoc axis: never retrains
+    posthoc: Optional[GridConfig] = None                # post-hoc grid per trial (evaluate.grid): no retraining
     algorithm: Literal["grid", "random", "optuna"] = "grid"
     num_samples: PosInt = 1                             # random/optuna: trials; grid: repeats of the grid
     scheduler: SchedulerSpec = Field(default_factory=SchedulerSpec)
@@ -602,8 +652,10 @@ class SweepConfig(_Section):
 
     @model_validator(mode="after")
     def _check(self):
-        if not self.search and not self.ema_lengths:
-            raise ValueError("empty search space: give `search` axes and/or `ema_lengths`")
+        if not self.search and not self.ema_lengths and self.posthoc is None:
+            raise ValueError("empty search space: give `search` axes, `ema_lengths` and/or `posthoc`")
+        if self.ema_lengths and self.posthoc is not None and self.posthoc.sigma_rel:
+            raise ValueError("give the EMA lengths once: `ema_lengths` or `posthoc.sigma_rel`, not both")
         if self.algorithm == "grid" and any(a.grid is None for a in self.search.values()):
             bad = [k for k, a in self.search.items() if a.grid is None]
             raise ValueError(f"algorithm=grid needs `grid` axes; {', '.join(bad)} are not")
@@ -614,6 +666,16 @@ class SweepConfig(_Section):
         if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", self.name):
             raise ValueError(f"name={self.name!r}: use letters, digits, '.', '_' and '-' (it names folders and runs)")
         return self
+
+
+def sweep_overrides(sweep: SweepConfig) -> dict:
+    """What a sweep fixes for every trial: its overrides, EMA lengths and post-hoc grid."""
+    overrides = dict(sweep.overrides)
+    if sweep.ema_lengths:
+        overrides["ema.targets"] = list(sweep.ema_lengths)
+    if sweep.posthoc is not None:
+        overrides["evaluate.grid"] = sweep.posthoc.model_dump(mode="json")
+    return overrides
 
 
 def load_sweep(path: str | Path) -> tuple[SweepConfig, Config]:
@@ -627,9 +689,7 @@ def load_sweep(path: str | Path) -> tuple[SweepConfig, Config]:
     except ValidationError as err:
         raise ConfigError(_format_errors(err, raw).replace("\n", f"\n{path.name}: ")) from None
     base_path = Path(sweep.base) if Path(sweep.base).is_absolute() else (Path.cwd() / sweep.base)
-    overrides = dict(sweep.overrides)
-    if sweep.ema_lengths:
-        overrides["ema.targets"] = list(sweep.ema_lengths)
+    overrides = sweep_overrides(sweep)
     base = load_config(base_path, overrides)
     flat = base.flat()
     durations = [base.train.duration_nimg]

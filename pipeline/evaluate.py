@@ -17,7 +17,7 @@ import torch
 
 from .fid import FIDError, FeatureNet, array_features, measure
 from .io import atomic_write_text
-from .records import FIDRecord, check_comparable, result_line, sampler_record
+from .records import FIDRecord, check_comparable, point_label, result_line, sampler_record
 from .stats import ranking
 
 
@@ -71,34 +71,162 @@ def generate(net, num_images: int, seed: int, sampler_cfg, batch_size: int, devi
 # ----------------------------------------------------------------------------------------------
 # The evaluation.
 
-def evaluate_models(model_files: Sequence[str | Path], cfg, ref: dict, feat: FeatureNet, samples_dir=None,
-                    device="cpu", progress: bool = True, log=print) -> list[FIDRecord]:
-    """One record per model: fid.num_images samples (seeds fid.seed ...), Inception features, FID with
-    its bootstrap interval and KID; each result is printed as soon as it is known ("k of n")."""
+def grid_points(cfg) -> list[dict]:
+    """The post-hoc points of cfg.evaluate.grid, every combination of its axes (default: ema.targets
+    at the sampler's settings, unguided). guide none, or w = 1, is the unguided model (method.md 5)."""
+    g = cfg.evaluate.grid
+    sigma = (g.sigma_rel if g is not None and g.sigma_rel else cfg.ema.targets)
+    weights = g.guidance if g is not None else [cfg.sampler.guidance]
+    guides = g.guide if g is not None else ["none"]
+    steps = g.steps if g is not None and g.steps else [cfg.sampler.steps]
+    return [{"sigma_rel": float(s), "guide": gd, "guidance": float(w), "steps": int(n)}
+            for s in sigma for gd in guides for w in weights for n in steps]
+
+
+def reconstruction_targets(cfg) -> list:
+    """What the reconstruct stage makes for the grid, in one pass: each main EMA length at the final
+    time, and each guide that is a reconstruction of the run ((nimg, sigma_rel), or sigma_rel)."""
+    from .config import GuideSpec
+    out = []
+    for p in grid_points(cfg):
+        out.append(p["sigma_rel"])
+        g = p["guide"]
+        if isinstance(g, GuideSpec) and g.file is None:
+            s = g.sigma_rel if g.sigma_rel is not None else p["sigma_rel"]
+            out.append((g.nimg, s) if g.nimg is not None else s)
+    return list(dict.fromkeys(out))
+
+
+def _guide_label(guide) -> str:
+    return guide if isinstance(guide, str) else guide.label()
+
+
+def _files(point: dict, models_dir: Path, T: int) -> tuple[Path, object]:
+    """(main model file, guide: None | "unconditional" | model file) of one point."""
+    from .config import GuideSpec
+    from .phema import reconstruction_name
+    main = models_dir / reconstruction_name(T, point["sigma_rel"])
+    g = point["guide"]
+    if g == "none" or point["guidance"] == 1.0:
+        return main, None
+    if g == "unconditional":
+        return main, "unconditional"
+    assert isinstance(g, GuideSpec)
+    if g.file is not None:
+        return main, Path(g.file)
+    s = g.sigma_rel if g.sigma_rel is not None else point["sigma_rel"]
+    return main, models_dir / reconstruction_name(g.nimg if g.nimg is not None else T, s)
+
+
+def evaluate_points(points: Sequence[dict], models_dir: str | Path, cfg, ref: dict, feat: FeatureNet,
+                    samples_dir=None, device="cpu", progress: bool = True, log=print,
+                    target_nimg: int | None = None) -> list[FIDRecord]:
+    """One record per post-hoc point (EMA length, guide, guidance weight, steps) against one
+    reference: fid.num_images samples (seeds fid.seed ...), features, FID with its bootstrap interval
+    and KID. Points that are the same computation (no guide or w = 1: the unguided model) are
+    sampled once; their records carry `extra.same_as`. Each result is printed when known ("k of n")."""
+    from .phema import check_reconstruction
     from .report import save_image_grid
+    models_dir = Path(models_dir)
     f = cfg.fid
+    if target_nimg is None:
+        import json as _json
+        summary = models_dir / "reconstruct.json"
+        target_nimg = _json.loads(summary.read_text())["target_nimg"] if summary.is_file() else max(
+            check_reconstruction(p)["nimg"] for p in models_dir.glob("ema-*.safetensors"))
+    plan = [(p, *_files(p, models_dir, target_nimg)) for p in points]
+    for _, main, guide in plan:                      # every header before any compute
+        for path in (main, guide):
+            if isinstance(path, Path):
+                if not path.is_file():
+                    raise FIDError(f"{path}: no such model (reconstruct the grid's EMA lengths and guides first: "
+                                   f"the reconstruct stage makes them from evaluate.grid)")
+                check_reconstruction(path)
+    keys = list(dict.fromkeys((str(m), str(g), p["steps"], p["guidance"] if g is not None else 1.0)
+                              for p, m, g in plan))
+    done: dict = {}
     records = []
-    for k, path in enumerate(model_files, 1):
-        net, data = load_model(path, device)
-        tag = f"model {k}/{len(model_files)} ({Path(path).name})"
-        images = generate(net, f.num_images, f.seed, cfg.sampler, cfg.sampler.batch_size, device, progress,
-                          desc=f"{tag}: sample NFE {cfg.sampler.nfe}")
-        feats = array_features(images, feat, f.batch_size, progress=progress, desc=f"{tag}: features")
-        m = measure(feats, ref, f.num_images)
-        if samples_dir is not None:
-            save_image_grid(images[:64], Path(samples_dir) / f"samples-{Path(path).stem}.png")
+    nets: dict = {}
+
+    def net_of(path):
+        if str(path) not in nets:
+            nets.clear() if len(nets) > 2 else None      # at most a model and its guide in memory
+            nets[str(path)] = load_model(path, device)
+        return nets[str(path)]
+    for p, main, guide in plan:
+        key = (str(main), str(guide), p["steps"], p["guidance"] if guide is not None else 1.0)
+        sampler = cfg.sampler.model_copy(update={"steps": p["steps"], "guidance": p["guidance"]})
+        if key not in done:
+            k = keys.index(key) + 1
+            net, data = net_of(main)
+            guide_obj = guide if guide in (None, "unconditional") else net_of(guide)[0]
+            tag = (f"point {k}/{len(keys)} ({main.name}" + (f", w {p['guidance']:g} guide "
+                   f"{_guide_label(p['guide'])}" if guide is not None else "") + ")")
+            images = generate(net, f.num_images, f.seed, sampler, cfg.sampler.batch_size, device, progress,
+                              desc=f"{tag}: sample NFE {sampler.nfe}", guide=guide_obj)
+            feats = array_features(images, feat, f.batch_size, progress=progress, desc=f"{tag}: features")
+            m = measure(feats, ref, f.num_images)
+            plain = guide is None and p["steps"] == cfg.sampler.steps
+            grid_name = f"samples-{main.stem}" + ("" if plain else f"-{_slug(p, guide)}") + ".png"
+            if samples_dir is not None:
+                save_image_grid(images[:64], Path(samples_dir) / grid_name)
+            done[key] = (m, data, None, grid_name)
+            first = True
+        else:
+            first = False
+        m, data, _, grid_name = done[key]
         rec = FIDRecord(
-            fid=m["fid"], feature_net=feat.name, feature_net_sha256=feat.sha256, mode=f.mode, num_images=len(images),
+            fid=m["fid"], feature_net=feat.name, feature_net_sha256=feat.sha256, mode=f.mode, num_images=f.num_images,
             reference=ref["reference"], reference_sha256=ref["reference_sha256"], ref_num_images=ref["ref_num_images"],
-            sampler=sampler_record(cfg.sampler), seeds=[f.seed, f.seed + f.num_images - 1], model_file=str(path),
+            sampler=sampler_record(sampler), seeds=[f.seed, f.seed + f.num_images - 1], model_file=str(main),
             sigma_rel=data.get("sigma_rel"), nimg=data.get("nimg"), fid_se=m["fid_se"], fid_ci95=m["fid_ci95"],
-            kid=m.get("kid"), kid_std=m.get("kid_std"), bootstrap=m["bootstrap"])
+            kid=m.get("kid"), kid_std=m.get("kid_std"), bootstrap=m["bootstrap"], guide=_guide_label(p["guide"]),
+            extra={"guide_file": str(guide) if isinstance(guide, Path) else None, "samples": grid_name,
+                   **({"steps_axis": True} if len({q["steps"] for q in points}) > 1 else {})})
+        if first:
+            done[key] = (m, data, rec.to_dict()["eval_key"], grid_name)
+        else:
+            rec.extra["same_as"] = done[key][2]          # the same computation as an earlier point
         records.append(rec)
-        if log is not None:
-            log(f"[{k}/{len(model_files)}] {result_line(rec.to_dict())}")
-        del net
+        if log is not None and first:
+            log(f"[{keys.index(key) + 1}/{len(keys)}] {result_line(rec.to_dict())}")
     check_comparable([r.to_dict() for r in records])
     return records
+
+
+def _slug(point: dict, guide) -> str:
+    g = "none" if guide is None else ("uncond" if guide == "unconditional" else Path(str(guide)).stem)
+    return f"w{point['guidance']:g}-{g}-n{point['steps']}"
+
+
+def evaluate_models(model_files: Sequence[str | Path], cfg, ref: dict, feat: FeatureNet, samples_dir=None,
+                    device="cpu", progress: bool = True, log=print) -> list[FIDRecord]:
+    """One record per model file at the sampler's settings, unguided (evaluate_points over them)."""
+    from .phema import check_reconstruction
+    records = []
+    folders: dict = {}
+    for path in model_files:
+        folders.setdefault(Path(path).parent, []).append(check_reconstruction(path))
+    for folder, metas in folders.items():
+        for T in sorted({m["nimg"] for m in metas}):
+            points = [{"sigma_rel": m["sigma_rel"], "guide": "none", "guidance": 1.0, "steps": cfg.sampler.steps}
+                      for m in metas if m["nimg"] == T]
+            records += evaluate_points(points, folder, cfg, ref, feat, samples_dir, device, progress, log,
+                                       target_nimg=T)
+    check_comparable([r.to_dict() for r in records])
+    return records
+
+
+def point_key(r: dict) -> str:
+    """A record's key in metrics/fid.json: `ema_<sigma_rel>`, extended by w, guide and steps when the
+    point is guided or not at the first steps of the grid (DVC metric names: no spaces)."""
+    s = r["sampler"]
+    key = f"ema_{r['sigma_rel']:.3f}"
+    if s["guidance"] != 1.0 or r.get("guide", "none") != "none":
+        key += f"_w{s['guidance']:g}_{r.get('guide', 'none').replace(' ', '-')}"
+    if (r.get("extra") or {}).get("steps_axis"):
+        key += f"_n{s['steps']}"
+    return key
 
 
 def write_metrics(records: Sequence[FIDRecord | dict], metrics_dir: str | Path) -> dict:
@@ -106,20 +234,26 @@ def write_metrics(records: Sequence[FIDRecord | dict], metrics_dir: str | Path) 
     what is tied with it), `fid_vs_ema.csv` for `dvc plots`, `fid_records.json` in full."""
     out = Path(metrics_dir)
     out.mkdir(parents=True, exist_ok=True)
-    rows = sorted((r.to_dict() if isinstance(r, FIDRecord) else r for r in records), key=lambda r: r["sigma_rel"] or 0)
-    rk = ranking(rows)
-    best = rows[rk["best"]]
-    metrics = {"fid": {f"ema_{r['sigma_rel']:.3f}": round(r["fid"], 4) for r in rows},
-               "fid_se": {f"ema_{r['sigma_rel']:.3f}": round(r["fid_se"], 4) for r in rows},
-               "kid": {f"ema_{r['sigma_rel']:.3f}": round(r["kid"], 6) for r in rows if r.get("kid") is not None},
+    rows = sorted((r.to_dict() if isinstance(r, FIDRecord) else r for r in records),
+                  key=lambda r: (point_key(r) != f"ema_{r['sigma_rel']:.3f}", r["sigma_rel"] or 0, point_key(r)))
+    distinct = [r for r in rows if not (r.get("extra") or {}).get("same_as")]   # one per computation
+    rk = ranking(distinct, label=point_label)
+    best = distinct[rk["best"]]
+    metrics = {"fid": {point_key(r): round(r["fid"], 4) for r in rows},
+               "fid_se": {point_key(r): round(r["fid_se"], 4) for r in rows},
+               "kid": {point_key(r): round(r["kid"], 6) for r in rows if r.get("kid") is not None},
                "best_fid": round(best["fid"], 4), "best_fid_se": round(best["fid_se"], 4),
                "best_sigma_rel": best["sigma_rel"], "best_kid": best.get("kid"),
                "tied_with_best": rk["tied_with_best"], "best_at_edge": rk["edge"],
                "num_images": best["num_images"], "ref_num_images": best["ref_num_images"],
                "feature_net": best["feature_net"], "nfe": best["sampler"]["nfe"]}
+    if any(point_key(r) != f"ema_{r['sigma_rel']:.3f}" for r in rows):   # a grid: the best point's other axes
+        metrics.update(best_guidance=best["sampler"]["guidance"], best_guide=best.get("guide", "none"),
+                       best_steps=best["sampler"]["steps"])
     atomic_write_text(json.dumps(metrics, indent=2), out / "fid.json")
-    atomic_write_text("sigma_rel,fid,fid_lo,fid_hi,kid\n" + "".join(
-        f"{r['sigma_rel']:.3f},{r['fid']:.4f},{r['fid_ci95'][0]:.4f},{r['fid_ci95'][1]:.4f},{r.get('kid') or ''}\n"
+    atomic_write_text("sigma_rel,fid,fid_lo,fid_hi,kid,guidance,guide,steps\n" + "".join(
+        f"{r['sigma_rel']:.3f},{r['fid']:.4f},{r['fid_ci95'][0]:.4f},{r['fid_ci95'][1]:.4f},{r.get('kid') or ''},"
+        f"{r['sampler']['guidance']:g},{r.get('guide', 'none')},{r['sampler']['steps']}\n"
         for r in rows), out / "fid_vs_ema.csv")
     atomic_write_text(json.dumps(rows, indent=2), out / "fid_records.json")
     return {**metrics, "ranking": rk}
@@ -127,27 +261,38 @@ def write_metrics(records: Sequence[FIDRecord | dict], metrics_dir: str | Path) 
 
 def evaluate_run(cfg, snapshot_dir: str | Path, out_dir: str | Path, ref_cache: str | Path, device="cpu",
                  progress: bool = False) -> list[dict]:
-    """One training run's post-hoc EMA fan-out: reconstruct every cfg.ema.targets into out_dir/ema,
-    then evaluate each against the reference (cached in ref_cache). Records are kept in
-    out_dir/fid_records.json; a second call with the same settings reuses them."""
+    """One training run's post-hoc fan-out, no retraining: reconstruct the grid's EMA lengths and
+    guides (cfg.evaluate.grid, default ema.targets) into out_dir/ema in one pass, then evaluate every
+    point against the reference (cached in ref_cache). Records are kept in out_dir/fid_records.json; a
+    second call with the same points and settings reuses them (what a retried sweep trial needs)."""
     from .data import EncodedDataset
     from .fid import load_feature_net, reference_dataset_dir, reference_stats
     from .phema import reconstruct
+    from .records import SAMPLER_AXES
     out_dir = Path(out_dir)
-    summary = reconstruct(snapshot_dir, cfg.ema.targets, out_dir=out_dir / "ema")
+    summary = reconstruct(snapshot_dir, reconstruction_targets(cfg), out_dir=out_dir / "ema")
+    points = grid_points(cfg)
+    T = summary["target_nimg"]
     records_file = out_dir / "fid_records.json"
-    files = [out_dir / "ema" / t["file"] for t in summary["targets"]]
+
+    def ident(model: str, guide: str, w: float, steps: int) -> str:
+        return json.dumps([Path(model).name, guide, w, steps])
+    want = sorted(ident(_files(p, out_dir / "ema", T)[0], _guide_label(p["guide"]), p["guidance"], p["steps"])
+                  for p in points)
+    fixed = {k: v for k, v in sampler_record(cfg.sampler).items() if k not in SAMPLER_AXES}
     if records_file.is_file():
         records = json.loads(records_file.read_text())
-        if sorted(Path(r["model_file"]).name for r in records) == sorted(f.name for f in files) and \
-                all(r.get("sampler") == sampler_record(cfg.sampler) and r.get("num_images") == cfg.fid.num_images
-                    for r in records):
+        have = sorted(ident(r["model_file"], r.get("guide", "none"), r["sampler"]["guidance"], r["sampler"]["steps"])
+                      for r in records)
+        if have == want and all(r.get("num_images") == cfg.fid.num_images and
+                                {k: v for k, v in r["sampler"].items() if k not in SAMPLER_AXES} == fixed
+                                for r in records):
             return records
     feat = load_feature_net(cfg.fid.feature_net, str(device))
     ref = reference_stats(EncodedDataset(reference_dataset_dir(cfg)), feat, cfg.fid.ref_num_images, ref_cache,
                           cfg.fid.batch_size, progress=progress)
-    records = [r.to_dict() for r in evaluate_models(files, cfg, ref, feat, out_dir / "samples", device, progress,
-                                                     log=None)]
+    records = [r.to_dict() for r in evaluate_points(points, out_dir / "ema", cfg, ref, feat, out_dir / "samples",
+                                                     device, progress, log=None, target_nimg=T)]
     atomic_write_text(json.dumps(records, indent=2), records_file)
     return records
 

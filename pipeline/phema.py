@@ -283,65 +283,81 @@ def sources_digest(infos: Sequence[SnapshotInfo], target_nimg: int) -> str:
 # ----------------------------------------------------------------------------------------------
 # Reconstruction.
 
-def reconstruct(snapshot_dir: str | Path, targets: Sequence[float], target_nimg: int | None = None,
+def reconstruct(snapshot_dir: str | Path, targets: Sequence[float | tuple[int, float]], target_nimg: int | None = None,
                 out_dir: str | Path | None = None, batch_targets: int = 8, progress: bool = False,
                 check: bool = True, group: int | None = None) -> dict:
-    """Reconstruct EMA profiles `targets` (sigma_rel) at time `target_nimg` (default: last snapshot).
+    """Reconstruct EMA profiles `targets` from the snapshots: a sigma_rel (at time `target_nimg`,
+    default the last snapshot) or a (nimg, sigma_rel) pair (an earlier training time, e.g. an
+    autoguidance guide). A target at time T uses only the snapshots up to T (method.md 6).
 
-    Streams over the snapshots once per batch of targets: memory holds the accumulators of one
-    batch (targets x one float32 model) plus a few MiB of read buffers. Writes one safetensors model
-    per target (`ema-<T:010d>-<sigma_rel:.3f>.safetensors`) and `reconstruct.json` to out_dir,
-    skipping targets already reconstructed from the same snapshots. Returns the summary dict.
+    Streams over the snapshots once per batch of targets, whatever their times: memory holds the
+    accumulators of one batch (targets x one float32 model) plus a few MiB of read buffers. Writes one
+    safetensors model per target (`ema-<T:010d>-<sigma_rel:.3f>.safetensors`) and `reconstruct.json`
+    to out_dir, skipping targets already reconstructed from the same snapshots. Returns the summary.
     """
-    targets = [check_sigma_rel(float(t), f"targets[{i}]") for i, t in enumerate(targets)]
     if not targets:
         raise PHEMAError("no targets given")
     if int(batch_targets) < 1:
         raise PHEMAError(f"batch_targets={batch_targets}: must be >= 1 (targets reconstructed per pass)")
     infos = scan_snapshots(snapshot_dir)
     nimgs = sorted({s.nimg for s in infos})
-    T = nimgs[-1] if target_nimg is None else int(target_nimg)
-    if T not in nimgs:
-        raise PHEMAError(f"target time nimg={T} has no snapshot; snapshots exist at nimg "
-                         f"{nimgs[0]} .. {nimgs[-1]} ({len(nimgs)} times)")
-    used = [s for s in infos if 0 < s.nimg <= T]
+    T_default = nimgs[-1] if target_nimg is None else int(target_nimg)
+    pairs = [(int(t[0]), check_sigma_rel(float(t[1]), f"targets[{i}]")) if isinstance(t, (tuple, list))
+             else (T_default, check_sigma_rel(float(t), f"targets[{i}]")) for i, t in enumerate(targets)]
+    for T, _ in pairs:
+        if T not in nimgs:
+            raise PHEMAError(f"target time nimg={T} has no snapshot; snapshots exist at nimg "
+                             f"{nimgs[0]} .. {nimgs[-1]} ({len(nimgs)} times)")
+    used = [s for s in infos if 0 < s.nimg <= max(T for T, _ in pairs)]
     meta = check_consistent(used) if check else {}
-    digest = sources_digest(used, T)
 
+    # One least-squares solve per target time over the snapshots up to it; zero weight after it.
     g_in = [sigma_rel_to_gamma(s.sigma_rel) for s in used]
-    sol = solve_weights([s.nimg for s in used], g_in, [T] * len(targets), [sigma_rel_to_gamma(t) for t in targets])
+    X = np.zeros((len(used), len(pairs)))
+    rel_error, max_abs_coef, warnings, digests = np.zeros(len(pairs)), np.zeros(len(pairs)), [], {}
+    for T in sorted({T for T, _ in pairs}):
+        rows = [i for i, s in enumerate(used) if s.nimg <= T]
+        cols = [j for j, (t, _) in enumerate(pairs) if t == T]
+        sol = solve_weights([used[i].nimg for i in rows], [g_in[i] for i in rows], [T] * len(cols),
+                            [sigma_rel_to_gamma(pairs[j][1]) for j in cols])
+        X[np.ix_(rows, cols)] = sol.X
+        rel_error[cols], max_abs_coef[cols] = sol.rel_error, sol.max_abs_coef
+        warnings += sol.warnings
+        digests[T] = sources_digest([used[i] for i in rows], T)
 
     out = Path(out_dir) if out_dir is not None else None
-    todo = list(range(len(targets)))
+    todo = list(range(len(pairs)))
     skipped = []
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
         if not os.access(out, os.W_OK):               # before any reading: fail in a second, not after the pass
             raise PHEMAError(f"output folder {out} is not writable (read-only file system or no permission)")
         refuse_legacy(out, "output folder")
-        todo = [j for j in todo if not _up_to_date(out / reconstruction_name(T, targets[j]), digest)]
-        skipped = [targets[j] for j in range(len(targets)) if j not in todo]
+        todo = [j for j in todo if not _up_to_date(out / reconstruction_name(*pairs[j]), digests[pairs[j][0]])]
+        skipped = [j for j in range(len(pairs)) if j not in todo]
 
     keep = {k: v for k, v in meta.items() if k not in ("format", "nimg", "sigma_rel", "gamma", "dtype")}
     for start in range(0, len(todo), batch_targets):
         batch = todo[start:start + batch_targets]
-        acc = stream_combine(used, sol.X[:, batch], progress=progress, group=group)
+        acc = stream_combine(used, X[:, batch], progress=progress, group=group)
         for col, j in enumerate(batch):
+            T, sigma_rel = pairs[j]
             if out is not None:
-                info = {"format": RECONSTRUCTION_FORMAT, "sigma_rel": targets[j], "nimg": T,
-                        "gamma": sigma_rel_to_gamma(targets[j]), "sources_digest": digest,
-                        "coefficients": sol.X[:, j].tolist(), "rel_error": float(sol.rel_error[j]),
-                        "sources": [s.path.name for s in used], **keep}
-                save_safetensors(acc.state(col), info, out / reconstruction_name(T, targets[j]))
+                info = {"format": RECONSTRUCTION_FORMAT, "sigma_rel": sigma_rel, "nimg": T,
+                        "gamma": sigma_rel_to_gamma(sigma_rel), "sources_digest": digests[T],
+                        "coefficients": [float(x) for x, s in zip(X[:, j], used) if s.nimg <= T],
+                        "rel_error": float(rel_error[j]), "sources": [s.path.name for s in used if s.nimg <= T],
+                        **keep}
+                save_safetensors(acc.state(col), info, out / reconstruction_name(T, sigma_rel))
         del acc
 
     summary = {
-        "snapshot_dir": str(snapshot_dir), "target_nimg": T, "sources_digest": digest,
+        "snapshot_dir": str(snapshot_dir), "target_nimg": T_default, "sources_digest": digests.get(T_default),
         "snapshots": [{"file": s.path.name, "nimg": s.nimg, "sigma_rel": s.sigma_rel} for s in used],
-        "targets": [{"sigma_rel": t, "file": reconstruction_name(T, t), "rel_error": float(sol.rel_error[j]),
-                     "max_abs_coef": float(sol.max_abs_coef[j]), "coefficients": sol.X[:, j].tolist(),
-                     "skipped": t in skipped} for j, t in enumerate(targets)],
-        "warnings": sol.warnings,
+        "targets": [{"sigma_rel": t, "nimg": T, "file": reconstruction_name(T, t), "rel_error": float(rel_error[j]),
+                     "max_abs_coef": float(max_abs_coef[j]), "coefficients": X[:, j].tolist(),
+                     "skipped": j in skipped} for j, (T, t) in enumerate(pairs)],
+        "warnings": warnings,
     }
     if out is not None:
         atomic_write_text(json.dumps(summary, indent=2), out / "reconstruct.json")

@@ -15,6 +15,7 @@ from .errors import PipelineError
 
 COMPARE_FIELDS = ("feature_net", "feature_net_sha256", "mode", "num_images", "reference", "ref_num_images",
                   "sampler")
+SAMPLER_AXES = ("steps", "nfe", "guidance")   # post-hoc axes: points that differ in them are compared
 
 
 class RecordError(PipelineError, ValueError):
@@ -41,6 +42,7 @@ class FIDRecord:
     kid: float | None = None           # clean-fid's unbiased KID, same features
     kid_std: float | None = None
     bootstrap: dict | None = None      # resamples, seed, what was resampled, replicates
+    guide: str = "none"                # the guiding model of sampler.guidance (none, unconditional, ema ..., file ...)
     extra: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
@@ -59,6 +61,8 @@ def eval_key(record: dict) -> str:
     depends on. Re-evaluating with other settings gives another key (a new MLflow child run)."""
     ident = {k: record.get(k) for k in ("feature_net_sha256", "mode", "num_images", "reference_sha256",
                                         "ref_num_images", "sampler", "seeds", "sigma_rel", "nimg")}
+    if record.get("guide", "none") != "none":         # unguided records keep their earlier keys
+        ident["guide"] = record["guide"]
     ident["model"] = Path(record.get("model_file") or "").name
     return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -67,16 +71,30 @@ def check_comparable(records) -> None:
     """Raise when records differ in anything that changes the FID's meaning."""
     if not records:
         return
-    first = records[0]
-    for r in records[1:]:
-        diffs = [f"{k}: {first.get(k)!r} vs {r.get(k)!r}" for k in COMPARE_FIELDS if first.get(k) != r.get(k)]
+    def fields(r):
+        out = {k: r.get(k) for k in COMPARE_FIELDS}
+        out["sampler"] = {k: v for k, v in (r.get("sampler") or {}).items() if k not in SAMPLER_AXES}
+        return out
+    first = fields(records[0])
+    for r in map(fields, records[1:]):
+        diffs = [f"{k}: {first[k]!r} vs {r[k]!r}" for k in COMPARE_FIELDS if first[k] != r[k]]
         if diffs:
             raise RecordError("FIDs are not comparable, their records differ in " + "; ".join(diffs))
+
+
+def point_label(r: dict) -> str:
+    """The post-hoc point of a record: its EMA length, and its guidance weight and guide when it is
+    guided (its steps are in the NFE printed beside it)."""
+    s = r["sampler"]
+    text = f"sigma_rel {r['sigma_rel']:.3f}"
+    if s.get("guidance", 1.0) != 1.0 or r.get("guide", "none") != "none":
+        text += f", w {s.get('guidance', 1.0):g} guide {r.get('guide', 'none')}"
+    return text
 
 
 def result_line(r: dict) -> str:
     lo, hi = r.get("fid_ci95") or (float("nan"), float("nan"))
     kid_part = f", KID {r['kid'] * 1e3:.2f}e-3 +- {r['kid_std'] * 1e3:.2f}e-3" if r.get("kid") is not None else ""
-    return (f"sigma_rel {r['sigma_rel']:.3f}: FID {r['fid']:.2f} +- {r.get('fid_se') or float('nan'):.2f} "
+    return (f"{point_label(r)}: FID {r['fid']:.2f} +- {r.get('fid_se') or float('nan'):.2f} "
             f"(95% {lo:.1f}-{hi:.1f}){kid_part}  [{r['num_images']} images vs {r['ref_num_images']} reference, "
             f"NFE {r['sampler']['nfe']}{' bf16' if r['sampler'].get('amp') == 'bf16' else ''}, {r['feature_net']}]")

@@ -32,28 +32,29 @@ def plot_ema_reconstruction(summary: dict, path: str | Path, max_targets: int = 
     """
     from .phema import profile, sigma_rel_to_gamma
     plt = _plt()
-    T = summary["target_nimg"]
     snaps = summary["snapshots"]
     t_in = np.array([s["nimg"] for s in snaps], dtype=np.float64)
     g_in = np.array([sigma_rel_to_gamma(s["sigma_rel"]) for s in snaps])
-    targets = sorted(summary["targets"], key=lambda t: t["sigma_rel"])
+    targets = sorted(summary["targets"], key=lambda t: (-t.get("nimg", summary["target_nimg"]), t["sigma_rel"]))
     if len(targets) > max_targets:                       # the shortest, the longest and some between
         idx = np.unique(np.linspace(0, len(targets) - 1, max_targets).round().astype(int))
         targets = [targets[i] for i in idx]
-    tau = np.linspace(0, T, 2000)
+    T_last = max(t.get("nimg", summary["target_nimg"]) for t in targets)
+    tau = np.linspace(0, T_last, 2000)
     fig, axes = plt.subplots(1, len(targets), figsize=(4 * len(targets), 3.2), squeeze=False)
     for ax, tgt in zip(axes[0], targets):
+        T = tgt.get("nimg", summary["target_nimg"])
         q = profile(tau, T, sigma_rel_to_gamma(tgt["sigma_rel"]))
         X = np.asarray(tgt["coefficients"])
         rec = sum(X[i] * profile(tau, t_in[i], g_in[i]) for i in range(len(X)))
         ax.plot(tau / 1e3, q * T, color="black", lw=2, label="target")
         ax.plot(tau / 1e3, rec * T, color="tab:orange", lw=1.2, ls="--", label="reconstruction")
-        ax.set_title(f"sigma_rel {tgt['sigma_rel']:.3f}: error {tgt['rel_error']:.3f}, "
+        ax.set_title(f"sigma_rel {tgt['sigma_rel']:.3f}{f' at {T} img' if T != T_last else ''}: error {tgt['rel_error']:.3f}, "
                      f"max|X| {tgt['max_abs_coef']:.1f}", fontsize=9)
         ax.set_xlabel("training time (k images)")
     axes[0][0].set_ylabel("weight x T")
     axes[0][0].legend(fontsize=8)
-    fig.suptitle(f"Post-hoc EMA from {len(snaps)} snapshots at T = {T} images", fontsize=10)
+    fig.suptitle(f"Post-hoc EMA from {len(snaps)} snapshots at T = {T_last} images", fontsize=10)
     return _save(fig, path)
 
 
@@ -111,6 +112,65 @@ def plot_fid_vs_ema(rows: Sequence[dict], path: str | Path, title: str = "") -> 
     if len(groups) > 1:
         fig.set_size_inches(8.5, 3.8)
     return _save(fig, path)
+
+
+def curve_label(r: dict) -> str:
+    """One FID-vs-EMA curve per (guide, w, steps) of a post-hoc grid."""
+    parts = []
+    if r["sampler"]["guidance"] != 1.0 and r.get("guide", "none") != "none":
+        parts.append(f"w {r['sampler']['guidance']:g}, {r['guide']}")
+    if (r.get("extra") or {}).get("steps_axis"):
+        parts.append(f"{r['sampler']['steps']} steps")
+    return "; ".join(parts) or "unguided"
+
+
+def is_grid(records: Sequence[dict]) -> bool:
+    return any(r.get("guide", "none") != "none" or (r.get("extra") or {}).get("steps_axis")
+               or r["sampler"]["guidance"] != 1.0 for r in records)
+
+
+def plot_guidance_grid(records: Sequence[dict], path: str | Path, title: str = "") -> Path | None:
+    """FID over EMA length x guidance weight, one heat map per guide (small multiples, shared colour
+    scale; each cell FID +- SE, the best starred); w = 1 is the unguided model in every panel."""
+    plt = _plt()
+    recs = [r for r in records if r.get("sigma_rel") is not None]
+    guides = sorted({r.get("guide", "none") for r in recs if r.get("guide", "none") != "none"})
+    if not guides:
+        return None
+    unguided = {r["sigma_rel"]: r for r in recs if r["sampler"]["guidance"] == 1.0 or r.get("guide", "none") == "none"}
+    sig = sorted({r["sigma_rel"] for r in recs})
+    ws = sorted({r["sampler"]["guidance"] for r in recs} | {1.0})
+    lo, hi = min(r["fid"] for r in recs), max(r["fid"] for r in recs)
+    best = min(recs, key=lambda r: r["fid"])
+    fig, axes = plt.subplots(1, len(guides), figsize=(max(3.2 * len(guides), 5), 0.5 * len(ws) + 2.2), squeeze=False)
+    for ax, g in zip(axes[0], guides):
+        cell = {}
+        for r in recs:
+            if r.get("guide") == g:
+                cell[(r["sigma_rel"], r["sampler"]["guidance"])] = r
+        for s, r in unguided.items():
+            cell.setdefault((s, 1.0), r)
+        Z = np.full((len(ws), len(sig)), np.nan)
+        for (s, w), r in cell.items():
+            Z[ws.index(w), sig.index(s)] = r["fid"]
+        im = ax.imshow(Z, origin="lower", aspect="auto", cmap="viridis_r", vmin=lo, vmax=hi)
+        for (s, w), r in cell.items():
+            star = " *" if r["fid"] == best["fid"] else ""
+            se = f"\n+-{r['fid_se']:.1f}" if r.get("fid_se") is not None else ""
+            ax.text(sig.index(s), ws.index(w), f"{r['fid']:.1f}{star}{se}", ha="center", va="center", fontsize=7,
+                    color="white" if r["fid"] > (lo + hi) / 2 else "black")
+        ax.set_xticks(range(len(sig)), [f"{s:.3f}" for s in sig], rotation=30)
+        ax.set_yticks(range(len(ws)), [f"{w:g}" for w in ws])
+        ax.set_xlabel("EMA length sigma_rel")
+        ax.set_title(f"guide: {g}", fontsize=9)
+    axes[0][0].set_ylabel("guidance weight w (1 = unguided)")
+    fig.colorbar(im, ax=axes[0].tolist(), label="FID (lower is better)", shrink=0.9)
+    fig.suptitle(title or "FID over EMA length x guidance, per guide (* the best)", fontsize=10, y=1.06)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return path
 
 
 # ----------------------------------------------------------------------------------------------
@@ -199,19 +259,26 @@ def write_run_report(cfg_dict: dict, records: Sequence[dict], out_dir: str | Pat
     figs = out / "figures"
     figs.mkdir(parents=True, exist_ok=True)
     paths = {}
-    recs = sorted(records, key=lambda r: r["sigma_rel"] or 0)
+    from .records import point_label
+    recs = sorted(records, key=lambda r: (r["sigma_rel"] or 0, point_label(r)))
+    grid = is_grid(recs)
+    distinct = [r for r in recs if not (r.get("extra") or {}).get("same_as")]     # one per computation
     if recs:
-        paths["fid"] = plot_fid_vs_ema(recs, figs / "fid_vs_ema.png", f"FID vs EMA length ({recs[0]['num_images']} images)")
+        paths["fid"] = plot_fid_vs_ema([{**r, "label": curve_label(r) if grid else ""} for r in distinct],
+                                       figs / "fid_vs_ema.png", f"FID vs EMA length ({recs[0]['num_images']} images)")
+        if grid:
+            paths["grid"] = plot_guidance_grid(recs, figs / "fid_grid.png")
     if training_rows:
         paths["curves"] = plot_training_curves(training_rows, figs / "training_curves.png")
     if ema_figure and Path(ema_figure).is_file():
         paths["ema"] = Path(shutil.copy(ema_figure, figs / "ema_profiles.png"))
     grids = {}
     for r in recs:
-        g = Path(samples_dir or "") / f"samples-{Path(r['model_file']).stem}.png"
+        name = (r.get("extra") or {}).get("samples") or f"samples-{Path(r['model_file']).stem}.png"
+        g = Path(samples_dir or "") / name
         if samples_dir and g.is_file():
-            grids[r["sigma_rel"]] = Path(shutil.copy(g, figs / g.name))
-    best = min(recs, key=lambda r: r["fid"]) if recs else None
+            grids[r["eval_key"]] = Path(shutil.copy(g, figs / g.name))
+    best = min(distinct, key=lambda r: r["fid"]) if recs else None
 
     md = [f"# {title}", ""]
     h = [f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title><style>"
@@ -222,13 +289,13 @@ def write_run_report(cfg_dict: dict, records: Sequence[dict], out_dir: str | Pat
          f"<h1>{html.escape(title)}</h1>"]
     if best:
         se = f" +- {best['fid_se']:.2f}" if best.get("fid_se") is not None else ""
-        line = f"Best FID **{best['fid']:.3f}{se}** at sigma_rel **{best['sigma_rel']:.3f}** ({record_line(best)})"
+        line = f"Best FID **{best['fid']:.3f}{se}** at **{point_label(best)}** ({record_line(best)})"
         md += [line, ""]
-        h.append(f"<p>Best FID <b>{best['fid']:.3f}{se}</b> at sigma_rel <b>{best['sigma_rel']:.3f}</b> "
+        h.append(f"<p>Best FID <b>{best['fid']:.3f}{se}</b> at <b>{html.escape(point_label(best))}</b> "
                  f"<span class='rec'>({html.escape(record_line(best))})</span></p>")
-        if all(r.get("bootstrap") for r in recs):
+        if all(r.get("bootstrap") for r in distinct):
             from .stats import ranking
-            for text in ranking(recs)["lines"][1:]:
+            for text in ranking(distinct, label=point_label)["lines"][1:]:
                 md += [text, ""]
                 h.append(f"<p>{html.escape(text)}</p>")
     if train_summary:
@@ -239,6 +306,8 @@ def write_run_report(cfg_dict: dict, records: Sequence[dict], out_dir: str | Pat
     sections = [("fid", "FID against EMA length", "the star marks the best sigma_rel; bars: 95% interval of each FID "
                  "(resampling the generated images, reference held fixed). Shared seeds make the FIDs' errors "
                  "correlated, so the paired comparisons above can resolve differences that overlapping bars cannot."),
+                ("grid", "FID over EMA length x guidance", "one heat map per guide; w = 1 is the unguided model "
+                 "(the same in every panel); each cell FID +- its standard error, * the best"),
                 ("curves", "Loss and learning rate", "against images seen"),
                 ("ema", "Post-hoc EMA reconstruction", "target profiles and their reconstruction from snapshots")]
     for key, name, note in sections:
@@ -246,23 +315,24 @@ def write_run_report(cfg_dict: dict, records: Sequence[dict], out_dir: str | Pat
             md += [f"## {name}", "", f"![{name}](figures/{paths[key].name})", "", f"_{note}_", ""]
             h.append(f"<h2>{name}</h2>{_img_tag(paths[key], name)}<p class='rec'>{note}</p>")
     if recs:
-        md += ["## FID per EMA length", "", "| sigma_rel | FID | +- SE | 95% interval | KID | record |",
+        md += ["## FID per post-hoc point", "", "| point | FID | +- SE | 95% interval | KID | record |",
                "|---|---|---|---|---|---|"]
-        h.append("<h2>FID per EMA length</h2><table><tr><th>sigma_rel</th><th>FID</th><th>+- SE</th>"
+        h.append("<h2>FID per post-hoc point</h2><table><tr><th>point</th><th>FID</th><th>+- SE</th>"
                  "<th>95% interval</th><th>KID</th><th>samples</th><th>record</th></tr>")
-        for r in recs:
+        for r in distinct:
             se, ci, kd = _uncertainty_cells(r)
-            md.append(f"| {r['sigma_rel']:.3f} | {r['fid']:.3f} | {se} | {ci} | {kd} | {record_line(r)} |")
-            grid = ""
-            if r["sigma_rel"] in grids:                 # a thumbnail that opens the full-size grid beside the report
-                g, alt = grids[r["sigma_rel"]], f"samples {r['sigma_rel']:.3f}"
-                grid = f"<a href='figures/{g.name}' target='_blank' title='full size'>{_img_tag(g, alt, 192)}</a>"
-            h.append(f"<tr><td>{r['sigma_rel']:.3f}</td><td>{r['fid']:.3f}</td><td>{se}</td><td>{ci}</td><td>{kd}</td>"
-                     f"<td>{grid}</td><td class='rec'>{html.escape(record_line(r))}</td></tr>")
+            md.append(f"| {point_label(r)} | {r['fid']:.3f} | {se} | {ci} | {kd} | {record_line(r)} |")
+            cell = ""
+            if r["eval_key"] in grids:                  # a thumbnail that opens the full-size grid beside the report
+                g, alt = grids[r["eval_key"]], f"samples {point_label(r)}"
+                cell = f"<a href='figures/{g.name}' target='_blank' title='full size'>{_img_tag(g, alt, 192)}</a>"
+            h.append(f"<tr><td>{html.escape(point_label(r))}</td><td>{r['fid']:.3f}</td><td>{se}</td><td>{ci}</td>"
+                     f"<td>{kd}</td><td>{cell}</td><td class='rec'>{html.escape(record_line(r))}</td></tr>")
         h.append("</table>")
         md.append("")
-        for s, g in grids.items():
-            md += [f"![samples sigma_rel {s:.3f}](figures/{g.name})"]
+        for r in distinct:
+            if r["eval_key"] in grids:
+                md += [f"![samples {point_label(r)}](figures/{grids[r['eval_key']].name})"]
         md.append("")
     cfg_text = yaml.safe_dump(cfg_dict, sort_keys=False)
     md += ["## Resolved configuration", "", "```yaml", cfg_text, "```"]

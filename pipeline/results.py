@@ -14,23 +14,25 @@ class ResultsError(PipelineError, FileNotFoundError):
 
 
 def results_lines(cfg, metrics_dir: str | Path = "metrics", report: str | Path = "reports/report.html") -> list[str]:
-    from .records import result_line
+    from .records import point_label, result_line
     from .stats import ranking
     from .tracking import tracking_uri
     m = Path(metrics_dir)
     rec_file = m / "fid_records.json"
     if not rec_file.is_file():
         raise ResultsError(f"no results yet: {rec_file} is missing (run `dvc repro`, or `make run`)")
-    records = sorted(json.loads(rec_file.read_text()), key=lambda r: r["sigma_rel"] or 0)
-    lines = [f"== Results: FID per EMA length ({records[0]['num_images']} generated vs {records[0]['ref_num_images']} "
-             f"reference images, NFE {records[0]['sampler']['nfe']}, {records[0]['feature_net']}) =="]
+    records = sorted(json.loads(rec_file.read_text()), key=lambda r: (r["sigma_rel"] or 0, point_label(r)))
+    records = [r for r in records if not (r.get("extra") or {}).get("same_as")]    # one per computation
+    lines = [f"== Results: FID per post-hoc point ({records[0]['num_images']} generated vs "
+             f"{records[0]['ref_num_images']} reference images, NFE {records[0]['sampler']['nfe']}, "
+             f"{records[0]['feature_net']}) =="]
     best = min(records, key=lambda r: r["fid"])
     for r in records:
         ci = f"95% {r['fid_ci95'][0]:.1f}-{r['fid_ci95'][1]:.1f}" if r.get("fid_ci95") else ""
         se = f" +- {r['fid_se']:.2f}" if r.get("fid_se") is not None else ""
-        lines.append(f"  sigma_rel {r['sigma_rel']:.3f}: FID {r['fid']:7.2f}{se}  ({ci})" + ("  <- best" if r is best else ""))
+        lines.append(f"  {point_label(r)}: FID {r['fid']:7.2f}{se}  ({ci})" + ("  <- best" if r is best else ""))
     if all(r.get("bootstrap") for r in records) and len(records) > 1:
-        lines += ranking(records)["lines"][1:]
+        lines += ranking(records, label=point_label)["lines"][1:]
     else:
         lines.append(f"best: {result_line(best)}")
     train_file = m / "train.json"

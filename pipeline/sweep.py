@@ -111,11 +111,14 @@ def plan(sweep: C.SweepConfig, base: C.Config) -> dict:
     else:
         points = [None] * sweep.num_samples                   # Optuna proposes them during the sweep
     n = len(points)
-    lengths = sweep.ema_lengths or base.ema.targets
+    from .evaluate import grid_points
+    lengths = sorted({p["sigma_rel"] for p in grid_points(base)})
+    per_trial = len(grid_points(base))
     return {"name": sweep.name, "algorithm": sweep.algorithm, "seed": sweep.seed, "trials": n, "points": points,
             "axes": {k: v.model_dump(exclude_none=True) for k, v in sweep.search.items()},
             "ema_lengths": list(lengths), "images_to_train": n * base.train.duration_nimg,
-            "fids": n * len(lengths), "images_to_generate": n * len(lengths) * base.fid.num_images,
+            "fids": n * per_trial, "images_to_generate": n * per_trial * base.fid.num_images,
+            "posthoc": sweep.posthoc.model_dump(mode="json") if sweep.posthoc is not None else None,
             "scheduler": sweep.scheduler.model_dump(), "max_concurrent": sweep.max_concurrent,
             "resources": sweep.resources.model_dump()}
 
@@ -126,6 +129,10 @@ def print_plan(p: dict) -> None:
     for k, v in p["axes"].items():
         print(f"  axis {k}: {v}")
     print(f"  post-hoc EMA lengths (no retraining): {', '.join(f'{x:g}' for x in p['ema_lengths'])}")
+    if p.get("posthoc"):
+        ph = p["posthoc"]
+        print(f"  post-hoc grid per trial (no retraining): guides {ph['guide']}, guidance {ph['guidance']}"
+              + (f", steps {ph['steps']}" if ph["steps"] else ""))
     for i, pt in enumerate(p["points"]):
         print(f"  trial {i + 1}: " + ((", ".join(f"{k}={v:.6g}" if isinstance(v, float) else f"{k}={v}"
                                               for k, v in pt.items()) or "the base config") if pt is not None
@@ -161,11 +168,9 @@ def param_space(sweep: C.SweepConfig) -> dict:
 
 def trial_config(base_raw: dict, sweep_raw: dict, params: dict, trial_dir: Path, uri: str, device: str) -> C.Config:
     sweep = C.SweepConfig.model_validate(sweep_raw)
-    overrides = {**sweep.overrides, **{axis_key(k): v for k, v in params.items()},
+    overrides = {**C.sweep_overrides(sweep), **{axis_key(k): v for k, v in params.items()},
                  "train.run_dir": str(trial_dir / "run"), "tracking.uri": uri,
                  "tracking.experiment": sweep.experiment, "train.device": device}
-    if sweep.ema_lengths:
-        overrides["ema.targets"] = list(sweep.ema_lengths)
     return C.resolve(base_raw, overrides)
 
 
@@ -270,7 +275,10 @@ def fan_out(cfg: C.Config, res, trial_dir: Path, ref_cache: str, device=None) ->
     records = evaluate_run(cfg, Path(cfg.train.run_dir) / "snapshots", trial_dir, ref_cache, device)
     logger = RunLogger(cfg, quiet=True)
     log_ema_runs(logger, res.mlflow_run_id, records, trial_dir / "samples")
-    fig = plot_fid_vs_ema(records, trial_dir / "fid_vs_ema.png", f"trial {trial_dir.name}")   # EDM2 fig. 5 curve
+    from .report import curve_label, is_grid
+    distinct = [{**r, "label": curve_label(r) if is_grid(records) else ""} for r in records
+                if not (r.get("extra") or {}).get("same_as")]
+    fig = plot_fid_vs_ema(distinct, trial_dir / "fid_vs_ema.png", f"trial {trial_dir.name}")   # EDM2 fig. 5 curve
     logger.run_id = res.mlflow_run_id
     logger.log_artifact(fig, "figures")
     best = min(records, key=lambda r: r["fid"])
@@ -548,11 +556,14 @@ def results_table(grid, trials_dir: Path, sweep: C.SweepConfig, stopped: dict | 
                 "img_per_s": cost.get("images_per_s")}
         if recs_file.is_file():
             for r in json.loads(recs_file.read_text()):
-                recs.append(r)
+                same_as = (r.get("extra") or {}).get("same_as")
+                if not same_as:                              # rank each computation once
+                    recs.append(r)
                 s = r["sampler"]
                 flat = {k: v for k, v in r.items() if k not in ("sampler", "bootstrap", "fid_ci95", "extra")}
                 rows.append({**base, "status": "finished", **flat, "fid_lo": r["fid_ci95"][0],
                              "fid_hi": r["fid_ci95"][1], "nfe": s["nfe"], "steps": s["steps"], "churn": s["churn"],
+                             "guidance": s["guidance"], "guide": r.get("guide", "none"), "same_as": same_as,
                              "seeds": f"{r['seeds'][0]}-{r['seeds'][1]}", "eval_key": r.get("eval_key") or eval_key(r)})
         else:
             status = ("early-stopped" if str(trial_id) in stopped else "error" if result.error else "interrupted")
@@ -563,7 +574,8 @@ def results_table(grid, trials_dir: Path, sweep: C.SweepConfig, stopped: dict | 
     if recs:
         rk = rank(recs)
         tied = {recs[i].get("eval_key") or eval_key(recs[i]) for i in rk["tied"]}
-        df["tied_with_best"] = df["eval_key"].map(lambda k: k in tied if isinstance(k, str) else False)
+        keys = df["same_as"].where(df["same_as"].notna(), df["eval_key"]) if "same_as" in df else df["eval_key"]
+        df["tied_with_best"] = keys.map(lambda k: k in tied if isinstance(k, str) else False)
     if len(df):
         df = df.sort_values(["fid", "trial_id"], na_position="last").reset_index(drop=True)
     return df
@@ -630,6 +642,8 @@ def summary_lines(df, sweep: C.SweepConfig) -> list[str]:
     """The winner with its uncertainty, what is not distinguishable from it, and edge warnings."""
     from .stats import edge_note
     done = df[df["fid"].notna()] if len(df) else df
+    if "same_as" in done:                                   # each computation once
+        done = done[done["same_as"].isna()]
     if not len(done):
         return ["no trial finished"]
     best = done.loc[done["fid"].idxmin()]

@@ -274,10 +274,16 @@ def log_ema_run(logger, parent_run_id: str | None, record: dict, grid: Path | No
         return found[0].info.run_id
     child = RunLogger(uri=logger.uri, experiment=logger.experiment, quiet=True)
     s = record["sampler"]
-    run_id = child.start(run_name=f"ema-{tag}-nfe{s['nfe']}-n{record['num_images']}", parent_run_id=parent_run_id,
+    guide = record.get("guide", "none")
+    guided = s["guidance"] != 1.0 and guide != "none"
+    extra = record.get("extra") or {}
+    run_id = child.start(run_name=f"ema-{tag}-nfe{s['nfe']}-n{record['num_images']}"
+                                  + (f"-w{s['guidance']:g}-{guide.replace(' ', '-')}" if guided else ""),
+                         parent_run_id=parent_run_id,
                          tags={"ema_sigma_rel": tag, "kind": "ema", "eval_key": key, "feature_net": record["feature_net"],
-                               "reference": record["reference"], "model_file": record["model_file"]},
-                         params={"sigma_rel": record["sigma_rel"], "num_images": record["num_images"],
+                               "reference": record["reference"], "model_file": record["model_file"],
+                               **({"same_as": extra["same_as"]} if extra.get("same_as") else {})},
+                         params={"sigma_rel": record["sigma_rel"], "guide": guide, "num_images": record["num_images"],
                                  "ref_num_images": record["ref_num_images"], "nfe": s["nfe"], "steps": s["steps"],
                                  "churn": s["churn"], "guidance": s["guidance"],
                                  "seeds": f"{record['seeds'][0]}-{record['seeds'][1]}",
@@ -297,7 +303,8 @@ def log_ema_runs(logger, parent_run_id: str | None, records, samples_dir: Path |
     """One grandchild run per FID record (EMA length) under a training run, with its sample grid."""
     out = []
     for r in records:
-        grid = Path(samples_dir) / f"samples-{Path(r['model_file']).stem}.png" if samples_dir else None
+        name = (r.get("extra") or {}).get("samples") or f"samples-{Path(r['model_file']).stem}.png"
+        grid = Path(samples_dir) / name if samples_dir else None
         out.append(log_ema_run(logger, parent_run_id, r, grid))
     return out
 

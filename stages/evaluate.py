@@ -1,6 +1,7 @@
 """DVC stage: FID of every reconstructed EMA model (method.md 8).
 
-For each `ema-*.safetensors` in the models folder: generate fid.num_images images with the sampler
+For each `ema-*.safetensors` in the models folder (or, with `evaluate.grid`, each post-hoc point:
+EMA length x guide x guidance weight x steps, from the reconstruct stage's models): generate fid.num_images images with the sampler
 (image i seeded with fid.seed + i), Inception features through clean-fid, FID against the cached
 reference statistics with its bootstrap standard error and 95 % interval, and KID. Prints each
 result as soon as it is known, then the best EMA length and the ones not distinguishable from it.
@@ -15,10 +16,10 @@ from pathlib import Path
 from pipeline import cli
 from pipeline.data import EncodedDataset
 from pipeline.devices import pick_device
-from pipeline.evaluate import evaluate_models, write_metrics
+from pipeline.evaluate import evaluate_models, evaluate_points, grid_points, write_metrics
 from pipeline.fid import FIDError, load_feature_net, reference_dataset_dir, reference_stats
 from pipeline.phema import check_reconstruction, refuse_legacy
-from pipeline.report import plot_fid_vs_ema
+from pipeline.report import curve_label, plot_fid_vs_ema
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -45,12 +46,19 @@ def main(argv: list[str] | None = None) -> int:
         feat = load_feature_net(cfg.fid.feature_net, device)
         ref = reference_stats(EncodedDataset(reference_dataset_dir(cfg)), feat, cfg.fid.ref_num_images,
                               args.ref_cache, cfg.fid.batch_size)
-        records = [r.to_dict() for r in evaluate_models(files, cfg, ref, feat, args.samples, device)]
+        if cfg.evaluate.grid is not None:          # the post-hoc grid (its models are checked first)
+            recs = evaluate_points(grid_points(cfg), args.models, cfg, ref, feat, args.samples, device)
+        else:                                      # every model in the folder, unguided
+            recs = evaluate_models(files, cfg, ref, feat, args.samples, device)
+        records = [r.to_dict() for r in recs]
         metrics = write_metrics(records, args.metrics)
         _log_to_mlflow(cfg, records, args.samples, metrics)
-        plot_fid_vs_ema(records, Path(args.metrics) / "fid_vs_ema.png",
+        grid = cfg.evaluate.grid is not None
+        distinct = [{**r, "label": curve_label(r) if grid else ""} for r in records if not r["extra"].get("same_as")]
+        plot_fid_vs_ema(distinct, Path(args.metrics) / "fid_vs_ema.png",
                         f"{metrics['num_images']} images, NFE {metrics['nfe']}, {metrics['feature_net']}; "
                         f"bars: 95% bootstrap interval")
+
         for line in metrics["ranking"]["lines"]:
             print(line)
         print(f"-> {args.metrics}/fid.json, {args.metrics}/fid_records.json")

@@ -40,7 +40,7 @@ def tiny_params(tmp_path, fmnist, name="params.yaml", **sections):
     raw["fid"].update(num_images=4, ref_num_images=8, batch_size=8)
     raw["tracking"].update(uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
     for sec, vals in sections.items():
-        raw[sec].update(vals)
+        raw.setdefault(sec, {}).update(vals)
     tmp_path.mkdir(parents=True, exist_ok=True)
     path = tmp_path / name
     path.write_text(yaml.safe_dump(raw, sort_keys=False))

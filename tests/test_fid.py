@@ -148,6 +148,9 @@ def _params_and_models(fmnist, tmp_path, root, **fid):
     net = build_network(cfg, 32, 1, 10)
     ema = PowerFunctionEMA(net, cfg.ema.stds)
     for i in (1, 2):
+        with torch.no_grad():                       # the weights move: the EMA lengths give different models
+            for p in net.parameters():
+                p.add_(0.05 * torch.randn_like(p))
         ema.update(net, i * cfg.ema.snapshot_nimg, cfg.ema.snapshot_nimg)
         ema.save_snapshots(tmp_path / "snaps", i * cfg.ema.snapshot_nimg,
                            snapshot_meta(cfg, {"img_resolution": 32, "img_channels": 1, "label_dim": 10}))
@@ -167,7 +170,7 @@ def test_reference_and_evaluate_stages_end_to_end(fmnist, tmp_path, root):
                           "--samples", str(tmp_path / "samples")]) == 0
     metrics = json.loads((tmp_path / "metrics/fid.json").read_text())
     assert set(metrics["fid"]) == {"ema_0.050", "ema_0.100"} and metrics["num_images"] == 4
-    assert (tmp_path / "metrics/fid_vs_ema.csv").read_text().splitlines()[0] == "sigma_rel,fid,fid_lo,fid_hi,kid"
+    assert (tmp_path / "metrics/fid_vs_ema.csv").read_text().splitlines()[0] == "sigma_rel,fid,fid_lo,fid_hi,kid,guidance,guide,steps"
     assert metrics["best_fid_se"] > 0 and metrics["best_sigma_rel"] in (0.05, 0.1) and "tied_with_best" in metrics
     records = json.loads((tmp_path / "metrics/fid_records.json").read_text())
     for r in records:

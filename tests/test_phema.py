@@ -170,6 +170,30 @@ def test_stage_writes_models_json_figure_and_skips_up_to_date(tmp_path, capsys):
     assert reconstruct(tmp_path / "s", [0.05], target_nimg=400, out_dir=out)["target_nimg"] == 400
 
 
+def test_targets_at_several_times_in_one_pass_equal_separate_reconstructions(tmp_path, monkeypatch):
+    """An autoguidance guide (an earlier time, a shorter EMA) and the main models come from one
+    streaming pass; each equals its own reconstruction, which uses only the snapshots up to its time."""
+    make_snapshots(tmp_path / "s")
+    passes = []
+    real = phema.stream_combine
+    monkeypatch.setattr(phema, "stream_combine", lambda *a, **k: passes.append(1) or real(*a, **k))
+    both = reconstruct(tmp_path / "s", [(400, 0.05), 0.10, 0.15], out_dir=tmp_path / "one")
+    assert len(passes) == 1
+    assert [t["file"] for t in both["targets"]] == ["ema-0000000400-0.050.safetensors",
+                                                    "ema-0000000800-0.100.safetensors",
+                                                    "ema-0000000800-0.150.safetensors"]
+    early = both["targets"][0]
+    assert all(c == 0 for c, s in zip(early["coefficients"], both["snapshots"]) if s["nimg"] > 400)
+    alone = reconstruct(tmp_path / "s", [0.05], target_nimg=400, out_dir=tmp_path / "alone")
+    a = load_reconstruction(tmp_path / "one" / early["file"])
+    b = load_reconstruction(tmp_path / "alone" / alone["targets"][0]["file"])
+    for key in ("weight", "bias"):
+        torch.testing.assert_close(a["state"][key], b["state"][key], rtol=1e-6, atol=1e-6)
+    assert a["nimg"] == 400 and a["sources_digest"] == b["sources_digest"]
+    with pytest.raises(phema.PHEMAError, match="nimg=450 has no snapshot"):
+        reconstruct(tmp_path / "s", [(450, 0.05)])
+
+
 def test_reconstruct_at_a_snapshot_reproduces_it(tmp_path):
     make_snapshots(tmp_path / "s")
     summary = reconstruct(tmp_path / "s", [0.10], target_nimg=500, out_dir=tmp_path / "o")
