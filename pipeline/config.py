@@ -253,6 +253,15 @@ class FIDConfig(_Section):
     batch_size: PosInt = 64
     mode: Literal["clean"] = "clean"
     device: Device = "auto"                # sampling and features (reference, evaluate): auto | cpu | cuda | cuda:N
+    metrics: list[str] = Field(default_factory=lambda: ["fid"])   # metrics.METRICS names; fid first (+ KID)
+    dinov2_weights: Optional[str] = None   # local DINOv2 checkpoint for fd_dinov2 (never downloaded)
+
+    @field_validator("metrics")
+    @classmethod
+    def _metrics(cls, v):
+        if not v or v[0] != "fid" or len(set(v)) != len(v):
+            raise ValueError("list fid first, then other metrics once each, e.g. [fid, fd_dinov2]")
+        return v
 
 
 class GuideSpec(_Section):

@@ -120,7 +120,7 @@ def _files(point: dict, models_dir: Path, T: int) -> tuple[Path, object]:
 
 def evaluate_points(points: Sequence[dict], models_dir: str | Path, cfg, ref: dict, feat: FeatureNet,
                     samples_dir=None, device="cpu", progress: bool = True, log=print,
-                    target_nimg: int | None = None) -> list[FIDRecord]:
+                    target_nimg: int | None = None, others: Sequence[tuple] = ()) -> list[FIDRecord]:
     """One record per post-hoc point (EMA length, guide, guidance weight, steps) against one
     reference: fid.num_images samples (seeds fid.seed ...), features, FID with its bootstrap interval
     and KID. Points that are the same computation (no guide or w = 1: the unguided model) are
@@ -166,6 +166,11 @@ def evaluate_points(points: Sequence[dict], models_dir: str | Path, cfg, ref: di
                               desc=f"{tag}: sample NFE {sampler.nfe}", guide=guide_obj)
             feats = array_features(images, feat, f.batch_size, progress=progress, desc=f"{tag}: features")
             m = measure(feats, ref, f.num_images)
+            m["others"] = {}
+            for name, metric_, ex, ref_x in others:         # further metrics of the registry, same images
+                fx = array_features(images, ex, f.batch_size, progress=progress, desc=f"{tag}: {name} features")
+                m["others"][name] = {**metric_.measure(fx, ref_x, f.num_images), "feature_net": ex.name,
+                                     "feature_net_sha256": ex.sha256}
             plain = guide is None and p["steps"] == cfg.sampler.steps
             grid_name = f"samples-{main.stem}" + ("" if plain else f"-{_slug(p, guide)}") + ".png"
             if samples_dir is not None:
@@ -182,6 +187,7 @@ def evaluate_points(points: Sequence[dict], models_dir: str | Path, cfg, ref: di
             sigma_rel=data.get("sigma_rel"), nimg=data.get("nimg"), fid_se=m["fid_se"], fid_ci95=m["fid_ci95"],
             kid=m.get("kid"), kid_std=m.get("kid_std"), bootstrap=m["bootstrap"], guide=_guide_label(p["guide"]),
             extra={"guide_file": str(guide) if isinstance(guide, Path) else None, "samples": grid_name,
+                   **({"metrics": m["others"]} if m["others"] else {}),
                    **({"steps_axis": True} if len({q["steps"] for q in points}) > 1 else {})})
         if first:
             done[key] = (m, data, rec.to_dict()["eval_key"], grid_name)
@@ -200,7 +206,7 @@ def _slug(point: dict, guide) -> str:
 
 
 def evaluate_models(model_files: Sequence[str | Path], cfg, ref: dict, feat: FeatureNet, samples_dir=None,
-                    device="cpu", progress: bool = True, log=print) -> list[FIDRecord]:
+                    device="cpu", progress: bool = True, log=print, others: Sequence[tuple] = ()) -> list[FIDRecord]:
     """One record per model file at the sampler's settings, unguided (evaluate_points over them)."""
     from .phema import check_reconstruction
     records = []
@@ -212,7 +218,7 @@ def evaluate_models(model_files: Sequence[str | Path], cfg, ref: dict, feat: Fea
             points = [{"sigma_rel": m["sigma_rel"], "guide": "none", "guidance": 1.0, "steps": cfg.sampler.steps}
                       for m in metas if m["nimg"] == T]
             records += evaluate_points(points, folder, cfg, ref, feat, samples_dir, device, progress, log,
-                                       target_nimg=T)
+                                       target_nimg=T, others=others)
     check_comparable([r.to_dict() for r in records])
     return records
 
@@ -247,6 +253,9 @@ def write_metrics(records: Sequence[FIDRecord | dict], metrics_dir: str | Path) 
                "tied_with_best": rk["tied_with_best"], "best_at_edge": rk["edge"],
                "num_images": best["num_images"], "ref_num_images": best["ref_num_images"],
                "feature_net": best["feature_net"], "nfe": best["sampler"]["nfe"]}
+    for name in sorted({n for r in rows for n in (r.get("extra") or {}).get("metrics", {})}):
+        metrics[name] = {point_key(r): round(r["extra"]["metrics"][name]["value"], 4) for r in rows
+                         if name in (r.get("extra") or {}).get("metrics", {})}
     if any(point_key(r) != f"ema_{r['sigma_rel']:.3f}" for r in rows):   # a grid: the best point's other axes
         metrics.update(best_guidance=best["sampler"]["guidance"], best_guide=best.get("guide", "none"),
                        best_steps=best["sampler"]["steps"])
@@ -285,14 +294,17 @@ def evaluate_run(cfg, snapshot_dir: str | Path, out_dir: str | Path, ref_cache: 
         have = sorted(ident(r["model_file"], r.get("guide", "none"), r["sampler"]["guidance"], r["sampler"]["steps"])
                       for r in records)
         if have == want and all(r.get("num_images") == cfg.fid.num_images and
+                                sorted((r.get("extra") or {}).get("metrics", {})) == sorted(cfg.fid.metrics[1:]) and
                                 {k: v for k, v in r["sampler"].items() if k not in SAMPLER_AXES} == fixed
                                 for r in records):
             return records
     feat = load_feature_net(cfg.fid.feature_net, str(device))
     ref = reference_stats(EncodedDataset(reference_dataset_dir(cfg)), feat, cfg.fid.ref_num_images, ref_cache,
                           cfg.fid.batch_size, progress=progress)
+    from .metrics import metric_references
+    others = metric_references(cfg, device, ref_cache, progress)
     records = [r.to_dict() for r in evaluate_points(points, out_dir / "ema", cfg, ref, feat, out_dir / "samples",
-                                                     device, progress, log=None, target_nimg=T)]
+                                                     device, progress, log=None, target_nimg=T, others=others)]
     atomic_write_text(json.dumps(records, indent=2), records_file)
     return records
 

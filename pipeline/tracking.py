@@ -292,6 +292,8 @@ def log_ema_run(logger, parent_run_id: str | None, record: dict, grid: Path | No
                "kid_std": record.get("kid_std")}
     if record.get("fid_ci95"):
         metrics.update(fid_lo=record["fid_ci95"][0], fid_hi=record["fid_ci95"][1])
+    for name, m in (extra.get("metrics") or {}).items():          # the registry's other metrics (fd_dinov2, ...)
+        metrics.update({name: m["value"], f"{name}_se": m.get("se")})
     child.log_metrics(metrics, step=int(record.get("nimg") or 0))
     if grid is not None and grid.is_file():
         child.log_artifact(grid, "samples")

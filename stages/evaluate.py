@@ -17,6 +17,7 @@ from pipeline import cli
 from pipeline.data import EncodedDataset
 from pipeline.devices import pick_device
 from pipeline.evaluate import evaluate_models, evaluate_points, grid_points, write_metrics
+from pipeline.metrics import check_metrics, metric_references
 from pipeline.fid import FIDError, load_feature_net, reference_dataset_dir, reference_stats
 from pipeline.phema import check_reconstruction, refuse_legacy
 from pipeline.report import curve_label, plot_fid_vs_ema
@@ -35,6 +36,7 @@ def main(argv: list[str] | None = None) -> int:
     def go():
         cfg = cli.config_from(args)
         device = str(pick_device(args.device or cfg.fid.device, "--device" if args.device else "fid.device"))
+        check_metrics(cfg)
         print(f"evaluate: sampling and features on {device}")
         if Path(args.models).is_dir():
             refuse_legacy(Path(args.models), "models folder")
@@ -46,10 +48,11 @@ def main(argv: list[str] | None = None) -> int:
         feat = load_feature_net(cfg.fid.feature_net, device)
         ref = reference_stats(EncodedDataset(reference_dataset_dir(cfg)), feat, cfg.fid.ref_num_images,
                               args.ref_cache, cfg.fid.batch_size)
+        others = metric_references(cfg, device, args.ref_cache)     # fid.metrics after fid, e.g. fd_dinov2
         if cfg.evaluate.grid is not None:          # the post-hoc grid (its models are checked first)
-            recs = evaluate_points(grid_points(cfg), args.models, cfg, ref, feat, args.samples, device)
+            recs = evaluate_points(grid_points(cfg), args.models, cfg, ref, feat, args.samples, device, others=others)
         else:                                      # every model in the folder, unguided
-            recs = evaluate_models(files, cfg, ref, feat, args.samples, device)
+            recs = evaluate_models(files, cfg, ref, feat, args.samples, device, others=others)
         records = [r.to_dict() for r in recs]
         metrics = write_metrics(records, args.metrics)
         _log_to_mlflow(cfg, records, args.samples, metrics)

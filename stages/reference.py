@@ -7,6 +7,7 @@ import sys
 from pipeline import cli
 from pipeline.data import EncodedDataset
 from pipeline.devices import pick_device
+from pipeline.metrics import check_metrics, metric_references
 from pipeline.fid import load_feature_net, reference_dataset_dir, reference_stats
 
 
@@ -19,11 +20,14 @@ def main(argv: list[str] | None = None) -> int:
     def go():
         cfg = cli.config_from(args)
         device = str(pick_device(args.device or cfg.fid.device, "--device" if args.device else "fid.device"))
+        check_metrics(cfg)
         ref = reference_stats(EncodedDataset(reference_dataset_dir(cfg)), load_feature_net(cfg.fid.feature_net, device),
                               cfg.fid.ref_num_images, args.out, cfg.fid.batch_size)
-        print(f"reference statistics: {ref['ref_num_images']} images of {ref['reference']}, feature net "
-              f"{ref['feature_net']} ({ref['feature_net_sha256'][:12]}), "
-              f"{'cached' if ref['cached'] else f'computed on {device}'} -> {ref['path']}")
+        refs = [ref] + [r for _, _, _, r in metric_references(cfg, device, args.out)]   # fid.metrics after fid
+        for ref in refs:
+            print(f"reference statistics: {ref['ref_num_images']} images of {ref['reference']}, feature net "
+                  f"{ref['feature_net']} ({ref['feature_net_sha256'][:12]}), "
+                  f"{'cached' if ref['cached'] else f'computed on {device}'} -> {ref['path']}")
     return cli.run("reference", go)
 
 

@@ -142,6 +142,7 @@ def _params_and_models(fmnist, tmp_path, root, **fid):
     raw["fid"].update({"num_images": 4, "ref_num_images": 8, "batch_size": 8, **fid})
     raw["sampler"].update({"steps": 4, "batch_size": 4})
     params = tmp_path / "params.yaml"
+    tmp_path.mkdir(parents=True, exist_ok=True)
     params.write_text(yaml.safe_dump(raw))
     cfg = C.load_config(params)
     torch.manual_seed(0)
@@ -310,3 +311,51 @@ def test_sample_export_cli_seeds_guidance_and_formats(fmnist, tmp_path, root):
     assert pipeline_main(["sample", "--params", str(params), "--model", str(tmp_path / "nope.safetensors"),
                           "--num", "2", "--out", str(tmp_path / "y.npz")]) == 2
     assert not (tmp_path / "x.npz").exists() and not (tmp_path / "y.npz").exists()
+
+
+def _tiny_dinov2(path):
+    """A randomly initialised DINOv2-layout ViT (2 blocks, 64 wide), saved as DINOv2's own checkpoints are:
+    a plain state dict at 518 pixels with a mask token."""
+    import timm
+    torch.manual_seed(0)
+    vit = timm.create_model("vit_small_patch14_dinov2", pretrained=False, num_classes=0, img_size=518, depth=2,
+                            embed_dim=64, num_heads=1)
+    state = {k: v for k, v in vit.state_dict().items()}
+    state["mask_token"] = torch.zeros(1, 64)
+    torch.save(state, path)
+    return path
+
+
+def test_fd_dinov2_with_a_tiny_vit_and_a_clear_error_without_weights(fmnist, tmp_path, root, capsys):
+    from stages.evaluate import main as evaluate_main
+    from stages.reference import main as reference_main
+    weights = _tiny_dinov2(tmp_path / "dinov2_tiny.pth")
+    params = _params_and_models(fmnist, tmp_path, root, metrics=["fid", "fd_dinov2"], dinov2_weights=str(weights))
+    assert reference_main(["--params", str(params), "--out", str(tmp_path / "ref")]) == 0
+    assert len(list((tmp_path / "ref").glob("ref-*.npz"))) == 2          # one cache entry per feature extractor
+    assert evaluate_main(["--params", str(params), "--models", str(tmp_path / "models"), "--ref-cache",
+                          str(tmp_path / "ref"), "--metrics", str(tmp_path / "metrics"),
+                          "--samples", str(tmp_path / "samples")]) == 0
+    records = json.loads((tmp_path / "metrics/fid_records.json").read_text())
+    for r in records:
+        fd = r["extra"]["metrics"]["fd_dinov2"]
+        assert fd["value"] > 0 and fd["se"] > 0 and fd["ci95"][0] <= fd["value"] <= fd["ci95"][1] + 1e-9
+        assert fd["feature_net"] == "dinov2-vit64x2" and len(fd["feature_net_sha256"]) == 64
+        assert fd["value"] != r["fid"]
+    metrics = json.loads((tmp_path / "metrics/fid.json").read_text())
+    assert set(metrics["fd_dinov2"]) == set(metrics["fid"])
+    # The features are the tiny ViT's CLS token: 64 numbers per image.
+    from pipeline.metrics import metric
+    ex = metric("fd_dinov2").extractor(C.load_config(params), "cpu")
+    assert ex.fn(torch.rand(3, 3, 299, 299) * 255).shape == (3, 64)
+    # No weights file: one line naming the field, before any sampling; no unknown metric either.
+    capsys.readouterr()
+    missing = _params_and_models(fmnist, tmp_path / "b", root, metrics=["fid", "fd_dinov2"],
+                                 dinov2_weights=str(tmp_path / "absent.pth"))
+    assert evaluate_main(["--params", str(missing), "--models", str(tmp_path / "b/models"), "--ref-cache",
+                          str(tmp_path / "b/ref"), "--metrics", str(tmp_path / "b/metrics")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "fid.dinov2_weights=" in err[0] and "nothing is downloaded" in err[0], err
+    assert not (tmp_path / "b/metrics").exists()
+    with pytest.raises(C.ConfigError, match="fid first"):
+        C.resolve({}, {"fid.metrics": ["fd_dinov2"]})

@@ -175,3 +175,18 @@ def test_unreachable_tracking_server_warns_once_and_trains(tmp_path, fmnist, cap
     assert err.count("MLflow logging off") == 1 and "unreachable" in err
     lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
     assert len(lines) == 3
+
+
+def test_label_dropout_is_seeded_and_changes_training(tmp_path, fmnist):
+    """train.label_dropout (method.md 5): labels zeroed with that probability, drawn from the seed and
+    the image index, so the same config trains the same weights, and a different rate others."""
+    states = {}
+    for name, rate in (("a", 0.5), ("b", 0.5), ("c", 0.0)):
+        params = tiny_params(tmp_path / name, fmnist, train={"label_dropout": rate, "duration_nimg": 64})
+        assert train(C.load_config(params), progress=False).status == "finished"
+        states[name] = final_state(params)["net"]
+    for k in states["a"]:
+        assert torch.equal(states["a"][k], states["b"][k]), k
+    assert any(not torch.equal(states["a"][k], states["c"][k]) for k in states["a"])
+    assert C.load_config(tiny_params(tmp_path / "d", fmnist, train={"label_dropout": 0.1})).run_key() != \
+        C.load_config(tiny_params(tmp_path / "e", fmnist)).run_key()        # a different training: another run key
