@@ -407,7 +407,7 @@ SWEEP_HEADERS = {"trial_id": "trial", "nimg": "images trained", "final_loss": "f
 
 
 def write_sweep_report(df, swept: Sequence[str], out_dir: str | Path, name: str,
-                       summary: Sequence[str] = (), grids: dict | None = None) -> Path:
+                       summary: Sequence[str] = (), grids: dict | None = None, heat: dict | None = None) -> Path:
     """reports/sweeps/<name>/report.html: the winner with what is not distinguishable from it, figures
     inline, a sample grid per trial at its best EMA length, every trial x EMA length sorted by FID with
     its uncertainty and cost, early-stopped trials marked, the FID record on every row."""
@@ -433,8 +433,15 @@ def write_sweep_report(df, swept: Sequence[str], out_dir: str | Path, name: str,
             parts.append(f"<figure><a href='samples/{png.name}' target='_blank'>{_img_tag(png, cap, 180)}</a>"
                          f"<figcaption>{html.escape(cap)}</figcaption></figure>")
         parts.append("</div>")
-    cols = ["trial_id", *swept, "status", "nimg", "final_loss", "val_loss", "sigma_rel", "fid", "fid_se", "fid_lo",
-            "fid_hi", "kid", "tied_with_best", "train_min", "img_per_s", "stop_reason"]
+    if heat:                                     # post-hoc grid: FID over EMA length x w, per guide, per trial
+        parts.append("<h2>Post-hoc grid per trial: FID over EMA length x guidance weight, one panel per guide</h2>")
+        for tid, png in heat.items():
+            parts.append(f"<p>trial {html.escape(str(tid))}</p>{_img_tag(png, f'grid {tid}')}")
+    cols = ["trial_id", *swept, "status", "nimg", "final_loss", "val_loss", "sigma_rel", "guide", "guidance", "steps",
+            "fid", "fid_se", "fid_lo", "fid_hi", "kid", "tied_with_best", "same_as", "train_min", "img_per_s",
+            "stop_reason"]
+    if "guide" in df.columns and (df["guide"].fillna("none") == "none").all():   # no post-hoc grid: no such columns
+        cols = [c for c in cols if c not in ("guide", "guidance", "same_as")]
     cols = [c for c in cols if c in df.columns]
     parts.append("<h2>Trials x EMA lengths, sorted by FID</h2><table><tr>" +
                  "".join(f"<th>{html.escape(SWEEP_HEADERS.get(c, c))}</th>" for c in cols) + "<th>FID record</th></tr>")

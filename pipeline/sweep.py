@@ -281,6 +281,12 @@ def fan_out(cfg: C.Config, res, trial_dir: Path, ref_cache: str, device=None) ->
     fig = plot_fid_vs_ema(distinct, trial_dir / "fid_vs_ema.png", f"trial {trial_dir.name}")   # EDM2 fig. 5 curve
     logger.run_id = res.mlflow_run_id
     logger.log_artifact(fig, "figures")
+    if is_grid(records):                                     # the post-hoc grid: EMA length x w per guide
+        from .report import plot_guidance_grid
+        heat = plot_guidance_grid(records, trial_dir / "fid_grid.png", f"trial {trial_dir.name}: FID over EMA "
+                                  f"length x guidance, per guide (* the best)")
+        if heat is not None:
+            logger.log_artifact(heat, "figures")
     best = min(records, key=lambda r: r["fid"])
     logger.log_summary({"best_fid": best["fid"], "best_fid_se": best.get("fid_se"),
                         "best_sigma_rel": best["sigma_rel"], "best_kid": best.get("kid")})
@@ -610,7 +616,14 @@ def write_results(df, out_dir: Path, sweep: C.SweepConfig) -> Path:
             plot_best_vs_param(best, swept, out_dir / "best_fid_vs_param.png", sweep.name, stopped=no_fid,
                                ranges=ranges)
     grids = trial_grids(done, out_dir / "samples")
-    write_sweep_report(df, list(sweep.search), out_dir, sweep.name, summary_lines(df, sweep), grids)
+    heat = {}
+    for tid in (done["trial_id"].unique() if len(done) else []):       # per-trial heat maps of a post-hoc grid
+        src = Path(done.loc[done["trial_id"] == tid, "model_file"].iloc[0]).parent.parent / "fid_grid.png"
+        if src.is_file():
+            import shutil
+            (out_dir / "samples").mkdir(parents=True, exist_ok=True)
+            heat[tid] = Path(shutil.copy(src, out_dir / "samples" / f"{tid}-fid_grid.png"))
+    write_sweep_report(df, list(sweep.search), out_dir, sweep.name, summary_lines(df, sweep), grids, heat)
     return csv
 
 

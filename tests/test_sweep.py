@@ -407,3 +407,29 @@ def test_validation_loss_does_not_depend_on_the_trials_noise_law(tmp_path, fmnis
     with torch.no_grad():
         net.unet.out_gain.fill_(0.2)
     assert make_validator(base, spec)(net) != values[0]
+
+
+@pytest.mark.slow
+def test_sweep_posthoc_grid_from_one_training_per_trial(tmp_path, fmnist):
+    """A sweep file's `posthoc:` block: every trial evaluates EMA length x guide x guidance from its
+    own snapshots (the guide reconstructed in the same pass), with no retraining."""
+    sweep_file = make_project(
+        tmp_path, fmnist, name="posthoc", search={}, ema_lengths=[], max_concurrent=1,
+        posthoc={"sigma_rel": [0.1, 0.15], "guide": ["none", {"nimg": 64, "sigma_rel": 0.05}], "guidance": [1.0, 2.0]})
+    r = subprocess.run([sys.executable, "-m", "pipeline", "sweep", str(sweep_file), "--num-cpus", "2"], cwd=tmp_path,
+                       env=ENV, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
+    table = pd.read_csv(tmp_path / "reports/sweeps/posthoc/results.csv")
+    assert len(table) == 8 and table["trial_id"].nunique() == 1                 # 2 x 2 x 2 points, one training
+    assert set(zip(table["guide"], table["guidance"])) == {("none", 1.0), ("none", 2.0), ("ema 0.050 at 64 img", 1.0),
+                                                          ("ema 0.050 at 64 img", 2.0)}
+    assert table["same_as"].notna().sum() == 4
+    trial = tmp_path / "runs/sweeps/posthoc/trials" / table["trial_id"].iloc[0]
+    assert len(list((trial / "run" / "checkpoints").glob("*.pt"))) >= 1 and (trial / "fid_grid.png").is_file()
+    assert sorted(p.name for p in (trial / "ema").glob("ema-*.safetensors")) == [
+        "ema-0000000064-0.050.safetensors", "ema-0000000096-0.100.safetensors", "ema-0000000096-0.150.safetensors"]
+    html = (tmp_path / "reports/sweeps/posthoc/report.html").read_text()
+    assert "Post-hoc grid per trial" in html and "<th>guide</th>" in html
+    client, runs = mlflow_runs(tmp_path)
+    emas = [x for x in runs if x.data.tags.get("kind") == "ema"]
+    assert len(emas) == 8 and {x.data.params["guide"] for x in emas} == {"none", "ema 0.050 at 64 img"}
