@@ -43,7 +43,8 @@ def generate(net, num_images: int, seed: int, sampler_cfg, batch_size: int, devi
              desc: str | None = None, guide=None):
     """num_images samples as N x H x W x C uint8; image i uses seed `seed + i` and, for a
     conditional model, class (seed + i) % label_dim. `guide`: a guiding network, or "unconditional"
-    (the same network with the zero label), used with weight sampler_cfg.guidance."""
+    (the same network with the zero label), used with weight sampler_cfg.guidance. Batches are
+    sampler.batch_size images, halved whenever the GPU runs out of memory (the images do not change)."""
     from .data import decode_pixels
     from .edm import sample_images
     net = net.eval().to(device)
@@ -51,20 +52,33 @@ def generate(net, num_images: int, seed: int, sampler_cfg, batch_size: int, devi
     if unconditional and not net.label_dim:
         raise FIDError("guide=unconditional needs a class-conditional model (this one has no labels)")
     guide_net = net if unconditional else (guide.eval().to(device) if guide is not None else None)
-    seeds = list(range(seed, seed + num_images))
     out = []
-    rng = range(0, num_images, batch_size)
+    bar = None
     if progress:
         from tqdm import tqdm
-        rng = tqdm(rng, desc=desc or f"sample NFE {sampler_cfg.nfe}", unit="batch", mininterval=2.0)
-    for i in rng:
-        batch = seeds[i:i + batch_size]
+        bar = tqdm(total=num_images, desc=desc or f"sample NFE {sampler_cfg.nfe}", unit="img", mininterval=2.0)
+    i = 0
+    while i < num_images:
+        batch = list(range(seed + i, seed + min(i + batch_size, num_images)))
         labels = None
         if net.label_dim:
             labels = torch.nn.functional.one_hot(torch.tensor(batch) % net.label_dim, net.label_dim).float().to(device)
-        x = sample_images(net, batch, labels, sampler_cfg, device=device, guide=guide_net,
-                          guide_labels=torch.zeros_like(labels) if unconditional else None)
+        try:
+            x = sample_images(net, batch, labels, sampler_cfg, device=device, guide=guide_net,
+                              guide_labels=torch.zeros_like(labels) if unconditional else None)
+        except torch.cuda.OutOfMemoryError:
+            if batch_size == 1:
+                raise
+            batch_size = max(1, batch_size // 2)     # per-image seeds: the same images at any batch size
+            torch.cuda.empty_cache()
+            print(f"generate: out of GPU memory, sampling {batch_size} images per batch from here on")
+            continue
         out.append(decode_pixels(x).permute(0, 2, 3, 1).cpu().numpy())
+        i += len(batch)
+        if bar is not None:
+            bar.update(len(batch))
+    if bar is not None:
+        bar.close()
     return np.concatenate(out)
 
 

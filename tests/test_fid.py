@@ -97,6 +97,29 @@ def test_generation_does_not_depend_on_batch_size():
     assert np.array_equal(a[1:], c[:4]) and not np.array_equal(a, c)
 
 
+def test_generation_halves_the_batch_when_the_gpu_runs_out_of_memory(monkeypatch, capsys):
+    """Batches as large as memory allows: an out-of-memory batch is retried at half the size, with the
+    same images (per-image seeds). The OOM is simulated here; the CUDA path itself runs in gpu_check."""
+    import pipeline.edm as edm
+    from pipeline.networks import Precond
+    torch.manual_seed(0)
+    net = Precond(8, 1, 3, model_channels=16, channel_mult=[1, 2], num_blocks=1, attn_resolutions=[4],
+                  channels_per_head=16)
+    s = C.resolve({}).sampler.model_copy(update={"steps": 3})
+    want = generate(net, 6, 0, s, batch_size=6)
+    real, sizes = edm.sample_images, []
+
+    def small_memory(net_, seeds, *a, **k):
+        sizes.append(len(seeds))
+        if len(seeds) > 2:
+            raise torch.cuda.OutOfMemoryError("simulated")
+        return real(net_, seeds, *a, **k)
+    monkeypatch.setattr(edm, "sample_images", small_memory)
+    got = generate(net, 6, 0, s, batch_size=8)
+    assert np.array_equal(got, want) and sizes == [6, 4, 2, 2, 2]                 # 8 -> 4 -> 2 images per batch
+    assert "sampling 2 images per batch" in capsys.readouterr().out
+
+
 @pytest.mark.skipif(shutil.which("unshare") is None, reason="needs util-linux unshare for a network namespace")
 def test_offline_inception_with_networking_disabled(tmp_path):
     probe = subprocess.run(["unshare", "-n", "true"], capture_output=True)
