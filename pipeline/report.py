@@ -384,8 +384,8 @@ def plot_best_vs_param(best, keys: Sequence[str], path: str | Path, name: str = 
             ax.scatter(x, best["fid"], color="tab:blue")
         ax.scatter([x[w]], [best["fid"][w]], marker="*", s=200, color="gold", edgecolor="black", zorder=3)
         lo_hi = ranges.get(key) if not categorical else None
-        lo = min(x.min(), *(lo_hi or ()), *(xs if xs is not None else ()))
-        hi = max(x.max(), *(lo_hi or ()), *(xs if xs is not None else ()))
+        lo = min([x.min(), *(lo_hi or ()), *(xs if xs is not None else ())])
+        hi = max([x.max(), *(lo_hi or ()), *(xs if xs is not None else ())])
         if not categorical and lo > 0 and hi / lo > 20:
             ax.set_xscale("log")
         if lo_hi and not categorical:            # the searched range, not only the values drawn

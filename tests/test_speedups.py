@@ -12,7 +12,7 @@ from pipeline.networks import build_network
 from pipeline.training import SnapshotWriter, train
 from safetensors.torch import load_file
 
-STEPS = {"duration_nimg": 96, "checkpoint_nimg": 96, "status_nimg": 16}
+STEPS = {"duration_nimg": 96, "checkpoint_nimg": 96, "status_nimg": 16, "amp": "none"}   # float32 is "plain"
 
 
 def losses(tmp_path, fmnist, name, **switches):
