@@ -144,9 +144,8 @@ def evaluate_points(points: Sequence[dict], models_dir: str | Path, cfg, ref: di
     models_dir = Path(models_dir)
     f = cfg.fid
     if target_nimg is None:
-        import json as _json
         summary = models_dir / "reconstruct.json"
-        target_nimg = _json.loads(summary.read_text())["target_nimg"] if summary.is_file() else max(
+        target_nimg = json.loads(summary.read_text())["target_nimg"] if summary.is_file() else max(
             check_reconstruction(p)["nimg"] for p in models_dir.glob("ema-*.safetensors"))
     plan = [(p, *_files(p, models_dir, target_nimg)) for p in points]
     for _, main, guide in plan:                      # every header before any compute
@@ -155,7 +154,9 @@ def evaluate_points(points: Sequence[dict], models_dir: str | Path, cfg, ref: di
                 if not path.is_file():
                     raise FIDError(f"{path}: no such model (reconstruct the grid's EMA lengths and guides first: "
                                    f"the reconstruct stage makes them from evaluate.grid)")
-                check_reconstruction(path)
+                meta = check_reconstruction(path)
+                if guide == "unconditional" and path == main and not (meta.get("net_args") or {}).get("label_dim"):
+                    raise FIDError(f"guide=unconditional needs a class-conditional model; {path.name} has no labels")
     keys = list(dict.fromkeys((str(m), str(g), p["steps"], p["guidance"] if g is not None else 1.0)
                               for p, m, g in plan))
     done: dict = {}
@@ -164,7 +165,8 @@ def evaluate_points(points: Sequence[dict], models_dir: str | Path, cfg, ref: di
 
     def net_of(path):
         if str(path) not in nets:
-            nets.clear() if len(nets) > 2 else None      # at most a model and its guide in memory
+            if len(nets) >= 2:                         # a model and its guide in memory, no more
+                nets.clear()
             nets[str(path)] = load_model(path, device)
         return nets[str(path)]
     for p, main, guide in plan:
