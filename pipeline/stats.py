@@ -195,6 +195,10 @@ def ranking(records: Sequence[dict], label=lambda r: f"sigma_rel {r['sigma_rel']
     edge = None
     if all(r.get("sigma_rel") is not None for r in records) and len({r["sigma_rel"] for r in records}) > 1:
         edge = edge_note([r["sigma_rel"] for r in records], best["sigma_rel"], "sigma_rel")
+    guided = [r for r in records if (r.get("sampler") or {}).get("guidance", 1.0) != 1.0]
+    if guided and best in guided:                 # a post-hoc grid: the guidance weight is an axis too
+        ws = {r["sampler"]["guidance"] for r in records} | {1.0}
+        edge = "; ".join(n for n in (edge, edge_note(ws, best["sampler"]["guidance"], "guidance w")) if n) or None
     lines = [f"best: FID {best['fid']:.2f} +- {best['fid_se']:.2f} at {label(best)}"]
     lines.append("not distinguishable from it (paired 95% interval of the difference contains 0): "
                  + (", ".join(tied) if tied else "none; every other result is resolved as worse"))

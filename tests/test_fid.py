@@ -305,6 +305,14 @@ def test_edge_note():
     assert "smallest" in edge_note([0.04, 0.08, 0.12], 0.04, "sigma_rel")
     assert "largest" in edge_note([1, 2], 3.0, "lr", 1, 3)
     assert edge_note([0.04, 0.08, 0.12], 0.08, "sigma_rel") is None
+    # A post-hoc grid: the best at the largest guidance weight is flagged too.
+    from pipeline.records import point_label
+    from pipeline.stats import ranking
+    recs = [{"fid": f, "fid_se": 1.0, "sigma_rel": s, "guide": g, "sampler": {"guidance": w}}
+            for f, s, g, w in [(10, 0.05, "none", 1.0), (8, 0.1, "ema", 1.5), (6, 0.1, "ema", 2.0), (7, 0.05, "ema", 2.0)]]
+    assert "guidance w=2 is the largest searched" in ranking(recs, label=point_label)["lines"][-1]
+    recs[2]["sampler"]["guidance"] = 1.75                # the best inside the range: no guidance note
+    assert "guidance" not in (ranking(recs, label=point_label)["edge"] or "")
 
 
 def test_sample_export_cli_seeds_guidance_and_formats(fmnist, tmp_path, root):
