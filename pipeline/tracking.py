@@ -335,8 +335,9 @@ def run_tags(stage: str | None = None) -> dict:
 # Reading results back: MLflow -> pandas.
 
 def load_runs(experiment: str, uri: str | None = None, sweep: str | None = None):
-    """One row per (training run or trial) x EMA length, from MLflow: the run's swept/config params,
-    the EMA length, its FID and FID record fields, and the cost (seconds, GPU-seconds).
+    """One row per (training run or trial) x post-hoc point, from MLflow: the run's swept/config
+    params, the EMA length, guide and guidance weight, its FID and FID record fields, and the cost
+    (seconds, GPU-seconds).
 
     `sweep`: a sweep name (parent run `sweep-<name>`) or a parent run id to restrict to one sweep.
     """
@@ -375,7 +376,9 @@ def load_runs(experiment: str, uri: str | None = None, sweep: str | None = None)
         gpus = float(train.data.tags.get("gpus", "0") or 0)
         row = {"sweep": parent.info.run_name if parent else None, "run_id": train.info.run_id,
                "run_name": train.info.run_name, "status": train.info.status,
-               "sigma_rel": float(r.data.params.get("sigma_rel", "nan")), "fid": r.data.metrics.get("fid"),
+               "sigma_rel": float(r.data.params.get("sigma_rel", "nan")),
+               "guide": r.data.params.get("guide", "none"), "guidance": float(r.data.params.get("guidance", 1.0)),
+               "same_as": r.data.tags.get("same_as"), "fid": r.data.metrics.get("fid"),
                "fid_se": r.data.metrics.get("fid_se"), "kid": r.data.metrics.get("kid"),
                "num_images": int(r.data.params.get("num_images", 0)), "nfe": int(r.data.params.get("nfe", 0)),
                "ref_num_images": int(r.data.params.get("ref_num_images", 0)), "seeds": r.data.params.get("seeds"),

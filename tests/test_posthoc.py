@@ -67,6 +67,9 @@ def test_grid_of_guides_and_weights_from_one_training(tmp_path, fmnist, monkeypa
     got = {(float(k.data.params["sigma_rel"]), k.data.params["guide"], float(k.data.params["guidance"])) for k in kids}
     assert got == axes
     assert sum("same_as" in k.data.tags for k in kids) == 4
+    from pipeline.tracking import load_runs                  # `python -m pipeline runs`: one row per point
+    df = load_runs(cfg.tracking.experiment, cfg.tracking.uri)
+    assert len(df) == 8 and set(zip(df["sigma_rel"], df["guide"], df["guidance"])) == axes
 
 
 def test_grid_config_is_checked_before_any_work():
