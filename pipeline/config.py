@@ -279,6 +279,11 @@ class GuideSpec(_Section):
             raise ValueError("a guide needs file, or nimg and/or sigma_rel (use `none` for no guide)")
         return self
 
+    def target(self, sigma_rel: float) -> tuple[int | None, float]:
+        """(training time, EMA length) of this guide for a main model of `sigma_rel` (None: the main
+        model's time): the reconstruction the reconstruct stage makes for it."""
+        return self.nimg, self.sigma_rel if self.sigma_rel is not None else sigma_rel
+
     def label(self) -> str:
         if self.file is not None:
             return f"file {Path(self.file).name}"

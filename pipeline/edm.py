@@ -185,16 +185,13 @@ def sample_images(net, seeds: Sequence[int], labels: torch.Tensor | None, sample
     model = _sampling_model(net, sampler_cfg.compile, device)
     amp = getattr(sampler_cfg, "amp", "none") == "bf16"        # network in bf16 autocast; the ODE is not
 
-    def denoise(x, sigma):
-        with torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=amp):
-            return model(x.to(torch.float32), sigma.to(torch.float32).expand(x.shape[0]), labels)
-
-    guide_fn = None
-    if guide is not None:
-        def guide_fn(x, sigma):
+    def as_denoiser(network, lab):
+        def D(x, sigma):
             with torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=amp):
-                return guide(x.to(torch.float32), sigma.to(torch.float32).expand(x.shape[0]),
-                             labels if guide_labels is None else guide_labels)
+                return network(x.to(torch.float32), sigma.to(torch.float32).expand(x.shape[0]), lab)
+        return D
+    denoise = as_denoiser(model, labels)
+    guide_fn = as_denoiser(guide, labels if guide_labels is None else guide_labels) if guide is not None else None
 
     s = sampler_cfg
     return edm_sampler(denoise, noise, shape, steps=s.steps, sigma_min=s.sigma_min, sigma_max=s.sigma_max,

@@ -15,9 +15,10 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from .fid import FIDError, FeatureNet, array_features, measure
+from .fid import FIDError, array_features, measure
 from .io import atomic_write_text
-from .records import FIDRecord, check_comparable, point_label, result_line, sampler_record
+from .records import (FIDRecord, check_comparable, computed, is_grid, is_plain, point_key, point_label, result_line,
+                      sampler_record)
 from .stats import ranking
 
 
@@ -106,8 +107,8 @@ def reconstruction_targets(cfg) -> list:
         out.append(p["sigma_rel"])
         g = p["guide"]
         if isinstance(g, GuideSpec) and g.file is None:
-            s = g.sigma_rel if g.sigma_rel is not None else p["sigma_rel"]
-            out.append((g.nimg, s) if g.nimg is not None else s)
+            nimg, s = g.target(p["sigma_rel"])
+            out.append((nimg, s) if nimg is not None else s)
     return list(dict.fromkeys(out))
 
 
@@ -128,21 +129,24 @@ def _files(point: dict, models_dir: Path, T: int) -> tuple[Path, object]:
     assert isinstance(g, GuideSpec)
     if g.file is not None:
         return main, Path(g.file)
-    s = g.sigma_rel if g.sigma_rel is not None else point["sigma_rel"]
-    return main, models_dir / reconstruction_name(g.nimg if g.nimg is not None else T, s)
+    nimg, s = g.target(point["sigma_rel"])
+    return main, models_dir / reconstruction_name(nimg if nimg is not None else T, s)
 
 
-def evaluate_points(points: Sequence[dict], models_dir: str | Path, cfg, ref: dict, feat: FeatureNet,
+def evaluate_points(points: Sequence[dict], models_dir: str | Path, cfg, refs: Sequence[tuple],
                     samples_dir=None, device="cpu", progress: bool = True, log=print,
-                    target_nimg: int | None = None, others: Sequence[tuple] = ()) -> list[FIDRecord]:
+                    target_nimg: int | None = None) -> list[FIDRecord]:
     """One record per post-hoc point (EMA length, guide, guidance weight, steps) against one
     reference: fid.num_images samples (seeds fid.seed ...), features, FID with its bootstrap interval
-    and KID. Points that are the same computation (no guide or w = 1: the unguided model) are
-    sampled once; their records carry `extra.same_as`. Each result is printed when known ("k of n")."""
+    and KID, and every further metric of `refs` (metrics.references: FID first) in `extra.metrics`.
+    Points that are the same computation (no guide or w = 1: the unguided model) are sampled once;
+    their records carry `extra.same_as`. Each result is printed when known ("k of n")."""
     from .phema import check_reconstruction
     from .report import save_image_grid
     models_dir = Path(models_dir)
     f = cfg.fid
+    (_, _, feat, ref), others = refs[0], refs[1:]
+    steps_axis = len({q["steps"] for q in points}) > 1
     if target_nimg is None:
         summary = models_dir / "reconstruct.json"
         target_nimg = json.loads(summary.read_text())["target_nimg"] if summary.is_file() else max(
@@ -157,9 +161,11 @@ def evaluate_points(points: Sequence[dict], models_dir: str | Path, cfg, ref: di
                 meta = check_reconstruction(path)
                 if guide == "unconditional" and path == main and not (meta.get("net_args") or {}).get("label_dim"):
                     raise FIDError(f"guide=unconditional needs a class-conditional model; {path.name} has no labels")
-    keys = list(dict.fromkeys((str(m), str(g), p["steps"], p["guidance"] if g is not None else 1.0)
-                              for p, m, g in plan))
-    done: dict = {}
+    def computation(p, main, guide) -> tuple:                # what the samples depend on
+        return str(main), str(guide), p["steps"], p["guidance"] if guide is not None else 1.0
+    keys = list(dict.fromkeys(computation(*x) for x in plan))
+    results: dict = {}                                 # computation -> (measurements, model header, grid name)
+    first_key: dict = {}                               # computation -> eval_key of its first record
     records = []
     nets: dict = {}
 
@@ -170,10 +176,10 @@ def evaluate_points(points: Sequence[dict], models_dir: str | Path, cfg, ref: di
             nets[str(path)] = load_model(path, device)
         return nets[str(path)]
     for p, main, guide in plan:
-        key = (str(main), str(guide), p["steps"], p["guidance"] if guide is not None else 1.0)
+        key = computation(p, main, guide)
+        k = keys.index(key) + 1
         sampler = cfg.sampler.model_copy(update={"steps": p["steps"], "guidance": p["guidance"]})
-        if key not in done:
-            k = keys.index(key) + 1
+        if key not in results:
             net, data = net_of(main)
             guide_obj = guide if guide in (None, "unconditional") else net_of(guide)[0]
             tag = (f"point {k}/{len(keys)} ({main.name}" + (f", w {p['guidance']:g} guide "
@@ -191,11 +197,8 @@ def evaluate_points(points: Sequence[dict], models_dir: str | Path, cfg, ref: di
             grid_name = f"samples-{main.stem}" + ("" if plain else f"-{_slug(p, guide)}") + ".png"
             if samples_dir is not None:
                 save_image_grid(images[:64], Path(samples_dir) / grid_name)
-            done[key] = (m, data, None, grid_name)
-            first = True
-        else:
-            first = False
-        m, data, _, grid_name = done[key]
+            results[key] = (m, data, grid_name)
+        m, data, grid_name = results[key]
         rec = FIDRecord(
             fid=m["fid"], feature_net=feat.name, feature_net_sha256=feat.sha256, mode=f.mode, num_images=f.num_images,
             reference=ref["reference"], reference_sha256=ref["reference_sha256"], ref_num_images=ref["ref_num_images"],
@@ -204,14 +207,14 @@ def evaluate_points(points: Sequence[dict], models_dir: str | Path, cfg, ref: di
             kid=m.get("kid"), kid_std=m.get("kid_std"), bootstrap=m["bootstrap"], guide=_guide_label(p["guide"]),
             extra={"guide_file": str(guide) if isinstance(guide, Path) else None, "samples": grid_name,
                    **({"metrics": m["others"]} if m["others"] else {}),
-                   **({"steps_axis": True} if len({q["steps"] for q in points}) > 1 else {})})
-        if first:
-            done[key] = (m, data, rec.to_dict()["eval_key"], grid_name)
+                   **({"steps_axis": True} if steps_axis else {})})
+        if key in first_key:
+            rec.extra["same_as"] = first_key[key]          # the same computation as an earlier point
         else:
-            rec.extra["same_as"] = done[key][2]          # the same computation as an earlier point
+            first_key[key] = rec.to_dict()["eval_key"]
+            if log is not None:
+                log(f"[{k}/{len(keys)}] {result_line(rec.to_dict())}")
         records.append(rec)
-        if log is not None and first:
-            log(f"[{keys.index(key) + 1}/{len(keys)}] {result_line(rec.to_dict())}")
     check_comparable([r.to_dict() for r in records])
     return records
 
@@ -221,8 +224,8 @@ def _slug(point: dict, guide) -> str:
     return f"w{point['guidance']:g}-{g}-n{point['steps']}"
 
 
-def evaluate_models(model_files: Sequence[str | Path], cfg, ref: dict, feat: FeatureNet, samples_dir=None,
-                    device="cpu", progress: bool = True, log=print, others: Sequence[tuple] = ()) -> list[FIDRecord]:
+def evaluate_models(model_files: Sequence[str | Path], cfg, refs: Sequence[tuple], samples_dir=None,
+                    device="cpu", progress: bool = True, log=print) -> list[FIDRecord]:
     """One record per model file at the sampler's settings, unguided (evaluate_points over them)."""
     from .phema import check_reconstruction
     records = []
@@ -233,22 +236,9 @@ def evaluate_models(model_files: Sequence[str | Path], cfg, ref: dict, feat: Fea
         for T in sorted({m["nimg"] for m in metas}):
             points = [{"sigma_rel": m["sigma_rel"], "guide": "none", "guidance": 1.0, "steps": cfg.sampler.steps}
                       for m in metas if m["nimg"] == T]
-            records += evaluate_points(points, folder, cfg, ref, feat, samples_dir, device, progress, log,
-                                       target_nimg=T, others=others)
+            records += evaluate_points(points, folder, cfg, refs, samples_dir, device, progress, log, target_nimg=T)
     check_comparable([r.to_dict() for r in records])
     return records
-
-
-def point_key(r: dict) -> str:
-    """A record's key in metrics/fid.json: `ema_<sigma_rel>`, extended by w, guide and steps when the
-    point is guided or not at the first steps of the grid (DVC metric names: no spaces)."""
-    s = r["sampler"]
-    key = f"ema_{r['sigma_rel']:.3f}"
-    if s["guidance"] != 1.0 or r.get("guide", "none") != "none":
-        key += f"_w{s['guidance']:g}_{r.get('guide', 'none').replace(' ', '-')}"
-    if (r.get("extra") or {}).get("steps_axis"):
-        key += f"_n{s['steps']}"
-    return key
 
 
 def write_metrics(records: Sequence[FIDRecord | dict], metrics_dir: str | Path) -> dict:
@@ -257,8 +247,8 @@ def write_metrics(records: Sequence[FIDRecord | dict], metrics_dir: str | Path) 
     out = Path(metrics_dir)
     out.mkdir(parents=True, exist_ok=True)
     rows = sorted((r.to_dict() if isinstance(r, FIDRecord) else r for r in records),
-                  key=lambda r: (point_key(r) != f"ema_{r['sigma_rel']:.3f}", r["sigma_rel"] or 0, point_key(r)))
-    distinct = [r for r in rows if not (r.get("extra") or {}).get("same_as")]   # one per computation
+                  key=lambda r: (not is_plain(r), r["sigma_rel"] or 0, point_key(r)))
+    distinct = computed(rows)
     rk = ranking(distinct, label=point_label)
     best = distinct[rk["best"]]
     metrics = {"fid": {point_key(r): round(r["fid"], 4) for r in rows},
@@ -272,7 +262,7 @@ def write_metrics(records: Sequence[FIDRecord | dict], metrics_dir: str | Path) 
     for name in sorted({n for r in rows for n in (r.get("extra") or {}).get("metrics", {})}):
         metrics[name] = {point_key(r): round(r["extra"]["metrics"][name]["value"], 4) for r in rows
                          if name in (r.get("extra") or {}).get("metrics", {})}
-    if any(point_key(r) != f"ema_{r['sigma_rel']:.3f}" for r in rows):   # a grid: the best point's other axes
+    if is_grid(rows):                                            # the best point's other axes
         metrics.update(best_guidance=best["sampler"]["guidance"], best_guide=best.get("guide", "none"),
                        best_steps=best["sampler"]["steps"])
     atomic_write_text(json.dumps(metrics, indent=2), out / "fid.json")
@@ -290,8 +280,6 @@ def evaluate_run(cfg, snapshot_dir: str | Path, out_dir: str | Path, ref_cache: 
     guides (cfg.evaluate.grid, default ema.targets) into out_dir/ema in one pass, then evaluate every
     point against the reference (cached in ref_cache). Records are kept in out_dir/fid_records.json; a
     second call with the same points and settings reuses them (what a retried sweep trial needs)."""
-    from .data import EncodedDataset
-    from .fid import load_feature_net, reference_dataset_dir, reference_stats
     from .phema import reconstruct
     from .records import SAMPLER_AXES
     out_dir = Path(out_dir)
@@ -314,13 +302,10 @@ def evaluate_run(cfg, snapshot_dir: str | Path, out_dir: str | Path, ref_cache: 
                                 {k: v for k, v in r["sampler"].items() if k not in SAMPLER_AXES} == fixed
                                 for r in records):
             return records
-    feat = load_feature_net(cfg.fid.feature_net, str(device))
-    ref = reference_stats(EncodedDataset(reference_dataset_dir(cfg)), feat, cfg.fid.ref_num_images, ref_cache,
-                          cfg.fid.batch_size, progress=progress)
-    from .metrics import metric_references
-    others = metric_references(cfg, device, ref_cache, progress)
-    records = [r.to_dict() for r in evaluate_points(points, out_dir / "ema", cfg, ref, feat, out_dir / "samples",
-                                                     device, progress, log=None, target_nimg=T, others=others)]
+    from .metrics import references
+    refs = references(cfg, str(device), ref_cache, progress)
+    records = [r.to_dict() for r in evaluate_points(points, out_dir / "ema", cfg, refs, out_dir / "samples",
+                                                     device, progress, log=None, target_nimg=T)]
     atomic_write_text(json.dumps(records, indent=2), records_file)
     return records
 

@@ -71,18 +71,18 @@ def metric(name: str):
     return METRICS[name]
 
 
-def metric_references(cfg, device, ref_cache: str | Path, progress: bool = True) -> list[tuple]:
-    """(name, metric, extractor, reference statistics) of every metric after FID in cfg.fid.metrics
-    (metrics.METRICS); the reference statistics come from the same cache as FID's."""
+def references(cfg, device, ref_cache: str | Path, progress: bool = True) -> list[tuple]:
+    """(name, metric, extractor, reference statistics) of every metric of cfg.fid.metrics, FID first,
+    each reference computed once and then read from the cache (keyed by the extractor's hash)."""
     from .data import EncodedDataset
     from .fid import reference_dataset_dir, reference_stats
+    dataset = EncodedDataset(reference_dataset_dir(cfg))
     out = []
-    for name in cfg.fid.metrics[1:]:
+    for name in cfg.fid.metrics:
         m = metric(name)
         ex = m.extractor(cfg, device)
-        ref = reference_stats(EncodedDataset(reference_dataset_dir(cfg)), ex, cfg.fid.ref_num_images, ref_cache,
-                              cfg.fid.batch_size, progress=progress)
-        out.append((name, m, ex, ref))
+        out.append((name, m, ex, reference_stats(dataset, ex, cfg.fid.ref_num_images, ref_cache,
+                                                 cfg.fid.batch_size, progress=progress)))
     return out
 
 

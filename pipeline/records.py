@@ -92,6 +92,34 @@ def point_label(r: dict) -> str:
     return text
 
 
+def point_key(r: dict) -> str:
+    """A record's key in metrics/fid.json: `ema_<sigma_rel>`, extended by w, guide and steps when the
+    point is guided or not at the first steps of the grid (DVC metric names: no spaces)."""
+    s = r["sampler"]
+    key = f"ema_{r['sigma_rel']:.3f}"
+    if s["guidance"] != 1.0 or r.get("guide", "none") != "none":
+        key += f"_w{s['guidance']:g}_{r.get('guide', 'none').replace(' ', '-')}"
+    if (r.get("extra") or {}).get("steps_axis"):
+        key += f"_n{s['steps']}"
+    return key
+
+
+def is_plain(r: dict) -> bool:
+    """An unguided point at the grid's only steps: keyed `ema_<sigma_rel>` like before grids existed."""
+    return point_key(r) == f"ema_{r['sigma_rel']:.3f}"
+
+
+def is_grid(records) -> bool:
+    """Records of a post-hoc grid (some point guided, or several step counts)."""
+    return not all(is_plain(r) for r in records)
+
+
+def computed(records) -> list:
+    """One record per computation: the points marked `same_as` (no guide, or w = 1: the unguided
+    model sampled once) are left out, so rankings, curves and tables count each result once."""
+    return [r for r in records if not (r.get("extra") or {}).get("same_as")]
+
+
 def result_line(r: dict) -> str:
     lo, hi = r.get("fid_ci95") or (float("nan"), float("nan"))
     kid_part = f", KID {r['kid'] * 1e3:.2f}e-3 +- {r['kid_std'] * 1e3:.2f}e-3" if r.get("kid") is not None else ""

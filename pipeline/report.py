@@ -14,11 +14,16 @@ def _plt():
     return plt
 
 
-def _save(fig, path: str | Path) -> Path:
+def _save(fig, path: str | Path, bbox: bool = False) -> Path:
+    """bbox: crop to the drawn content (figures with a shared colour bar or a raised title, which
+    tight_layout cannot arrange)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    if bbox:
+        fig.savefig(path, dpi=110, bbox_inches="tight")
+    else:
+        fig.tight_layout()
+        fig.savefig(path, dpi=110)
     _plt().close(fig)
     return path
 
@@ -124,11 +129,6 @@ def curve_label(r: dict) -> str:
     return "; ".join(parts) or "unguided"
 
 
-def is_grid(records: Sequence[dict]) -> bool:
-    return any(r.get("guide", "none") != "none" or (r.get("extra") or {}).get("steps_axis")
-               or r["sampler"]["guidance"] != 1.0 for r in records)
-
-
 def plot_guidance_grid(records: Sequence[dict], path: str | Path, title: str = "") -> Path | None:
     """FID over EMA length x guidance weight, one heat map per guide (small multiples, shared colour
     scale; each cell FID +- SE, the best starred); w = 1 is the unguided model in every panel."""
@@ -166,11 +166,7 @@ def plot_guidance_grid(records: Sequence[dict], path: str | Path, title: str = "
     axes[0][0].set_ylabel("guidance weight w (1 = unguided)")
     fig.colorbar(im, ax=axes[0].tolist(), label="FID (lower is better)", shrink=0.9)
     fig.suptitle(title or "FID over EMA length x guidance, per guide (* the best)", fontsize=10, y=1.06)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110, bbox_inches="tight")
-    plt.close(fig)
-    return path
+    return _save(fig, path, bbox=True)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -259,10 +255,10 @@ def write_run_report(cfg_dict: dict, records: Sequence[dict], out_dir: str | Pat
     figs = out / "figures"
     figs.mkdir(parents=True, exist_ok=True)
     paths = {}
-    from .records import point_label
+    from .records import computed, is_grid, point_label
     recs = sorted(records, key=lambda r: (r["sigma_rel"] or 0, point_label(r)))
     grid = is_grid(recs)
-    distinct = [r for r in recs if not (r.get("extra") or {}).get("same_as")]     # one per computation
+    distinct = computed(recs)
     if recs:
         paths["fid"] = plot_fid_vs_ema([{**r, "label": curve_label(r) if grid else ""} for r in distinct],
                                        figs / "fid_vs_ema.png", f"FID vs EMA length ({recs[0]['num_images']} images)")

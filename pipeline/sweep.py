@@ -112,8 +112,9 @@ def plan(sweep: C.SweepConfig, base: C.Config) -> dict:
         points = [None] * sweep.num_samples                   # Optuna proposes them during the sweep
     n = len(points)
     from .evaluate import grid_points
-    lengths = sorted({p["sigma_rel"] for p in grid_points(base)})
-    per_trial = len(grid_points(base))
+    points_per_trial = grid_points(base)
+    lengths = sorted({p["sigma_rel"] for p in points_per_trial})
+    per_trial = len(points_per_trial)
     return {"name": sweep.name, "algorithm": sweep.algorithm, "seed": sweep.seed, "trials": n, "points": points,
             "axes": {k: v.model_dump(exclude_none=True) for k, v in sweep.search.items()},
             "ema_lengths": list(lengths), "images_to_train": n * base.train.duration_nimg,
@@ -275,13 +276,14 @@ def fan_out(cfg: C.Config, res, trial_dir: Path, ref_cache: str, device=None) ->
     records = evaluate_run(cfg, Path(cfg.train.run_dir) / "snapshots", trial_dir, ref_cache, device)
     logger = RunLogger(cfg, quiet=True)
     log_ema_runs(logger, res.mlflow_run_id, records, trial_dir / "samples")
-    from .report import curve_label, is_grid
-    distinct = [{**r, "label": curve_label(r) if is_grid(records) else ""} for r in records
-                if not (r.get("extra") or {}).get("same_as")]
+    from .records import computed, is_grid
+    from .report import curve_label
+    grid = is_grid(records)
+    distinct = [{**r, "label": curve_label(r) if grid else ""} for r in computed(records)]
     fig = plot_fid_vs_ema(distinct, trial_dir / "fid_vs_ema.png", f"trial {trial_dir.name}")   # EDM2 fig. 5 curve
     logger.run_id = res.mlflow_run_id
     logger.log_artifact(fig, "figures")
-    if is_grid(records):                                     # the post-hoc grid: EMA length x w per guide
+    if grid:                                                 # the post-hoc grid: EMA length x w per guide
         from .report import plot_guidance_grid
         heat = plot_guidance_grid(records, trial_dir / "fid_grid.png", f"trial {trial_dir.name}: FID over EMA "
                                   f"length x guidance, per guide (* the best)")
@@ -388,8 +390,8 @@ def run_sweep(sweep_file: str | Path, address: str | None = None, resume: bool =
     import ray
     from ray import tune
 
-    from .data import EncodedDataset, ensure_encoded
-    from .fid import load_feature_net, reference_dataset_dir, reference_stats
+    from .data import ensure_encoded
+    from .metrics import check_metrics, references
     from .tracking import RunLogger, run_tags
 
     make_private(exp_dir)
@@ -400,9 +402,8 @@ def run_sweep(sweep_file: str | Path, address: str | None = None, resume: bool =
     # statistics once, before any trial, in the sweeps' own cache (never a DVC output).
     ensure_encoded(base, log=lambda m: print(f"sweep: {m}"))
     ref_cache = str(storage / "fid-ref")
-    feat = load_feature_net(base.fid.feature_net)
-    reference_stats(EncodedDataset(reference_dataset_dir(base)), feat, base.fid.ref_num_images, ref_cache,
-                    base.fid.batch_size)
+    check_metrics(base)
+    references(base, "cpu", ref_cache)                      # every metric of fid.metrics, read by the trials
 
     # The MLflow parent run (and experiment) exist before trials start; a resumed sweep reuses it.
     state_file = exp_dir / "sweep_state.json"
@@ -460,7 +461,7 @@ def run_sweep(sweep_file: str | Path, address: str | None = None, resume: bool =
             close_trial_runs(exp_dir / "trials", uri, {}, default="KILLED" if outcome == "KILLED" else "FAILED")
             parent.end(outcome)
 
-    table = results_table(grid, exp_dir / "trials", sweep, _read_stopped(exp_dir / "asha_stopped.json"))
+    table = results_table(grid, exp_dir / "trials", sweep, _read_json(exp_dir / "asha_stopped.json"))
     close_trial_runs(exp_dir / "trials", uri, dict(zip(table["trial_id"], table["status"])) if len(table) else {})
     table_path = write_results(table, out_dir, sweep)
     best = None
@@ -485,7 +486,7 @@ def _recording_asha(path: Path):
         def on_trial_result(self, tune_controller, trial, result):
             decision = super().on_trial_result(tune_controller, trial, result)
             if decision == TrialScheduler.STOP and not result.get("done"):
-                stopped = _read_stopped(path)
+                stopped = _read_json(path)
                 stopped[trial.trial_id] = {"nimg": result.get("nimg"), "metric": self._metric,
                                            "value": result.get(self._metric)}
                 atomic_write_text(json.dumps(stopped, indent=2), path)
@@ -493,8 +494,9 @@ def _recording_asha(path: Path):
     return RecordingASHA
 
 
-def _read_stopped(path: Path) -> dict:
-    """A small JSON object from `path`, or {} when it is missing or unreadable."""
+def _read_json(path: Path) -> dict:
+    """A small JSON object from `path` (asha_stopped.json, a trial's train_summary.json), or {} when it
+    is missing or unreadable."""
     try:
         return json.loads(path.read_text())
     except (OSError, ValueError):
@@ -555,7 +557,7 @@ def results_table(grid, trials_dir: Path, sweep: C.SweepConfig, stopped: dict | 
         config = {**config.pop(POINT, {}), **config}
         params = {axis_key(k): v for k, v in config.items()}
         recs_file = trials_dir / str(trial_id) / "fid_records.json"
-        cost = _read_stopped(trials_dir / str(trial_id) / "run" / "train_summary.json")   # {} when absent
+        cost = _read_json(trials_dir / str(trial_id) / "run" / "train_summary.json")
         base = {"trial_id": trial_id, **params, "nimg": (result.metrics or {}).get("nimg"),
                 "final_loss": (result.metrics or {}).get("loss"), "val_loss": (result.metrics or {}).get("val_loss"),
                 "train_min": round(cost["train_seconds_total"] / 60, 2) if cost.get("train_seconds_total") else None,
@@ -570,6 +572,7 @@ def results_table(grid, trials_dir: Path, sweep: C.SweepConfig, stopped: dict | 
                 rows.append({**base, "status": "finished", **flat, "fid_lo": r["fid_ci95"][0],
                              "fid_hi": r["fid_ci95"][1], "nfe": s["nfe"], "steps": s["steps"], "churn": s["churn"],
                              "guidance": s["guidance"], "guide": r.get("guide", "none"), "same_as": same_as,
+                             "samples": (r.get("extra") or {}).get("samples"),
                              "seeds": f"{r['seeds'][0]}-{r['seeds'][1]}", "eval_key": r.get("eval_key") or eval_key(r)})
         else:
             status = ("early-stopped" if str(trial_id) in stopped else "error" if result.error else "interrupted")
@@ -644,7 +647,8 @@ def trial_grids(done, out: Path) -> dict:
         return grids
     for _, r in done.loc[done.groupby("trial_id")["fid"].idxmin()].iterrows():
         model = Path(r["model_file"])
-        src = model.parent.parent / "samples" / f"samples-{model.stem}.png"      # evaluate_run's layout
+        name = r.get("samples") if isinstance(r.get("samples"), str) else f"samples-{model.stem}.png"
+        src = model.parent.parent / "samples" / name              # evaluate_run's layout: <trial>/samples
         if src.is_file():
             out.mkdir(parents=True, exist_ok=True)
             grids[r["trial_id"]] = (Path(shutil.copy(src, out / f"{r['trial_id']}-{src.name}")), r["sigma_rel"])

@@ -14,12 +14,12 @@ import sys
 from pathlib import Path
 
 from pipeline import cli
-from pipeline.data import EncodedDataset
 from pipeline.devices import pick_device
 from pipeline.evaluate import evaluate_models, evaluate_points, grid_points, write_metrics
-from pipeline.metrics import check_metrics, metric_references
-from pipeline.fid import FIDError, load_feature_net, reference_dataset_dir, reference_stats
+from pipeline.fid import FIDError
+from pipeline.metrics import check_metrics, references
 from pipeline.phema import check_reconstruction, refuse_legacy
+from pipeline.records import computed, is_grid
 from pipeline.report import curve_label, plot_fid_vs_ema
 
 
@@ -45,19 +45,16 @@ def main(argv: list[str] | None = None) -> int:
             raise FIDError(f"no reconstructed models (ema-*.safetensors) in {args.models}: run the reconstruct stage")
         for f in files:                            # every model's header before any compute
             check_reconstruction(f)
-        feat = load_feature_net(cfg.fid.feature_net, device)
-        ref = reference_stats(EncodedDataset(reference_dataset_dir(cfg)), feat, cfg.fid.ref_num_images,
-                              args.ref_cache, cfg.fid.batch_size)
-        others = metric_references(cfg, device, args.ref_cache)     # fid.metrics after fid, e.g. fd_dinov2
+        refs = references(cfg, device, args.ref_cache)      # every metric of fid.metrics, FID first
         if cfg.evaluate.grid is not None:          # the post-hoc grid (its models are checked first)
-            recs = evaluate_points(grid_points(cfg), args.models, cfg, ref, feat, args.samples, device, others=others)
+            recs = evaluate_points(grid_points(cfg), args.models, cfg, refs, args.samples, device)
         else:                                      # every model in the folder, unguided
-            recs = evaluate_models(files, cfg, ref, feat, args.samples, device, others=others)
+            recs = evaluate_models(files, cfg, refs, args.samples, device)
         records = [r.to_dict() for r in recs]
         metrics = write_metrics(records, args.metrics)
         _log_to_mlflow(cfg, records, args.samples, metrics)
-        grid = cfg.evaluate.grid is not None
-        distinct = [{**r, "label": curve_label(r) if grid else ""} for r in records if not r["extra"].get("same_as")]
+        grid = is_grid(records)
+        distinct = [{**r, "label": curve_label(r) if grid else ""} for r in computed(records)]
         plot_fid_vs_ema(distinct, Path(args.metrics) / "fid_vs_ema.png",
                         f"{metrics['num_images']} images, NFE {metrics['nfe']}, {metrics['feature_net']}; "
                         f"bars: 95% bootstrap interval")

@@ -1,14 +1,13 @@
-"""DVC stage: FID reference statistics (Inception mu/Sigma) of the reference dataset, computed once
-and cached under a key of (dataset sha256, feature network hash, n)."""
+"""DVC stage: reference statistics (mu/Sigma) of the reference dataset for every metric of
+fid.metrics (FID's Inception first), computed once and cached under a key of (dataset sha256,
+feature network hash, n)."""
 from __future__ import annotations
 
 import sys
 
 from pipeline import cli
-from pipeline.data import EncodedDataset
 from pipeline.devices import pick_device
-from pipeline.metrics import check_metrics, metric_references
-from pipeline.fid import load_feature_net, reference_dataset_dir, reference_stats
+from pipeline.metrics import check_metrics, references
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -21,10 +20,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg = cli.config_from(args)
         device = str(pick_device(args.device or cfg.fid.device, "--device" if args.device else "fid.device"))
         check_metrics(cfg)
-        ref = reference_stats(EncodedDataset(reference_dataset_dir(cfg)), load_feature_net(cfg.fid.feature_net, device),
-                              cfg.fid.ref_num_images, args.out, cfg.fid.batch_size)
-        refs = [ref] + [r for _, _, _, r in metric_references(cfg, device, args.out)]   # fid.metrics after fid
-        for ref in refs:
+        for _, _, _, ref in references(cfg, device, args.out):     # every metric of fid.metrics, FID first
             print(f"reference statistics: {ref['ref_num_images']} images of {ref['reference']}, feature net "
                   f"{ref['feature_net']} ({ref['feature_net_sha256'][:12]}), "
                   f"{'cached' if ref['cached'] else f'computed on {device}'} -> {ref['path']}")
