@@ -6,7 +6,6 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml Makefile | sha1sum | cut -c1-12)
 export DVC_NO_ANALYTICS := 1
 export PATH := $(abspath $(BIN)):$(PATH)       # dvc.yaml's `python` is the venv's
-export RAY_AUTH_MODE := disabled
 
 SYSTEM_DEPS ?=
 

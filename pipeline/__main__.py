@@ -138,7 +138,8 @@ def main(argv: list[str] | None = None) -> int:
 
     sp = sub.add_parser("sweep", help="run a Ray Tune sweep from sweeps/<name>.yaml")
     sp.add_argument("file", help="sweep definition (YAML), e.g. sweeps/lr.yaml")
-    sp.add_argument("--address", help="join an existing Ray cluster (e.g. auto, or host:6379); default: local")
+    sp.add_argument("--address", help="join a running Ray cluster (host:port); one not on loopback needs token "
+                    "authentication (RAY_AUTH_MODE=token, RAY_AUTH_TOKEN). Default: a local Ray on 127.0.0.1 only")
     sp.add_argument("--resume", action="store_true", help="resume an interrupted sweep (finished trials are kept)")
     sp.add_argument("--num-cpus", type=int, help="CPUs of the local Ray instance (default: all)")
     sp.add_argument("--reports", default="reports/sweeps", help="where the table and figures go")

@@ -42,16 +42,21 @@ class TrainJob:
     def __call__(self) -> dict:
         os.chdir(self.cwd)
         _export_distributed_env()
+        import socket
+        print(f"edm2 task {os.environ.get('RANK', '0')}/{os.environ.get('WORLD_SIZE', '1')} on {socket.gethostname()}",
+              flush=True)
         from .training import StopFlag, train
         submitit_usr2 = signal.getsignal(signal.SIGUSR2)     # submitit's checkpoint-and-requeue handler
         stop = StopFlag().install()                          # training stops at a step boundary instead
         cfg = C.load_config(self.params, self.overrides)
         res = train(cfg, stage="slurm", stop=stop, progress=False)
-        if res.status == "stopped" and stop.signal == signal.SIGUSR2 and callable(submitit_usr2):
+        rank = int(os.environ.get("RANK", "0"))
+        if res.status == "stopped" and stop.signal == signal.SIGUSR2 and rank == 0 and callable(submitit_usr2):
             submitit_usr2(signal.SIGUSR2, None)              # -> self.checkpoint() -> requeue -> exit
-        if res.status == "stopped" and stop.signal == signal.SIGTERM and "SLURM_JOB_ID" in os.environ:
-            # `scontrol requeue` / preemption: SLURM kills and restarts the job after KillWait. Exiting
-            # now would leave a failure result behind that a watcher could read before the restart.
+        if res.status == "stopped" and "SLURM_JOB_ID" in os.environ:
+            # `scontrol requeue` (SIGTERM), or the other ranks of a job that rank 0 requeues: SLURM kills
+            # and restarts the whole job. Exiting now would leave a failure result behind that a watcher
+            # could read before the restart.
             time.sleep(float(os.environ.get("EDM2_SIGTERM_GRACE_S", "90")))
         if res.status == "stopped":
             raise LaunchError(f"training stopped by signal {stop.signal} at nimg={res.nimg}; "
@@ -67,31 +72,109 @@ class TrainJob:
 
 
 class SweepJob:
-    """Run a sweep inside one SLURM allocation: the Ray head on the first node, Ray workers on the
-    others (one task per node), the sweep driver on the head."""
+    """Run a sweep inside one SLURM allocation. One node: a local Ray instance (loopback only). Several
+    (one task per node): a Ray head on the first node, a Ray worker on each other node, all with token
+    authentication (the token travels in the job, never in a command line), and the sweep driver on
+    the head. Each node's Ray is stopped by its own task: `ray stop` would kill every Ray on a machine."""
 
-    def __init__(self, sweep_file: str, cwd: str | None = None, port: int = 6380):
-        self.sweep_file, self.cwd, self.port = sweep_file, cwd or os.getcwd(), port
+    def __init__(self, sweep_file: str, cwd: str | None = None, port: int | None = None, token: str | None = None):
+        self.sweep_file, self.cwd, self.port, self.token = sweep_file, cwd or os.getcwd(), port, token
 
     def __call__(self):
         os.chdir(self.cwd)
-        os.environ.setdefault("RAY_AUTH_MODE", "disabled")
         nodes = _slurm_hostnames()
         node_id = int(os.environ.get("SLURM_NODEID", "0"))
+        cpus = int(os.environ.get("SLURM_CPUS_ON_NODE", "0")) or None
+        from .sweep import run_sweep
         if len(nodes) <= 1:                                  # one node: a local Ray instance
-            from .sweep import run_sweep
-            res = run_sweep(self.sweep_file, num_cpus=int(os.environ.get("SLURM_CPUS_ON_NODE", "0")) or None)
+            res = run_sweep(self.sweep_file, num_cpus=cpus)
             return {"rows": len(res.table), "table": str(res.table_path), "parent_run_id": res.parent_run_id}
-        head = f"{nodes[0]}:{self.port}"
-        if node_id == 0:
-            subprocess.run(["ray", "start", "--head", f"--port={self.port}", "--disable-usage-stats"], check=True)
-            time.sleep(5)
-            from .sweep import run_sweep
-            res = run_sweep(self.sweep_file, address=head)
-            subprocess.run(["ray", "stop"], check=False)
+        job_id = os.environ.get("SLURM_JOB_ID", "0")
+        os.environ.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=self.token or os.environ.get("RAY_AUTH_TOKEN", ""))
+        if not os.environ["RAY_AUTH_TOKEN"]:
+            raise LaunchError("a multi-node sweep needs a Ray token: submit it with `python -m pipeline submit sweep`")
+        head_ip = node_address(nodes[0])
+        port = self.port or 30000 + int(job_id) % 20000      # per job: two sweeps can share a node
+        import submitit
+        done = Path(submitit.JobEnvironment().paths.folder) / f"{job_id}_ray_{os.environ.get('SLURM_RESTART_COUNT', '0')}.done"
+        if node_id != 0:
+            wait_for_port(head_ip, port, 180)
+        ray_node = start_ray_node(node_address(nodes[node_id]), head_ip, port, cpus, head=node_id == 0,
+                                  temp_dir=f"/tmp/ray-edm2-{job_id}")
+        try:
+            if node_id != 0:                                 # a worker: serve until the head says done
+                while ray_node.poll() is None and not done.exists():
+                    time.sleep(1)
+                return None
+            wait_for_port(head_ip, port, 120, ray_node)
+            res = run_sweep(self.sweep_file, address=f"{head_ip}:{port}", num_cpus=cpus, min_nodes=len(nodes))
             return {"rows": len(res.table), "table": str(res.table_path), "parent_run_id": res.parent_run_id}
-        subprocess.run(["ray", "start", f"--address={head}", "--block", "--disable-usage-stats"], check=False)
-        return None
+        finally:
+            if node_id == 0:
+                import ray
+                ray.shutdown()                               # a driver whose raylet stops exits with 1
+                done.touch()
+            stop_ray_node(ray_node)
+
+
+def node_address(hostname: str) -> str:
+    """The address other nodes reach `hostname` at (its name resolved); Ray's own guess (the route to
+    8.8.8.8) when the name resolves to loopback."""
+    import socket
+    ip = socket.gethostbyname(hostname)
+    if ip.startswith("127."):
+        import ray._private.services
+        ip = ray._private.services.get_node_ip_address()
+    return ip
+
+
+def start_ray_node(ip: str, head_ip: str, port: int, cpus: int | None, head: bool, temp_dir: str):
+    """`ray start --block` for this node (the head, or a worker joining head_ip:port), in its own process
+    group so that stop_ray_node ends exactly its processes."""
+    cmd = [ray_cli(), "start", f"--node-ip-address={ip}", "--block", "--disable-usage-stats"]
+    cmd += (["--head", f"--port={port}", "--include-dashboard=false", f"--temp-dir={temp_dir}"] if head
+            else [f"--address={head_ip}:{port}"])
+    if cpus:
+        cmd.append(f"--num-cpus={cpus}")
+    return subprocess.Popen(cmd, start_new_session=True)
+
+
+def ray_cli() -> str:
+    """The `ray` command of this Python environment (a job's PATH need not have the venv on it)."""
+    import sys
+    here = Path(sys.executable).parent / "ray"
+    return str(here) if here.is_file() else "ray"
+
+
+def stop_ray_node(p: subprocess.Popen, grace_s: float = 40.0) -> None:
+    """SIGTERM to `ray start --block` (it drains and stops its node's processes), then SIGKILL to its
+    process group for whatever is left."""
+    if p.poll() is None:
+        p.terminate()
+        try:
+            p.wait(grace_s)
+        except subprocess.TimeoutExpired:
+            pass
+    try:
+        os.killpg(p.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
+def wait_for_port(host: str, port: int, timeout_s: float, proc: subprocess.Popen | None = None) -> None:
+    """Until host:port accepts connections (a Ray head starting); fails early if `proc` (its `ray start`) ended."""
+    import socket
+    deadline = time.time() + timeout_s
+    while True:
+        try:
+            socket.create_connection((host, port), timeout=2).close()
+            return
+        except OSError:
+            if proc is not None and proc.poll() is not None:
+                raise LaunchError(f"`ray start` for {host}:{port} exited with {proc.returncode}: see the job's log")
+            if time.time() > deadline:
+                raise LaunchError(f"the Ray head at {host}:{port} did not come up within {timeout_s:.0f} s")
+            time.sleep(0.5)
 
 
 class CommandJob:
@@ -180,11 +263,13 @@ def submit(kind: str, target: Sequence[str], params_file: str = "params.yaml", o
     stamp = time.strftime("%Y%m%d-%H%M%S")
     folder = Path(folder or f"runs/jobs/{kind}-{stamp}-{os.getpid()}")   # fresh: SLURM ids may restart at 1
     folder.mkdir(parents=True, exist_ok=True)
+    os.chmod(folder, 0o700)                                  # the job's pickle (a sweep's: its Ray token) is yours
     if kind == "train":
         fn, name = TrainJob(params_file, overrides), "edm2-train"
     elif kind == "sweep":
         C.load_sweep(target[0])                              # bad sweep files fail here, not on the node
-        fn, name = SweepJob(target[0]), "edm2-sweep"
+        import secrets                                       # the token of the job's Ray cluster (nodes > 1)
+        fn, name = SweepJob(target[0], token=os.environ.get("RAY_AUTH_TOKEN") or secrets.token_hex(32)), "edm2-sweep"
     elif kind == "cmd":
         if not target:
             raise LaunchError("give the command after --, e.g. submit cmd -- dvc repro")
@@ -225,7 +310,7 @@ def describe(s: Submitted) -> str:
 def wait(s: Submitted, poll_s: float = 2.0):
     """Block until the job ends (requeues included); its result, or LaunchError with the log tail."""
     try:
-        return s.job.result()
+        return s.job.results()[0]                            # every task's result; rank 0's is the job's
     except Exception as err:
         tail = s.stderr.read_text()[-1500:] if s.stderr.is_file() else ""
         raise JobFailedError(f"job {s.job_id} failed: {str(err).strip().splitlines()[-1] if str(err) else err}\n"

@@ -189,6 +189,7 @@ def run_trial(params: dict, base_raw: dict, sweep_raw: dict, parent_run_id: str 
     trial_dir = Path(sweep_raw["storage"]).resolve() / sweep_raw["name"] / "trials" / trial_id
     trial_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(str(os.getpid()), trial_dir / "worker.pid")   # lets tests (and users) find the worker
+    record_node(trial_dir)
     cfg = trial_config(base_raw, sweep_raw, params, trial_dir, uri, device)
     job = {"config": cfg.to_dict(), "trial_id": trial_id, "trial_dir": str(trial_dir), "parent_run_id": parent_run_id,
            "ref_cache": ref_cache, "root": root, "sweep": sweep_raw}
@@ -209,6 +210,27 @@ def run_trial(params: dict, base_raw: dict, sweep_raw: dict, parent_run_id: str 
                                        callbacks=[TuneReportCallback()],
                                        failure_config=ray.train.FailureConfig(max_failures=sweep_raw["max_failures"])))
     trainer.fit()
+
+
+def record_node(trial_dir: Path) -> None:
+    """Append this attempt's node (hostname, Ray node IP) to the trial's nodes.jsonl: a retried trial
+    shows every node it ran on, the results table and the MLflow run the one it finished on."""
+    import socket
+
+    import ray
+    entry = {"node": socket.gethostname(), "ip": ray.util.get_node_ip_address(), "pid": os.getpid(),
+             "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    with open(trial_dir / "nodes.jsonl", "a") as f:          # one short line per attempt: an atomic append
+        f.write(json.dumps(entry) + "\n")
+
+
+def trial_nodes(trial_dir: Path) -> list[str]:
+    """The nodes a trial ran on, one per attempt, in order (from its nodes.jsonl)."""
+    try:
+        lines = (trial_dir / "nodes.jsonl").read_text().splitlines()
+    except OSError:
+        return []
+    return [json.loads(x)["node"] for x in lines if x.strip()]
 
 
 def _quiet_stop() -> None:
@@ -275,6 +297,10 @@ def fan_out(cfg: C.Config, res, trial_dir: Path, ref_cache: str, device=None) ->
     device = str(device) if device is not None else cfg.train.device     # trial_config set cpu or cuda
     records = evaluate_run(cfg, Path(cfg.train.run_dir) / "snapshots", trial_dir, ref_cache, device)
     logger = RunLogger(cfg, quiet=True)
+    nodes = trial_nodes(trial_dir)
+    if nodes:
+        logger.run_id = res.mlflow_run_id
+        logger.set_tags({"node": nodes[-1], "nodes": ",".join(nodes)})
     log_ema_runs(logger, res.mlflow_run_id, records, trial_dir / "samples")
     from .records import computed, is_grid
     from .report import curve_label
@@ -371,9 +397,77 @@ def _check_before_start(sweep: C.SweepConfig, exp_dir: Path, reports: Path, resu
                   f"{cpus} CPUs here: at most {int(cpus // per_trial)} run at once")
 
 
+def is_loopback(address: str) -> bool:
+    """True when a Ray address (host:port, [v6]:port, ray://host:port) names this machine's loopback."""
+    import ipaddress
+    host = address.split("://", 1)[-1].rsplit(":", 1)[0].strip("[]") if ":" in address else address
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False                                         # a name, or "auto": not known to be loopback
+
+
+def ray_auth_token_available() -> bool:
+    """Where Ray reads a token from: RAY_AUTH_TOKEN, the file RAY_AUTH_TOKEN_PATH, or ~/.ray/auth_token."""
+    path = os.environ.get("RAY_AUTH_TOKEN_PATH")
+    return bool(os.environ.get("RAY_AUTH_TOKEN", "").strip()) or (bool(path) and Path(path).is_file()) \
+        or (Path.home() / ".ray" / "auth_token").is_file()
+
+
+def prepare_ray_env(address: str | None) -> None:
+    """Before Ray starts: a local instance listens on 127.0.0.1 only, authentication off there; a
+    cluster address that is not loopback needs Ray's token authentication (refused otherwise)."""
+    if address is None:
+        # Ray (2.60) has no bind-address option; its single-machine mode (what it uses on macOS and
+        # Windows) makes the GCS, raylet, workers and agents bind 127.0.0.1 instead of every interface.
+        os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+        if "ray" in sys.modules:                             # already imported in this process
+            import ray._private.ray_constants as ray_constants
+            ray_constants.ENABLE_RAY_CLUSTER = False
+        os.environ.setdefault("RAY_AUTH_MODE", "disabled")   # nothing off this machine can reach it
+        return
+    if is_loopback(address):
+        return
+    mode = os.environ.get("RAY_AUTH_MODE", "").lower()
+    how = ("set RAY_AUTH_MODE=token and the cluster's token (RAY_AUTH_TOKEN, a file in RAY_AUTH_TOKEN_PATH or "
+           "~/.ray/auth_token) here and for every `ray start`; README: Scaling out")
+    if mode == "disabled":
+        raise SweepError(f"--address {address} is not loopback, and RAY_AUTH_MODE=disabled: a Ray cluster reachable "
+                         f"over the network runs anyone's code without authentication. Use token authentication: {how}")
+    if not ray_auth_token_available():
+        raise SweepError(f"--address {address}: no Ray authentication token here; {how}")
+    os.environ["RAY_AUTH_MODE"] = "token"
+
+
+def connect_ray(address: str | None, num_cpus: int | None, min_nodes: int = 1, wait_s: float = 120.0):
+    """ray.init for a sweep (a local instance, or the cluster at `address`), with the cluster's errors in
+    one line; waits up to wait_s for min_nodes alive nodes (a SLURM allocation's workers joining)."""
+    import ray
+    if ray.is_initialized():
+        return ray
+    kwargs = {"address": address} if address else {"num_cpus": num_cpus}
+    try:
+        ray.init(**kwargs, include_dashboard=False, log_to_driver=True, configure_logging=False)
+    except (ConnectionError, RuntimeError, ValueError) as err:
+        if address is None:
+            raise
+        first = str(err).strip().splitlines()[0] if str(err).strip() else err.__class__.__name__
+        raise SweepError(f"could not join the Ray cluster at {address}: {first} (is `ray start --head` running "
+                         f"there, and is RAY_AUTH_TOKEN the one the cluster was started with?)") from None
+    deadline = time.time() + wait_s
+    while len([n for n in ray.nodes() if n["Alive"]]) < min_nodes and time.time() < deadline:
+        time.sleep(1)
+    alive = len([n for n in ray.nodes() if n["Alive"]])
+    if alive < min_nodes:
+        print(f"sweep: only {alive} of {min_nodes} Ray nodes joined within {wait_s:.0f} s; going on with them")
+    return ray
+
+
 def run_sweep(sweep_file: str | Path, address: str | None = None, resume: bool = False,
               reports_dir: str | Path = "reports/sweeps", num_cpus: int | None = None,
-              dry_run: bool = False) -> SweepResult | dict:
+              dry_run: bool = False, min_nodes: int = 1) -> SweepResult | dict:
     sweep, base = C.load_sweep(sweep_file)                   # every value checked before Ray starts
     root = Path.cwd()
     storage = (root / sweep.storage).resolve()
@@ -386,8 +480,9 @@ def run_sweep(sweep_file: str | Path, address: str | None = None, resume: bool =
     _check_before_start(sweep, exp_dir, out_dir, resume, address, num_cpus, the_plan["trials"])
     if resume:
         check_private(exp_dir)                               # before Ray unpickles anything in it
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    import ray
+    prepare_ray_env(address)
+    # Ray first: a cluster that cannot be joined (down, wrong token) fails before any work or MLflow run.
+    ray = connect_ray(address, num_cpus, min_nodes)
     from ray import tune
 
     from .data import ensure_encoded
@@ -418,9 +513,6 @@ def run_sweep(sweep_file: str | Path, address: str | None = None, resume: bool =
     outcome = "FAILED"
     t0 = time.time()
     try:
-        if not ray.is_initialized():
-            kwargs = {"address": address} if address else {"num_cpus": num_cpus}
-            ray.init(**kwargs, include_dashboard=False, log_to_driver=True, configure_logging=False)
         gpus, device = _check_resources(sweep, ray)
 
         # One process: the trial's worker holds the resources. Several: the TorchTrainer's workers hold
@@ -558,7 +650,8 @@ def results_table(grid, trials_dir: Path, sweep: C.SweepConfig, stopped: dict | 
         params = {axis_key(k): v for k, v in config.items()}
         recs_file = trials_dir / str(trial_id) / "fid_records.json"
         cost = _read_json(trials_dir / str(trial_id) / "run" / "train_summary.json")
-        base = {"trial_id": trial_id, **params, "nimg": (result.metrics or {}).get("nimg"),
+        nodes = trial_nodes(trials_dir / str(trial_id))
+        base = {"trial_id": trial_id, **params, "node": nodes[-1] if nodes else None, "nodes": ",".join(nodes) or None, "nimg": (result.metrics or {}).get("nimg"),
                 "final_loss": (result.metrics or {}).get("loss"), "val_loss": (result.metrics or {}).get("val_loss"),
                 "train_min": round(cost["train_seconds_total"] / 60, 2) if cost.get("train_seconds_total") else None,
                 "img_per_s": cost.get("images_per_s")}

@@ -173,9 +173,11 @@ class StopFlag:
         self.signal = signum
 
     def requested(self, d: Dist) -> bool:
-        flag = torch.tensor([1.0 if self.signal is not None else 0.0], device=d.device)
-        if d.world_size > 1:                       # every rank stops at the same step
+        flag = torch.tensor([float(self.signal or 0)], device=d.device)
+        if d.world_size > 1:                       # every rank stops at the same step, knowing the signal
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            if flag.item() > 0 and self.signal is None:
+                self.signal = int(flag.item())
         return bool(flag.item() > 0)
 
 

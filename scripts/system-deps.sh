@@ -8,6 +8,7 @@ want=()
 for extra in "$@"; do
   case "$extra" in
     slurm) command -v slurmctld >/dev/null || want+=(slurmctld slurmd slurm-client munge)
+           command -v ip >/dev/null && command -v nsenter >/dev/null || want+=(iproute2 util-linux)   # NODES>1 clusters
            command -v slurmdbd >/dev/null || want+=(slurmdbd mariadb-server) ;;
     chromium) command -v chromium >/dev/null || want+=(chromium) ;;
   esac

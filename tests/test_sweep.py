@@ -48,8 +48,11 @@ def tiny_sweep(tmp_path_factory, fmnist):
     p = subprocess.Popen([sys.executable, "-m", "pipeline", "sweep", str(sweep_file), "--num-cpus", "2"],
                          cwd=tmp_path, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     trials = tmp_path / "runs/sweeps/tiny/trials"
-    killed, deadline = None, time.time() + 600
+    killed, deadline, listeners, seen_at = None, time.time() + 600, set(), 0.0
     while killed is None and time.time() < deadline and p.poll() is None:
+        if time.time() - seen_at > 1:
+            listeners |= ray_listeners(p.pid)
+            seen_at = time.time()
         for t in sorted(trials.glob("*")) if trials.is_dir() else []:
             ckpts = list((t / "run" / "checkpoints").glob("*.pt"))
             done = (t / "run" / "train_summary.json").is_file()
@@ -60,7 +63,32 @@ def tiny_sweep(tmp_path_factory, fmnist):
                 break
         time.sleep(0.2)
     out, _ = p.communicate(timeout=900)
-    return {"dir": tmp_path, "out": out, "rc": p.returncode, "killed": killed, "trials": trials}
+    return {"dir": tmp_path, "out": out, "rc": p.returncode, "killed": killed, "trials": trials, "listeners": listeners}
+
+
+def ray_listeners(root_pid: int) -> set:
+    """(local address, process name) of every listening TCP/UDP socket of `root_pid` and its descendants
+    (the sweep driver, its GCS, raylet, agents and workers), from `ss`."""
+    import psutil
+    try:
+        pids = {root_pid} | {c.pid for c in psutil.Process(root_pid).children(recursive=True)}
+    except psutil.NoSuchProcess:
+        return set()
+    found = set()
+    for line in subprocess.run(["ss", "-ltnupH"], capture_output=True, text=True).stdout.splitlines():
+        procs = re.findall(r'\("([^"]+)",pid=(\d+)', line)
+        if any(int(pid) in pids for _, pid in procs):
+            found.add((line.split()[4], procs[0][0]))
+    return found
+
+
+@pytest.mark.slow
+def test_a_local_sweep_listens_on_loopback_only(tiny_sweep):
+    listeners = tiny_sweep["listeners"]
+    print(sorted(listeners))
+    assert {"gcs_server", "raylet"} <= {name for _, name in listeners}, listeners      # ss saw Ray's servers
+    exposed = [(a, n) for a, n in listeners if not re.match(r"(127\.0\.0\.1|\[::ffff:127\.0\.0\.1\]|\[::1\]):\d+$", a)]
+    assert not exposed, f"listening beyond loopback: {exposed}"
 
 
 @pytest.mark.slow
@@ -433,3 +461,23 @@ def test_sweep_posthoc_grid_from_one_training_per_trial(tmp_path, fmnist):
     client, runs = mlflow_runs(tmp_path)
     emas = [x for x in runs if x.data.tags.get("kind") == "ema"]
     assert len(emas) == 8 and {x.data.params["guide"] for x in emas} == {"none", "ema 0.050 at 64 img"}
+
+
+def test_ray_authentication_off_only_on_loopback(monkeypatch, tmp_path):
+    from pipeline.sweep import SweepError, is_loopback, prepare_ray_env
+    assert all(is_loopback(a) for a in ("127.0.0.1:6379", "localhost:6379", "[::1]:6379", "ray://127.0.0.1:10001"))
+    assert not any(is_loopback(a) for a in ("10.0.0.5:6379", "auto", "head-node:6379", "[fd00::2]:6379"))
+    monkeypatch.setenv("HOME", str(tmp_path))                       # no ~/.ray/auth_token
+    monkeypatch.delenv("RAY_AUTH_TOKEN", raising=False)
+    monkeypatch.delenv("RAY_AUTH_TOKEN_PATH", raising=False)
+    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
+    prepare_ray_env("127.0.0.1:6379")                               # loopback: as configured
+    with pytest.raises(SweepError, match="not loopback, and RAY_AUTH_MODE=disabled"):
+        prepare_ray_env("10.0.0.5:6379")
+    monkeypatch.delenv("RAY_AUTH_MODE")
+    with pytest.raises(SweepError, match="no Ray authentication token"):
+        prepare_ray_env("10.0.0.5:6379")
+    (tmp_path / "token").write_text("x" * 32)
+    monkeypatch.setenv("RAY_AUTH_TOKEN_PATH", str(tmp_path / "token"))
+    prepare_ray_env("10.0.0.5:6379")
+    assert os.environ["RAY_AUTH_MODE"] == "token"
