@@ -13,6 +13,7 @@
 #   SLURM_NET (10.213.77), SLURM_BRIDGE (br-edm2), SLURM_NS_PREFIX (edm2-), SLURMD_TIMEOUT (30) and
 #   SLURM_MSG_TIMEOUT (10): a dead node goes DOWN after about SLURMD_TIMEOUT + 2 x SLURM_MSG_TIMEOUT s;
 #   SLURM_FIRST_JOB_ID (1): job ids apart from another cluster's (submitit's watcher keys jobs by id).
+#   SLURM_CPUS (nproc): the CPUs each node declares (a test cluster may oversubscribe).
 # No systemd, no cgroups. Needs slurmctld slurmd slurm-client munge iproute2 (+ slurmdbd mariadb-server
 # for WITH_SLURMDBD=1): `scripts/system-deps.sh slurm` installs them.
 set -euo pipefail
@@ -128,7 +129,7 @@ AccountingStoragePass=$S/munge/munge.socket.2
 CONF
 for n in "${NODE_NAMES[@]}"; do
   addr=""; [ "$N" = 1 ] || addr="NodeAddr=$(ip_of "$n") NodeHostname=$n "
-  echo "NodeName=$n ${addr}CPUs=$(nproc) RealMemory=$MEM State=UNKNOWN" >> "$S/etc/slurm.conf"
+  echo "NodeName=$n ${addr}CPUs=${SLURM_CPUS:-$(nproc)} RealMemory=$MEM State=UNKNOWN" >> "$S/etc/slurm.conf"
   mkdir -p "$S/spool/$n"
 done
 echo "PartitionName=debug Nodes=$(IFS=,; echo "${NODE_NAMES[*]}") Default=YES MaxTime=INFINITE State=UP" \

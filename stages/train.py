@@ -35,8 +35,13 @@ def main(argv: list[str] | None = None) -> int:
     def go():
         cfg = cli.config_from(args)
         nproc = args.nproc_per_node or cfg.launcher.nproc_per_node
+        if cfg.launcher.nnodes > 1 and "LOCAL_RANK" not in os.environ:
+            raise TrainingError(f"launcher.nnodes={cfg.launcher.nnodes} is for SLURM (`python -m pipeline submit train "
+                                f"--executor slurm`); without SLURM start `torchrun --nnodes {cfg.launcher.nnodes} "
+                                f"--node-rank R --master-addr HOST ... -m stages.train` on every node (README: "
+                                f"Scaling out)")
         if nproc > 1 and "LOCAL_RANK" not in os.environ:
-            return _torchrun(nproc, cfg.launcher.nnodes, argv if argv is not None else sys.argv[1:])
+            return _torchrun(nproc, argv if argv is not None else sys.argv[1:])
         if args.on_mismatch == "archive" and int(os.environ.get("RANK", "0")) == 0:
             _archive_if_mismatched(cfg)
         res = train(cfg, stage=args.stage, progress=not args.no_progress)
@@ -75,8 +80,8 @@ def _archive_if_mismatched(cfg) -> None:
     print(f"train: {run_dir} held another configuration; moved it to {aside} ({reason})")
 
 
-def _torchrun(nproc: int, nnodes: int, argv: list[str]) -> int:
-    """Re-launch this stage under torchrun (its own rendezvous; no process management here)."""
+def _torchrun(nproc: int, argv: list[str]) -> int:
+    """Re-launch this stage under torchrun on this node (its own rendezvous; no process management here)."""
     from torch.distributed.run import main as torchrun_main
     rest, skip = [], False
     for a in argv:                     # drop --nproc-per-node N / --nproc-per-node=N: torchrun takes it
@@ -86,9 +91,7 @@ def _torchrun(nproc: int, nnodes: int, argv: list[str]) -> int:
             skip = True
         elif not a.startswith("--nproc-per-node="):
             rest.append(a)
-    cmd = [f"--nproc-per-node={nproc}", f"--nnodes={nnodes}", "--module", "stages.train", *rest]
-    if nnodes == 1:
-        cmd = ["--standalone", *cmd]
+    cmd = ["--standalone", f"--nproc-per-node={nproc}", "--module", "stages.train", *rest]
     try:
         torchrun_main(cmd)
     except SystemExit as e:

@@ -56,7 +56,7 @@ def slurm_cluster():
     if shutil.which("slurmctld") is None or shutil.which("slurmd") is None or shutil.which("munged") is None:
         pytest.skip("SLURM is not installed (as root, `make test` installs it: scripts/system-deps.sh slurm)")
     root = Path(tempfile.mkdtemp(prefix="slurm", dir="/tmp"))      # short path: munge's socket name limit
-    env = {**os.environ, "SLURM_ROOT": str(root), "SLURM_PORT_BASE": "16817",
+    env = {**os.environ, "SLURM_ROOT": str(root), "SLURM_PORT_BASE": "16817", "SLURM_CPUS": "4",   # 3 small jobs at once
            "WITH_SLURMDBD": "1" if shutil.which("slurmdbd") and shutil.which("mariadbd") else "0"}
     r = subprocess.run(["bash", str(ROOT / "scripts/slurm_up.sh")], env=env, capture_output=True, text=True,
                        timeout=180)

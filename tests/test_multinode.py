@@ -53,6 +53,10 @@ def cluster2():
     if missing:
         pytest.skip(f"not installed: {', '.join(missing)} (as root, `make test` installs them: "
                     f"scripts/system-deps.sh slurm)")
+    probe = subprocess.run(["ip", "netns", "add", PREFIX + "probe"], capture_output=True, text=True)
+    if probe.returncode != 0:                                    # root in a container without CAP_NET_ADMIN
+        pytest.skip(f"network namespaces are not permitted here: {probe.stderr.strip()}")
+    subprocess.run(["ip", "netns", "del", PREFIX + "probe"], check=True)
     assert not _leftovers(), f"a cluster of an earlier run is still up: {_leftovers()}"
     root = Path(tempfile.mkdtemp(prefix="slurm2", dir="/tmp"))     # short path: munge's socket name limit
     env = {**os.environ, "SLURM_ROOT": str(root), "NODES": "2", "SLURM_PORT_BASE": "16917", "SLURM_NET": NET,
@@ -150,10 +154,21 @@ def test_ddp_across_nodes_and_tasks_equals_one_process_and_resumes_after_requeue
             for p in (two_nodes, two_nodes_usr2, two_tasks_usr2)}
     run_ids = _signal_at_first_checkpoint({"2x1-usr2": (jobs["2x1-usr2"], two_nodes_usr2),
                                            "1x2-usr2": (jobs["1x2-usr2"], two_tasks_usr2)})
+    # Without SLURM: torchrun on each node (static rendezvous at n1), as README "Scaling out" shows.
+    via_torchrun = _params(tmp_path, fmnist, "torchrun", uri)
+    torchrun = [str(Path(sys.executable).parent / "torchrun"), "--nnodes=2", "--nproc-per-node=1", "--master-addr=n1",
+                "--master-port=29400"]
+    launched = [subprocess.Popen([on_cluster["onnode"], node, *torchrun, f"--node-rank={rank}", "-m", "stages.train",
+                                  "--params", str(via_torchrun), "--no-progress"], cwd=ROOT,
+                                 env={**os.environ, "PYTHONPATH": str(ROOT)}, stdout=subprocess.PIPE,
+                                 stderr=subprocess.STDOUT, text=True) for rank, node in enumerate(("n1", "n2"))]
     # The reference: one process, here, while the jobs requeue and finish.
     one = tiny_params(tmp_path / "1", fmnist, train=TRAIN, tracking={"enabled": False})
     assert train(C.load_config(one), progress=False).nimg == TRAIN["duration_nimg"]
     results = {name: wait(s) for name, s in jobs.items()}
+    for proc in launched:
+        out = proc.communicate(timeout=600)[0]
+        assert proc.returncode == 0, out[-3000:]
 
     # Where the ranks ran: two nodes (n1, n2) for 2x1; both tasks on one node for 1x2.
     for name, s in jobs.items():
@@ -170,18 +185,19 @@ def test_ddp_across_nodes_and_tasks_equals_one_process_and_resumes_after_requeue
         assert "SIGUSR2" in log and "resuming from" in log, (name, log[-3000:])
         assert results[name]["mlflow_run_id"] == run_ids[name]               # the same MLflow run across the requeue
 
-    ref, a, b, c = (_final(p) for p in (one, two_nodes, two_nodes_usr2, two_tasks_usr2))
+    ref, a, b, c, d = (_final(p) for p in (one, two_nodes, two_nodes_usr2, two_tasks_usr2, via_torchrun))
     err = _rel(ref["net"], a["net"])
     print(f"2 nodes x 1 task vs one process: relative L2 {err:.2e}")
     assert 0 < err < 1e-5 or err == 0
-    for other, what in ((b, "2 nodes, requeued"), (c, "2 tasks on one node, requeued")):
+    for other, what in ((b, "2 nodes, requeued"), (c, "2 tasks on one node, requeued"), (d, "torchrun on 2 nodes")):
         for k in a["net"]:                                                 # bit for bit: same world size, same order
             assert torch.equal(a["net"][k], other["net"][k]), (what, k)
         for ea, eb in zip(a["ema"]["emas"], other["ema"]["emas"]):
             assert all(torch.equal(ea[k], eb[k]) for k in ea), what
     assert not torch.allclose(ref["net"]["unet.out_gain"], torch.zeros([]))   # training moved the weights
     # 2d: every run is on the bridge's MLflow server, every step exactly once.
-    for name in ("2x1", "2x1-usr2", "1x2-usr2"):
+    results["torchrun"] = {"mlflow_run_id": d["mlflow_run_id"]}
+    for name in ("2x1", "2x1-usr2", "1x2-usr2", "torchrun"):
         steps = _steps(uri, results[name]["mlflow_run_id"])
         assert sorted(steps) == list(range(16, TRAIN["duration_nimg"] + 1, 16)), (name, steps)
 
@@ -272,8 +288,11 @@ def test_sweep_address_against_ray_start_cluster_needs_its_token(on_cluster, bri
         driver = [onnode, "n1", sys.executable, "-m", "pipeline", "sweep", str(sweep), "--address", f"{N1}:{port}"]
 
         def run(**changes):
-            return subprocess.run(driver, cwd=tmp_path, env={**env, **changes}, capture_output=True, text=True,
-                                  timeout=900)
+            t = time.time()
+            r = subprocess.run(driver, cwd=tmp_path, env={**env, **changes}, capture_output=True, text=True,
+                               timeout=900)
+            print(f"sweep --address with {changes or 'the token'}: exit {r.returncode} after {time.time() - t:.0f} s")
+            return r
         off = run(RAY_AUTH_MODE="disabled")             # no authentication towards a network address: refused
         assert off.returncode == 2 and "not loopback" in off.stderr and "RAY_AUTH_MODE=token" in off.stderr, off.stderr
         wrong = run(RAY_AUTH_TOKEN=secrets.token_hex(32))
