@@ -9,7 +9,6 @@ own network + UTS namespace on a private bridge), gloo on CPU:
   3   `python -m pipeline sweep --address` against a `ray start` cluster in the two namespaces, with
       token authentication (refused without, refused with a wrong token).
 Needs root (namespaces, bridge); skips with the reason otherwise. Leaves no namespace, bridge or process."""
-import json
 import os
 import secrets
 import shutil
@@ -255,6 +254,9 @@ def test_sweep_over_two_slurm_nodes_survives_a_dead_raylet(on_cluster, bridge_ml
                 break
         time.sleep(0.2)
     out, _ = p.communicate(timeout=900)
+    job_id = out.split("submitted job ")[1].split()[0] if "submitted job " in out else None
+    if job_id:
+        shutil.rmtree(f"/tmp/ray-edm2-{job_id}", ignore_errors=True)   # the job's Ray session files
     assert p.returncode == 0, out[-5000:]
     assert killed, "no trial was caught running on n2 mid-training:\n" + out[-3000:]
     table = pd.read_csv(tmp_path / "reports/sweeps/mn/results.csv")
@@ -304,6 +306,7 @@ def test_sweep_address_against_ray_start_cluster_needs_its_token(on_cluster, bri
         for n in nodes:                                  # never `ray stop`: it kills every Ray on the machine
             from pipeline.launch import stop_ray_node
             stop_ray_node(n, grace_s=20)
+        shutil.rmtree("/tmp/ray-edm2t", ignore_errors=True)
     table = pd.read_csv(tmp_path / "reports/sweeps/rs/results.csv")
     assert len(table) == 6 and table["fid"].notna().all()
     assert sorted(table.groupby("trial_id")["node"].first()) == ["n1", "n2"]      # one trial on each node
