@@ -86,9 +86,11 @@ class SweepJob:
         node_id = int(os.environ.get("SLURM_NODEID", "0"))
         cpus = int(os.environ.get("SLURM_CPUS_ON_NODE", "0")) or None
         from .sweep import run_sweep
-        if len(nodes) <= 1:                                  # one node: a local Ray instance
-            res = run_sweep(self.sweep_file, num_cpus=cpus)
+
+        def summary(res) -> dict:
             return {"rows": len(res.table), "table": str(res.table_path), "parent_run_id": res.parent_run_id}
+        if len(nodes) <= 1:                                  # one node: a local Ray instance
+            return summary(run_sweep(self.sweep_file, num_cpus=cpus))
         job_id = os.environ.get("SLURM_JOB_ID", "0")
         os.environ.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=self.token or os.environ.get("RAY_AUTH_TOKEN", ""))
         if not os.environ["RAY_AUTH_TOKEN"]:
@@ -96,7 +98,8 @@ class SweepJob:
         head_ip = node_address(nodes[0])
         port = self.port or 30000 + int(job_id) % 20000      # per job: two sweeps can share a node
         import submitit
-        done = Path(submitit.JobEnvironment().paths.folder) / f"{job_id}_ray_{os.environ.get('SLURM_RESTART_COUNT', '0')}.done"
+        attempt = os.environ.get("SLURM_RESTART_COUNT", "0")
+        done = Path(submitit.JobEnvironment().paths.folder) / f"{job_id}_ray_{attempt}.done"   # head -> workers
         if node_id != 0:
             wait_for_port(head_ip, port, 180)
         ray_node = start_ray_node(node_address(nodes[node_id]), head_ip, port, cpus, head=node_id == 0,
@@ -107,8 +110,7 @@ class SweepJob:
                     time.sleep(1)
                 return None
             wait_for_port(head_ip, port, 120, ray_node)
-            res = run_sweep(self.sweep_file, address=f"{head_ip}:{port}", num_cpus=cpus, min_nodes=len(nodes))
-            return {"rows": len(res.table), "table": str(res.table_path), "parent_run_id": res.parent_run_id}
+            return summary(run_sweep(self.sweep_file, address=f"{head_ip}:{port}", num_cpus=cpus, min_nodes=len(nodes)))
         finally:
             if node_id == 0:
                 import ray

@@ -457,9 +457,8 @@ def connect_ray(address: str | None, num_cpus: int | None, min_nodes: int = 1, w
         raise SweepError(f"could not join the Ray cluster at {address}: {first} (is `ray start --head` running "
                          f"there, and is RAY_AUTH_TOKEN the one the cluster was started with?)") from None
     deadline = time.time() + wait_s
-    while len([n for n in ray.nodes() if n["Alive"]]) < min_nodes and time.time() < deadline:
+    while (alive := sum(n["Alive"] for n in ray.nodes())) < min_nodes and time.time() < deadline:
         time.sleep(1)
-    alive = len([n for n in ray.nodes() if n["Alive"]])
     if alive < min_nodes:
         print(f"sweep: only {alive} of {min_nodes} Ray nodes joined within {wait_s:.0f} s; going on with them")
     return ray
@@ -651,7 +650,8 @@ def results_table(grid, trials_dir: Path, sweep: C.SweepConfig, stopped: dict | 
         recs_file = trials_dir / str(trial_id) / "fid_records.json"
         cost = _read_json(trials_dir / str(trial_id) / "run" / "train_summary.json")
         nodes = trial_nodes(trials_dir / str(trial_id))
-        base = {"trial_id": trial_id, **params, "node": nodes[-1] if nodes else None, "nodes": ",".join(nodes) or None, "nimg": (result.metrics or {}).get("nimg"),
+        base = {"trial_id": trial_id, **params, "node": nodes[-1] if nodes else None, "nodes": ",".join(nodes) or None,
+                "nimg": (result.metrics or {}).get("nimg"),
                 "final_loss": (result.metrics or {}).get("loss"), "val_loss": (result.metrics or {}).get("val_loss"),
                 "train_min": round(cost["train_seconds_total"] / 60, 2) if cost.get("train_seconds_total") else None,
                 "img_per_s": cost.get("images_per_s")}

@@ -14,7 +14,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -119,12 +118,11 @@ def served_mlflow(backend_uri: str, port: int | None = None):
                           "--workers", "1"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     base = f"http://127.0.0.1:{port}"
     try:
+        from pipeline.tracking import _reachable
         for _ in range(240):
-            try:
-                if urllib.request.urlopen(base + "/health", timeout=2).status == 200:
-                    break
-            except OSError:
-                time.sleep(0.5)
+            if _reachable(base, timeout=2) is None:
+                break
+            time.sleep(0.5)
             if p.poll() is not None:
                 raise RuntimeError(f"mlflow server exited: {p.stdout.read()[-2000:]}")
         yield base

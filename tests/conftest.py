@@ -47,6 +47,62 @@ def tiny_params(tmp_path, fmnist, name="params.yaml", **sections):
     return path
 
 
+def final_state(params):
+    """The newest checkpoint of the run that a params file describes."""
+    import torch
+
+    from pipeline import config as C
+    from pipeline.training import list_checkpoints
+    return torch.load(list_checkpoints(Path(C.load_config(params).train.run_dir))[-1], weights_only=True)
+
+
+def assert_close_states(a: dict, b: dict, what: str, rel=1e-5, atol=1e-3):
+    """Float tolerance: summation order differs (gloo all-reduce, accumulation) and Adam amplifies
+    it where gradients are near zero; relative L2 over all parameters stays at float-noise level."""
+    import torch
+    assert a.keys() == b.keys()
+    fa = torch.cat([a[k].float().flatten() for k in a])
+    fb = torch.cat([b[k].float().flatten() for k in a])
+    err = ((fa - fb).norm() / fa.norm()).item()
+    print(f"{what}: relative L2 difference {err:.2e}, max abs {(fa - fb).abs().max().item():.2e}")
+    assert err < rel and (fa - fb).abs().max() < atol
+    return err
+
+
+def assert_same_training(a: dict, b: dict, what: str = "") -> None:
+    """Two final checkpoints bit for bit: the network and every EMA."""
+    import torch
+    for k in a["net"]:
+        assert torch.equal(a["net"][k], b["net"][k]), (what, k)
+    for ea, eb in zip(a["ema"]["emas"], b["ema"]["emas"], strict=True):
+        for k in ea:
+            assert torch.equal(ea[k], eb[k]), (what, k)
+
+
+def interrupt_at_first_checkpoint(jobs: dict, timeout: float = 300) -> dict:
+    """jobs: {name: (Submitted, params file, command)}; runs `command + [job id]` (e.g. scancel
+    --signal=USR2, scontrol requeue) once the job's first checkpoint is on disk, while it still trains.
+    Returns {name: the run's MLflow run id at that moment}."""
+    import subprocess
+    import time
+
+    from pipeline import config as C
+    from pipeline.training import list_checkpoints
+    run_ids, t = {}, time.time()
+    while len(run_ids) < len(jobs) and time.time() - t < timeout:
+        for name, (s, params, command) in jobs.items():
+            run = Path(C.load_config(params).train.run_dir)
+            if name in run_ids:
+                continue
+            assert not (run / "train_summary.json").is_file(), f"{name} finished before it could be interrupted"
+            if list_checkpoints(run):
+                subprocess.run([*command, s.job_id], check=True)
+                run_ids[name] = (run / "mlflow_run_id").read_text().strip()
+        time.sleep(0.1)
+    assert len(run_ids) == len(jobs), f"only {sorted(run_ids)} reached a checkpoint mid-run in {timeout} s"
+    return run_ids
+
+
 @pytest.fixture(scope="session")
 def slurm_cluster():
     """A real one-node SLURM cluster from the project's own scripts (ports apart from a user's)."""

@@ -17,7 +17,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from collections import Counter
 from pathlib import Path
 
@@ -26,10 +25,11 @@ import pytest
 import torch
 import yaml
 
-from conftest import ROOT, tiny_params
+from conftest import (ROOT, assert_close_states, assert_same_training, final_state, interrupt_at_first_checkpoint,
+                      tiny_params)
 from pipeline import config as C
 from pipeline.launch import submit, wait
-from pipeline.training import list_checkpoints, train
+from pipeline.training import train
 
 pytestmark = pytest.mark.slow
 NET, BRIDGE, PREFIX = "10.213.78", "br-edm2t", "edm2t-"
@@ -90,13 +90,12 @@ def bridge_mlflow(cluster2, tmp_path_factory):
                          stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://{HOST_IP}:{port}"
     try:
+        from pipeline.tracking import _reachable
         for _ in range(120):
-            try:
-                urllib.request.urlopen(url + "/health", timeout=2)
+            if _reachable(url, timeout=2) is None:
                 break
-            except OSError:
-                assert p.poll() is None, (d / "log").read_text()[-2000:]
-                time.sleep(0.5)
+            assert p.poll() is None, (d / "log").read_text()[-2000:]
+            time.sleep(0.5)
         else:
             raise AssertionError("the MLflow server did not come up:\n" + (d / "log").read_text()[-2000:])
         yield url
@@ -108,34 +107,6 @@ def bridge_mlflow(cluster2, tmp_path_factory):
 def _params(tmp_path, fmnist, name, uri, **launcher):
     return tiny_params(tmp_path / name, fmnist, train=TRAIN, tracking={"uri": uri, "experiment": "edm2-multinode"},
                        launcher={"cpus_per_task": 1, "timeout_min": 20, **launcher})
-
-
-def _final(params):
-    return torch.load(list_checkpoints(Path(C.load_config(params).train.run_dir))[-1], weights_only=True)
-
-
-def _rel(a: dict, b: dict) -> float:
-    fa = torch.cat([a[k].float().flatten() for k in a])
-    fb = torch.cat([b[k].float().flatten() for k in a])
-    return ((fa - fb).norm() / fa.norm()).item()
-
-
-def _signal_at_first_checkpoint(jobs: dict, sig="USR2", timeout=300) -> dict:
-    """jobs: {name: (Submitted, params)}; scancel --signal each job once its first checkpoint is on disk
-    and it is still training. Returns {name: the MLflow run id at that moment}."""
-    run_ids, t = {}, time.time()
-    while len(run_ids) < len(jobs) and time.time() - t < timeout:
-        for name, (s, params) in jobs.items():
-            run = Path(C.load_config(params).train.run_dir)
-            if name in run_ids:
-                continue
-            if list_checkpoints(run) and not (run / "train_summary.json").is_file():
-                subprocess.run(["scancel", f"--signal={sig}", s.job_id], check=True)
-                run_ids[name] = (run / "mlflow_run_id").read_text().strip()
-            assert not (run / "train_summary.json").is_file(), f"{name} finished before it could be signalled"
-        time.sleep(0.1)
-    assert len(run_ids) == len(jobs), f"only {sorted(run_ids)} reached a checkpoint in {timeout} s"
-    return run_ids
 
 
 def _steps(uri, run_id, key="loss"):
@@ -151,8 +122,9 @@ def test_ddp_across_nodes_and_tasks_equals_one_process_and_resumes_after_requeue
     two_tasks_usr2 = _params(tmp_path, fmnist, "1x2-usr2", uri, nnodes=1, nproc_per_node=2)
     jobs = {p.parent.name: submit("train", [], str(p), executor="slurm", folder=p.parent / "jobs")
             for p in (two_nodes, two_nodes_usr2, two_tasks_usr2)}
-    run_ids = _signal_at_first_checkpoint({"2x1-usr2": (jobs["2x1-usr2"], two_nodes_usr2),
-                                           "1x2-usr2": (jobs["1x2-usr2"], two_tasks_usr2)})
+    usr2 = ["scancel", "--signal=USR2"]
+    run_ids = interrupt_at_first_checkpoint({"2x1-usr2": (jobs["2x1-usr2"], two_nodes_usr2, usr2),
+                                             "1x2-usr2": (jobs["1x2-usr2"], two_tasks_usr2, usr2)})
     # Without SLURM: torchrun on each node (static rendezvous at n1), as README "Scaling out" shows.
     via_torchrun = _params(tmp_path, fmnist, "torchrun", uri)
     torchrun = [str(Path(sys.executable).parent / "torchrun"), "--nnodes=2", "--nproc-per-node=1", "--master-addr=n1",
@@ -184,15 +156,10 @@ def test_ddp_across_nodes_and_tasks_equals_one_process_and_resumes_after_requeue
         assert "SIGUSR2" in log and "resuming from" in log, (name, log[-3000:])
         assert results[name]["mlflow_run_id"] == run_ids[name]               # the same MLflow run across the requeue
 
-    ref, a, b, c, d = (_final(p) for p in (one, two_nodes, two_nodes_usr2, two_tasks_usr2, via_torchrun))
-    err = _rel(ref["net"], a["net"])
-    print(f"2 nodes x 1 task vs one process: relative L2 {err:.2e}")
-    assert 0 < err < 1e-5 or err == 0
+    ref, a, b, c, d = (final_state(p) for p in (one, two_nodes, two_nodes_usr2, two_tasks_usr2, via_torchrun))
+    assert_close_states(ref["net"], a["net"], "2 nodes x 1 task vs one process")
     for other, what in ((b, "2 nodes, requeued"), (c, "2 tasks on one node, requeued"), (d, "torchrun on 2 nodes")):
-        for k in a["net"]:                                                 # bit for bit: same world size, same order
-            assert torch.equal(a["net"][k], other["net"][k]), (what, k)
-        for ea, eb in zip(a["ema"]["emas"], other["ema"]["emas"]):
-            assert all(torch.equal(ea[k], eb[k]) for k in ea), what
+        assert_same_training(a, other, what)                               # bit for bit: same world size, same order
     assert not torch.allclose(ref["net"]["unet.out_gain"], torch.zeros([]))   # training moved the weights
     # 2d: every run is on the bridge's MLflow server, every step exactly once.
     results["torchrun"] = {"mlflow_run_id": d["mlflow_run_id"]}
@@ -214,7 +181,8 @@ def _sweep_project(tmp_path, fmnist, uri, name, duration_nimg=96):
 
 def _ns_pids(node: str, comm: str) -> list[int]:
     out = subprocess.run(["ip", "netns", "pids", PREFIX + node], capture_output=True, text=True).stdout.split()
-    return [int(p) for p in out if Path(f"/proc/{p}/comm").is_file() and Path(f"/proc/{p}/comm").read_text().strip() == comm]
+    comms = {int(p): Path(f"/proc/{p}/comm") for p in out}
+    return [p for p, f in comms.items() if f.is_file() and f.read_text().strip() == comm]
 
 
 def _check_sweep_runs(uri, experiment, table, expect_trials):
@@ -266,7 +234,8 @@ def test_sweep_over_two_slurm_nodes_survives_a_dead_raylet(on_cluster, bridge_ml
     (other,) = set(nodes) - {killed}
     assert nodes[other] == "n1", nodes
     job_log = "".join(f.read_text() for f in (tmp_path / "jobs").glob("*_0_log.*"))
-    assert f"trials/{killed}/run/checkpoints/checkpoint-" in job_log.split("resuming from")[1], job_log[-3000:]  # ... from its checkpoint
+    resumed = job_log.split("resuming from")[1]                      # ... from its checkpoint
+    assert f"trials/{killed}/run/checkpoints/checkpoint-" in resumed, job_log[-3000:]
     _check_sweep_runs(bridge_mlflow, "edm2-mn", table, 2)
     assert not _ns_pids("n1", "raylet") and not _ns_pids("n2", "raylet")   # each task stopped its node's Ray
 

@@ -4,17 +4,14 @@ errors in one line; the local executor."""
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pandas as pd
 import pytest
-import torch
 import yaml
 
-from conftest import ROOT, tiny_params
+from conftest import ROOT, assert_same_training, final_state, interrupt_at_first_checkpoint, tiny_params
 from pipeline.launch import LaunchError, submit, wait
-from pipeline.training import list_checkpoints
 
 pytestmark = pytest.mark.slow
 TRAIN = {"duration_nimg": 480, "checkpoint_nimg": 32, "status_nimg": 16}
@@ -24,19 +21,11 @@ def _params(tmp_path, fmnist, name):
     return tiny_params(tmp_path / name, fmnist, train=TRAIN, launcher={"cpus_per_task": 1, "timeout_min": 20})
 
 
-def _final(params):
-    run = Path(yaml.safe_load(Path(params).read_text())["train"]["run_dir"])
-    return torch.load(list_checkpoints(run)[-1], weights_only=True)
-
-
 def _check_same(ref, got, params):
     from mlflow.tracking import MlflowClient
-    a, b = _final(ref), _final(params)
+    a, b = final_state(ref), final_state(params)
     assert a["nimg"] == b["nimg"] == TRAIN["duration_nimg"]
-    for k in a["net"]:
-        assert torch.equal(a["net"][k], b["net"][k]), k
-    for ea, eb in zip(a["ema"]["emas"], b["ema"]["emas"]):
-        assert all(torch.equal(ea[k], eb[k]) for k in ea)
+    assert_same_training(a, b, str(params))
     client = MlflowClient(yaml.safe_load(Path(params).read_text())["tracking"]["uri"])
     steps = [m.step for m in client.get_metric_history(b["mlflow_run_id"], "loss")]
     assert sorted(steps) == list(range(16, TRAIN["duration_nimg"] + 1, 16)), steps   # every step exactly once
@@ -49,16 +38,9 @@ def test_preemption_and_scontrol_requeue_resume_to_identical_parameters(slurm_cl
     params = {name: _params(tmp_path, fmnist, name) for name in ("ref", "usr2", "term")}
     jobs = {name: submit("train", [], str(p), executor="slurm", folder=tmp_path / name / "jobs")
             for name, p in params.items()}
-    run_ids, t = {}, time.time()
-    while len(run_ids) < 2 and time.time() - t < 240:
-        for name, how in (("usr2", ["scancel", "--signal=USR2"]), ("term", ["scontrol", "requeue"])):
-            run = Path(yaml.safe_load(params[name].read_text())["train"]["run_dir"])
-            if name not in run_ids and list_checkpoints(run):
-                assert not (run / "train_summary.json").is_file(), f"{name} finished before it could be interrupted"
-                subprocess.run([*how, jobs[name].job_id], check=True)   # preemption / time-limit warning; requeue
-                run_ids[name] = (run / "mlflow_run_id").read_text()
-        time.sleep(0.2)
-    assert len(run_ids) == 2, f"only {sorted(run_ids)} reached a checkpoint mid-run"
+    run_ids = interrupt_at_first_checkpoint({       # preemption / time-limit warning; `scontrol requeue`
+        "usr2": (jobs["usr2"], params["usr2"], ["scancel", "--signal=USR2"]),
+        "term": (jobs["term"], params["term"], ["scontrol", "requeue"])}, timeout=240)
     results = {name: wait(s) for name, s in jobs.items()}
     usr2_log = jobs["usr2"].stdout.read_text() + jobs["usr2"].stderr.read_text()
     assert "SIGUSR2" in usr2_log and "resuming from" in usr2_log, usr2_log[-3000:]

@@ -5,12 +5,11 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import ROOT, tiny_params
+from conftest import ROOT, assert_close_states, assert_same_training, final_state, tiny_params
 from pipeline import config as C
 from pipeline.io import atomic_torch_save
 from pipeline.training import TrainingError, batch_indices, list_checkpoints, train
@@ -21,22 +20,6 @@ ENV = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
 def run_stage(params, *extra, timeout=600):
     return subprocess.run([sys.executable, "-m", "stages.train", "--params", str(params), "--no-progress", *extra],
                           cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=timeout)
-
-
-def final_state(params):
-    ckpts = list_checkpoints(Path(C.load_config(params).train.run_dir))
-    return torch.load(ckpts[-1], weights_only=True)
-
-
-def assert_close_states(a: dict, b: dict, what: str, rel=1e-5, atol=1e-3):
-    """Float tolerance: summation order differs (gloo all-reduce, accumulation) and Adam amplifies
-    it where gradients are near zero; relative L2 over all parameters stays at float-noise level."""
-    assert a.keys() == b.keys()
-    fa = torch.cat([a[k].float().flatten() for k in a])
-    fb = torch.cat([b[k].float().flatten() for k in a])
-    err = ((fa - fb).norm() / fa.norm()).item()
-    print(f"{what}: relative L2 difference {err:.2e}, max abs {(fa - fb).abs().max().item():.2e}")
-    assert err < rel and (fa - fb).abs().max() < atol
 
 
 def test_batch_indices_are_a_function_of_nimg():
@@ -96,11 +79,7 @@ def test_sigkill_at_a_random_step_then_resume_is_bitwise_identical(tmp_path, fmn
     assert r.returncode == 0, r.stderr[-3000:]
     assert "resuming from" in r.stdout or first is None
     a, b = final_state(ref), final_state(killed)
-    for k in a["net"]:
-        assert torch.equal(a["net"][k], b["net"][k]), k
-    for ea, eb in zip(a["ema"]["emas"], b["ema"]["emas"]):
-        for k in ea:
-            assert torch.equal(ea[k], eb[k]), k
+    assert_same_training(a, b, "killed and resumed vs uninterrupted")
     oa, ob = a["optimizer"]["state"], b["optimizer"]["state"]
     assert all(torch.equal(oa[i]["exp_avg"], ob[i]["exp_avg"]) and torch.equal(oa[i]["exp_avg_sq"], ob[i]["exp_avg_sq"])
                for i in oa)
