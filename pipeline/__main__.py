@@ -80,8 +80,10 @@ def _cmd_runs(args) -> int:
 def _cmd_sample(args) -> int:
     from .devices import pick_device
     from .evaluate import export_samples
-    cfg = C.load_config(args.params, args.set)
-    sampler = cfg.sampler.model_copy(update={"guidance": args.guidance}) if args.guidance is not None else cfg.sampler
+    # --guidance goes through the schema like any value (NaN, negative weights refused there)
+    cfg = C.load_config(args.params, args.set + ([f"sampler.guidance={args.guidance!r}"]
+                                                 if args.guidance is not None else []))
+    sampler = cfg.sampler
     if args.guide is None and sampler.guidance != 1:
         raise C.ConfigError(f"guidance {sampler.guidance} needs --guide (a model file or unconditional)")
     device = pick_device(args.device or cfg.fid.device, "--device" if args.device else "fid.device")
@@ -100,7 +102,8 @@ def _cmd_results(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m pipeline", description=__doc__)
+    from .cli import ArgumentParser
+    p = ArgumentParser(prog="python -m pipeline", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
 
     from .cli import add_config_args as common
@@ -141,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
     sp.add_argument("--address", help="join a running Ray cluster (host:port); one not on loopback needs token "
                     "authentication (RAY_AUTH_MODE=token, RAY_AUTH_TOKEN). Default: a local Ray on 127.0.0.1 only")
     sp.add_argument("--resume", action="store_true", help="resume an interrupted sweep (finished trials are kept)")
-    sp.add_argument("--num-cpus", type=int, help="CPUs of the local Ray instance (default: all)")
+    sp.add_argument("--num-cpus", type=positive_int, help="CPUs of the local Ray instance (default: all)")
     sp.add_argument("--reports", default="reports/sweeps", help="where the table and figures go")
     sp.add_argument("--dry-run", action="store_true", help="print the plan (trials and their values, axes, EMA "
                     "lengths, images to train and generate) and exit")

@@ -9,8 +9,15 @@ from .config import load_config
 from .errors import PipelineError, one_line_os_error
 
 
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse, with a bad argument reported in one line (exit 2) instead of the usage block."""
+
+    def error(self, message: str):
+        self.exit(EXIT_BAD_INPUT, f"{self.prog}: {message} (see --help)\n")
+
+
 def parser(prog: str, doc: str | None) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=prog, description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(prog=prog, description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_config_args(p)
     return p
 

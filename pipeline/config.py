@@ -94,10 +94,60 @@ def off_key(*default: Any, **kw) -> Any:
     return Field(*default, json_schema_extra=NOT_IN_KEY, **kw)
 
 
+def _takes_numbers_only(annotation) -> bool:
+    """True for int/float fields (bare, Annotated, Optional, Literal of numbers): pydantic would turn a
+    YAML `true` into 1 there."""
+    import types
+    from typing import Union, get_args, get_origin
+    origin, args = get_origin(annotation), get_args(annotation)
+    if annotation in (int, float):
+        return True
+    if origin is Annotated:
+        return _takes_numbers_only(args[0])
+    if origin in (Union, types.UnionType):
+        kinds = [a for a in args if a is not type(None)]
+        return bool(kinds) and all(_takes_numbers_only(a) for a in kinds)
+    if origin is Literal:
+        return all(isinstance(a, (int, float)) and not isinstance(a, bool) for a in args)
+    return False
+
+
+def _element_type(annotation):
+    """The element type of list[...] / tuple[...] (also inside Optional/Annotated), else None."""
+    import types
+    from typing import Union, get_args, get_origin
+    origin, args = get_origin(annotation), get_args(annotation)
+    if origin is Annotated:
+        return _element_type(args[0])
+    if origin in (Union, types.UnionType):
+        for a in args:
+            if _element_type(a) is not None:
+                return _element_type(a)
+    if origin in (list, tuple) and args:
+        return args[0]
+    return None
+
+
 class _Section(BaseModel):
     # allow_inf_nan=False: NaN and infinities are refused at load time (a float field that may be
     # infinite says so itself), not found after ten steps of non-finite losses.
     model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_booleans_as_numbers(cls, v, info):
+        """`true`/`false` are not numbers and numbers are not switches: `-S train.batch_size=true` and
+        `-S train.compile=1` are refused, not read as 1 and true."""
+        ann = cls.model_fields[info.field_name].annotation
+        if ann is bool and not isinstance(v, bool):
+            raise ValueError("expected true or false")
+        if isinstance(v, bool) and _takes_numbers_only(ann):
+            raise ValueError("expected a number, got a boolean (true/false)")
+        elem = _element_type(ann)
+        if isinstance(v, (list, tuple)) and elem is not None and _takes_numbers_only(elem) \
+                and any(isinstance(x, bool) for x in v):
+            raise ValueError("expected numbers, got a boolean (true/false)")
+        return v
 
 
 class DataConfig(_Section):
@@ -222,7 +272,7 @@ class SamplerConfig(_Section):
     S_max: Annotated[float, Field(allow_inf_nan=True), AfterValidator(_not_nan)] = float("inf")
     S_noise: PosFloat = 1.0
     solver: Literal["heun", "euler"] = "heun"
-    guidance: float = 1.0
+    guidance: NonNegFloat = 1.0            # w >= 0: 1 = unguided, 0 = the guide alone (method.md 5)
     batch_size: PosInt = 64
     compile: bool = False                  # torch.compile the network for sampling (CUDA graphs on a GPU); falls back on failure
     amp: Literal["none", "bf16"] = "none"  # bf16 autocast of the network's evaluations (the ODE stays float64/32)
@@ -294,7 +344,7 @@ class GuideSpec(_Section):
 class GridConfig(_Section):
     """Post-hoc axes evaluated from one training (method.md 5, 6): every combination is one point."""
     sigma_rel: list[SigmaRel] = Field(default_factory=list)        # empty: ema.targets
-    guidance: list[float] = Field(default_factory=lambda: [1.0])  # w; 1 = unguided
+    guidance: list[NonNegFloat] = Field(default_factory=lambda: [1.0])  # w >= 0; 1 = unguided, 0 = the guide alone
     guide: list[Any] = Field(default_factory=lambda: ["none"])    # none | unconditional | GuideSpec mapping
     steps: list[Annotated[int, AfterValidator(lambda v: _min(v, 2))]] = Field(default_factory=list)  # empty: sampler.steps
 
@@ -653,6 +703,8 @@ class SweepConfig(_Section):
     seed: NonNegInt = 0                                 # fixes every random draw (random search, Optuna/TPE)
     experiment: str = "edm2-sweeps"                     # MLflow experiment (one parent run per sweep)
     storage: str = "runs/sweeps"                        # Ray results, trial run folders
+    # A trial waiting this long in PENDING while none runs ends the sweep, naming what it waits for.
+    pending_timeout_s: PosFloat = 600.0
 
     @field_validator("scheduler", "validation", "resources", mode="before")
     @classmethod

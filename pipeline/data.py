@@ -11,6 +11,7 @@ import gzip
 import hashlib
 import io
 import json
+import re
 import queue
 import shutil
 import subprocess
@@ -360,17 +361,47 @@ def encode_latents(pixels: np.ndarray, vae, batch_size: int = 32, progress: bool
 # ----------------------------------------------------------------------------------------------
 # The training loader: memory-mapped, checked against its manifest and the config.
 
+MANIFEST_FIELDS = {"count": int, "shape": list, "dtype": str, "encoder": str, "channels": int, "label_count": int,
+                   "sha256": str}
+ENCODED_DTYPES = ("uint8", "float16", "float32")
+
+
 def read_manifest(path: str | Path) -> dict:
+    """An encoded dataset's manifest.json, checked field by field: anything malformed is a DataError
+    naming the file and the field (never a traceback)."""
     f = Path(path) / "manifest.json"
     if not f.is_file():
         raise DataError(f"{path} is not an encoded dataset (no manifest.json): run the encode stage first")
     try:
-        m = json.loads(f.read_text())
-    except json.JSONDecodeError as err:
+        m = json.loads(f.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError:
+        raise DataError(f"{f} is corrupt: not UTF-8 text; re-run the encode stage") from None
+    except (OSError, json.JSONDecodeError) as err:
         raise DataError(f"{f} is corrupt: {err}") from None
+    if not isinstance(m, dict):
+        raise DataError(f"{f} is corrupt: expected a JSON object, got {type(m).__name__}; re-run the encode stage")
     if m.get("format") != MANIFEST_FORMAT:
         raise DataError(f"{f}: unknown format {m.get('format')!r}")
+    for key, typ in MANIFEST_FIELDS.items():
+        v = m.get(key)
+        if not isinstance(v, typ) or isinstance(v, bool):
+            raise DataError(f"{f}: field {key!r} is {'missing' if key not in m else repr(v)[:40]} (expected "
+                            f"{typ.__name__}); re-run the encode stage")
+    if not (m["count"] >= 1 and len(m["shape"]) == 3 and all(isinstance(x, int) and x >= 1 for x in m["shape"])
+            and m["dtype"] in ENCODED_DTYPES and m["encoder"] in ("pixel", "vae") and m["label_count"] >= 0
+            and re.fullmatch(r"[0-9a-f]{64}", m["sha256"])):
+        raise DataError(f"{f}: inconsistent values (count {m['count']}, shape {m['shape']}, dtype {m['dtype']!r}, "
+                        f"encoder {m['encoder']!r}, label_count {m['label_count']}); re-run the encode stage")
     return m
+
+
+def _load_array(f: Path) -> np.ndarray:
+    """Memory-map a .npy file; object arrays (pickles) and malformed files are refused in one line."""
+    try:
+        return np.load(f, mmap_mode="r", allow_pickle=False)
+    except (ValueError, OSError, EOFError) as err:
+        raise DataError(f"{f} is not a plain numeric array ({str(err).splitlines()[0][:100]}); "
+                        f"re-run the encode stage") from None
 
 
 class EncodedDataset(torch.utils.data.Dataset):
@@ -387,11 +418,17 @@ class EncodedDataset(torch.utils.data.Dataset):
         if verify and sha256_files(files) != m["sha256"]:
             raise DataError(f"{self.path}: contents do not match the manifest's sha256 (corrupt or modified); "
                             f"re-run the encode stage")
-        self.images = np.load(files[0], mmap_mode="r")
-        self.labels = np.load(files[1], mmap_mode="r")
+        self.images = _load_array(files[0])
+        self.labels = _load_array(files[1])
         if list(self.images.shape) != [m["count"], *m["shape"]] or str(self.images.dtype) != m["dtype"]:
             raise DataError(f"{self.path}: images.npy is {self.images.shape} {self.images.dtype}, manifest says "
                             f"{[m['count'], *m['shape']]} {m['dtype']}")
+        if self.labels.shape != (m["count"],) or self.labels.dtype.kind not in "iu":
+            raise DataError(f"{self.path}: labels.npy is {self.labels.shape} {self.labels.dtype}, expected "
+                            f"({m['count']},) integers")
+        if m["label_count"] and len(self.labels) and not (0 <= int(self.labels.min()) and
+                                                          int(self.labels.max()) < m["label_count"]):
+            raise DataError(f"{self.path}: labels.npy holds labels outside 0..{m['label_count'] - 1}")
         if cfg is not None:
             self.check_config(cfg)
         self.label_dim = m["label_count"]

@@ -9,6 +9,7 @@ its uncertainty; results are compared only when their records match.
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 from typing import Sequence
 
@@ -27,17 +28,48 @@ from .stats import ranking
 
 def load_model(path: str | Path, device="cpu"):
     """A Precond network from a reconstructed EMA file (safetensors; its config and build arguments in
-    the header). Nothing in the file can run code."""
-    from .config import resolve
+    the header). Nothing in the file can run code; a header that describes no network of this project,
+    tensors of other names, shapes or types than that network's, and non-finite values are refused in
+    one line naming the file and the field or tensor."""
+    from .config import ConfigError, resolve
     from .networks import build_network
     from .phema import load_reconstruction
-    data = load_reconstruction(path)
-    if not data.get("net_args"):
+    data = load_reconstruction(path)                     # format, offsets, finite values checked there
+    args, raw = data.get("net_args"), data.get("config")
+    if not isinstance(args, dict) or not args:
         raise FIDError(f"{path}: carries no network build arguments (not written by the training stage)")
-    cfg = resolve({k: v for k, v in data["config"].items() if k != "preset"})
-    net = build_network(cfg, **data["net_args"])
-    net.load_state_dict(data["state"])
+    if not isinstance(raw, dict):
+        raise FIDError(f"{path}: its header's config is not a mapping ({str(raw)[:40]!r}): not a model of this "
+                       f"pipeline, or a damaged header")
+    try:
+        cfg = resolve({k: v for k, v in raw.items() if k != "preset"})
+        net = build_network(cfg, **args)
+    except ConfigError as err:
+        raise FIDError(f"{path}: its header's config is invalid ({str(err).splitlines()[0]})") from None
+    except (TypeError, ValueError, RuntimeError) as err:
+        raise FIDError(f"{path}: its header's net_args {args} do not build a network ({err})") from None
+    want, have = net.state_dict(), data["state"]
+    missing, extra = sorted(set(want) - set(have)), sorted(set(have) - set(want))
+    if missing or extra:
+        raise FIDError(f"{path}: its tensors do not match the network its header describes (missing "
+                       f"{missing[:3]}, unexpected {extra[:3]})")
+    for k, t in have.items():
+        if t.shape != want[k].shape or t.is_floating_point() != want[k].is_floating_point():
+            raise FIDError(f"{path}: tensor {k!r} is {list(t.shape)} {t.dtype}, the network its header describes "
+                           f"needs {list(want[k].shape)} {want[k].dtype}")
+    net.load_state_dict(have)
     return net.eval().to(device), data
+
+
+def check_unconditional_guide(meta: dict, path: str | Path) -> None:
+    """guide=unconditional is the model with the zero label: only meaningful when the run trained that
+    label (train.label_dropout > 0 in its record) on a class-conditional network."""
+    if not (meta.get("net_args") or {}).get("label_dim"):
+        raise FIDError(f"guide=unconditional needs a class-conditional model; {Path(path).name} has no labels")
+    dropout = ((meta.get("config") or {}).get("train") or {}).get("label_dropout", 0)
+    if not (isinstance(dropout, (int, float)) and dropout > 0):
+        raise FIDError(f"guide=unconditional needs a run trained with train.label_dropout > 0; {Path(path).name} "
+                       f"was trained with label_dropout={dropout}, so its zero label was never learned")
 
 
 def generate(net, num_images: int, seed: int, sampler_cfg, batch_size: int, device="cpu", progress: bool = False,
@@ -74,6 +106,11 @@ def generate(net, num_images: int, seed: int, sampler_cfg, batch_size: int, devi
             torch.cuda.empty_cache()
             print(f"generate: out of GPU memory, sampling {batch_size} images per batch from here on")
             continue
+        if not bool(torch.isfinite(x).all()):         # never quantise NaN into black images
+            bad = int((~torch.isfinite(x.flatten(1))).any(dim=1).sum())
+            raise FIDError(f"{desc or 'sampling'}: {bad} of {len(batch)} samples of seeds {batch[0]}-{batch[-1]} came "
+                           f"out non-finite (NaN/inf) at guidance {sampler_cfg.guidance}: the model or its guide "
+                           f"diverged; nothing was written")
         out.append(decode_pixels(x).permute(0, 2, 3, 1).cpu().numpy())
         i += len(batch)
         if bar is not None:
@@ -159,8 +196,8 @@ def evaluate_points(points: Sequence[dict], models_dir: str | Path, cfg, refs: S
                     raise FIDError(f"{path}: no such model (reconstruct the grid's EMA lengths and guides first: "
                                    f"the reconstruct stage makes them from evaluate.grid)")
                 meta = check_reconstruction(path)
-                if guide == "unconditional" and path == main and not (meta.get("net_args") or {}).get("label_dim"):
-                    raise FIDError(f"guide=unconditional needs a class-conditional model; {path.name} has no labels")
+                if guide == "unconditional" and path == main:
+                    check_unconditional_guide(meta, path)
     def computation(p, main, guide) -> tuple:                # what the samples depend on
         return str(main), str(guide), p["steps"], p["guidance"] if guide is not None else 1.0
     keys = list(dict.fromkeys(computation(*x) for x in plan))
@@ -293,8 +330,13 @@ def evaluate_run(cfg, snapshot_dir: str | Path, out_dir: str | Path, ref_cache: 
     want = sorted(ident(_files(p, out_dir / "ema", T)[0], _guide_label(p["guide"]), p["guidance"], p["steps"])
                   for p in points)
     fixed = {k: v for k, v in sampler_record(cfg.sampler).items() if k not in SAMPLER_AXES}
-    if records_file.is_file():
-        records = json.loads(records_file.read_text())
+    from .records import RecordError, read_records
+    try:
+        records = read_records(records_file) if records_file.is_file() else None
+    except RecordError as err:                               # a torn or foreign file is never taken as done
+        print(f"note: {err}; evaluating again", file=sys.stderr)
+        records = None
+    if records is not None:
         have = sorted(ident(r["model_file"], r.get("guide", "none"), r["sampler"]["guidance"], r["sampler"]["steps"])
                       for r in records)
         if have == want and all(r.get("num_images") == cfg.fid.num_images and
@@ -319,7 +361,13 @@ def export_samples(model_file: str | Path, num_images: int, out: str | Path, sam
     label_dim) written as PNG files `<seed>.png` into a folder, or as one .npz (images N x H x W x C
     uint8, seeds, labels). `guide`: a model file or "unconditional", with weight sampler_cfg.guidance."""
     from PIL import Image
+
+    from .io import check_writable
+    from .phema import check_reconstruction
     out = Path(out)
+    check_writable(out, "--out", folder=out.suffix != ".npz")
+    if guide == "unconditional":
+        check_unconditional_guide(check_reconstruction(model_file), model_file)
     net, _ = load_model(model_file, device)
     guide_net = guide if guide in (None, "unconditional") else load_model(guide, device)[0]
     images = generate(net, num_images, seed, sampler_cfg, batch_size, device, progress,

@@ -79,9 +79,35 @@ def _umask() -> int:
     return mask
 
 
+class _WriteErrors:
+    """A file object that keeps the first OSError of its writes: torch.save reports a failed write
+    (a full disk) as RuntimeError('unexpected pos ...'); the caller re-raises the OSError instead."""
+
+    def __init__(self, f):
+        self.f, self.error = f, None
+
+    def write(self, data):
+        try:
+            return self.f.write(data)
+        except OSError as err:
+            self.error = self.error or err
+            raise
+
+    def flush(self):
+        return self.f.flush()
+
+
 def atomic_torch_save(obj: Any, path: str | Path) -> Path:
     """For checkpoints only: tensors and plain values, read back with weights_only=True."""
-    return atomic_write(path, lambda f: torch.save(obj, f))
+    def write(f) -> None:
+        rec = _WriteErrors(f)
+        try:
+            torch.save(obj, rec)
+        except RuntimeError:
+            if rec.error is not None:
+                raise OSError(rec.error.errno, rec.error.strerror, str(path)) from None
+            raise
+    return atomic_write(path, write)
 
 
 def atomic_write_text(text: str, path: str | Path) -> Path:
@@ -104,6 +130,32 @@ def load_torch_file(path: str | Path, what: str = "file", error: type[Exception]
             raise UnsafeFileError(f"{what} {path} holds Python objects other than tensors and plain values: "
                                   f"refused, not loaded (a crafted or foreign file)") from None
         raise error(f"{what} {path} is unreadable ({err.__class__.__name__}: {text.splitlines()[0][:120] if text else ''})") from None
+
+
+def check_writable(path: str | Path, what: str, folder: bool = True) -> Path:
+    """Refuse, before any compute, an output location that cannot be created or written: a path
+    below a regular file, a read-only folder, a folder where a file belongs (and the reverse).
+    Only a probe file is made (and removed) in the nearest existing folder."""
+    path = Path(path)
+    if path.exists():
+        if folder and not path.is_dir():
+            raise PipelineError(f"{what} {path} is a file, not a folder")
+        if not folder and path.is_dir():
+            raise PipelineError(f"{what} {path} is a folder, not a file")
+        target = path if path.is_dir() else path.parent
+    else:
+        target = path.parent
+        while not target.exists() and target != target.parent:
+            target = target.parent
+        if not target.is_dir():
+            raise PipelineError(f"{what} {path} cannot be created: {target} is a file, not a folder")
+    try:                                             # a real probe: read-only mounts fool os.access (and root)
+        fd, probe = tempfile.mkstemp(prefix=".write-probe.", suffix=".tmp", dir=target)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as err:
+        raise PipelineError(f"{what} {path} cannot be written: {target}: {err.strerror}") from None
+    return path
 
 
 def remove_stale_temps(*folders: str | Path) -> list[Path]:
@@ -135,7 +187,16 @@ def save_safetensors(tensors: dict[str, torch.Tensor], meta: dict[str, Any], pat
     from safetensors.torch import save_file
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
     strings = {k: json.dumps(v) for k, v in meta.items()}
-    return _atomic_path(path, lambda tmp: save_file(tensors, str(tmp), metadata=strings))
+
+    def write(tmp: Path) -> None:
+        try:
+            save_file(tensors, str(tmp), metadata=strings)
+        except Exception as err:                     # the Rust writer's I/O errors: an OSError like any other
+            code = re.search(r"os error (\d+)", str(err))
+            if code is None:
+                raise
+            raise OSError(int(code[1]), os.strerror(int(code[1])), str(path)) from None
+    return _atomic_path(path, write)
 
 
 def read_safetensors_header(path: str | Path, what: str = "file", error: type[Exception] = PipelineError
@@ -187,18 +248,34 @@ def read_safetensors_header(path: str | Path, what: str = "file", error: type[Ex
         if start + hi > size:
             raise error(f"{what} {path} is truncated: tensor {name!r} ends at byte {start + hi}, the file has {size}")
         spans[name] = (start + lo, numel, dtype, shape)
+    ranges = sorted((lo, lo + n * dt.itemsize, name) for name, (lo, n, dt, _) in spans.items())
+    for (_, hi_a, a), (lo_b, _, b) in zip(ranges, ranges[1:]):
+        if lo_b < hi_a:                                 # two tensors over the same bytes: a crafted file
+            raise error(f"{bad} (tensors {a!r} and {b!r} overlap in the file)")
     return spans, meta
+
+
+def check_finite(tensors: dict[str, torch.Tensor], path: str | Path, what: str = "file",
+                 error: type[Exception] = PipelineError) -> None:
+    """Every floating-point tensor finite, or `error` naming the file and the first bad tensor."""
+    for name, t in tensors.items():
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            bad = int((~torch.isfinite(t)).sum())
+            raise error(f"{what} {path}: tensor {name!r} holds {bad} non-finite value(s) (NaN or inf); refused "
+                        f"(a diverged run or a damaged file)")
 
 
 def load_safetensors(path: str | Path, what: str = "file", error: type[Exception] = PipelineError
                      ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """All tensors (CPU) and the decoded metadata; a file that is not safetensors raises `error`."""
+    """All tensors (CPU) and the decoded metadata; a file that is not safetensors, or that holds a
+    non-finite value, raises `error`."""
     from safetensors.torch import load_file
     _, meta = read_safetensors_header(path, what, error)
     try:
         tensors = load_file(str(path), device="cpu")
     except Exception as err:                         # the Rust reader's own checks
         raise error(f"{what} {path} is unreadable ({err.__class__.__name__}: {str(err)[:120]})") from None
+    check_finite(tensors, path, what, error)
     return tensors, meta
 
 

@@ -262,13 +262,12 @@ def submit(kind: str, target: Sequence[str], params_file: str = "params.yaml", o
     lo = {f"launcher.{k}": v for k, v in (launcher_overrides or {}).items() if v is not None}
     cfg = C.load_config(params_file, [*overrides, *(f"{k}={v}" for k, v in lo.items())]) \
         if Path(params_file).is_file() else C.resolve({}, lo)
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    folder = Path(folder or f"runs/jobs/{kind}-{stamp}-{os.getpid()}")   # fresh: SLURM ids may restart at 1
-    folder.mkdir(parents=True, exist_ok=True)
-    os.chmod(folder, 0o700)                                  # the job's pickle (a sweep's: its Ray token) is yours
     if kind == "train":
         fn, name = TrainJob(params_file, overrides), "edm2-train"
     elif kind == "sweep":
+        if len(target) != 1:
+            raise LaunchError(f"submit sweep takes one sweep file, e.g. submit sweep sweeps/lr.yaml "
+                              f"(got {len(target)} arguments)")
         C.load_sweep(target[0])                              # bad sweep files fail here, not on the node
         import secrets                                       # the token of the job's Ray cluster (nodes > 1)
         fn, name = SweepJob(target[0], token=os.environ.get("RAY_AUTH_TOKEN") or secrets.token_hex(32)), "edm2-sweep"
@@ -285,6 +284,12 @@ def submit(kind: str, target: Sequence[str], params_file: str = "params.yaml", o
         if ignored:
             raise LaunchError(f"{', '.join(ignored)} only apply to SLURM jobs, and this job would run locally "
                               f"(launcher.executor=local): add --executor slurm, or drop the flag(s)")
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    folder = Path(folder or f"runs/jobs/{kind}-{stamp}-{os.getpid()}")   # fresh: SLURM ids may restart at 1
+    from .io import check_writable
+    check_writable(folder, "submitit folder")
+    folder.mkdir(parents=True, exist_ok=True)
+    os.chmod(folder, 0o700)                                  # the job's pickle (a sweep's: its Ray token) is yours
     ex = make_executor(cfg.launcher, folder, executor, name)
     try:
         job = ex.submit(fn)

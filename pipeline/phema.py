@@ -426,6 +426,11 @@ def stream_combine(infos: Sequence[SnapshotInfo], X: np.ndarray, progress: bool 
                         f.will_need(k, c if c == 0 else c + ahead, c + 2 * ahead)
                 for r, f in enumerate(files):
                     f.read_into(k, c, n, buf[r, :n], raw[r])   # -> float32, in cache
+                if not bool(torch.isfinite(buf[:g1 - g0, :n]).all()):   # a NaN would spread into every target
+                    r = int((~torch.isfinite(buf[:g1 - g0, :n])).any(dim=1).nonzero()[0])
+                    raise PHEMAError(f"snapshot {files[r].path}: tensor {k!r} holds non-finite values (NaN or inf); "
+                                     f"refused (a diverged run or a damaged file): remove it, or reconstruct at an "
+                                     f"earlier --target-nimg")
                 a[:, c:c + n].addmm_(weights, buf[:g1 - g0, :n])
         for f in files:
             f.close()

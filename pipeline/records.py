@@ -22,6 +22,31 @@ class RecordError(PipelineError, ValueError):
     pass
 
 
+def read_records(path: str | Path, what: str = "records file") -> list[dict]:
+    """The FID records of a fid_records.json, each checked for the fields readers use; a missing, corrupt
+    or foreign file is a RecordError naming the file (never a traceback, never an empty result)."""
+    import math
+    path = Path(path)
+    if not path.is_file():
+        raise RecordError(f"{what} {path} is missing (run the evaluate stage)")
+    try:
+        recs = json.loads(path.read_bytes().decode("utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as err:
+        raise RecordError(f"{what} {path} is corrupt ({err.__class__.__name__}: {str(err)[:80]}); "
+                          f"rerun the evaluate stage") from None
+    if not isinstance(recs, list) or not recs:
+        raise RecordError(f"{what} {path} holds no records (expected a non-empty JSON list)")
+    for i, r in enumerate(recs):
+        ok = (isinstance(r, dict) and isinstance(r.get("fid"), (int, float)) and not isinstance(r.get("fid"), bool)
+              and math.isfinite(r["fid"]) and isinstance(r.get("sampler"), dict)
+              and isinstance(r.get("seeds"), list) and len(r["seeds"]) == 2 and isinstance(r.get("model_file"), str)
+              and all(k in r["sampler"] for k in ("nfe", "steps", "guidance")))
+        if not ok:
+            raise RecordError(f"{what} {path}: record {i} is malformed (needs a finite fid, sampler, seeds, "
+                              f"model_file); rerun the evaluate stage")
+    return recs
+
+
 @dataclass
 class FIDRecord:
     fid: float

@@ -14,14 +14,14 @@ class ResultsError(PipelineError, FileNotFoundError):
 
 
 def results_lines(cfg, metrics_dir: str | Path = "metrics", report: str | Path = "reports/report.html") -> list[str]:
-    from .records import computed, point_label, result_line
+    from .records import computed, point_label, read_records, result_line
     from .stats import ranking
     from .tracking import tracking_uri
     m = Path(metrics_dir)
     rec_file = m / "fid_records.json"
     if not rec_file.is_file():
         raise ResultsError(f"no results yet: {rec_file} is missing (run `dvc repro`, or `make run`)")
-    records = sorted(json.loads(rec_file.read_text()), key=lambda r: (r["sigma_rel"] or 0, point_label(r)))
+    records = sorted(read_records(rec_file), key=lambda r: (r["sigma_rel"] or 0, point_label(r)))
     records = computed(records)
     lines = [f"== Results: FID per post-hoc point ({records[0]['num_images']} generated vs "
              f"{records[0]['ref_num_images']} reference images, NFE {records[0]['sampler']['nfe']}, "

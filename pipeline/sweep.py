@@ -44,36 +44,23 @@ def sweep_tracking_uri(base: C.Config) -> str:
 
 
 def make_private(folder: Path) -> None:
-    """Create the sweep's storage folder (and its parent) readable and writable by its owner only:
-    Ray's `Tuner.restore` unpickles files in it, so nobody else may place files there."""
+    """Create the sweep's storage folder (and its parent) readable and writable by its owner only.
+    Nothing in it is ever unpickled (--resume reads the project's JSON files only), but trial runs,
+    checkpoints and MLflow ids are the sweep's own: one writer."""
     for d in (folder.parent, folder):
         d.mkdir(parents=True, exist_ok=True)
         if d.stat().st_uid == os.getuid():
             os.chmod(d, 0o700)
 
 
-def check_private(folder: Path) -> None:
-    """Refuse to resume from a sweep folder that someone else owns or can write to (anything in it,
-    or the folder above it): resuming unpickles Ray's state files, which can run code."""
-    import stat
-
-    def why_not(path: Path) -> str | None:
-        st = path.lstat()
-        if st.st_uid != os.getuid():
-            return f"owned by uid {st.st_uid}"
-        if not stat.S_ISLNK(st.st_mode) and st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
-            return "writable by others"
-        return None
-
-    paths = [folder.parent, folder] + [Path(d) / n for d, dirs, files in os.walk(folder) for n in dirs + files]
-    for path in paths:
-        why = why_not(path)
-        if why:
-            raise SweepError(f"refusing to resume: {path} is {why}; --resume unpickles Ray's files in {folder}, "
-                             f"so it must be private to you (chmod -R go-w, or start under a new sweep name)")
+POINT = "_point"                      # grid and random search: Tune gets the plan's points as one grid axis
+TRIAL = "_trial"                      # inside a point: the trial's stable name (its folder), e.g. t0003
 
 
-POINT = "_point"                      # random search: Tune gets the pre-drawn points as one grid axis
+def trial_name(index: int) -> str:
+    """The stable name of the plan's trial `index` (grid, random): its folder under trials/ and its row
+    in the results; a resumed sweep finds its trials by these names, not by Ray's state."""
+    return f"t{index:04d}"
 
 
 def draw_points(sweep: C.SweepConfig) -> list[dict]:
@@ -146,22 +133,30 @@ def print_plan(p: dict) -> None:
           f"({p['images_to_generate']:,} images to generate)")
 
 
-def param_space(sweep: C.SweepConfig) -> dict:
+def param_space(sweep: C.SweepConfig, points: list[tuple[str, dict]] | None = None) -> dict:
+    """Tune's search space. Grid and random search: exactly the plan's points (`points`: the ones
+    still to run, as (name, values)), each carrying its trial name. Optuna: the axes as distributions."""
     from ray import tune
-    if sweep.algorithm == "random":
-        return {POINT: tune.grid_search([{axis_name(k): v for k, v in pt.items()} for pt in draw_points(sweep)])}
+    if sweep.algorithm in ("grid", "random"):
+        return {POINT: tune.grid_search([{TRIAL: name, **{axis_name(k): v for k, v in pt.items()}}
+                                         for name, pt in points])}
     space = {}
     for key, a in sweep.search.items():
         name = axis_name(key)
-        if a.grid is not None:
-            space[name] = tune.grid_search(list(a.grid))
-        elif a.choice is not None:
+        if a.choice is not None:
             space[name] = tune.choice(list(a.choice))
         elif a.uniform is not None:
             space[name] = tune.uniform(*a.uniform)
         else:
             space[name] = tune.loguniform(*a.loguniform)
     return space
+
+
+def split_config(config: dict, fallback: str) -> tuple[str, dict]:
+    """(trial name, {dotted key: value}) from a Tune trial config; Optuna's trials are named by Tune's id."""
+    flat = {**(config.get(POINT) or {}), **{k: v for k, v in config.items() if k != POINT}}   # never mutate Tune's
+    name = flat.pop(TRIAL, None) or fallback
+    return str(name), {axis_key(k): v for k, v in flat.items()}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -184,13 +179,23 @@ def run_trial(params: dict, base_raw: dict, sweep_raw: dict, parent_run_id: str 
     from ray import tune
     _quiet_stop()
     os.chdir(root)                                          # relative paths of the params file
-    params = {**params.get(POINT, {}), **{k: v for k, v in params.items() if k != POINT}}   # never mutate Tune's config
-    trial_id = tune.get_context().get_trial_id()
+    trial_id, values = split_config(params, tune.get_context().get_trial_id())
     trial_dir = Path(sweep_raw["storage"]).resolve() / sweep_raw["name"] / "trials" / trial_id
     trial_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(str(os.getpid()), trial_dir / "worker.pid")   # lets tests (and users) find the worker
     record_node(trial_dir)
-    cfg = trial_config(base_raw, sweep_raw, params, trial_dir, uri, device)
+    write_trial_state(trial_dir, trial_id=trial_id, params=values, status="running")
+    try:
+        _run_trial(trial_id, trial_dir, values, base_raw, sweep_raw, parent_run_id, uri, device, ref_cache, root)
+    except Exception as err:                                # the trial's own record of why (Tune retries it)
+        write_trial_state(trial_dir, status="error", error=f"{err.__class__.__name__}: {str(err)[:300]}")
+        raise
+
+
+def _run_trial(trial_id: str, trial_dir: Path, params: dict, base_raw: dict, sweep_raw: dict,
+               parent_run_id: str | None, uri: str, device: str, ref_cache: str, root: str) -> None:
+    from ray import tune
+    cfg = trial_config(base_raw, sweep_raw, {axis_name(k): v for k, v in params.items()}, trial_dir, uri, device)
     job = {"config": cfg.to_dict(), "trial_id": trial_id, "trial_dir": str(trial_dir), "parent_run_id": parent_run_id,
            "ref_cache": ref_cache, "root": root, "sweep": sweep_raw}
     res = C.SweepConfig.model_validate(sweep_raw).resources
@@ -210,6 +215,22 @@ def run_trial(params: dict, base_raw: dict, sweep_raw: dict, parent_run_id: str 
                                        callbacks=[TuneReportCallback()],
                                        failure_config=ray.train.FailureConfig(max_failures=sweep_raw["max_failures"])))
     trainer.fit()
+
+
+TRIAL_STATE = "trial.json"
+
+
+def write_trial_state(trial_dir: Path, **fields) -> dict:
+    """Merge `fields` into the trial's own state file (trial.json: name, values, status, last
+    metrics). The results table and --resume read these, never Ray's pickled experiment state."""
+    state = {**read_trial_state(trial_dir), **fields}
+    atomic_write_text(json.dumps(state, indent=2, default=str), trial_dir / TRIAL_STATE)
+    return state
+
+
+def read_trial_state(trial_dir: Path) -> dict:
+    state = _read_json(trial_dir / TRIAL_STATE)
+    return state if isinstance(state, dict) else {}
 
 
 def record_node(trial_dir: Path) -> None:
@@ -265,8 +286,12 @@ def trial_body(job: dict, report, device=None) -> None:
     trial_id, trial_dir = job["trial_id"], Path(job["trial_dir"])
     last = {}
 
+    rank0 = not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+
     def on_snapshot(nimg, metrics):
         last.update(metrics)
+        if rank0:
+            write_trial_state(trial_dir, nimg=nimg, **metrics)
         report({"nimg": nimg, **metrics})
 
     validate = make_validator(cfg, C.SweepConfig.model_validate(job["sweep"]).validation,
@@ -282,6 +307,9 @@ def trial_body(job: dict, report, device=None) -> None:
         dist.broadcast_object_list(box, src=0)
         records = box[0]
     best = min(records, key=lambda r: r["fid"])
+    if rank0:
+        write_trial_state(trial_dir, status="finished", nimg=res.nimg, best_fid=best["fid"],
+                          best_sigma_rel=best["sigma_rel"])
     report({"nimg": res.nimg, **last, "best_fid": best["fid"], "best_sigma_rel": best["sigma_rel"],
             "best_fid_se": best.get("fid_se"),
             "fids": json.dumps({f"{r['sigma_rel']:.3f}": r["fid"] for r in records}), "done": True})
@@ -377,24 +405,48 @@ def _check_resources(sweep: C.SweepConfig, ray) -> tuple[float, str]:
     return want, ("cuda" if want > 0 else "cpu")
 
 
-def _check_before_start(sweep: C.SweepConfig, exp_dir: Path, reports: Path, resume: bool, address: str | None,
-                        num_cpus: int | None, trials: int) -> None:
-    """Everything that can be checked before Ray starts and before any MLflow run is created."""
+def _check_before_start(sweep: C.SweepConfig, exp_dir: Path, reports: Path, resume: bool) -> None:
+    """What a real start checks beyond the plan: results of an earlier sweep of the same name."""
     if not resume and ((exp_dir / "sweep_state.json").is_file() or (reports / "results.csv").is_file()):
         raise SweepError(f"sweep {sweep.name!r} already has results ({exp_dir if exp_dir.exists() else reports}): "
                          f"continue it with --resume, or give the sweep file another `name:` to start a new one")
     if resume and not exp_dir.is_dir():
         raise SweepError(f"nothing to resume: no sweep {sweep.name!r} in {exp_dir.parent}")
-    if address is None:                                      # a local instance: its CPUs are known now
-        cpus = num_cpus or os.cpu_count() or 1
+
+
+def check_plan(sweep: C.SweepConfig, storage: Path, reports: Path, address: str | None, num_cpus: int | None,
+               trials: int) -> None:
+    """Everything that can be checked before Ray starts and before any MLflow run is created (a dry
+    run too): output folders creatable, CPUs and GPUs per trial within this machine."""
+    from .io import check_writable
+    check_writable(storage, "sweep storage")
+    check_writable(reports, "sweep reports folder")
+    if num_cpus is not None and num_cpus < 1:
+        raise SweepError(f"--num-cpus {num_cpus}: must be >= 1")
+    if address is None:                                      # a local instance: its CPUs and GPUs are known now
+        machine = os.cpu_count() or 1
+        cpus = num_cpus or machine
+        if cpus > machine:
+            raise SweepError(f"--num-cpus {cpus}: this machine has {machine} CPUs")
         res = sweep.resources
         per_trial = cpus_per_trial(sweep)
         if per_trial > cpus:
             raise SweepError(f"resources.cpus={res.cpus:g} x resources.workers={res.workers} per trial needs "
                              f"{per_trial:g} CPUs, this machine has {cpus}")
+        gpus = _local_gpus()
+        if res.gpus > gpus > 0:
+            raise SweepError(f"resources.gpus={res.gpus:g} per trial, but this machine has {gpus} GPUs")
         if sweep.max_concurrent * per_trial > cpus and trials > int(cpus // per_trial):
             print(f"sweep: note: max_concurrent={sweep.max_concurrent} trials x {per_trial:g} CPUs each exceeds the "
                   f"{cpus} CPUs here: at most {int(cpus // per_trial)} run at once")
+
+
+def _local_gpus() -> int:
+    try:
+        import torch
+        return torch.cuda.device_count()
+    except Exception:                                        # no usable CUDA: CPU workers
+        return 0
 
 
 def is_loopback(address: str) -> bool:
@@ -473,12 +525,11 @@ def run_sweep(sweep_file: str | Path, address: str | None = None, resume: bool =
     exp_dir = storage / sweep.name
     out_dir = Path(reports_dir) / sweep.name
     the_plan = plan(sweep, base)
+    check_plan(sweep, storage, out_dir, address, num_cpus, the_plan["trials"])
     if dry_run:
         print_plan(the_plan)
         return the_plan
-    _check_before_start(sweep, exp_dir, out_dir, resume, address, num_cpus, the_plan["trials"])
-    if resume:
-        check_private(exp_dir)                               # before Ray unpickles anything in it
+    _check_before_start(sweep, exp_dir, out_dir, resume)
     prepare_ray_env(address)
     # Ray first: a cluster that cannot be joined (down, wrong token) fails before any work or MLflow run.
     ray = connect_ray(address, num_cpus, min_nodes)
@@ -501,59 +552,71 @@ def run_sweep(sweep_file: str | Path, address: str | None = None, resume: bool =
 
     # The MLflow parent run (and experiment) exist before trials start; a resumed sweep reuses it.
     state_file = exp_dir / "sweep_state.json"
-    state = json.loads(state_file.read_text()) if (resume and state_file.is_file()) else {}
+    state = _read_json(state_file) if resume else {}
     parent = RunLogger(uri=uri, experiment=sweep.experiment)
     parent_id = parent.start(state.get("parent_run_id"), run_name=f"sweep-{sweep.name}",
                              tags={**run_tags("sweep"), "kind": "sweep", "sweep_file": str(sweep_file)},
                              params={"sweep." + k: v for k, v in C.flatten(sweep.model_dump(mode="json")).items()},
                              on_run_id=lambda rid: atomic_write_text(json.dumps({"parent_run_id": rid}), state_file))
-    atomic_write_text(json.dumps({"parent_run_id": parent_id}), state_file)
+    attempt = int(state.get("attempts", 0)) + 1
+    atomic_write_text(json.dumps({"parent_run_id": parent_id, "attempts": attempt}), state_file)
+
+    trials_dir = exp_dir / "trials"
+    stopped_file = exp_dir / "asha_stopped.json"
+    todo, evaluated = remaining_trials(sweep, the_plan, trials_dir, _read_json(stopped_file))
+    if resume:
+        left = len(todo) if sweep.algorithm != "optuna" else todo
+        print(f"sweep: resuming {exp_dir} from its own records: {left} trial(s) to run, finished and early-stopped "
+              f"trials are kept (Ray's saved state is not read)")
 
     outcome = "FAILED"
     t0 = time.time()
+    watch = PendingWatch(sweep.pending_timeout_s)
     try:
         gpus, device = _check_resources(sweep, ray)
-
-        # One process: the trial's worker holds the resources. Several: the TorchTrainer's workers hold
-        # them, and the trial's own driver process (it only waits and relays reports) holds one CPU.
-        trial_resources = {"cpu": sweep.resources.cpus, "gpu": gpus} if sweep.resources.workers == 1 else {"cpu": 1}
-        trainable = tune.with_resources(
-            tune.with_parameters(run_trial, base_raw=base_raw, sweep_raw=sweep.model_dump(mode="json"),
-                                 parent_run_id=parent_id, uri=uri, device=device, ref_cache=ref_cache, root=str(root)),
-            trial_resources)
-        scheduler = None
-        if sweep.scheduler.type == "asha":
-            # max_t past the end: ASHA ends trials that reach max_t, which would cut the EMA fan-out.
-            scheduler = _recording_asha(exp_dir / "asha_stopped.json")(
-                time_attr="nimg", metric=sweep.scheduler.metric, mode="min", max_t=base.train.duration_nimg + 1,
-                grace_period=sweep.scheduler.grace_period_nimg, reduction_factor=sweep.scheduler.reduction_factor)
-        search_alg = None
-        if sweep.algorithm == "optuna":
-            from ray.tune.search.optuna import OptunaSearch
-            search_alg = OptunaSearch(metric="best_fid", mode="min", seed=sweep.seed)
-        tune_config = tune.TuneConfig(num_samples=1 if sweep.algorithm == "random" else sweep.num_samples,
-                                      scheduler=scheduler, search_alg=search_alg,
-                                      max_concurrent_trials=sweep.max_concurrent)
-        run_config = tune.RunConfig(name=sweep.name, storage_path=str(storage), verbose=1,
-                                    failure_config=tune.FailureConfig(max_failures=sweep.max_failures))
-        if resume and tune.Tuner.can_restore(str(exp_dir)):
-            print(f"sweep: resuming {exp_dir} (finished trials are kept)")
-            tuner = tune.Tuner.restore(str(exp_dir), trainable, resume_errored=True)
-        else:
-            tuner = tune.Tuner(trainable, param_space=param_space(sweep), tune_config=tune_config,
-                               run_config=run_config)
-        grid = tuner.fit()
+        if todo:
+            # One process: the trial's worker holds the resources. Several: the TorchTrainer's workers hold
+            # them, and the trial's own driver process (it only waits and relays reports) holds one CPU.
+            trial_resources = {"cpu": sweep.resources.cpus, "gpu": gpus} if sweep.resources.workers == 1 else {"cpu": 1}
+            trainable = tune.with_resources(
+                tune.with_parameters(run_trial, base_raw=base_raw, sweep_raw=sweep.model_dump(mode="json"),
+                                     parent_run_id=parent_id, uri=uri, device=device, ref_cache=ref_cache,
+                                     root=str(root)),
+                trial_resources)
+            scheduler = None
+            if sweep.scheduler.type == "asha":
+                # max_t past the end: ASHA ends trials that reach max_t, which would cut the EMA fan-out.
+                scheduler = _recording_asha(stopped_file)(
+                    time_attr="nimg", metric=sweep.scheduler.metric, mode="min", max_t=base.train.duration_nimg + 1,
+                    grace_period=sweep.scheduler.grace_period_nimg, reduction_factor=sweep.scheduler.reduction_factor)
+            search_alg = None
+            if sweep.algorithm == "optuna":
+                search_alg = _optuna(sweep, evaluated)
+            tune_config = tune.TuneConfig(num_samples=todo if sweep.algorithm == "optuna" else 1,
+                                          scheduler=scheduler, search_alg=search_alg,
+                                          max_concurrent_trials=sweep.max_concurrent)
+            # Ray's own files go to a fresh folder per attempt; nothing of an earlier attempt is read.
+            stopper, hook = watch.tune_hooks()
+            run_config = tune.RunConfig(name=f"attempt-{attempt}", storage_path=str(exp_dir / "ray"), verbose=1,
+                                        stop=stopper, callbacks=[hook],
+                                        failure_config=tune.FailureConfig(max_failures=sweep.max_failures))
+            tuner = tune.Tuner(trainable, param_space=param_space(sweep, todo if isinstance(todo, list) else None),
+                               tune_config=tune_config, run_config=run_config)
+            tuner.fit()
         outcome = None
     except KeyboardInterrupt:
         outcome = "KILLED"
         raise
     finally:
         if outcome is not None:                              # no run of this sweep is left RUNNING
-            close_trial_runs(exp_dir / "trials", uri, {}, default="KILLED" if outcome == "KILLED" else "FAILED")
+            close_trial_runs(trials_dir, uri, {}, default="KILLED" if outcome == "KILLED" else "FAILED")
             parent.end(outcome)
 
-    table = results_table(grid, exp_dir / "trials", sweep, _read_json(exp_dir / "asha_stopped.json"))
-    close_trial_runs(exp_dir / "trials", uri, dict(zip(table["trial_id"], table["status"])) if len(table) else {})
+    table = results_table(trials_dir, sweep, _read_json(stopped_file), the_plan)
+    close_trial_runs(trials_dir, uri, dict(zip(table["trial_id"], table["status"])) if len(table) else {})
+    if watch.stuck:
+        parent.end("KILLED")
+        raise SweepError(watch.stuck + "; the trials that ran are kept: `--resume` continues once resources free up")
     table_path = write_results(table, out_dir, sweep)
     best = None
     if len(table) and table["fid"].notna().any():
@@ -568,6 +631,101 @@ def run_sweep(sweep_file: str | Path, address: str | None = None, resume: bool =
     return SweepResult(table, table_path, parent_id, best, out_dir)
 
 
+FINAL = ("finished", "early-stopped")                      # trials a resume does not run again
+
+
+def trial_status(trial_dir: Path, stopped: dict) -> str:
+    """finished (records written), early-stopped (ASHA), error (its last attempt failed), or interrupted
+    (running when the sweep ended, or never started)."""
+    state = read_trial_state(trial_dir)
+    if state.get("status") == "finished" and (trial_dir / "fid_records.json").is_file():
+        return "finished"
+    if trial_dir.name in stopped:
+        return "early-stopped"
+    return "error" if state.get("status") == "error" else "interrupted"
+
+
+def remaining_trials(sweep: C.SweepConfig, the_plan: dict, trials_dir: Path, stopped: dict):
+    """What still has to run, from the trials' own records: grid/random: [(name, values)] of the plan's
+    trials not finished nor early-stopped (an interrupted one resumes from its checkpoints in its
+    folder); Optuna: the number of trials left, and the finished ones' (values, best FID) to tell it."""
+    if sweep.algorithm != "optuna":
+        return [(trial_name(i), pt) for i, pt in enumerate(the_plan["points"])
+                if trial_status(trials_dir / trial_name(i), stopped) not in FINAL], []
+    done, evaluated = 0, []
+    for t in sorted(trials_dir.iterdir()) if trials_dir.is_dir() else []:
+        state, status = read_trial_state(t), trial_status(t, stopped)
+        if status in FINAL:
+            done += 1
+            if status == "finished" and state.get("best_fid") is not None:
+                evaluated.append((state.get("params") or {}, state["best_fid"]))
+        elif state:                                          # Optuna proposes anew: this one is superseded
+            write_trial_state(t, status="superseded")
+    return max(sweep.num_samples - done, 0), evaluated
+
+
+def _optuna(sweep: C.SweepConfig, evaluated: list[tuple[dict, float]]):
+    """Optuna/TPE (seeded), told the finished trials of an earlier attempt of this sweep."""
+    from ray.tune.search.optuna import OptunaSearch
+
+    class ResumedOptuna(OptunaSearch):
+        def set_search_properties(self, metric, mode, config, **spec):
+            ok = super().set_search_properties(metric, mode, config, **spec)
+            for values, fid in evaluated:
+                self.add_evaluated_point({axis_name(k): v for k, v in values.items()}, fid)
+            return ok
+    return ResumedOptuna(metric="best_fid", mode="min", seed=sweep.seed)
+
+
+class PendingWatch:
+    """When no trial runs and one has waited in PENDING longer than `timeout_s`
+    (sweep.pending_timeout_s), name the resources it waits for and what the cluster has free, and
+    end the sweep (through Tune's stopper) instead of holding its CPUs for ever."""
+
+    def __init__(self, timeout_s: float):
+        self.timeout_s, self.stuck, self._since = timeout_s, None, {}
+
+    def check(self, trials, now: float | None = None) -> str | None:
+        now = time.time() if now is None else now
+        pending = [t for t in trials if t.status == "PENDING"]
+        if any(t.status == "RUNNING" for t in trials) or not pending:
+            self._since = {}
+            return None
+        self._since = {t.trial_id: self._since.get(t.trial_id, now) for t in pending}
+        oldest = min(pending, key=lambda t: self._since[t.trial_id])
+        waited = now - self._since[oldest.trial_id]
+        if waited > self.timeout_s and self.stuck is None:
+            import ray
+            want = getattr(oldest.placement_group_factory, "required_resources", {}) or {}
+            self.stuck = (f"trial {split_config(oldest.config, oldest.trial_id)[0]} waited {waited:.0f} s in PENDING "
+                          f"(sweep.pending_timeout_s={self.timeout_s:g}) for {_resources(want) or 'its resources'}; "
+                          f"the cluster has free: {_resources(ray.available_resources()) or 'nothing'}")
+            print(f"sweep: {self.stuck}", file=sys.stderr, flush=True)
+        return self.stuck
+
+    def tune_hooks(self) -> tuple:
+        """(stopper, callback) for tune.RunConfig(stop=..., callbacks=[...])."""
+        from ray.tune import Callback
+        from ray.tune.stopper import Stopper
+        watch = self
+
+        class Hook(Callback):
+            def on_step(self, iteration, trials, **info):
+                watch.check(trials)
+
+        class Stop(Stopper):
+            def __call__(self, trial_id, result):
+                return False
+
+            def stop_all(self):
+                return watch.stuck is not None
+        return Stop(), Hook()
+
+
+def _resources(r: dict) -> str:
+    return ", ".join(f"{k} {v:g}" for k, v in sorted(r.items()) if not k.startswith(("node:", "object_store")))
+
+
 def _recording_asha(path: Path):
     """ASHA that also writes which trials it stopped (at what time and value) to `path`, so the
     results tell early-stopped trials from interrupted ones."""
@@ -578,7 +736,7 @@ def _recording_asha(path: Path):
             decision = super().on_trial_result(tune_controller, trial, result)
             if decision == TrialScheduler.STOP and not result.get("done"):
                 stopped = _read_json(path)
-                stopped[trial.trial_id] = {"nimg": result.get("nimg"), "metric": self._metric,
+                stopped[split_config(trial.config, trial.trial_id)[0]] = {"nimg": result.get("nimg"), "metric": self._metric,
                                            "value": result.get(self._metric)}
                 atomic_write_text(json.dumps(stopped, indent=2), path)
             return decision
@@ -600,8 +758,12 @@ def close_trial_runs(trials_dir: Path, uri: str, status_by_trial: dict, default:
     it). `default`: the status for runs still RUNNING when the sweep itself failed or was stopped."""
     if not trials_dir.is_dir():
         return
-    from mlflow.tracking import MlflowClient
-    client = MlflowClient(uri)
+    from .tracking import TrackingError, client_for
+    try:
+        client = client_for(uri)
+    except TrackingError as err:                            # bookkeeping must not hide the results
+        print(f"sweep: could not set the trials' MLflow statuses ({err})", file=sys.stderr)
+        return
     for t in sorted(trials_dir.iterdir()):
         id_file = t / "run" / "mlflow_run_id"
         if not id_file.is_file():
@@ -632,31 +794,36 @@ def close_trial_runs(trials_dir: Path, uri: str, status_by_trial: dict, default:
                   file=sys.stderr)
 
 
-def results_table(grid, trials_dir: Path, sweep: C.SweepConfig, stopped: dict | None = None):
-    """One row per trial x EMA length (the FID record fields with their uncertainty and the swept
-    values); a trial without results gets one row saying why: early-stopped (ASHA), error, or
-    interrupted. `tied_with_best` marks the rows not distinguishable from the best (paired bootstrap)."""
+def results_table(trials_dir: Path, sweep: C.SweepConfig, stopped: dict | None = None, the_plan: dict | None = None):
+    """One row per trial x post-hoc point (the FID record fields with their uncertainty and the swept
+    values), from each trial's own folder (trial.json, fid_records.json); a trial without results gets
+    one row saying why: early-stopped (ASHA), error, or interrupted (a planned trial that never
+    started included, with its planned values). `tied_with_best` marks the rows not distinguishable
+    from the best (paired bootstrap)."""
     import pandas as pd
 
     from .records import eval_key
     from .stats import rank
     stopped = stopped or {}
+    planned = {trial_name(i): pt for i, pt in enumerate((the_plan or {}).get("points") or []) if pt is not None}
+    names = list(planned) if sweep.algorithm != "optuna" else \
+        [t.name for t in sorted(trials_dir.iterdir()) if t.is_dir()] if trials_dir.is_dir() else []
     rows, recs = [], []
-    for result in grid:
-        trial_id = (result.metrics or {}).get("trial_id")
-        config = dict(result.config or {})
-        config = {**config.pop(POINT, {}), **config}
-        params = {axis_key(k): v for k, v in config.items()}
-        recs_file = trials_dir / str(trial_id) / "fid_records.json"
-        cost = _read_json(trials_dir / str(trial_id) / "run" / "train_summary.json")
-        nodes = trial_nodes(trials_dir / str(trial_id))
+    for trial_id in names:
+        t = trials_dir / trial_id
+        state = read_trial_state(t)
+        if state.get("status") == "superseded":
+            continue
+        params = {**planned.get(trial_id, {}), **(state.get("params") or {})}
+        cost = _read_json(t / "run" / "train_summary.json")
+        nodes = trial_nodes(t)
         base = {"trial_id": trial_id, **params, "node": nodes[-1] if nodes else None, "nodes": ",".join(nodes) or None,
-                "nimg": (result.metrics or {}).get("nimg"),
-                "final_loss": (result.metrics or {}).get("loss"), "val_loss": (result.metrics or {}).get("val_loss"),
+                "nimg": state.get("nimg"), "final_loss": state.get("loss"), "val_loss": state.get("val_loss"),
                 "train_min": round(cost["train_seconds_total"] / 60, 2) if cost.get("train_seconds_total") else None,
                 "img_per_s": cost.get("images_per_s")}
-        if recs_file.is_file():
-            for r in json.loads(recs_file.read_text()):
+        status = trial_status(t, stopped)
+        if status == "finished":
+            for r in _read_records(t / "fid_records.json"):
                 same_as = (r.get("extra") or {}).get("same_as")
                 if not same_as:                              # rank each computation once
                     recs.append(r)
@@ -668,10 +835,9 @@ def results_table(grid, trials_dir: Path, sweep: C.SweepConfig, stopped: dict | 
                              "samples": (r.get("extra") or {}).get("samples"),
                              "seeds": f"{r['seeds'][0]}-{r['seeds'][1]}", "eval_key": r.get("eval_key") or eval_key(r)})
         else:
-            status = ("early-stopped" if str(trial_id) in stopped else "error" if result.error else "interrupted")
             rows.append({**base, "status": status, "fid": None, "sigma_rel": None,
-                         "stop_reason": (f"ASHA at nimg={stopped[str(trial_id)]['nimg']} on "
-                                         f"{stopped[str(trial_id)]['metric']}" if status == "early-stopped" else None)})
+                         "stop_reason": (f"ASHA at nimg={stopped[trial_id]['nimg']} on {stopped[trial_id]['metric']}"
+                                         if status == "early-stopped" else state.get("error"))})
     df = pd.DataFrame(rows)
     if recs:
         rk = rank(recs)
@@ -681,6 +847,11 @@ def results_table(grid, trials_dir: Path, sweep: C.SweepConfig, stopped: dict | 
     if len(df):
         df = df.sort_values(["fid", "trial_id"], na_position="last").reset_index(drop=True)
     return df
+
+
+def _read_records(path: Path) -> list[dict]:
+    from .records import read_records
+    return read_records(path, "trial records")
 
 
 def write_results(df, out_dir: Path, sweep: C.SweepConfig) -> Path:

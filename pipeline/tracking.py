@@ -63,6 +63,28 @@ def check_uri(uri: str) -> None:
                 raise TrackingError(f"tracking URI {uri!r}: {path} is not writable")
 
 
+def bound_requests() -> None:
+    """MLflow's HTTP client retries with back-off for minutes by default: a few quick tries instead, so a
+    closed port or a dead server is one line within seconds (a user's own settings win)."""
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+
+
+def client_for(uri: str):
+    """An MlflowClient for reading (`pipeline runs`, a sweep's bookkeeping), with the URI checked and a
+    server's reachability tested first: any failure is a TrackingError in one line."""
+    check_uri(uri)
+    bound_requests()
+    why = _reachable(uri)
+    if why:
+        raise TrackingError(f"tracking server {uri} is unreachable ({why})")
+    from mlflow.tracking import MlflowClient
+    try:
+        return MlflowClient(uri)
+    except Exception as err:
+        raise TrackingError(f"tracking URI {uri!r} cannot be used: {str(err).strip()[:200] or err!r}") from None
+
+
 def _reachable(uri: str, timeout: float = 3.0) -> str | None:
     """None when the tracking backend answers, else why not (one line)."""
     if uri.startswith(("http://", "https://")):
@@ -96,8 +118,7 @@ class RunLogger:
         self.offline_reason: str | None = None
         if self.enabled:
             check_uri(self.uri)
-            os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
-            os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+            bound_requests()
             why = _reachable(self.uri)
             if why:
                 self._go_offline(f"tracking server {self.uri} is unreachable ({why})")
@@ -342,9 +363,12 @@ def load_runs(experiment: str, uri: str | None = None, sweep: str | None = None)
     `sweep`: a sweep name (parent run `sweep-<name>`) or a parent run id to restrict to one sweep.
     """
     import pandas as pd
-    from mlflow.tracking import MlflowClient
-    client = MlflowClient(uri or tracking_uri())
-    exp = client.get_experiment_by_name(experiment)
+    client = client_for(uri or tracking_uri())
+    try:
+        exp = client.get_experiment_by_name(experiment)
+    except Exception as err:                        # a database that is not MLflow's, a server error
+        raise TrackingError(f"tracking URI {client.tracking_uri!r}: {err.__class__.__name__}: "
+                            f"{str(err).strip().splitlines()[0][:160] if str(err).strip() else ''}") from None
     if exp is None:
         raise TrackingError(f"no MLflow experiment {experiment!r} at {client.tracking_uri}")
     runs = []

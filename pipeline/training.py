@@ -115,10 +115,12 @@ def list_checkpoints(run_dir: Path) -> list[Path]:
 
 
 def load_latest_checkpoint(run_dir: Path, cfg: C.Config, log=print) -> dict | None:
-    """The newest readable checkpoint; a corrupt or truncated one is skipped (and said so). A
-    checkpoint of another configuration is refused, naming the fields that differ; one that holds
-    anything but tensors and plain values is refused without being loaded (UnsafeFileError); when
-    checkpoints exist but none is readable, training does not silently start over."""
+    """The newest valid checkpoint. One that fails validation (truncated, corrupt, crafted: holding
+    anything but tensors and plain values, which is refused without being loaded, or non-finite
+    weights) is skipped with one line for the previous valid one, and then renamed `<name>.refused`
+    (kept for inspection, never read again). A checkpoint of another configuration is refused, naming the
+    fields that differ; when checkpoints exist but none is valid, training does not silently start over."""
+    from .io import UnsafeFileError
     paths = list_checkpoints(run_dir)
     problems = []
     for path in reversed(paths):
@@ -129,9 +131,13 @@ def load_latest_checkpoint(run_dir: Path, cfg: C.Config, log=print) -> dict | No
             missing = [k for k in CHECKPOINT_FIELDS if k not in ckpt]
             if missing:
                 raise TrainingError(f"checkpoint {path} lacks {', '.join(missing)}")
-        except TrainingError as err:
+            if not isinstance(ckpt["nimg"], int) or isinstance(ckpt["nimg"], bool) or ckpt["nimg"] < 0 \
+                    or not isinstance(ckpt["net"], dict) or not isinstance(ckpt["config"], dict):
+                raise TrainingError(f"checkpoint {path} is malformed (nimg, net or config of the wrong type)")
+            _check_finite_state(path, ckpt)
+        except (TrainingError, UnsafeFileError) as err:
             log(f"warning: {err}; falling back to the previous checkpoint")
-            problems.append(str(err))
+            problems.append((path, str(err)))
             continue
         if ckpt["run_key"] != cfg.run_key():
             have, want = C.flatten(ckpt["config"]), C.flatten(cfg.to_dict())
@@ -140,11 +146,38 @@ def load_latest_checkpoint(run_dir: Path, cfg: C.Config, log=print) -> dict | No
                               if have.get(k) != want[k])
             raise TrainingError(f"{path} was written by a different configuration ({shown or 'run key differs'}). "
                                 f"Use another train.run_dir, or remove {run_dir} to start over.")
+        for bad, _ in problems:                      # a valid one exists: the refused newer ones go aside
+            _set_aside(bad, log)
         return {**ckpt, "path": path}
     if paths:
-        raise TrainingError(f"none of the {len(paths)} checkpoint(s) in {run_dir / 'checkpoints'} is readable "
-                            f"({problems[0]}); move the folder aside to start over")
+        raise TrainingError(f"none of the {len(paths)} checkpoint(s) in {run_dir / 'checkpoints'} is valid "
+                            f"({problems[0][1]}); move the folder aside to start over")
     return None
+
+
+def _check_finite_state(path: Path, ckpt: dict) -> None:
+    """Network, EMA and optimizer tensors all finite (a checkpoint is never written otherwise)."""
+    def walk(obj, where):
+        if isinstance(obj, torch.Tensor):
+            if obj.is_floating_point() and not bool(torch.isfinite(obj).all()):
+                raise TrainingError(f"checkpoint {path}: {where} holds non-finite values")
+        elif isinstance(obj, dict):
+            for k, v in obj.items():
+                walk(v, f"{where}.{k}")
+        elif isinstance(obj, (list, tuple)):
+            for i, v in enumerate(obj):
+                walk(v, f"{where}[{i}]")
+    for part in ("net", "ema", "optimizer"):
+        walk(ckpt.get(part), part)
+
+
+def _set_aside(path: Path, log) -> None:
+    """Rename a refused checkpoint out of the checkpoint list (it is kept, never read again)."""
+    try:
+        os.replace(path, path.with_name(path.name + ".refused"))
+        log(f"note: {path.name} renamed to {path.name}.refused")
+    except OSError:
+        pass
 
 
 def save_checkpoint(run_dir: Path, state: dict, keep: int = 2) -> Path:
@@ -218,6 +251,8 @@ def train(cfg: C.Config, stage: str | None = None, stop: StopFlag | None = None,
     run_dir = Path(cfg.train.run_dir)
     if run_dir.exists() and not run_dir.is_dir():
         raise TrainingError(f"train.run_dir={run_dir} is a file, not a folder")
+    from .io import check_writable
+    check_writable(run_dir, "train.run_dir")
     d = init_distributed(cfg.train.device, device)
     lock = RunLock(run_dir).acquire() if d.is_main else None
     try:

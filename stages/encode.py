@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 from pipeline import cli
-from pipeline.data import dataset_splits, encode_dataset
+from pipeline.data import DataError, dataset_splits, encode_dataset
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -21,6 +21,10 @@ def main(argv: list[str] | None = None) -> int:
     def go():
         cfg = cli.config_from(args)
         splits = args.splits or dataset_splits(cfg)
+        unknown = [s for s in splits if s not in dataset_splits(cfg)]
+        if unknown:
+            raise DataError(f"--splits {' '.join(unknown)}: data.source={cfg.data.source} has the splits "
+                            f"{', '.join(dataset_splits(cfg))}")
         for split in splits:
             out = Path(cfg.data.dataset_dir) / split
             m = encode_dataset(cfg, out, split, cache_dir=args.cache_dir)

@@ -17,6 +17,7 @@ from pipeline import cli
 from pipeline.devices import pick_device
 from pipeline.evaluate import evaluate_models, evaluate_points, grid_points, write_metrics
 from pipeline.fid import FIDError
+from pipeline.io import check_writable
 from pipeline.metrics import check_metrics, references
 from pipeline.phema import check_reconstruction, refuse_legacy
 from pipeline.records import computed, is_grid
@@ -35,6 +36,8 @@ def main(argv: list[str] | None = None) -> int:
 
     def go():
         cfg = cli.config_from(args)
+        for folder, flag in ((args.metrics, "--metrics"), (args.samples, "--samples"), (args.ref_cache, "--ref-cache")):
+            check_writable(folder, flag)                   # before any compute
         device = str(pick_device(args.device or cfg.fid.device, "--device" if args.device else "fid.device"))
         check_metrics(cfg)
         print(f"evaluate: sampling and features on {device}")

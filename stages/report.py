@@ -8,7 +8,10 @@ import sys
 from pathlib import Path
 
 from pipeline import cli
-from pipeline.report import read_jsonl, write_run_report
+from pipeline.errors import PipelineError
+from pipeline.io import check_writable, read_jsonl
+from pipeline.records import read_records
+from pipeline.report import write_run_report
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -22,11 +25,23 @@ def main(argv: list[str] | None = None) -> int:
     def go():
         cfg = cli.config_from(args)
         run_dir = Path(cfg.train.run_dir)
-        recs_file = Path(args.metrics) / "fid_records.json"
-        records = json.loads(recs_file.read_text()) if recs_file.is_file() else []
+        check_writable(args.out, "--out")
+        records = read_records(Path(args.metrics) / "fid_records.json", "evaluation records")   # a report needs them
+        log = run_dir / "metrics.jsonl"
+        if not log.is_file():
+            raise PipelineError(f"training log {log} is missing: train.run_dir={run_dir} holds no training "
+                                f"(run the train stage, or point -S train.run_dir at the run)")
+        rows, notes = read_jsonl(log)                          # a torn or garbage line is dropped, with a note
+        for note in notes:
+            print(f"report: note: {note}", file=sys.stderr)
         summary_file = run_dir / "train_summary.json"
-        summary = json.loads(summary_file.read_text()) if summary_file.is_file() else None
-        paths = write_run_report(cfg.to_dict(), records, args.out, read_jsonl(run_dir / "metrics.jsonl"), summary,
+        summary = None
+        if summary_file.is_file():
+            try:
+                summary = json.loads(summary_file.read_text())
+            except ValueError:
+                print(f"report: note: {summary_file} is unreadable; the header goes without it", file=sys.stderr)
+        paths = write_run_report(cfg.to_dict(), records, args.out, rows, summary,
                                  args.samples, Path(args.models) / "ema_profiles.png")
         print(f"report: {paths['html']} (self-contained), {paths['md']}")
         if summary and summary.get("mlflow_run_id"):            # the same figures in the MLflow UI

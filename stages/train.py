@@ -22,7 +22,7 @@ EXIT_STOPPED = 75          # EX_TEMPFAIL: stopped on request, rerun to resume
 
 def main(argv: list[str] | None = None) -> int:
     p = cli.parser("python -m stages.train", __doc__)
-    p.add_argument("--nproc-per-node", type=int, help="processes per node (default: launcher.nproc_per_node)")
+    p.add_argument("--nproc-per-node", type=cli.positive_int, help="processes per node (default: launcher.nproc_per_node)")
     p.add_argument("--on-mismatch", choices=["refuse", "archive"], default="refuse",
                    help="when train.run_dir holds a run of another configuration: refuse (default), or move it "
                         "aside to <run_dir>.<time> and start afresh (what `dvc exp run -S ...` needs)")
