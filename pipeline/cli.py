@@ -42,11 +42,24 @@ def run(name: str, fn: Callable[[], int | None]) -> int:
     try:
         return fn() or 0
     except PipelineError as err:
+        _close_progress_bars()
         print(f"{name}: {_one_line(str(err))}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except OSError as err:
+        _close_progress_bars()
         print(f"{name}: {one_line_os_error(err)}", file=sys.stderr)
         return EXIT_BAD_INPUT
+
+
+def _close_progress_bars() -> None:
+    """End any unfinished tqdm bar with its newline, so the error starts a line of its own."""
+    tqdm = sys.modules.get("tqdm")
+    for bar in list(getattr(getattr(tqdm, "tqdm", None), "_instances", None) or []):
+        try:
+            if not bar.disable and (bar.total is None or bar.n < bar.total):
+                bar.close()
+        except Exception:                            # a bar of a dead thread: never hide the error
+            pass
 
 
 def _one_line(text: str) -> str:

@@ -59,8 +59,8 @@ def _atomic_path(path: str | Path, write: Callable[[Path], None]) -> Path:
             os.unlink(tmp)
         except FileNotFoundError:
             pass
-        if isinstance(err, OSError) and err.filename == tmp:
-            raise OSError(err.errno, err.strerror, str(path)) from None
+        if isinstance(err, OSError) and err.errno is not None and err.filename in (None, tmp):
+            raise OSError(err.errno, err.strerror, str(path)) from None   # name the file, not the temp
         raise
     return path
 
@@ -154,7 +154,7 @@ def check_writable(path: str | Path, what: str, folder: bool = True) -> Path:
         os.close(fd)
         os.unlink(probe)
     except OSError as err:
-        raise PipelineError(f"{what} {path} cannot be written: {target}: {err.strerror}") from None
+        raise PipelineError(f"{what} {path} is not writable ({target}: {err.strerror})") from None
     return path
 
 
@@ -343,9 +343,9 @@ def append_line(path: str | Path, line: str) -> None:
             done = 0
             while done < len(data):
                 done += _write(fd, data[done:])
-        except OSError:
+        except OSError as err:
             os.ftruncate(fd, before)
-            raise
+            raise OSError(err.errno, err.strerror, str(path)) from None
     finally:
         os.close(fd)
 

@@ -530,10 +530,16 @@ def run_sweep(sweep_file: str | Path, address: str | None = None, resume: bool =
         print_plan(the_plan)
         return the_plan
     _check_before_start(sweep, exp_dir, out_dir, resume)
-    prepare_ray_env(address)
-    # Ray first: a cluster that cannot be joined (down, wrong token) fails before any work or MLflow run.
-    ray = connect_ray(address, num_cpus, min_nodes)
-    from ray import tune
+    trials_dir = exp_dir / "trials"
+    stopped_file = exp_dir / "asha_stopped.json"
+    todo, evaluated = remaining_trials(sweep, the_plan, trials_dir, _read_json(stopped_file))
+    if resume:
+        print(f"sweep: resuming {exp_dir} from its own records: {len(todo) if isinstance(todo, list) else todo} "
+              f"trial(s) to run; finished and early-stopped trials are kept (Ray's saved state is not read)")
+    if todo:
+        prepare_ray_env(address)
+        # Ray first: a cluster that cannot be joined (down, wrong token) fails before any work or MLflow run.
+        ray = connect_ray(address, num_cpus, min_nodes)
 
     from .data import ensure_encoded
     from .metrics import check_metrics, references
@@ -561,20 +567,14 @@ def run_sweep(sweep_file: str | Path, address: str | None = None, resume: bool =
     attempt = int(state.get("attempts", 0)) + 1
     atomic_write_text(json.dumps({"parent_run_id": parent_id, "attempts": attempt}), state_file)
 
-    trials_dir = exp_dir / "trials"
-    stopped_file = exp_dir / "asha_stopped.json"
-    todo, evaluated = remaining_trials(sweep, the_plan, trials_dir, _read_json(stopped_file))
-    if resume:
-        left = len(todo) if sweep.algorithm != "optuna" else todo
-        print(f"sweep: resuming {exp_dir} from its own records: {left} trial(s) to run, finished and early-stopped "
-              f"trials are kept (Ray's saved state is not read)")
 
     outcome = "FAILED"
     t0 = time.time()
     watch = PendingWatch(sweep.pending_timeout_s)
     try:
-        gpus, device = _check_resources(sweep, ray)
         if todo:
+            from ray import tune
+            gpus, device = _check_resources(sweep, ray)
             # One process: the trial's worker holds the resources. Several: the TorchTrainer's workers hold
             # them, and the trial's own driver process (it only waits and relays reports) holds one CPU.
             trial_resources = {"cpu": sweep.resources.cpus, "gpu": gpus} if sweep.resources.workers == 1 else {"cpu": 1}
@@ -931,7 +931,7 @@ def summary_lines(df, sweep: C.SweepConfig) -> list[str]:
     swept = ", ".join(f"{k}={best[k]}" for k in sweep.search)
     lines = [f"winner: FID {best['fid']:.2f} +- {best['fid_se']:.2f} (95% {best['fid_lo']:.1f}-{best['fid_hi']:.1f}) "
              f"at EMA sigma_rel {best['sigma_rel']:.3f} ({swept or 'base config'}); trial {best['trial_id']}, "
-             f"{best['num_images']} images, NFE {best['nfe']}, {best['feature_net']}"]
+             f"{int(best['num_images'])} images, NFE {int(best['nfe'])}, {best['feature_net']}"]
     if "tied_with_best" in done:
         tied = done[done["tied_with_best"] & (done["eval_key"] != best["eval_key"])]
         names = [f"trial {r['trial_id']} sigma_rel {r['sigma_rel']:.3f} (FID {r['fid']:.2f})" for _, r in tied.iterrows()]

@@ -46,7 +46,8 @@ def run_cli(*args, timeout=300):
 
 def one_line_exit_2(r, *needles):
     """Exit 2 with one error line on stderr (progress-bar lines aside), no traceback."""
-    err = "\n".join(line for line in r.stderr.strip().splitlines() if not re.search(r"\d+%\|", line))
+    err = "\n".join(line for line in r.stderr.strip().splitlines()       # splitlines also splits tqdm's \r
+                     if line.strip() and not re.search(r"\d+%\|", line))
     assert r.returncode == 2, (r.returncode, r.stdout[-2000:], r.stderr[-2000:])
     assert len(err.splitlines()) == 1 and "Traceback" not in err, err
     for n in needles:
