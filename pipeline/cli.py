@@ -49,6 +49,11 @@ def run(name: str, fn: Callable[[], int | None]) -> int:
         _close_progress_bars()
         print(f"{name}: {one_line_os_error(err)}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    except ValueError as err:                        # the OS layer's refusal of a path, not a bug
+        if "null byte" not in str(err):
+            raise
+        print(f"{name}: a path or argument contains a NUL byte", file=sys.stderr)
+        return EXIT_BAD_INPUT
 
 
 def _close_progress_bars() -> None:

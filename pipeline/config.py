@@ -562,6 +562,8 @@ def resolve(raw: dict | None = None, overrides: dict[str, Any] | list[str] | Non
         overrides = dict(parse_override(o) for o in overrides)
     for k, v in (overrides or {}).items():
         set_dotted(raw, k, v)
+    if raw.get("preset") is not None and not isinstance(raw["preset"], str):
+        raise ConfigError(f"preset={raw['preset']!r}: expected a preset name, one of {', '.join(sorted(presets()))}")
     if raw.get("preset"):
         raw = _deep_merge(preset(raw["preset"]), raw)
     try:

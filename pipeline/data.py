@@ -11,6 +11,7 @@ import gzip
 import hashlib
 import io
 import json
+import math
 import re
 import queue
 import shutil
@@ -392,6 +393,17 @@ def read_manifest(path: str | Path) -> dict:
             and re.fullmatch(r"[0-9a-f]{64}", m["sha256"])):
         raise DataError(f"{f}: inconsistent values (count {m['count']}, shape {m['shape']}, dtype {m['dtype']!r}, "
                         f"encoder {m['encoder']!r}, label_count {m['label_count']}); re-run the encode stage")
+    ls = m.get("latent_stats")
+    if m["encoder"] == "vae" and ls is not None:
+        c = m["shape"][0] // 2
+        if not (isinstance(ls, dict) and all(isinstance(ls.get(k), list) and len(ls[k]) == c and
+                                             all(isinstance(x, (int, float)) and not isinstance(x, bool)
+                                                 and math.isfinite(x) for x in ls[k]) for k in ("mean", "std"))
+                and all(x > 0 for x in ls["std"])):
+            raise DataError(f"{f}: field 'latent_stats' must hold {c} finite means and positive stds; re-run the "
+                            f"encode stage")
+    elif m["encoder"] == "pixel":
+        m["latent_stats"] = None                          # pixels: nothing to scale
     return m
 
 

@@ -70,10 +70,16 @@ def bound_requests() -> None:
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
 
 
-def client_for(uri: str):
+def client_for(uri: str, existing: bool = False):
     """An MlflowClient for reading (`pipeline runs`, a sweep's bookkeeping), with the URI checked and a
-    server's reachability tested first: any failure is a TrackingError in one line."""
+    server's reachability tested first: any failure is a TrackingError in one line. existing=True: an
+    sqlite file must already exist (reading never creates a database)."""
     check_uri(uri)
+    if existing and uri.startswith("sqlite:///"):
+        path = Path(uri.split("?", 1)[0][len("sqlite:///"):])
+        if not path.is_file():
+            raise TrackingError(f"no MLflow database at {path} (nothing was logged there yet; give --uri or "
+                                f"set tracking.uri)")
     bound_requests()
     why = _reachable(uri)
     if why:
@@ -363,7 +369,7 @@ def load_runs(experiment: str, uri: str | None = None, sweep: str | None = None)
     `sweep`: a sweep name (parent run `sweep-<name>`) or a parent run id to restrict to one sweep.
     """
     import pandas as pd
-    client = client_for(uri or tracking_uri())
+    client = client_for(uri or tracking_uri(), existing=True)
     try:
         exp = client.get_experiment_by_name(experiment)
     except Exception as err:                        # a database that is not MLflow's, a server error
