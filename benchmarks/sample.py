@@ -17,9 +17,16 @@ def main(argv=None):
     p.add_argument("--shapes", nargs="+", default=["small", "xs64"], choices=sorted(SHAPES))
     p.add_argument("--batch", type=int)
     p.add_argument("--amp", action="store_true", help="bf16 autocast of the network")
-    p.add_argument("--compile", action="store_true", help="also measure sampler.compile (torch.compile; CUDA graphs on a GPU)")
+    p.add_argument("--compile", action="store_true", help="also measure sampler.compile (torch.compile; CUDA graphs "
+                   "on a GPU); the same as --modes eager cudagraph on a GPU, eager compile on a CPU")
+    p.add_argument("--modes", nargs="+", choices=["eager", "compile", "cudagraph"],
+                   help="eager, torch.compile (default mode) and/or CUDA graphs (mode reduce-overhead; GPU only)")
     args = p.parse_args(argv)
     import time
+
+    from pipeline.networks import maybe_compile
+    gpu = args.device.startswith("cuda")
+    modes = args.modes or (["eager", "cudagraph" if gpu else "compile"] if args.compile else ["eager"])
     runs = []
     for shape in args.shapes:
         raw, res, ch, labels = SHAPES[shape]
@@ -27,20 +34,31 @@ def main(argv=None):
                 "network.attn_resolutions": [res // 2], "network.channels_per_head": 16} if args.smoke else {}
         cfg = C.resolve(raw, over)
         net = build_network(cfg, res, ch, labels).to(args.device).eval()
-        batch = args.batch or (2 if args.smoke else 256 if args.device.startswith("cuda") else 16)
+        batch = args.batch or (2 if args.smoke else 256 if gpu else 16)
         y = torch.nn.functional.one_hot(torch.arange(batch) % labels, labels).float().to(args.device)
-        modes = (False, True) if args.compile else (False,)
-        for steps, compiled in itertools.product((2,) if args.smoke else (18, 32), modes):
-            s = cfg.sampler.model_copy(update={"steps": steps, "compile": compiled})
+        reference = None
+        for steps, mode in itertools.product((2,) if args.smoke else (18, 32), modes):
+            if mode == "cudagraph" and not gpu:
+                runs.append({"shape": shape, "steps": steps, "mode": mode, "skipped": "CUDA graphs need a GPU"})
+                continue
+            net.__dict__.pop("_sampling_compiled", None)        # each mode compiles afresh (sampler's cache)
+            if mode != "eager":
+                object.__setattr__(net, "_sampling_compiled", maybe_compile(
+                    net, True, what="sampling", mode="reduce-overhead" if mode == "cudagraph" else None))
+            s = cfg.sampler.model_copy(update={"steps": steps, "compile": mode != "eager"})
             with torch.autocast(args.device.split(":")[0], dtype=torch.bfloat16, enabled=args.amp):
-                sample_images(net, list(range(batch)), y, s, device=args.device)      # warm-up
+                x = sample_images(net, list(range(batch)), y, s, device=args.device)      # warm-up (and compile)
                 sync(args.device)
                 t = time.perf_counter()
-                sample_images(net, list(range(batch)), y, s, device=args.device)
+                x = sample_images(net, list(range(batch)), y, s, device=args.device)
                 sync(args.device)
             sec = time.perf_counter() - t
-            runs.append({"shape": shape, "batch": batch, "steps": steps, "nfe": s.nfe, "amp_bf16": args.amp, "compile": compiled,
-                         "images_per_s": round(batch / sec, 3)})
+            if mode == "eager":
+                reference = x
+            diff = ((x - reference).norm() / reference.norm()).item() if reference is not None else None
+            runs.append({"shape": shape, "batch": batch, "steps": steps, "nfe": s.nfe, "amp_bf16": args.amp,
+                         "mode": mode, "compile": mode != "eager", "images_per_s": round(batch / sec, 3),
+                         "rel_diff_vs_eager": diff and round(diff, 6)})
     write("sample", args, {"runs": runs})
 
 

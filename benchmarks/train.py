@@ -13,8 +13,20 @@ from pipeline.networks import build_network, count_parameters, maybe_compile
 SHAPES = {"small": ({}, 32, 1, 10), "xs64": ({"preset": "img64-xs"}, 64, 3, 1000)}
 
 
+def measured_peak(folder: str | None) -> float | None:
+    """The bf16 matmul peak (FLOP/s) that benchmarks.matmul_peak wrote into `folder` in the same run."""
+    import glob
+    import json
+    for f in sorted(glob.glob(f"{folder}/matmul_peak*.json")) if folder else []:
+        try:
+            return json.loads(open(f).read())["figures"]["peak_tflops"] * 1e12
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+    return None
+
+
 def bench(shape: str, batch: int, steps: int, device: str, amp: bool, channels_last: bool, compile_: bool,
-          smoke: bool) -> dict:
+          smoke: bool, peak_measured: float | None = None) -> dict:
     raw, res, ch, labels = SHAPES[shape]
     cfg = C.resolve(raw)
     if smoke:                                           # same code path, tiny network
@@ -56,7 +68,8 @@ def bench(shape: str, batch: int, steps: int, device: str, amp: bool, channels_l
             "channels_last": channels_last, "compile": compile_, "images_per_s": round(ips, 2),
             "sec_per_kimg": round(1000 / ips, 3), "peak_mem_gb": mem and round(mem, 2),
             "train_gflops_per_img": round(flops_per_img / 1e9, 3),
-            "mfu": round(flops_per_img * ips / peak, 4) if peak else None}
+            "mfu": round(flops_per_img * ips / peak, 4) if peak else None,                  # of the data sheet
+            "mfu_measured_peak": round(flops_per_img * ips / peak_measured, 4) if peak_measured else None}
 
 
 def main(argv=None):
@@ -67,14 +80,16 @@ def main(argv=None):
     p.add_argument("--amp", action="store_true", help="bf16 autocast")
     p.add_argument("--channels-last", action="store_true")
     p.add_argument("--compile", action="store_true")
+    p.add_argument("--measured-peak", help="folder holding this run's benchmarks.matmul_peak JSON: MFU against it too")
     args = p.parse_args(argv)
+    peak = measured_peak(args.measured_peak)
     gpu = args.device.startswith("cuda")
     figures = []
     for shape in args.shapes:
         batch = args.batch or (4 if args.smoke else 256 if gpu else 64 if shape == "small" else 8)
-        figures.append(bench(shape, batch, 1 if args.smoke else args.steps, args.device, args.amp,
-                             args.channels_last, args.compile, args.smoke))
-    write("train", args, {"runs": figures})
+        figures.append(bench(shape, batch, min(args.steps, 2) if args.smoke else args.steps, args.device, args.amp,
+                             args.channels_last, args.compile, args.smoke, peak))
+    write("train", args, {"runs": figures, "measured_peak_tflops": peak and round(peak / 1e12, 2)})
 
 
 if __name__ == "__main__":

@@ -688,6 +688,9 @@ class ResourceSpec(_Section):
         return self
 
 
+MAX_TRIALS = 100_000
+
+
 class SweepConfig(_Section):
     name: str
     base: str = "params.yaml"                           # params file every trial starts from
@@ -731,6 +734,9 @@ class SweepConfig(_Section):
             raise ValueError(f"`grid` axes need algorithm=grid (got algorithm={self.algorithm})")
         if any(k.startswith("ema.targets") for k in self.search):
             raise ValueError("sweep EMA length with `ema_lengths` (post-hoc, no retraining), not as a search axis")
+        trials = self.num_samples * math.prod(len(a.grid) for a in self.search.values() if a.grid is not None)
+        if trials > MAX_TRIALS:                             # the plan lists every trial: refuse a typo, not OOM
+            raise ValueError(f"{trials:,} trials (num_samples x grid): more than {MAX_TRIALS:,}; split the sweep")
         if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", self.name):
             raise ValueError(f"name={self.name!r}: use letters, digits, '.', '_' and '-' (it names folders and runs)")
         return self

@@ -365,6 +365,7 @@ def encode_latents(pixels: np.ndarray, vae, batch_size: int = 32, progress: bool
 MANIFEST_FIELDS = {"count": int, "shape": list, "dtype": str, "encoder": str, "channels": int, "label_count": int,
                    "sha256": str}
 ENCODED_DTYPES = ("uint8", "float16", "float32")
+MAX_CLASSES = 100_000                                  # one-hot labels: more is a damaged manifest, not a dataset
 
 
 def read_manifest(path: str | Path) -> dict:
@@ -389,7 +390,7 @@ def read_manifest(path: str | Path) -> dict:
             raise DataError(f"{f}: field {key!r} is {'missing' if key not in m else repr(v)[:40]} (expected "
                             f"{typ.__name__}); re-run the encode stage")
     if not (m["count"] >= 1 and len(m["shape"]) == 3 and all(isinstance(x, int) and x >= 1 for x in m["shape"])
-            and m["dtype"] in ENCODED_DTYPES and m["encoder"] in ("pixel", "vae") and m["label_count"] >= 0
+            and m["dtype"] in ENCODED_DTYPES and m["encoder"] in ("pixel", "vae") and 0 <= m["label_count"] <= MAX_CLASSES
             and re.fullmatch(r"[0-9a-f]{64}", m["sha256"])):
         raise DataError(f"{f}: inconsistent values (count {m['count']}, shape {m['shape']}, dtype {m['dtype']!r}, "
                         f"encoder {m['encoder']!r}, label_count {m['label_count']}); re-run the encode stage")
