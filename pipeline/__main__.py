@@ -64,11 +64,18 @@ def _cmd_runs(args) -> int:
 
     from .tracking import load_runs, tracking_uri
     cfg = C.load_config(args.params) if Path(args.params).is_file() else None
+    if args.out:
+        from .io import check_writable
+        check_writable(args.out, "--out", folder=False)
     experiment = args.experiment or ("edm2-sweeps" if args.sweep else
                                      (cfg.tracking.experiment if cfg is not None else "edm2"))
     df = load_runs(experiment, args.uri or tracking_uri(cfg), args.sweep)
     if args.out:
-        df.to_parquet(args.out, index=False) if args.out.endswith(".parquet") else df.to_csv(args.out, index=False)
+        from .io import atomic_write
+        if args.out.endswith(".parquet"):
+            atomic_write(args.out, lambda f: df.to_parquet(f, index=False))
+        else:
+            atomic_write(args.out, lambda f: df.to_csv(f, index=False), mode="w")
         print(f"{len(df)} rows -> {args.out}")
     else:
         import pandas as pd

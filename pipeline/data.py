@@ -262,6 +262,11 @@ def encode_dataset(cfg, out_dir: str | Path, split: str = "train", cache_dir: st
     Returns the manifest.
     """
     d = cfg.data
+    out = Path(out_dir)                                # checked before any reading: it is replaced at the end
+    if out.is_dir() and not (out / "manifest.json").is_file() and any(out.iterdir()):
+        raise DataError(f"{out} exists and is not an encoded dataset: not replaced (choose another data.dataset_dir)")
+    if out.exists() and not out.is_dir():
+        raise DataError(f"{out} is a file, not a folder (choose another data.dataset_dir)")
     raw = load_source(d, split, cache_dir)
     if d.max_images:
         raw.images, raw.labels = raw.images[:d.max_images], (raw.labels[:d.max_images] if raw.labels is not None else None)
@@ -291,7 +296,6 @@ def encode_dataset(cfg, out_dir: str | Path, split: str = "train", cache_dir: st
     else:
         array, latent_stats = pixels, None
 
-    out = Path(out_dir)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:

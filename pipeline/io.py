@@ -39,6 +39,8 @@ def _atomic_path(path: str | Path, write: Callable[[Path], None]) -> Path:
 
     A crash or a full disk leaves the previous file untouched (the temp file is removed)."""
     path = Path(path)
+    if path.exists() and not path.is_file():                 # a folder, /dev/null, a socket: never replaced
+        raise PipelineError(f"{path} exists and is not a regular file: not replaced")
     path.parent.mkdir(parents=True, exist_ok=True)
     try:
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -140,8 +142,8 @@ def check_writable(path: str | Path, what: str, folder: bool = True) -> Path:
     if path.exists():
         if folder and not path.is_dir():
             raise PipelineError(f"{what} {path} is a file, not a folder")
-        if not folder and path.is_dir():
-            raise PipelineError(f"{what} {path} is a folder, not a file")
+        if not folder and not path.is_file():
+            raise PipelineError(f"{what} {path} is {'a folder, not a file' if path.is_dir() else 'not a regular file'}")
         target = path if path.is_dir() else path.parent
     else:
         target = path.parent

@@ -288,8 +288,9 @@ def submit(kind: str, target: Sequence[str], params_file: str = "params.yaml", o
     folder = Path(folder or f"runs/jobs/{kind}-{stamp}-{os.getpid()}")   # fresh: SLURM ids may restart at 1
     from .io import check_writable
     check_writable(folder, "submitit folder")
-    folder.mkdir(parents=True, exist_ok=True)
-    os.chmod(folder, 0o700)                                  # the job's pickle (a sweep's: its Ray token) is yours
+    if not folder.exists():                                  # a fresh folder: the job's pickle (a sweep's: its Ray
+        folder.mkdir(parents=True)                           # token) is yours; an existing one keeps its mode
+        os.chmod(folder, 0o700)
     ex = make_executor(cfg.launcher, folder, executor, name)
     try:
         job = ex.submit(fn)

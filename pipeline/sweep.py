@@ -44,12 +44,12 @@ def sweep_tracking_uri(base: C.Config) -> str:
 
 
 def make_private(folder: Path) -> None:
-    """Create the sweep's storage folder (and its parent) readable and writable by its owner only.
+    """Create the sweep's storage folder (and its parent, when missing) readable and writable by its owner only.
     Nothing in it is ever unpickled (--resume reads the project's JSON files only), but trial runs,
     checkpoints and MLflow ids are the sweep's own: one writer."""
     for d in (folder.parent, folder):
-        d.mkdir(parents=True, exist_ok=True)
-        if d.stat().st_uid == os.getuid():
+        if not d.exists():                                   # only folders made here: never an existing one (`/`)
+            d.mkdir(parents=True)
             os.chmod(d, 0o700)
 
 
@@ -614,10 +614,11 @@ def run_sweep(sweep_file: str | Path, address: str | None = None, resume: bool =
 
     table = results_table(trials_dir, sweep, _read_json(stopped_file), the_plan)
     close_trial_runs(trials_dir, uri, dict(zip(table["trial_id"], table["status"])) if len(table) else {})
-    if watch.stuck:
-        parent.end("KILLED")
-        raise SweepError(watch.stuck + "; the trials that ran are kept: `--resume` continues once resources free up")
     table_path = write_results(table, out_dir, sweep)
+    if watch.stuck:                                          # the table says what ran; then one line
+        parent.end("KILLED")
+        raise SweepError(watch.stuck + f"; the trials that ran are in {table_path}: `--resume` continues once "
+                         f"resources free up")
     best = None
     if len(table) and table["fid"].notna().any():
         best = table.loc[table["fid"].idxmin()].to_dict()

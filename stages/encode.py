@@ -21,6 +21,8 @@ def main(argv: list[str] | None = None) -> int:
     def go():
         cfg = cli.config_from(args)
         splits = args.splits or dataset_splits(cfg)
+        from pipeline.io import check_writable
+        check_writable(cfg.data.dataset_dir, "data.dataset_dir")            # before reading any image
         unknown = [s for s in splits if s not in dataset_splits(cfg)]
         if unknown:
             raise DataError(f"--splits {' '.join(unknown)}: data.source={cfg.data.source} has the splits "

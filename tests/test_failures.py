@@ -523,3 +523,27 @@ def test_stages_killed_mid_way_leave_whole_outputs_and_rerun_to_the_same_result(
             a = json.loads((ref_out / "metrics" / "fid.json").read_text())
             b = json.loads((tmp_path / "evaluate-0.9" / "metrics" / "fid.json").read_text())
             assert a == b
+
+
+# ----------------------------------------------------------------------------------------------
+# Nothing the user already has is replaced or re-permissioned.
+
+def test_existing_folders_and_special_files_are_left_as_they_are(tmp_path, fmnist):
+    import stat
+
+    from pipeline.data import DataError, encode_dataset
+    from pipeline.sweep import make_private
+    with pytest.raises(pio.PipelineError, match="not a regular file"):
+        pio.atomic_write_text("x", "/dev/null")                  # never renamed over a device
+    assert stat.S_ISCHR(os.stat("/dev/null").st_mode)
+    shared = tmp_path / "shared"
+    shared.mkdir(mode=0o755)
+    os.chmod(shared, 0o755)
+    make_private(shared / "sweep")                               # `storage:` an existing folder
+    assert stat.S_IMODE(shared.stat().st_mode) == 0o755 and stat.S_IMODE((shared / "sweep").stat().st_mode) == 0o700
+    mine = tmp_path / "train"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep me")
+    with pytest.raises(DataError, match="not an encoded dataset"):
+        encode_dataset(C.load_config(ROOT / "params.yaml", ["data.max_images=8"]), mine, "train", progress=False)
+    assert (mine / "notes.txt").read_text() == "keep me"
