@@ -9,7 +9,7 @@ export PATH := $(abspath $(BIN)):$(PATH)       # dvc.yaml's `python` is the venv
 
 SYSTEM_DEPS ?=
 
-.PHONY: setup run test test-fast clean-venv
+.PHONY: setup run test test-unit test-fast clean-venv
 
 setup: $(STAMP)
 
@@ -31,6 +31,9 @@ run: setup
 test: setup
 	bash scripts/system-deps.sh slurm chromium   # SLURM for tests/test_slurm.py, Chromium for the browser tests (root only)
 	$(BIN)/python -m pytest -q
+
+test-unit: setup                 # the inner loop: pure tests, under 2 minutes on 2 cores
+	$(BIN)/python -m pytest -q -m unit
 
 test-fast: setup
 	$(BIN)/python -m pytest -q -m "not slow"

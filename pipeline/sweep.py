@@ -424,10 +424,7 @@ def check_plan(sweep: C.SweepConfig, storage: Path, reports: Path, address: str 
     if num_cpus is not None and num_cpus < 1:
         raise SweepError(f"--num-cpus {num_cpus}: must be >= 1")
     if address is None:                                      # a local instance: its CPUs and GPUs are known now
-        machine = os.cpu_count() or 1
-        cpus = num_cpus or machine
-        if cpus > machine:
-            raise SweepError(f"--num-cpus {cpus}: this machine has {machine} CPUs")
+        cpus = num_cpus or os.cpu_count() or 1              # Ray's logical CPUs: more than the cores is allowed
         res = sweep.resources
         per_trial = cpus_per_trial(sweep)
         if per_trial > cpus:

@@ -128,3 +128,21 @@ def slurm_cluster():
         os.environ.pop("SLURM_CONF", None)
     else:
         os.environ["SLURM_CONF"] = old
+
+
+# ----------------------------------------------------------------------------------------------
+# The unit tier (`make test-unit`, under 2 minutes on 2 cores): pure tests, no subprocess, no Ray,
+# no server, no encoded dataset. A test in these modules is `unit` unless it is `slow`, marked
+# `integration`, or asks for a fixture that builds real data or services.
+UNIT_MODULES = {"test_config", "test_data", "test_edm", "test_networks", "test_phema", "test_speedups",
+                "test_tracking", "test_fuzz", "test_failures", "test_gpu"}
+HEAVY_FIXTURES = {"fmnist", "tiny", "tiny_sweep", "slurm_cluster", "plain", "plain_dir"}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if item.get_closest_marker("slow") or item.get_closest_marker("integration") \
+                or HEAVY_FIXTURES & set(getattr(item, "fixturenames", ())):
+            continue
+        if item.module.__name__ in UNIT_MODULES:
+            item.add_marker(pytest.mark.unit)

@@ -145,14 +145,9 @@ def test_full_disk_at_reconstruct_evaluate_sample_and_report(tmp_path, tiny):
                            "--ref-cache", str(tmp_path / "ref"), timeout=300)
         one_line_exit_2(r, "No space left on device", str(disk / "metrics"))
         assert seconds < 120
-        # the report, and exported samples
-        r = run_cli("-m", "stages.evaluate", "--params", str(tiny["params"]), "--models", str(models),
-                    "--metrics", str(tmp_path / "metrics"), "--samples", str(tmp_path / "samples"),
-                    "--ref-cache", str(tmp_path / "ref"))
-        assert r.returncode == 0, r.stderr[-2000:]
-        r, seconds = timed("-m", "stages.report", "--params", str(tiny["params"]), "--metrics",
-                           str(tmp_path / "metrics"), "--models", str(models), "--samples", str(tmp_path / "samples"),
-                           "--out", str(disk / "reports"))
+        # the report (of the tiny run's evaluation), and exported samples
+        r, seconds = timed("-m", "stages.report", "--params", str(tiny["params"]), "--metrics", str(tiny["metrics"]),
+                           "--models", str(models), "--samples", str(tiny["samples"]), "--out", str(disk / "reports"))
         one_line_exit_2(r, "No space left on device")
         r, seconds = timed("-m", "pipeline", "sample", "--params", str(tiny["params"]), "--model", str(tiny["model"]),
                            "--num", "2", "--out", str(disk / "s.npz"))
@@ -160,6 +155,7 @@ def test_full_disk_at_reconstruct_evaluate_sample_and_report(tmp_path, tiny):
         assert not (disk / "s.npz").exists()
 
 
+@pytest.mark.integration
 def test_full_disk_at_the_sweep_results_is_one_line(tmp_path):
     import pandas as pd
 
@@ -193,6 +189,7 @@ def test_a_failed_background_snapshot_write_stops_the_loop(tmp_path, fmnist, mon
 # ----------------------------------------------------------------------------------------------
 # Network calls are bounded; output locations are checked before compute.
 
+@pytest.mark.integration
 @pytest.mark.parametrize("uri,needle", [("http://127.0.0.1:1", "unreachable"), ("foo://bar", "unknown scheme")])
 def test_tracking_uri_that_cannot_answer_is_one_line_within_15_s(uri, needle):
     r, seconds = timed("-m", "pipeline", "runs", "--uri", uri, timeout=60)
@@ -395,6 +392,7 @@ def test_the_reported_tracebacks_and_silent_exits_are_one_line_exit_2(tmp_path, 
     assert (tmp_path / "rep2" / "report.html").is_file()
 
 
+@pytest.mark.integration
 def test_sweep_dry_run_checks_cpus_gpus_and_storage(tmp_path, fmnist, monkeypatch):
     import yaml
     tiny_params(tmp_path, fmnist)
@@ -406,7 +404,7 @@ def test_sweep_dry_run_checks_cpus_gpus_and_storage(tmp_path, fmnist, monkeypatc
         (tmp_path / "s.yaml").write_text(yaml.safe_dump({**base, **changes}))
         return call("-m", "pipeline", "sweep", "s.yaml", "--dry-run", *extra_args)[0]
     one_line_exit_2(dry(["--num-cpus", "0"]), "--num-cpus", ">= 1")
-    one_line_exit_2(dry(["--num-cpus", str((os.cpu_count() or 1) + 1)]), "this machine has")
+    one_line_exit_2(dry(["--num-cpus", "1"], resources={"cpus": 2}), "this machine has 1")
     one_line_exit_2(dry(resources={"cpus": 64, "gpus": 8}), "resources.cpus=64")
     one_line_exit_2(dry(storage="afile"), "sweep storage", "is a file")
     one_line_exit_2(dry(resources={"cpus": 0}), "resources.cpus")
@@ -498,12 +496,13 @@ def test_stages_killed_mid_way_leave_whole_outputs_and_rerun_to_the_same_result(
         "report": lambda out: ("-m", "stages.report", "--params", p, "--metrics", str(tiny["metrics"]),
                                "--models", str(tiny["models"]), "--samples", str(tiny["samples"]), "--out", str(out)),
     }
+    kill_at = {"reconstruct": 0.5, "evaluate": 0.8, "report": 0.65}     # fractions of an uninterrupted run
     for name, cmd in stages.items():
         ref_out = tmp_path / f"{name}-ref"
         r, seconds = timed(*cmd(ref_out), timeout=300)
         assert r.returncode == 0, r.stderr[-2000:]
         want = _complete(ref_out)
-        for frac in (0.5, 0.9):
+        for frac in (kill_at[name],):
             out = tmp_path / f"{name}-{frac}"
             proc = subprocess.Popen([sys.executable, *cmd(out)], cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL,
                                     stderr=subprocess.DEVNULL)
@@ -516,12 +515,12 @@ def test_stages_killed_mid_way_leave_whole_outputs_and_rerun_to_the_same_result(
             assert set(_complete(out)) == set(want), (name, frac)
         if name == "reconstruct":                                # and gives the same models, bit for bit
             for f in ref_out.glob("ema-*.safetensors"):
-                (a, ma), (b, mb) = pio.load_safetensors(f), pio.load_safetensors(tmp_path / f"{name}-0.9" / f.name)
+                (a, ma), (b, mb) = pio.load_safetensors(f), pio.load_safetensors(tmp_path / f"{name}-0.5" / f.name)
                 assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a), f.name
                 assert ma["sources_digest"] == mb["sources_digest"] and ma["coefficients"] == mb["coefficients"]
         if name == "evaluate":
             a = json.loads((ref_out / "metrics" / "fid.json").read_text())
-            b = json.loads((tmp_path / "evaluate-0.9" / "metrics" / "fid.json").read_text())
+            b = json.loads((tmp_path / "evaluate-0.8" / "metrics" / "fid.json").read_text())
             assert a == b
 
 

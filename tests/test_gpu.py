@@ -76,6 +76,7 @@ def test_fused_adam_equals_foreach(device):
         assert torch.allclose(a, b, atol=1e-5, rtol=1e-4)
 
 
+@pytest.mark.integration
 @pytest.mark.slow
 @pytest.mark.parametrize("device", DEVICES)
 def test_compiled_sampler_matches_eager(device):
@@ -89,6 +90,7 @@ def test_compiled_sampler_matches_eager(device):
     assert ((got - eager).norm() / eager.norm()).item() < 1e-3
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("backend, device", [("gloo", "cpu"), pytest.param("nccl", "cuda", marks=CUDA.marks)])
 def test_ddp_in_one_process(backend, device):
     """The collective the training loop uses (all_reduce of the logged loss), in a one-process group."""
@@ -161,6 +163,7 @@ def test_sampling_on_the_device_equals_the_cpu(device, no_tf32):
     assert ((dev - cpu).norm() / cpu.norm()).item() < 1e-3
 
 
+@pytest.mark.integration
 def test_acceptance_steps_import_without_the_cluster_stack():
     """What the GPU node lacks (ray, mlflow, dvc, submitit, clean-fid, optuna, the Inception wheel) is never
     imported by the acceptance steps: every step's modules load with those packages blocked."""
@@ -191,6 +194,7 @@ def test_acceptance_steps_import_without_the_cluster_stack():
     assert r.returncode == 0 and r.stdout.strip().endswith("ok"), r.stderr[-3000:]
 
 
+@pytest.mark.integration
 def test_gpu_check_dry_run_lists_the_acceptance_steps():
     r = subprocess.run(["bash", str(ROOT / "scripts/gpu_check.sh"), "--dry-run"], capture_output=True, text=True,
                        timeout=60)

@@ -251,6 +251,7 @@ def test_bad_input_clear_errors_nothing_overwritten(tmp_path):
     _assert_fails_and_keeps(out, lambda: reconstruct(tmp_path / "c", [0.1], out_dir=out), "is truncated")
 
 
+@pytest.mark.integration
 @pytest.mark.slow
 def test_memory_bounded_by_targets_plus_two_models(tmp_path):
     """8 targets from 50 snapshots of an 8M-parameter model: peak RSS growth <= (8 + 2) models

@@ -93,6 +93,7 @@ def test_torch_compile_keeps_the_loss_or_falls_back(tmp_path, fmnist, plain, cap
     assert rel < 1e-3
 
 
+@pytest.mark.integration
 @pytest.mark.slow
 def test_compiled_sampler_matches_eager():
     """sampler.compile (torch.compile; CUDA graphs on a GPU) gives the eager sampler's images."""
