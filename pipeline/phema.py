@@ -329,9 +329,9 @@ def reconstruct(snapshot_dir: str | Path, targets: Sequence[float | tuple[int, f
     todo = list(range(len(pairs)))
     skipped = []
     if out is not None:
+        from .io import check_writable
+        check_writable(out, "output folder")          # before any reading: fail in a second, not after the pass
         out.mkdir(parents=True, exist_ok=True)
-        if not os.access(out, os.W_OK):               # before any reading: fail in a second, not after the pass
-            raise PHEMAError(f"output folder {out} is not writable (read-only file system or no permission)")
         refuse_legacy(out, "output folder")
         todo = [j for j in todo if not _up_to_date(out / reconstruction_name(*pairs[j]), digests[pairs[j][0]])]
         skipped = [j for j in range(len(pairs)) if j not in todo]

@@ -172,14 +172,6 @@ def plot_guidance_grid(records: Sequence[dict], path: str | Path, title: str = "
 # ----------------------------------------------------------------------------------------------
 # Training curves and the run report (self-contained HTML with inline PNGs + a Markdown summary).
 
-def read_jsonl(path: str | Path) -> list[dict]:
-    import json
-    p = Path(path)
-    if not p.is_file():
-        return []
-    return [json.loads(line) for line in p.read_text().splitlines() if line.strip()]
-
-
 def plot_training_curves(rows: Sequence[dict], path: str | Path) -> Path | None:
     """Loss, weighted MSE and learning rate against images seen."""
     if not rows:

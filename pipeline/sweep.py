@@ -163,8 +163,9 @@ def split_config(config: dict, fallback: str) -> tuple[str, dict]:
 # One trial (runs inside a Ray worker).
 
 def trial_config(base_raw: dict, sweep_raw: dict, params: dict, trial_dir: Path, uri: str, device: str) -> C.Config:
+    """The trial's config: the base, the sweep's fixed overrides and `params` ({dotted key: value})."""
     sweep = C.SweepConfig.model_validate(sweep_raw)
-    overrides = {**C.sweep_overrides(sweep), **{axis_key(k): v for k, v in params.items()},
+    overrides = {**C.sweep_overrides(sweep), **params,
                  "train.run_dir": str(trial_dir / "run"), "tracking.uri": uri,
                  "tracking.experiment": sweep.experiment, "train.device": device}
     return C.resolve(base_raw, overrides)
@@ -195,7 +196,7 @@ def run_trial(params: dict, base_raw: dict, sweep_raw: dict, parent_run_id: str 
 def _run_trial(trial_id: str, trial_dir: Path, params: dict, base_raw: dict, sweep_raw: dict,
                parent_run_id: str | None, uri: str, device: str, ref_cache: str, root: str) -> None:
     from ray import tune
-    cfg = trial_config(base_raw, sweep_raw, {axis_name(k): v for k, v in params.items()}, trial_dir, uri, device)
+    cfg = trial_config(base_raw, sweep_raw, params, trial_dir, uri, device)
     job = {"config": cfg.to_dict(), "trial_id": trial_id, "trial_dir": str(trial_dir), "parent_run_id": parent_run_id,
            "ref_cache": ref_cache, "root": root, "sweep": sweep_raw}
     res = C.SweepConfig.model_validate(sweep_raw).resources
@@ -800,7 +801,7 @@ def results_table(trials_dir: Path, sweep: C.SweepConfig, stopped: dict | None =
     from the best (paired bootstrap)."""
     import pandas as pd
 
-    from .records import eval_key
+    from .records import eval_key, read_records
     from .stats import rank
     stopped = stopped or {}
     planned = {trial_name(i): pt for i, pt in enumerate((the_plan or {}).get("points") or []) if pt is not None}
@@ -821,7 +822,7 @@ def results_table(trials_dir: Path, sweep: C.SweepConfig, stopped: dict | None =
                 "img_per_s": cost.get("images_per_s")}
         status = trial_status(t, stopped)
         if status == "finished":
-            for r in _read_records(t / "fid_records.json"):
+            for r in read_records(t / "fid_records.json", "trial records"):
                 same_as = (r.get("extra") or {}).get("same_as")
                 if not same_as:                              # rank each computation once
                     recs.append(r)
@@ -845,11 +846,6 @@ def results_table(trials_dir: Path, sweep: C.SweepConfig, stopped: dict | None =
     if len(df):
         df = df.sort_values(["fid", "trial_id"], na_position="last").reset_index(drop=True)
     return df
-
-
-def _read_records(path: Path) -> list[dict]:
-    from .records import read_records
-    return read_records(path, "trial records")
 
 
 def write_results(df, out_dir: Path, sweep: C.SweepConfig) -> Path:

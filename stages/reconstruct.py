@@ -12,7 +12,6 @@ from pathlib import Path
 
 from pipeline import cli
 from pipeline.config import load_config
-from pipeline.io import check_writable
 from pipeline.evaluate import reconstruction_targets
 from pipeline.phema import reconstruct
 from pipeline.report import plot_ema_reconstruction
@@ -38,7 +37,6 @@ def main(argv: list[str] | None = None) -> int:
         target_nimg = args.target_nimg if args.target_nimg is not None else (cfg.ema.target_nimg if cfg else None)
         if not snapshots or not targets:
             p.error("give --snapshots and --targets, or a params file that has them")
-        check_writable(args.out, "--out")
         summary = reconstruct(snapshots, targets, target_nimg, out_dir=args.out,
                               batch_targets=args.batch_targets, progress=True)
         fig = plot_ema_reconstruction(summary, Path(args.out) / "ema_profiles.png")
