@@ -2,6 +2,8 @@
 for the small default (Fashion-MNIST 32x32) and EDM2's XS shape at 64x64 (1000 classes)."""
 from __future__ import annotations
 
+import time
+
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -59,13 +61,18 @@ def bench(shape: str, batch: int, steps: int, device: str, amp: bool, channels_l
     flops_per_img = fc.get_total_flops() / batch
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
+    t0 = time.perf_counter()
+    step()                                              # warm-up: compiles where --compile
+    sync(device)
+    warmup_s = time.perf_counter() - t0
     sec = timed(step, device, steps)
     sync(device)
     ips = batch / sec
     peak = peak_flops(device)
     mem = torch.cuda.max_memory_allocated() / 2 ** 30 if device.startswith("cuda") else None
     return {"shape": shape, "params_M": round(count_parameters(net) / 1e6, 2), "batch": batch, "amp_bf16": amp,
-            "channels_last": channels_last, "compile": compile_, "images_per_s": round(ips, 2),
+            "channels_last": channels_last, "compile": compile_, "first_step_s": round(warmup_s, 2),
+            "images_per_s": round(ips, 2),
             "sec_per_kimg": round(1000 / ips, 3), "peak_mem_gb": mem and round(mem, 2),
             "train_gflops_per_img": round(flops_per_img / 1e9, 3),
             "mfu": round(flops_per_img * ips / peak, 4) if peak else None,                  # of the data sheet
@@ -89,7 +96,8 @@ def main(argv=None):
         batch = args.batch or (4 if args.smoke else 256 if gpu else 64 if shape == "small" else 8)
         figures.append(bench(shape, batch, min(args.steps, 2) if args.smoke else args.steps, args.device, args.amp,
                              args.channels_last, args.compile, args.smoke, peak))
-    write("train", args, {"runs": figures, "measured_peak_tflops": peak and round(peak / 1e12, 2)})
+        # after each shape: a run stopped by its time budget keeps what it measured
+        write("train", args, {"runs": figures, "measured_peak_tflops": peak and round(peak / 1e12, 2)})
 
 
 if __name__ == "__main__":

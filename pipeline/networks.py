@@ -34,7 +34,10 @@ def mp_silu(x: torch.Tensor) -> torch.Tensor:
 
 def mp_sum(a: torch.Tensor, b: torch.Tensor, t: float = 0.5) -> torch.Tensor:
     """MP-sum, eq. 88: ((1 - t) a + t b) / sqrt((1 - t)^2 + t^2)."""
-    return a.lerp(b, t) / math.sqrt((1 - t) ** 2 + t ** 2)
+    # Under bf16 autocast a float32 skip meets a bf16 convolution output: CUDA's lerp wants one dtype
+    # (the CPU's promotes on its own), so promote here and both devices compute the same thing.
+    dtype = torch.promote_types(a.dtype, b.dtype)
+    return a.to(dtype).lerp(b.to(dtype), t) / math.sqrt((1 - t) ** 2 + t ** 2)
 
 
 def mp_cat(a: torch.Tensor, b: torch.Tensor, dim: int = 1, t: float = 0.5) -> torch.Tensor:

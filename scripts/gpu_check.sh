@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # The GPU acceptance run, in one call on an air-gapped GPU node (README: GPU acceptance). Steps, each
-# with its own time budget (scripts/gpu_env.py steps(); at most 415 s in all), continuing after a failed
-# step: the `gpu` tests (bf16, channels_last, torch.compile, fused Adam, CUDA-graph sampler) 100 s; a bf16
-# matmul peak 30 s; training throughput and MFU for EDM2 XS at 64x64 and the default shape in bf16 with
-# compile, channels_last and fused Adam 115 s; the sampler eager / compiled / CUDA graphs 70 s; evaluation
-# on the device against the CPU 60 s; NCCL DDP in one process 40 s. Writes gpu_check-<step>.json per step
+# with its own time budget (scripts/gpu_env.py steps(); at most 385 s in all), continuing after a failed
+# step: the `gpu` tests (bf16, channels_last, torch.compile, fused Adam, CUDA-graph sampler) 60 s; a bf16
+# matmul peak 20 s; training throughput and MFU for EDM2 XS at 64x64 in bf16 with compile, channels_last
+# and fused Adam 130 s; the sampler eager / compiled / CUDA graphs 110 s; evaluation
+# on the device against the CPU 35 s; NCCL DDP in one process 30 s. Writes gpu_check-<step>.json per step
 # and gpu_check.log into ${OUT:-reports/bench}.
 #   scripts/gpu_check.sh              # on the GPU node: .venv if present, else python3 + gpu-bundle/ offline
 #   scripts/gpu_check.sh --rehearse   # here, on the CPU: a fresh venv with only the node's packages, the
