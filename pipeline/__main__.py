@@ -44,6 +44,18 @@ def _cmd_convert(args) -> int:
     return 0
 
 
+def _cmd_import_nvidia(args) -> None:
+    from .nvidia import import_files
+    written = import_files(args.files, args.out, kind=args.kind)
+    kinds = {p.name.split("-")[0] for p in written}
+    if "ema" in kinds:
+        print(f"models: `python -m stages.evaluate --models {args.out}` or `python -m pipeline sample --model "
+              f"{args.out}/<file>`")
+    if "phema" in kinds:
+        print(f"snapshots: `python -m stages.reconstruct --snapshots {args.out} --targets 0.1 --out <folder>` "
+              f"reconstructs any EMA length from them")
+
+
 def _cmd_submit(args) -> int:
     from .launch import JobFailedError, describe, submit, wait
     lo = {k[len("launcher_"):]: v for k, v in vars(args).items() if k.startswith("launcher_") and v is not None}
@@ -180,6 +192,16 @@ def main(argv: list[str] | None = None) -> int:
     sp.add_argument("paths", nargs="+", help="snapshot or model folders, or single .pt files")
     sp.add_argument("--trust", action="store_true", help="you trust where these files come from")
     sp.set_defaults(func=_cmd_convert)
+
+    sp = sub.add_parser("import-nvidia", help="NVIDIA EDM2's released models and raw post-hoc EMA snapshots (.pkl) -> "
+                        "this project's safetensors, read without running any code in them")
+    sp.add_argument("files", nargs="+", help="network pickles (edm2-img512-xs-2147483-0.135.pkl, "
+                    "network-snapshot-<kimg>-<std>.pkl) or folders of them")
+    sp.add_argument("--out", required=True, help="folder for the safetensors files (models: ema-*.safetensors, "
+                    "snapshots: phema-*.safetensors)")
+    sp.add_argument("--kind", choices=["auto", "model", "snapshot"], default="auto",
+                    help="auto: network-snapshot-* files are raw snapshots, others models (default: auto)")
+    sp.set_defaults(func=_cmd_import_nvidia)
 
     sp = sub.add_parser("runs", help="load the runs of an MLflow experiment (or one sweep) into a table")
     sp.add_argument("--experiment", help="MLflow experiment (default: the main job's, tracking.experiment of "

@@ -1,0 +1,227 @@
+"""NVIDIA EDM2's network pickles and raw snapshots, imported without running anything in them.
+
+The tests write files in NVIDIA's on-disk layout themselves (no download, no NVIDIA code): the network is
+this project's, its modules pickled the way EDM2's persistence does it (a call of
+torch_utils.persistence._reconstruct_persistent_obj with the class name, the module source and the
+state). The module source and the reconstructor both write a marker file if anything ever runs them."""
+import collections
+import pickle
+import subprocess
+import sys
+import types
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import ROOT
+from pipeline import config as C
+from pipeline.networks import Precond, build_network
+from pipeline.nvidia import NvidiaImportError, import_files, read_pickle
+
+NET = {"model_channels": 16, "channel_mult": [1, 2], "num_blocks": 1, "attn_resolutions": [8],
+       "channels_per_head": 16}
+
+
+class _Persistent:
+    """Pickles as EDM2's persistent objects do: a reduce to the persistence reconstructor with `meta`."""
+
+    def __init__(self, class_name, state, module_src):
+        self.meta = {"type": "class", "version": 4, "module_src": module_src, "class_name": class_name,
+                     "state": state}
+
+    def __reduce__(self):
+        return sys.modules["torch_utils.persistence"]._reconstruct_persistent_obj, (self.meta,)
+
+
+def _nvidia_tree(module, module_src, init_kwargs=None):
+    """This project's module tree as EDM2's pickle holds it (float16 tensors, out_conv named as NVIDIA's)."""
+    state = dict(module.__dict__)
+    state["_parameters"] = collections.OrderedDict(
+        (k, torch.nn.Parameter(v.detach().half(), requires_grad=v.requires_grad) if v is not None else None)
+        for k, v in module._parameters.items())
+    state["_buffers"] = collections.OrderedDict((k, v.half() if v is not None and v.is_floating_point() else v)
+                                                for k, v in module._buffers.items())
+    children = collections.OrderedDict()
+    for k, child in module._modules.items():
+        children["out_conv" if k == "conv_out" else k] = _nvidia_tree(child, module_src)
+    state["_modules"] = children
+    if isinstance(module, torch.nn.ModuleDict):              # a plain torch container, by class reference
+        obj = torch.nn.ModuleDict.__new__(torch.nn.ModuleDict)
+        obj.__dict__.update({k: v for k, v in state.items()})
+        return obj
+    state["_init_args"], state["_init_kwargs"] = (), dict(init_kwargs or {})
+    return _Persistent(type(module).__name__, state, module_src)
+
+
+@pytest.fixture
+def nvidia_modules(tmp_path, monkeypatch):
+    """EDM2's module names exist while pickling (as they do on NVIDIA's machines) and are gone before reading;
+    anything that runs the embedded source or the reconstructor writes a marker."""
+    marker = tmp_path / "EXECUTED"
+    persistence = types.ModuleType("torch_utils.persistence")
+
+    def _reconstruct_persistent_obj(meta):
+        marker.write_text("reconstructor ran")
+        raise AssertionError("the persistence reconstructor ran")
+    _reconstruct_persistent_obj.__module__ = "torch_utils.persistence"
+    _reconstruct_persistent_obj.__qualname__ = "_reconstruct_persistent_obj"
+    persistence._reconstruct_persistent_obj = _reconstruct_persistent_obj
+    util = types.ModuleType("dnnlib.util")
+
+    class EasyDict(dict):
+        pass
+    EasyDict.__module__, EasyDict.__qualname__ = "dnnlib.util", "EasyDict"
+    util.EasyDict = EasyDict
+    for name, mod in {"torch_utils": types.ModuleType("torch_utils"), "torch_utils.persistence": persistence,
+                      "dnnlib": types.ModuleType("dnnlib"), "dnnlib.util": util}.items():
+        monkeypatch.setitem(sys.modules, name, mod)
+    src = f"open({str(marker)!r}, 'w').write('module source ran')\n"
+    yield types.SimpleNamespace(marker=marker, src=src, EasyDict=EasyDict)
+    assert not marker.exists(), marker.read_text()
+
+
+def write_nvidia_pickle(path, net: Precond, ns, label_dim=10, extra_kwargs=None, encoder="StandardRGBEncoder",
+                        top=None):
+    kw = {"img_resolution": net.img_resolution, "img_channels": net.img_channels, "label_dim": label_dim,
+          "use_fp16": True, "sigma_data": 0.5, "logvar_channels": 128, **NET, "dropout": 0.0, "label_balance": 0.5,
+          "concat_balance": 0.5, "res_balance": 0.3, "clip_act": 256, "channel_mult_noise": None,
+          "channel_mult_emb": None, "resample_filter": [1, 1], "attn_balance": 0.3, **(extra_kwargs or {})}
+    data = ns.EasyDict(ema=_nvidia_tree(net, ns.src, kw),
+                       encoder=_Persistent(encoder, {"init_kwargs": {}}, ns.src), **(top or {}))
+    with open(path, "wb") as f:
+        pickle.dump(data, f)
+    return path
+
+
+def our_net(label_dim=10, seed=0):
+    torch.manual_seed(seed)
+    cfg = C.resolve({}, {"data.resolution": 16, **{f"network.{k}": v for k, v in NET.items()}})
+    net = build_network(cfg, 16, 1, label_dim)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(torch.randn_like(p) * 0.1)                # not the zero-initialised gains
+    return net
+
+
+def _forget(*names):
+    for n in names:
+        sys.modules.pop(n, None)
+
+
+def test_released_model_imports_without_running_code_and_equals_the_network(tmp_path, nvidia_modules):
+    net = our_net()
+    src = write_nvidia_pickle(tmp_path / "edm2-img16-xs-2147483-0.135.pkl", net, nvidia_modules)
+    _forget("torch_utils.persistence", "dnnlib.util")      # reading must not need (or import) them
+    out = tmp_path / "imported"
+    [dst] = import_files([src], out, log=lambda *_: None)
+    assert dst.name == "ema-2147483648-0.135.safetensors"   # kimg 2147483 -> 2^31 images
+    from pipeline.evaluate import load_model
+    model, meta = load_model(dst)
+    assert meta["source_file"] == src.name and len(meta["source_sha256"]) == 64
+    assert meta["sigma_rel"] == 0.135 and meta["net_args"] == {"img_resolution": 16, "img_channels": 1, "label_dim": 10}
+    want = {k: v.half().float() for k, v in net.state_dict().items()}
+    got = model.state_dict()
+    assert set(got) == set(want)
+    for k in want:
+        assert torch.equal(got[k], want[k]), k
+    x, sigma = torch.randn(2, 1, 16, 16), torch.tensor([0.5, 3.0])
+    labels = torch.nn.functional.one_hot(torch.tensor([1, 7]), 10).float()
+    ref = our_net()
+    ref.load_state_dict(want)
+    with torch.no_grad():
+        assert torch.equal(model(x, sigma, labels), ref.eval()(x, sigma, labels))
+
+
+def test_raw_snapshots_import_and_reconstruct(tmp_path, nvidia_modules):
+    """NVIDIA's raw snapshots (two EMA lengths, every 1024 images here) go through the reconstruct stage."""
+    folder = tmp_path / "nvidia"
+    folder.mkdir()
+    for i, kimg in enumerate((1, 2, 3)):                  # nimg 1024, 2048, 3072
+        for j, std in enumerate((0.050, 0.100)):
+            write_nvidia_pickle(folder / f"network-snapshot-{kimg:07d}-{std:.3f}.pkl", our_net(seed=10 * i + j),
+                                nvidia_modules, top={"loss_fn": _Persistent("EDM2Loss", {}, nvidia_modules.src)})
+    _forget("torch_utils.persistence", "dnnlib.util")
+    out = tmp_path / "snapshots"
+    written = import_files([folder], out, log=lambda *_: None)
+    assert sorted(p.name for p in written)[:2] == ["phema-0000001024-0.050.safetensors",
+                                                    "phema-0000001024-0.100.safetensors"]
+    from pipeline.phema import reconstruct
+    summary = reconstruct(out, [0.07], out_dir=tmp_path / "ema")
+    assert summary["target_nimg"] == 3072 and (tmp_path / "ema" / "ema-0000003072-0.070.safetensors").is_file()
+
+
+@pytest.mark.parametrize("case,needle", [
+    ("unknown-class", "class 'Sneaky'"),
+    ("other-callable", "posix.system"),
+    ("bad-kwargs", "channel_mult_emb=8"),
+    ("truncated", "truncated"),
+])
+def test_refused_in_one_line(tmp_path, nvidia_modules, case, needle):
+    path = tmp_path / "edm2-img16-xs-0000001-0.100.pkl"
+    if case == "unknown-class":
+        write_nvidia_pickle(path, our_net(), nvidia_modules, top={"extra": _Persistent("Sneaky", {}, nvidia_modules.src)})
+    elif case == "other-callable":
+        class Evil:
+            def __reduce__(self):
+                import os
+                return os.system, (f"touch {nvidia_modules.marker}",)
+        write_nvidia_pickle(path, our_net(), nvidia_modules, top={"evil": Evil()})
+    elif case == "bad-kwargs":
+        write_nvidia_pickle(path, our_net(), nvidia_modules, extra_kwargs={"channel_mult_emb": 8})
+    else:
+        write_nvidia_pickle(path, our_net(), nvidia_modules)
+        path.write_bytes(path.read_bytes()[:len(path.read_bytes()) // 2])
+    _forget("torch_utils.persistence", "dnnlib.util")
+    with pytest.raises(NvidiaImportError) as err:
+        import_files([path], tmp_path / "out", log=lambda *_: None)
+    msg = str(err.value)
+    assert needle in msg and "\n" not in msg, msg
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
+@pytest.mark.integration
+def test_cli_one_line_and_exit_2(tmp_path, nvidia_modules):
+    path = write_nvidia_pickle(tmp_path / "edm2-img16-xs-0000001-0.100.pkl", our_net(), nvidia_modules,
+                               extra_kwargs={"resample_filter": [1, 3, 3, 1]})
+    r = subprocess.run([sys.executable, "-m", "pipeline", "import-nvidia", str(path), "--out", str(tmp_path / "o")],
+                       cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "resample_filter=[1, 3, 3, 1]" in r.stderr, r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr
+
+
+def test_reader_refuses_files_that_are_not_networks(tmp_path):
+    p = tmp_path / "x.pkl"
+    p.write_bytes(pickle.dumps({"weights": [1, 2, 3]}))
+    with pytest.raises(NvidiaImportError, match="holds no EDM2 network"):
+        read_pickle(p)
+    torch.save({"a": torch.zeros(2)}, tmp_path / "t.pkl")      # a zip file, not a pickle stream
+    with pytest.raises(NvidiaImportError, match="torch.save file"):
+        read_pickle(tmp_path / "t.pkl")
+    (tmp_path / "e.pkl").write_bytes(b"")
+    with pytest.raises(NvidiaImportError, match="not a readable pickle, or truncated"):
+        read_pickle(tmp_path / "e.pkl")
+
+
+def test_damaged_files_end_in_the_reader_error(tmp_path, nvidia_modules):
+    """Bytes of a real EDM2-layout file flipped or cut anywhere: a one-line NvidiaImportError or a clean read,
+    never another exception, and nothing runs (the fixture checks the marker)."""
+    from hypothesis import HealthCheck, given, settings, strategies as st
+    good = write_nvidia_pickle(tmp_path / "edm2-img16-xs-0000001-0.100.pkl", our_net(), nvidia_modules).read_bytes()
+    _forget("torch_utils.persistence", "dnnlib.util")
+
+    @settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
+    @given(st.lists(st.tuples(st.integers(0, len(good) - 1), st.integers(0, 255)), min_size=1, max_size=4),
+           st.integers(1, len(good)))
+    def check(flips, cut):
+        data = bytearray(good[:cut])
+        for pos, val in flips:
+            if pos < len(data):
+                data[pos] = val
+        f = tmp_path / "damaged.pkl"
+        f.write_bytes(bytes(data))
+        try:
+            read_pickle(f)
+        except NvidiaImportError as err:
+            assert "\n" not in str(err)
+    check()
