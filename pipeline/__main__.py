@@ -44,6 +44,14 @@ def _cmd_convert(args) -> int:
     return 0
 
 
+def _cmd_dataset(args) -> None:
+    from .data import write_edm2_dataset
+    cfg = C.load_config(args.params, args.set)
+    r = write_edm2_dataset(cfg, args.out, args.split)
+    print(f"{r['count']} images ({cfg.data.resolution}x{cfg.data.resolution}, {cfg.data.channels} channel(s), "
+          f"{r['labels']} classes) from {r['source']} -> {r['out']} (EDM2's layout: shards of PNGs + dataset.json)")
+
+
 def _cmd_import_nvidia(args) -> None:
     from .nvidia import import_files
     written = import_files(args.files, args.out, kind=args.kind)
@@ -192,6 +200,13 @@ def main(argv: list[str] | None = None) -> int:
     sp.add_argument("paths", nargs="+", help="snapshot or model folders, or single .pt files")
     sp.add_argument("--trust", action="store_true", help="you trust where these files come from")
     sp.set_defaults(func=_cmd_convert)
+
+    sp = sub.add_parser("dataset", help="write the params' data source in EDM2's dataset layout (PNG shards + "
+                        "dataset.json; a folder, or a .zip), at data.resolution / data.resize / data.channels")
+    sp.add_argument("--out", required=True, help="a new folder, or a file ending in .zip")
+    sp.add_argument("--split", default="train", help="train, or test for fashion-mnist (default: train)")
+    common(sp)
+    sp.set_defaults(func=_cmd_dataset)
 
     sp = sub.add_parser("import-nvidia", help="NVIDIA EDM2's released models and raw post-hoc EMA snapshots (.pkl) -> "
                         "this project's safetensors, read without running any code in them")

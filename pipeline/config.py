@@ -152,10 +152,10 @@ class _Section(BaseModel):
 
 class DataConfig(_Section):
     source: Literal["fashion-mnist", "folder", "zip"] = "fashion-mnist"
-    path: Optional[str] = None             # folder/zip path; for fashion-mnist an optional local copy
+    path: Optional[str] = None             # folder/zip path; fashion-mnist: the folder of its .gz files (filled when absent)
     resolution: Annotated[int, AfterValidator(_power_of_two)] = 32
     channels: Literal[1, 3, 4] = 1         # image channels after encoding (latents: VAE channels)
-    resize: Literal["pad", "resize", "center-crop"] = "pad"
+    resize: Literal["pad", "resize", "center-crop", "adm-center-crop"] = "pad"   # adm-center-crop: EDM2's ImageNet
     use_labels: bool = True
     encoder: Literal["pixel", "vae"] = "pixel"
     vae_path: Optional[str] = None         # local diffusers AutoencoderKL folder; never downloaded

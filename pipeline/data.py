@@ -12,6 +12,7 @@ import hashlib
 import io
 import json
 import math
+import os
 import re
 import queue
 import shutil
@@ -61,8 +62,37 @@ def decode_pixels(x: torch.Tensor) -> torch.Tensor:
 # ----------------------------------------------------------------------------------------------
 # Fashion-MNIST from the Debian package (system, a user folder, or the .deb unpacked without root).
 
+def fetch_fashion_mnist(dest: str | Path, cache_dir: str | Path = "data/raw") -> Path:
+    """The four Fashion-MNIST .gz files copied into `dest` (from the system package, or its .deb
+    unpacked without root): the folder the default params name as data.path, so that DVC hashes the
+    input like any other. Written beside and renamed into place."""
+    dest = Path(dest)
+    names = [f for pair in FMNIST_FILES.values() for f in pair]
+    if dest.is_dir() and any(dest.iterdir()):
+        if sorted(p.name for p in dest.iterdir()) == sorted(names):
+            return dest                                     # already there (DVC removes it before a rerun)
+        raise DataError(f"{dest} holds other files than Fashion-MNIST's four .gz files: not replaced")
+    src = find_fashion_mnist(None, cache_dir)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
+    try:
+        for f in names:
+            shutil.copyfile(src / f, tmp / f)
+        tmp.chmod(0o755)
+        if dest.is_dir() and not any(dest.iterdir()):
+            dest.rmdir()
+        tmp.rename(dest)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return dest
+
+
 def find_fashion_mnist(user_dir: str | Path | None = None, cache_dir: str | Path = "data/raw") -> Path:
-    """A folder with the four Fashion-MNIST .gz files; fetches the Debian package if needed."""
+    """A folder with the four Fashion-MNIST .gz files; fetches the Debian package if needed. A named
+    folder that does not exist yet (or is empty) is filled from the package (fetch_fashion_mnist)."""
+    if user_dir and (not Path(user_dir).exists() or (Path(user_dir).is_dir() and not any(Path(user_dir).iterdir()))):
+        return fetch_fashion_mnist(user_dir, cache_dir)
     tried = []
     candidates = [Path(user_dir)] if user_dir else [
         FMNIST_SYSTEM_DIR, Path(cache_dir) / "fashion-mnist-deb" / "usr/share/datasets/fashion-mnist"]
@@ -123,6 +153,10 @@ class RawImages:
     class_names: list[str]
     source: str
     skipped: list[str]                 # unreadable files, by name
+    labels_from: str = "none"          # "dataset.json", "folder names", "idx file" or "none"
+
+
+LABELS_FILE = "dataset.json"           # EDM2's dataset layout: {"labels": [[relative path, class], ...] or null}
 
 
 def _decode_image(data: bytes | Path) -> np.ndarray:
@@ -140,12 +174,15 @@ def _decode_image(data: bytes | Path) -> np.ndarray:
 
 
 def read_image_folder(path: str | Path) -> RawImages:
-    """Images under `path`; class sub-folders become labels (sorted names), else unlabelled."""
+    """Images under `path`, labelled by its dataset.json when there is one (EDM2's layout, whose folders
+    are shards), else by class sub-folders (sorted names), else unlabelled."""
     root = Path(path)
     if not root.is_dir():
         raise DataError(f"image folder {root} does not exist")
     files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTS and p.is_file())
-    return _collect(((str(p.relative_to(root)), p) for p in files), f"folder:{root}")
+    labels_json = root / LABELS_FILE
+    return _collect(((p.relative_to(root).as_posix(), p) for p in files), f"folder:{root}",
+                    labels_json.read_bytes() if labels_json.is_file() else None)
 
 
 def read_image_zip(path: str | Path) -> RawImages:
@@ -158,10 +195,37 @@ def read_image_zip(path: str | Path) -> RawImages:
         raise DataError(f"{p} is not a readable zip file") from None
     with zf:
         names = sorted(n for n in zf.namelist() if Path(n).suffix.lower() in IMAGE_EXTS)
-        return _collect(((n, zf.read(n)) for n in names), f"zip:{p}")
+        labels_json = zf.read(LABELS_FILE) if LABELS_FILE in zf.namelist() else None
+        return _collect(((n, zf.read(n)) for n in names), f"zip:{p}", labels_json)
 
 
-def _collect(items: Iterator[tuple[str, bytes | Path]], source: str) -> RawImages:
+def read_labels_json(data: bytes, source: str) -> dict[str, int | None] | None:
+    """dataset.json -> {relative path: class or None}, or None for `{"labels": null}`."""
+    try:
+        doc = json.loads(data.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as err:
+        raise DataError(f"{source}/{LABELS_FILE}: not valid JSON ({err})") from None
+    if not isinstance(doc, dict) or "labels" not in doc:
+        raise DataError(f"{source}/{LABELS_FILE}: expected {{\"labels\": [[path, class], ...]}} or {{\"labels\": null}}")
+    if doc["labels"] is None:
+        return None
+    if not isinstance(doc["labels"], list):
+        raise DataError(f"{source}/{LABELS_FILE}: \"labels\" is a {type(doc['labels']).__name__}, not a list")
+    out: dict[str, int | None] = {}
+    for i, entry in enumerate(doc["labels"]):
+        if not (isinstance(entry, list) and len(entry) == 2 and isinstance(entry[0], str)):
+            raise DataError(f"{source}/{LABELS_FILE}: labels[{i}] is {str(entry)[:60]}, not [path, class]")
+        rel, label = entry[0].replace("\\", "/"), entry[1]
+        if label is not None and (isinstance(label, bool) or not isinstance(label, int) or not 0 <= label < MAX_CLASSES):
+            raise DataError(f"{source}/{LABELS_FILE}: the label of {rel} is {label!r}, not a class number "
+                            f"0..{MAX_CLASSES - 1}")
+        if rel in out:
+            raise DataError(f"{source}/{LABELS_FILE}: {rel} is labelled twice")
+        out[rel] = label
+    return out
+
+
+def _collect(items: Iterator[tuple[str, bytes | Path]], source: str, labels_json: bytes | None = None) -> RawImages:
     images, rels, skipped = [], [], []
     for rel, data in items:
         try:
@@ -171,13 +235,35 @@ def _collect(items: Iterator[tuple[str, bytes | Path]], source: str) -> RawImage
             skipped.append(rel)
     if not images:
         raise DataError(f"{source}: no readable images" + (f" ({len(skipped)} unreadable)" if skipped else ""))
+    if labels_json is not None:
+        return _labelled_by_json(images, rels, skipped, source, read_labels_json(labels_json, source))
     parents = [str(Path(r).parent) for r in rels]
     if all(p != "." for p in parents):
         class_names = sorted(set(parents))
         labels = np.array([class_names.index(p) for p in parents], dtype=np.int64)
-    else:
-        class_names, labels = [], None
-    return RawImages(images, labels, class_names, source, skipped)
+        return RawImages(images, labels, class_names, source, skipped, "folder names")
+    return RawImages(images, None, [], source, skipped)
+
+
+def _labelled_by_json(images, rels, skipped, source, table) -> RawImages:
+    """Labels from dataset.json; it must name exactly the images there are (unreadable ones aside)."""
+    if table is None:
+        return RawImages(images, None, [], source, skipped, LABELS_FILE)
+    present = set(rels) | set(skipped)
+    absent = sorted(set(table) - present)
+    if absent:
+        raise DataError(f"{source}/{LABELS_FILE} names {len(absent)} image(s) that are not there (e.g. {absent[0]})")
+    unlabelled = [r for r in rels if r not in table]
+    if unlabelled:
+        raise DataError(f"{source}/{LABELS_FILE} has no label for {len(unlabelled)} image(s) (e.g. {unlabelled[0]})")
+    missing = [r for r in rels if table[r] is None]
+    if missing and len(missing) < len(rels):
+        raise DataError(f"{source}/{LABELS_FILE}: {len(missing)} of {len(rels)} images have the label null (e.g. "
+                        f"{missing[0]}): label them all, or set data.use_labels=false")
+    if missing:
+        return RawImages(images, None, [], source, skipped, LABELS_FILE)
+    labels = np.array([table[r] for r in rels], dtype=np.int64)
+    return RawImages(images, labels, [str(c) for c in range(int(labels.max()) + 1)], source, skipped, LABELS_FILE)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -196,6 +282,8 @@ def to_resolution(img: np.ndarray, resolution: int, mode: str) -> np.ndarray:
         out[top:top + h, left:left + w] = img
         return out
     from PIL import Image
+    if mode == "adm-center-crop":
+        return _adm_center_crop(img, resolution)
     if mode == "center-crop":
         s = min(h, w)
         top, left = (h - s) // 2, (w - s) // 2
@@ -203,6 +291,22 @@ def to_resolution(img: np.ndarray, resolution: int, mode: str) -> np.ndarray:
     pil = Image.fromarray(img[..., 0] if img.shape[2] == 1 else img)
     out = np.asarray(pil.resize((resolution, resolution), Image.LANCZOS))
     return out[..., None] if out.ndim == 2 else out
+
+
+def _adm_center_crop(img: np.ndarray, resolution: int) -> np.ndarray:
+    """The centre crop EDM2 prepares ImageNet with (from ADM): halve with a box filter while the short
+    side is at least twice the target, bicubic to a short side of exactly the target, then the central
+    square."""
+    from PIL import Image
+    pil = Image.fromarray(img[..., 0] if img.shape[2] == 1 else img)
+    while min(pil.size) >= 2 * resolution:
+        pil = pil.resize((pil.size[0] // 2, pil.size[1] // 2), Image.BOX)
+    scale = resolution / min(pil.size)
+    pil = pil.resize((round(pil.size[0] * scale), round(pil.size[1] * scale)), Image.BICUBIC)
+    arr = np.asarray(pil)
+    top, left = (arr.shape[0] - resolution) // 2, (arr.shape[1] - resolution) // 2
+    arr = arr[top:top + resolution, left:left + resolution]
+    return arr[..., None] if arr.ndim == 2 else arr
 
 
 def to_channels(img: np.ndarray, channels: int) -> np.ndarray:
@@ -223,10 +327,65 @@ def load_source(cfg_data, split: str = "train", cache_dir: str | Path = "data/ra
     if cfg_data.source == "fashion-mnist":
         d = find_fashion_mnist(cfg_data.path, cache_dir)
         imgs, labels = read_idx(*(d / f for f in FMNIST_FILES[split]))
-        return RawImages(list(imgs[..., None]), labels, list(FMNIST_CLASSES), f"fashion-mnist:{split}:{d}", [])
+        return RawImages(list(imgs[..., None]), labels, list(FMNIST_CLASSES), f"fashion-mnist:{split}:{d}", [],
+                         "idx file")
     if split != "train":
         raise DataError(f"data.source={cfg_data.source} has no '{split}' split; give the reference as a folder")
     return read_image_folder(cfg_data.path) if cfg_data.source == "folder" else read_image_zip(cfg_data.path)
+
+
+def write_edm2_dataset(cfg, out: str | Path, split: str = "train", cache_dir: str | Path = "data/raw",
+                       progress: bool = True) -> dict:
+    """Any source -> EDM2's dataset layout (what its dataset tool writes): PNGs in shards of 1000,
+    `00000/img00000000.png`, and `dataset.json` with the labels, as a folder or (out ending in .zip) a
+    zip. Brought to data.resolution / data.resize / data.channels as the encode stage would. Written
+    beside and renamed into place; an existing `out` is never replaced."""
+    from PIL import Image
+    d, out = cfg.data, Path(out)
+    if out.exists():
+        raise DataError(f"{out} exists: choose another output (nothing is replaced)")
+    raw = load_source(d, split, cache_dir)
+    if d.max_images:
+        raw.images = raw.images[:d.max_images]
+        raw.labels = raw.labels[:d.max_images] if raw.labels is not None else None
+    labels = raw.labels if (raw.labels is not None and d.use_labels) else None
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        as_zip = out.suffix.lower() == ".zip"
+        zf = zipfile.ZipFile(tmp / "d.zip", "w", zipfile.ZIP_STORED) if as_zip else None
+        entries = []
+        it = enumerate(raw.images)
+        if progress:
+            from tqdm import tqdm
+            it = tqdm(it, total=len(raw.images), desc=f"write {out.name}", unit="img", mininterval=1.0)
+        for i, img in it:
+            rel = f"{i // 1000:05d}/img{i:08d}.png"
+            arr = to_channels(to_resolution(img, d.resolution, d.resize), d.channels)
+            buf = io.BytesIO()
+            Image.fromarray(arr[..., 0] if arr.shape[2] == 1 else arr).save(buf, format="png", compress_level=0,
+                                                                             optimize=False)
+            if zf is not None:
+                zf.writestr(rel, buf.getvalue())
+            else:
+                (tmp / rel).parent.mkdir(exist_ok=True)
+                (tmp / rel).write_bytes(buf.getvalue())
+            entries.append([rel, int(labels[i])] if labels is not None else None)
+        doc = json.dumps({"labels": entries if labels is not None else None})
+        if zf is not None:
+            zf.writestr(LABELS_FILE, doc)
+            zf.close()
+            os.replace(tmp / "d.zip", out)
+            shutil.rmtree(tmp)
+        else:
+            (tmp / LABELS_FILE).write_text(doc)
+            tmp.chmod(0o755)
+            tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return {"count": len(raw.images), "labels": len(raw.class_names) if labels is not None else 0,
+            "source": raw.source, "out": str(out)}
 
 
 def sha256_files(paths: Sequence[Path]) -> str:
@@ -307,6 +466,7 @@ def encode_dataset(cfg, out_dir: str | Path, split: str = "train", cache_dir: st
             "resolution": d.resolution, "channels": int(array.shape[1]) if d.encoder == "pixel" else int(array.shape[1] // 2),
             "resize": d.resize, "label_count": len(raw.class_names) if labels is not None else 0,
             "class_names": raw.class_names if labels is not None else [],
+            "labels_from": raw.labels_from if labels is not None else "none",
             "sha256": sha256_files([tmp / "images.npy", tmp / "labels.npy"]),
             "notes": notes, "latent_stats": latent_stats,
         }

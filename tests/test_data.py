@@ -7,7 +7,9 @@ import pytest
 import torch
 from PIL import Image
 
+from conftest import ROOT
 from pipeline import config as C
+from pipeline.data import FMNIST_FILES
 from pipeline.data import (DataError, EncodedDataset, decode_pixels, encode_dataset, encode_pixels, find_fashion_mnist,
                            read_idx, FMNIST_FILES)
 
@@ -65,8 +67,17 @@ def test_loader_refuses_mismatch_and_corruption(fmnist, root, tmp_path):
 
 
 def test_fashion_mnist_missing_user_folder_says_what_was_expected(tmp_path):
+    (tmp_path / "notes.txt").write_text("something else")
     with pytest.raises(DataError, match="Fashion-MNIST not found in data.path"):
         find_fashion_mnist(tmp_path)
+
+
+def test_fashion_mnist_named_folder_is_filled_when_absent(tmp_path):
+    """The default params name data/raw/fashion-mnist (the encode stage's DVC dependency): filled from the
+    package on first use, then read as it is."""
+    d = find_fashion_mnist(tmp_path / "raw" / "fashion-mnist", cache_dir=ROOT / "data" / "raw")
+    assert sorted(p.name for p in d.iterdir()) == sorted(f for pair in FMNIST_FILES.values() for f in pair)
+    assert find_fashion_mnist(d) == d
 
 
 def _write_images(folder, spec):
@@ -139,3 +150,84 @@ def test_vae_latent_encoder_with_a_local_random_autoencoder(tmp_path):
     with pytest.raises(DataError, match="no such folder"):
         encode_dataset(C.resolve({"data": {**cfg.data.model_dump(), "vae_path": str(tmp_path / "none")}}),
                        tmp_path / "enc2", progress=False)
+
+
+def _edm2_folder(root, labels, n=5, size=(20, 12)):
+    """A folder in EDM2's layout: shard 00000 (a folder name that is not a class) + dataset.json."""
+    _write_images(root, [(f"00000/img{i:08d}.png", size, "RGB") for i in range(n)])
+    if labels != "absent":
+        (root / "dataset.json").write_text(json.dumps({"labels": labels}))
+    return root
+
+
+def test_dataset_json_labels_take_precedence_over_folder_names(tmp_path):
+    src = _edm2_folder(tmp_path / "edm2", [[f"00000/img{i:08d}.png", [6, 2, 0, 6, 9][i]] for i in range(5)])
+    cfg = C.resolve({"data": {"source": "folder", "path": str(src), "resolution": 16, "channels": 3,
+                              "resize": "center-crop"}})
+    m = encode_dataset(cfg, tmp_path / "enc", progress=False)
+    assert m["labels_from"] == "dataset.json" and m["label_count"] == 10
+    assert np.load(tmp_path / "enc/labels.npy").tolist() == [6, 2, 0, 6, 9]
+    # the same as a zip; {"labels": null} is unlabelled; without dataset.json the shard is one class
+    with zipfile.ZipFile(tmp_path / "edm2.zip", "w") as z:
+        for p in sorted(src.rglob("*.*")):
+            z.write(p, p.relative_to(src).as_posix())
+    mz = encode_dataset(C.resolve({"data": {"source": "zip", "path": str(tmp_path / "edm2.zip"), "resolution": 16,
+                                            "channels": 3, "resize": "center-crop"}}), tmp_path / "encz", progress=False)
+    assert np.load(tmp_path / "encz/labels.npy").tolist() == [6, 2, 0, 6, 9] and mz["labels_from"] == "dataset.json"
+    nolab = _edm2_folder(tmp_path / "nolab", None)
+    mn = encode_dataset(C.resolve({"data": {"source": "folder", "path": str(nolab), "resolution": 16, "channels": 3,
+                                            "resize": "center-crop"}}), tmp_path / "encn", progress=False)
+    assert mn["label_count"] == 0 and mn["labels_from"] == "none"
+
+
+@pytest.mark.parametrize("labels,needle", [
+    ([["00000/img00000000.png", 1], ["00000/img00000099.png", 2]], "names 1 image(s) that are not there (e.g. 00000/img00000099.png)"),
+    ([["00000/img00000000.png", 1.5]], "is 1.5, not a class number"),
+    ([["00000/img00000000.png", "cat"]], "is 'cat', not a class number"),
+    ([["00000/img00000000.png", 1]], "has no label for 4 image(s) (e.g. 00000/img00000001.png)"),
+    ([[f"00000/img{i:08d}.png", None if i else 3] for i in range(5)], "4 of 5 images have the label null"),
+    ({"a": 1}, "is a dict, not a list"),
+])
+def test_dataset_json_that_disagrees_with_the_images_is_one_line(tmp_path, labels, needle):
+    src = _edm2_folder(tmp_path / "edm2", labels)
+    cfg = C.resolve({"data": {"source": "folder", "path": str(src), "resolution": 16, "channels": 3,
+                              "resize": "center-crop"}})
+    with pytest.raises(DataError) as err:
+        encode_dataset(cfg, tmp_path / "enc", progress=False)
+    assert needle in str(err.value) and "\n" not in str(err.value), str(err.value)
+    assert not (tmp_path / "enc").exists()
+
+
+def test_write_edm2_dataset_round_trip(tmp_path):
+    """Any source -> EDM2's layout (folder and zip) -> encoded: the same pixels and labels as encoding the
+    source directly, and the layout EDM2's tool writes."""
+    from pipeline.data import write_edm2_dataset
+    src = tmp_path / "imgs"
+    _write_images(src, [("cats/a.png", (40, 30), "RGB"), ("cats/b.png", (64, 64), "L"), ("dogs/c.jpg", (50, 70), "RGB")])
+    cfg = C.resolve({"data": {"source": "folder", "path": str(src), "resolution": 16, "channels": 3,
+                              "resize": "adm-center-crop"}})
+    r = write_edm2_dataset(cfg, tmp_path / "out", progress=False)
+    assert r["count"] == 3 and sorted(p.relative_to(tmp_path / "out").as_posix() for p in (tmp_path / "out").rglob("*.*")) \
+        == ["00000/img00000000.png", "00000/img00000001.png", "00000/img00000002.png", "dataset.json"]
+    assert json.loads((tmp_path / "out/dataset.json").read_text())["labels"][2] == ["00000/img00000002.png", 1]
+    write_edm2_dataset(cfg, tmp_path / "out.zip", progress=False)
+    direct = encode_dataset(cfg, tmp_path / "direct", progress=False)
+    for kind, path in (("folder", tmp_path / "out"), ("zip", tmp_path / "out.zip")):
+        c2 = C.resolve({"data": {"source": kind, "path": str(path), "resolution": 16, "channels": 3, "resize": "pad"}})
+        m = encode_dataset(c2, tmp_path / f"enc-{kind}", progress=False)
+        assert np.array_equal(np.load(tmp_path / f"enc-{kind}/images.npy"), np.load(tmp_path / "direct/images.npy"))
+        assert np.load(tmp_path / f"enc-{kind}/labels.npy").tolist() == [0, 0, 1] and m["labels_from"] == "dataset.json"
+    assert direct["labels_from"] == "folder names"
+    with pytest.raises(DataError, match="exists"):
+        write_edm2_dataset(cfg, tmp_path / "out", progress=False)
+
+
+def test_adm_center_crop_halves_with_a_box_filter_then_bicubic():
+    """A 200x100 image to 16: box-halved while the short side >= 32 (200x100 -> 100x50 -> 50x25), bicubic to
+    a short side of 16 (32x16), then the central 16x16 square."""
+    from PIL import Image as I
+    from pipeline.data import to_resolution
+    img = np.random.default_rng(0).integers(0, 255, (100, 200, 3), dtype=np.uint8)
+    pil = I.fromarray(img).resize((100, 50), I.BOX).resize((50, 25), I.BOX).resize((32, 16), I.BICUBIC)
+    want = np.asarray(pil)[:, 8:24]
+    assert np.array_equal(to_resolution(img, 16, "adm-center-crop"), want)

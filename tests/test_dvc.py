@@ -41,7 +41,7 @@ def repo(tmp_path_factory, fmnist):
 
 def test_repro_runs_all_stages_then_is_a_noop(repo):
     out = sh("dvc repro", repo)
-    for stage in ("encode", "reference", "train", "reconstruct", "evaluate", "report"):
+    for stage in ("fetch", "encode", "reference", "train", "reconstruct", "evaluate", "report"):
         assert f"Running stage '{stage}'" in out, out[-2000:]
     metrics = json.loads(sh("dvc metrics show --json", repo))
     fid = metrics[""]["data"]["metrics/fid.json"]["data"]["fid"]
@@ -113,7 +113,8 @@ def test_every_stage_lists_its_script_and_every_module_it_imports(root):
     import yaml
     from deps_helpers import closure
     stages = yaml.safe_load((root / "dvc.yaml").read_text())["stages"]
-    assert set(stages) == {"encode", "reference", "train", "reconstruct", "evaluate", "report"}
+    assert set(stages) == {"fetch", "encode", "reference", "train", "reconstruct", "evaluate", "report"}
+    assert "${data.path}" in stages["encode"]["deps"]                 # the raw input itself, hashed by DVC
     for name, stage in stages.items():
         m = re.match(r"python -m (stages\.\w+)", stage["cmd"])
         assert m, f"{name}: cmd {stage['cmd']!r} does not run a stage module"
@@ -126,3 +127,33 @@ def test_every_stage_lists_its_script_and_every_module_it_imports(root):
     # and the check is not vacuous: evaluate runs the sampler and the network
     assert {"pipeline/edm.py", "pipeline/networks.py"} <= {str(p.relative_to(root)) for p in
                                                            closure(root / "stages/evaluate.py")}
+
+
+def test_encode_depends_on_the_images_of_data_path(tmp_path):
+    """With data.path set, DVC hashes its contents: one changed image makes the encode stage (and with it
+    everything downstream) out of date; `dvc repro encode` re-encodes it."""
+    from PIL import Image
+    import numpy as np
+    d = tmp_path / "repo"
+    d.mkdir()
+    shutil.copy(ROOT / "dvc.yaml", d / "dvc.yaml")
+    for pkg in ("pipeline", "stages"):
+        shutil.copytree(ROOT / pkg, d / pkg, ignore=shutil.ignore_patterns("__pycache__"))
+    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
+    raw["data"].update(source="folder", path="images", resolution=16, channels=3, resize="center-crop")
+    (d / "params.yaml").write_text(yaml.safe_dump(raw))
+    rng = np.random.default_rng(0)
+    for i in range(3):
+        (d / "images" / "00000").mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 255, (20, 20, 3), dtype=np.uint8)).save(d / f"images/00000/img{i:08d}.png")
+    (d / "images" / "dataset.json").write_text(json.dumps({"labels": [[f"00000/img{i:08d}.png", i] for i in range(3)]}))
+    (d / ".gitignore").write_text("/data/\n")
+    sh("git init -q && dvc init -q && git add -A && git commit -qm init && dvc repro encode", d)
+    assert "up to date" in sh("dvc status encode", d).lower()
+    Image.fromarray(rng.integers(0, 255, (20, 20, 3), dtype=np.uint8)).save(d / "images/00000/img00000001.png")
+    status = sh("dvc status encode", d)
+    assert "changed deps" in status and "images" in status, status
+    out = sh("dvc repro encode", d)
+    assert "Running stage 'encode'" in out
+    manifest = json.loads((d / "data/encoded/train/manifest.json").read_text())
+    assert manifest["labels_from"] == "dataset.json" and manifest["count"] == 3
