@@ -300,6 +300,8 @@ class FIDConfig(_Section):
     reference: str = "fashion-mnist-test"  # dataset split or image folder the statistics come from
     ref_num_images: Optional[PosInt] = None  # None = the whole reference set
     seed: NonNegInt = 0                    # generated image i uses seed `seed + i`
+    seed_sets: PosInt = 1                  # K disjoint sets of num_images (set k: seeds seed + k*num_images + i);
+    #                                        EDM/EDM2 report the minimum over 3 sets of 50,000 (method.md 8)
     batch_size: PosInt = 64
     mode: Literal["clean"] = "clean"
     device: Device = "auto"                # sampling and features (reference, evaluate): auto | cpu | cuda | cuda:N

@@ -221,25 +221,31 @@ def evaluate_points(points: Sequence[dict], models_dir: str | Path, cfg, refs: S
             guide_obj = guide if guide in (None, "unconditional") else net_of(guide)[0]
             tag = (f"point {k}/{len(keys)} ({main.name}" + (f", w {p['guidance']:g} guide "
                    f"{_guide_label(p['guide'])}" if guide is not None else "") + ")")
-            images = generate(net, f.num_images, f.seed, sampler, cfg.sampler.batch_size, device, progress,
-                              desc=f"{tag}: sample NFE {sampler.nfe}", guide=guide_obj)
-            feats = array_features(images, feat, f.batch_size, progress=progress, desc=f"{tag}: features")
-            m = measure(feats, ref, f.num_images)
-            m["others"] = {}
-            for name, metric_, ex, ref_x in others:         # further metrics of the registry, same images
-                fx = array_features(images, ex, f.batch_size, progress=progress, desc=f"{tag}: {name} features")
-                m["others"][name] = {**metric_.measure(fx, ref_x, f.num_images), "feature_net": ex.name,
-                                     "feature_net_sha256": ex.sha256}
-            plain = guide is None and p["steps"] == cfg.sampler.steps
-            grid_name = f"samples-{main.stem}" + ("" if plain else f"-{_slug(p, guide)}") + ".png"
-            if samples_dir is not None:
-                save_image_grid(images[:64], Path(samples_dir) / grid_name)
-            results[key] = (m, data, grid_name)
+            sets = []
+            for k_set in range(f.seed_sets):                 # disjoint seed sets (method.md 8)
+                set_tag = tag + (f" set {k_set + 1}/{f.seed_sets}" if f.seed_sets > 1 else "")
+                images = generate(net, f.num_images, f.seed + k_set * f.num_images, sampler, cfg.sampler.batch_size,
+                                  device, progress, desc=f"{set_tag}: sample NFE {sampler.nfe}", guide=guide_obj)
+                feats = array_features(images, feat, f.batch_size, progress=progress, desc=f"{set_tag}: features")
+                m = measure(feats, ref, f.num_images)
+                m["others"] = {}
+                for name, metric_, ex, ref_x in others:     # further metrics of the registry, same images
+                    fx = array_features(images, ex, f.batch_size, progress=progress, desc=f"{set_tag}: {name} features")
+                    m["others"][name] = {**metric_.measure(fx, ref_x, f.num_images), "feature_net": ex.name,
+                                         "feature_net_sha256": ex.sha256}
+                if k_set == 0:
+                    plain = guide is None and p["steps"] == cfg.sampler.steps
+                    grid_name = f"samples-{main.stem}" + ("" if plain else f"-{_slug(p, guide)}") + ".png"
+                    if samples_dir is not None:
+                        save_image_grid(images[:64], Path(samples_dir) / grid_name)
+                sets.append(m)
+            results[key] = (combine_seed_sets(sets), data, grid_name)
         m, data, grid_name = results[key]
         rec = FIDRecord(
             fid=m["fid"], feature_net=feat.name, feature_net_sha256=feat.sha256, mode=f.mode, num_images=f.num_images,
             reference=ref["reference"], reference_sha256=ref["reference_sha256"], ref_num_images=ref["ref_num_images"],
-            sampler=sampler_record(sampler), seeds=[f.seed, f.seed + f.num_images - 1], model_file=str(main),
+            sampler=sampler_record(sampler), seeds=[f.seed, f.seed + f.seed_sets * f.num_images - 1],
+            model_file=str(main), seed_sets=f.seed_sets, fid_sets=m.get("fid_sets"), fid_min=m.get("fid_min"),
             sigma_rel=data.get("sigma_rel"), nimg=data.get("nimg"), fid_se=m["fid_se"], fid_ci95=m["fid_ci95"],
             kid=m.get("kid"), kid_std=m.get("kid_std"), bootstrap=m["bootstrap"], guide=_guide_label(p["guide"]),
             extra={"guide_file": str(guide) if isinstance(guide, Path) else None, "samples": grid_name,
@@ -254,6 +260,33 @@ def evaluate_points(points: Sequence[dict], models_dir: str | Path, cfg, refs: S
         records.append(rec)
     check_comparable([r.to_dict() for r in records])
     return records
+
+
+def combine_seed_sets(sets: Sequence[dict]) -> dict:
+    """K disjoint seed sets -> one measurement (method.md 8): the mean FID, its standard error from the
+    sets' own bootstrap errors (independent sets: sqrt(sum se_k^2) / K), a normal 95 % interval, the
+    minimum (EDM/EDM2's reporting) and every set's value. One set is returned as it is."""
+    if len(sets) == 1:
+        return sets[0]
+    k = len(sets)
+    fids = [s["fid"] for s in sets]
+    mean = float(np.mean(fids))
+    se = float(np.sqrt(sum(s["fid_se"] ** 2 for s in sets)) / k)
+    out = {**sets[0], "fid": mean, "fid_se": se, "fid_ci95": [mean - 1.96 * se, mean + 1.96 * se],
+           "fid_sets": fids, "fid_min": float(min(fids)), "others": {}}
+    if all(s.get("kid") is not None for s in sets):
+        out["kid"] = float(np.mean([s["kid"] for s in sets]))
+        out["kid_std"] = float(np.sqrt(sum(s["kid_std"] ** 2 for s in sets)) / k)
+    reps = [s.get("bootstrap", {}).get("replicates") for s in sets]
+    # The mean's replicates: the sets' replicates (same resample indices in each set) averaged, so two
+    # records of the same seed sets still pair (stats.paired).
+    out["bootstrap"] = {**(sets[0].get("bootstrap") or {}), "seed_sets": k,
+                        "replicates": [round(float(v), 4) for v in np.mean(reps, axis=0)] if all(reps) else None}
+    for name in sets[0]["others"]:
+        vals = [s["others"][name]["value"] for s in sets]
+        out["others"][name] = {**sets[0]["others"][name], "value": float(np.mean(vals)), "sets": vals,
+                               "min": float(min(vals))}
+    return out
 
 
 def _slug(point: dict, guide) -> str:
@@ -299,6 +332,9 @@ def write_metrics(records: Sequence[FIDRecord | dict], metrics_dir: str | Path) 
     for name in sorted({n for r in rows for n in (r.get("extra") or {}).get("metrics", {})}):
         metrics[name] = {point_key(r): round(r["extra"]["metrics"][name]["value"], 4) for r in rows
                          if name in (r.get("extra") or {}).get("metrics", {})}
+    if best.get("seed_sets", 1) > 1:                             # the paper's reporting beside ours
+        metrics.update(seed_sets=best["seed_sets"], best_fid_min=round(best["fid_min"], 4),
+                       fid_min={point_key(r): round(r["fid_min"], 4) for r in rows})
     if is_grid(rows):                                            # the best point's other axes
         metrics.update(best_guidance=best["sampler"]["guidance"], best_guide=best.get("guide", "none"),
                        best_steps=best["sampler"]["steps"])

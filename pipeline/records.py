@@ -68,6 +68,9 @@ class FIDRecord:
     kid_std: float | None = None
     bootstrap: dict | None = None      # resamples, seed, what was resampled, replicates
     guide: str = "none"                # the guiding model of sampler.guidance (none, unconditional, ema ..., file ...)
+    seed_sets: int = 1                 # K disjoint seed sets: fid is their mean, fid_se its standard error
+    fid_sets: list[float] | None = None  # the FID of each seed set (K > 1)
+    fid_min: float | None = None       # the minimum over the sets: EDM/EDM2's reporting (K > 1)
     extra: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
@@ -88,6 +91,8 @@ def eval_key(record: dict) -> str:
                                         "ref_num_images", "sampler", "seeds", "sigma_rel", "nimg")}
     if record.get("guide", "none") != "none":         # unguided records keep their earlier keys
         ident["guide"] = record["guide"]
+    if record.get("seed_sets", 1) != 1:               # so do single-set records
+        ident["seed_sets"] = record["seed_sets"]
     ident["model"] = Path(record.get("model_file") or "").name
     return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -98,11 +103,12 @@ def check_comparable(records) -> None:
         return
     def fields(r):
         out = {k: r.get(k) for k in COMPARE_FIELDS}
+        out["seed_sets"] = r.get("seed_sets", 1)      # mean of K sets and one set's value: other protocols
         out["sampler"] = {k: v for k, v in (r.get("sampler") or {}).items() if k not in SAMPLER_AXES}
         return out
     first = fields(records[0])
     for r in map(fields, records[1:]):
-        diffs = [f"{k}: {first[k]!r} vs {r[k]!r}" for k in COMPARE_FIELDS if first[k] != r[k]]
+        diffs = [f"{k}: {first[k]!r} vs {r[k]!r}" for k in (*COMPARE_FIELDS, "seed_sets") if first[k] != r[k]]
         if diffs:
             raise RecordError("FIDs are not comparable, their records differ in " + "; ".join(diffs))
 
@@ -145,9 +151,19 @@ def computed(records) -> list:
     return [r for r in records if not (r.get("extra") or {}).get("same_as")]
 
 
+def protocol_text(r: dict) -> str:
+    """How the FID was measured, for every printed number: one set, or K seed sets (mean and minimum)."""
+    k = r.get("seed_sets", 1)
+    if k == 1:
+        return f"{r['num_images']} images, one seed set"
+    return (f"mean +- SE over {k} seed sets of {r['num_images']} images; min {r['fid_min']:.2f} "
+            f"(EDM/EDM2 report the min over 3 sets of 50,000)")
+
+
 def result_line(r: dict) -> str:
     lo, hi = r.get("fid_ci95") or (float("nan"), float("nan"))
     kid_part = f", KID {r['kid'] * 1e3:.2f}e-3 +- {r['kid_std'] * 1e3:.2f}e-3" if r.get("kid") is not None else ""
     return (f"{point_label(r)}: FID {r['fid']:.2f} +- {r.get('fid_se') or float('nan'):.2f} "
             f"(95% {lo:.1f}-{hi:.1f}){kid_part}  [{r['num_images']} images vs {r['ref_num_images']} reference, "
-            f"NFE {r['sampler']['nfe']}{' bf16' if r['sampler'].get('amp') == 'bf16' else ''}, {r['feature_net']}]")
+            f"NFE {r['sampler']['nfe']}{' bf16' if r['sampler'].get('amp') == 'bf16' else ''}, {r['feature_net']}"
+            f"{'; ' + protocol_text(r) if r.get('seed_sets', 1) > 1 else ''}]")

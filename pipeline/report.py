@@ -281,6 +281,14 @@ def write_run_report(cfg_dict: dict, records: Sequence[dict], out_dir: str | Pat
         md += [line, ""]
         h.append(f"<p>Best FID <b>{best['fid']:.3f}{se}</b> at <b>{html.escape(point_label(best))}</b> "
                  f"<span class='rec'>({html.escape(record_line(best))})</span></p>")
+        from .published import paper_line
+        from .records import protocol_text
+        notes = [f"Protocol: {protocol_text(best)}."]
+        paper = paper_line(cfg_dict.get("preset"), distinct)
+        notes += [paper] if paper else []
+        for text in notes:
+            md += [text, ""]
+            h.append(f"<p>{html.escape(text)}</p>")
         if all(r.get("bootstrap") for r in distinct):
             from .stats import ranking
             for text in ranking(distinct, label=point_label)["lines"][1:]:

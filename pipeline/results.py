@@ -14,7 +14,8 @@ class ResultsError(PipelineError, FileNotFoundError):
 
 
 def results_lines(cfg, metrics_dir: str | Path = "metrics", report: str | Path = "reports/report.html") -> list[str]:
-    from .records import computed, point_label, read_records, result_line
+    from .published import paper_line
+    from .records import computed, point_label, protocol_text, read_records, result_line
     from .stats import ranking
     from .tracking import tracking_uri
     m = Path(metrics_dir)
@@ -27,14 +28,20 @@ def results_lines(cfg, metrics_dir: str | Path = "metrics", report: str | Path =
              f"{records[0]['ref_num_images']} reference images, NFE {records[0]['sampler']['nfe']}, "
              f"{records[0]['feature_net']}) =="]
     best = min(records, key=lambda r: r["fid"])
+    if records[0].get("seed_sets", 1) > 1:
+        lines.append(f"  (FID: {protocol_text(records[0]).split(';')[0]}; 'min': the lowest set, as EDM/EDM2 report)")
     for r in records:
         ci = f"95% {r['fid_ci95'][0]:.1f}-{r['fid_ci95'][1]:.1f}" if r.get("fid_ci95") else ""
         se = f" +- {r['fid_se']:.2f}" if r.get("fid_se") is not None else ""
-        lines.append(f"  {point_label(r)}: FID {r['fid']:7.2f}{se}  ({ci})" + ("  <- best" if r is best else ""))
+        low = f", min {r['fid_min']:.2f}" if r.get("fid_min") is not None else ""
+        lines.append(f"  {point_label(r)}: FID {r['fid']:7.2f}{se}  ({ci}{low})" + ("  <- best" if r is best else ""))
     if all(r.get("bootstrap") for r in records) and len(records) > 1:
         lines += ranking(records, label=point_label)["lines"][1:]
     else:
         lines.append(f"best: {result_line(best)}")
+    paper = paper_line(cfg.preset, records)
+    if paper:
+        lines.append(paper)
     train_file = m / "train.json"
     if train_file.is_file():
         t = json.loads(train_file.read_text())

@@ -208,6 +208,29 @@ def test_reference_and_evaluate_stages_end_to_end(fmnist, tmp_path, root):
     assert evaluate_main(["--params", str(params), "--models", str(tmp_path / "none")]) == 2
 
 
+def test_seed_sets_paper_protocol_beside_ours(fmnist, tmp_path, root):
+    """fid.seed_sets: K disjoint seed sets, every value recorded; the record's FID is their mean (with the
+    standard error of the mean), fid_min the minimum (EDM/EDM2's reporting); set k is exactly the
+    single-set evaluation at seed fid.seed + k * num_images; other protocols are never compared."""
+    from pipeline.metrics import references
+    from pipeline.evaluate import evaluate_models
+    from pipeline.records import RecordError, check_comparable, result_line
+    params = _params_and_models(fmnist, tmp_path, root)
+    model = sorted((tmp_path / "models").glob("ema-*.safetensors"))[:1]
+    cfg = C.load_config(params, ["fid.seed_sets=2"])
+    refs = references(cfg, "cpu", tmp_path / "ref", progress=False)
+    [rec] = [r.to_dict() for r in evaluate_models(model, cfg, refs, progress=False, log=None)]
+    assert rec["seed_sets"] == 2 and len(rec["fid_sets"]) == 2 and rec["seeds"] == [0, 7]
+    assert rec["fid"] == pytest.approx(sum(rec["fid_sets"]) / 2) and rec["fid_min"] == min(rec["fid_sets"])
+    assert len(rec["bootstrap"]["replicates"]) == 200 and rec["fid_se"] > 0
+    assert "min" in result_line(rec) and "2 seed sets" in result_line(rec)
+    second = C.load_config(params, ["fid.seed=4"])                       # set 2 alone: seeds 4..7
+    [one] = [r.to_dict() for r in evaluate_models(model, second, refs, progress=False, log=None)]
+    assert one["fid"] == pytest.approx(rec["fid_sets"][1], rel=1e-9) and one["seed_sets"] == 1
+    with pytest.raises(RecordError, match="seed_sets"):
+        check_comparable([rec, {**one, "seeds": rec["seeds"]}])
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_reference_and_evaluate_stages_take_the_device_from_params(fmnist, tmp_path, root, device, capsys):
     from stages.evaluate import main as evaluate_main
@@ -395,3 +418,15 @@ def test_fd_dinov2_with_a_tiny_vit_and_a_clear_error_without_weights(fmnist, tmp
     assert not (tmp_path / "b/metrics").exists()
     with pytest.raises(C.ConfigError, match="fid first"):
         C.resolve({}, {"fid.metrics": ["fd_dinov2"]})
+
+
+def test_published_table_appears_only_for_the_papers_preset_and_protocol():
+    from pipeline.published import PUBLISHED, paper_line
+    rec = {"num_images": 50000, "seed_sets": 3, "sampler": {"guidance": 1.0}, "sigma_rel": 0.12, "fid": 3.9,
+           "fid_min": 3.71}
+    line = paper_line("img512-xs", [rec])
+    assert "3.53 at sigma_rel 0.135" in line and "3.71 at sigma_rel 0.120" in line and "min over 3 seed sets" in line
+    assert paper_line("img512-xs", [{**rec, "seed_sets": 1, "fid_min": None}]) is None     # other protocol
+    assert paper_line("img512-xs", [{**rec, "num_images": 10000}]) is None
+    assert paper_line("fmnist-small", [rec]) is None and paper_line(None, [rec]) is None   # no published number
+    assert all(0 < v[1] < 0.2887 for e in PUBLISHED.values() for v in e.values())          # valid EMA lengths
