@@ -160,6 +160,9 @@ class DataConfig(_Section):
     encoder: Literal["pixel", "vae"] = "pixel"
     vae_path: Optional[str] = None         # local diffusers AutoencoderKL folder; never downloaded
     max_images: Optional[PosInt] = None    # cap for quick runs; None = all
+    reference_split: Optional[PosFloat] = None   # held out of training for the FID reference (fid.reference:
+    #                                              held-out): a fraction < 1 or a count of images
+    split_seed: NonNegInt = 0              # which images are held out (a seeded permutation)
     dataset_dir: str = off_key("data/encoded")   # where the encode stage writes the artifact + manifest
 
     @model_validator(mode="after")
@@ -168,6 +171,9 @@ class DataConfig(_Section):
             raise ValueError(f"data.path is required when data.source={self.source}")
         if self.encoder == "vae" and not self.vae_path:
             raise ValueError("data.vae_path is required when data.encoder=vae")
+        r = self.reference_split
+        if r is not None and r >= 1 and r != int(r):
+            raise ValueError(f"data.reference_split={r}: a fraction below 1 or a whole number of images")
         return self
 
 
@@ -297,7 +303,8 @@ def _min(v: int, lo: int) -> int:
 class FIDConfig(_Section):
     feature_net: Literal["auto", "clean-fid", "fid-helper"] = "auto"
     num_images: Annotated[int, AfterValidator(lambda v: _min(v, 2))] = 50000
-    reference: str = "fashion-mnist-test"  # dataset split or image folder the statistics come from
+    reference: str = "fashion-mnist-test"  # fashion-mnist-test | held-out (data.reference_split) | an encoded
+    #                                        dataset folder | an image folder or zip (encoded on demand, cached)
     ref_num_images: Optional[PosInt] = None  # None = the whole reference set
     seed: NonNegInt = 0                    # generated image i uses seed `seed + i`
     seed_sets: PosInt = 1                  # K disjoint sets of num_images (set k: seeds seed + k*num_images + i);

@@ -323,7 +323,27 @@ def to_channels(img: np.ndarray, channels: int) -> np.ndarray:
 # ----------------------------------------------------------------------------------------------
 # Encoding into the artifact.
 
+def held_out(count: int, reference_split: float, seed: int) -> np.ndarray:
+    """The indices held out for the reference (sorted): a seeded permutation's first n, n = the count
+    or round(fraction * count); at least one image stays for training."""
+    n = int(reference_split) if reference_split >= 1 else int(round(reference_split * count))
+    if not 1 <= n < count:
+        raise DataError(f"data.reference_split={reference_split} holds out {n} of {count} images: keep at least one "
+                        f"for each side")
+    return np.sort(np.random.default_rng(seed).permutation(count)[:n])
+
+
 def load_source(cfg_data, split: str = "train", cache_dir: str | Path = "data/raw") -> RawImages:
+    """A split of the source: with data.reference_split, `train` leaves out the held-out images and
+    `reference` is them (a seeded choice, recorded in the source name)."""
+    if split == "reference":
+        if cfg_data.reference_split is None:
+            raise DataError("the 'reference' split needs data.reference_split (a fraction or a count to hold out)")
+        return _split(load_source(cfg_data.model_copy(update={"reference_split": None}), "train", cache_dir),
+                      cfg_data, keep_held_out=True)
+    if split == "train" and cfg_data.reference_split is not None:
+        return _split(load_source(cfg_data.model_copy(update={"reference_split": None}), "train", cache_dir),
+                      cfg_data, keep_held_out=False)
     if cfg_data.source == "fashion-mnist":
         d = find_fashion_mnist(cfg_data.path, cache_dir)
         imgs, labels = read_idx(*(d / f for f in FMNIST_FILES[split]))
@@ -332,6 +352,17 @@ def load_source(cfg_data, split: str = "train", cache_dir: str | Path = "data/ra
     if split != "train":
         raise DataError(f"data.source={cfg_data.source} has no '{split}' split; give the reference as a folder")
     return read_image_folder(cfg_data.path) if cfg_data.source == "folder" else read_image_zip(cfg_data.path)
+
+
+def _split(raw: RawImages, cfg_data, keep_held_out: bool) -> RawImages:
+    idx = held_out(len(raw.images), cfg_data.reference_split, cfg_data.split_seed)
+    mask = np.zeros(len(raw.images), bool)
+    mask[idx] = True
+    pick = np.flatnonzero(mask if keep_held_out else ~mask)
+    what = (f"held-out {len(idx)} of {len(raw.images)} (seed {cfg_data.split_seed})" if keep_held_out else
+            f"without the {len(idx)} held out (seed {cfg_data.split_seed})")
+    return RawImages([raw.images[i] for i in pick], raw.labels[pick] if raw.labels is not None else None,
+                     raw.class_names, f"{raw.source} {what}", raw.skipped, raw.labels_from)
 
 
 def write_edm2_dataset(cfg, out: str | Path, split: str = "train", cache_dir: str | Path = "data/raw",
@@ -399,8 +430,9 @@ def sha256_files(paths: Sequence[Path]) -> str:
 
 def dataset_splits(cfg) -> list[str]:
     """The splits the encode stage writes: Fashion-MNIST's train (training) and test (FID reference);
-    a folder or zip source has train only."""
-    return ["train", "test"] if cfg.data.source == "fashion-mnist" else ["train"]
+    a folder or zip source has train only; with data.reference_split also `reference` (held out)."""
+    held = ["reference"] if cfg.data.reference_split is not None else []
+    return (["train", "test"] if cfg.data.source == "fashion-mnist" else ["train"]) + held
 
 
 def ensure_encoded(cfg, cache_dir: str | Path = "data/raw", log=print) -> None:

@@ -142,9 +142,47 @@ def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
 # ----------------------------------------------------------------------------------------------
 # Reference statistics, cached by (dataset hash, feature network, n).
 
-def reference_dataset_dir(cfg) -> str:
-    """`fashion-mnist-test` -> the encoded test split; anything else is an encoded dataset folder."""
-    return f"{cfg.data.dataset_dir}/test" if cfg.fid.reference == "fashion-mnist-test" else cfg.fid.reference
+def reference_dataset_dir(cfg, ref_cache: str | Path = "data/fid-ref") -> str:
+    """The encoded dataset the reference statistics come from (fid.reference): `fashion-mnist-test` ->
+    the encoded test split, `held-out` -> the split data.reference_split held out of training, an
+    encoded dataset folder as it is, an image folder or zip -> encoded on demand into ref_cache (keyed
+    by the content hash of its files and the encoding settings, so it is encoded once)."""
+    ref, d = cfg.fid.reference, cfg.data
+    if ref == "fashion-mnist-test":
+        if d.source != "fashion-mnist":
+            raise FIDError(f"fid.reference=fashion-mnist-test, but data.source={d.source}: set data.reference_split "
+                           f"and fid.reference=held-out, or fid.reference to an image folder or zip")
+        return f"{d.dataset_dir}/test"
+    if ref == "held-out":
+        if d.reference_split is None:
+            raise FIDError("fid.reference=held-out needs data.reference_split (a fraction or a count held out of "
+                           "training)")
+        return f"{d.dataset_dir}/reference"
+    path = Path(ref)
+    if (path / "manifest.json").is_file():
+        return ref
+    if not (path.is_dir() or (path.is_file() and path.suffix.lower() == ".zip")):
+        raise FIDError(f"fid.reference={ref}: not fashion-mnist-test, held-out, an encoded dataset, an image folder "
+                       f"or a zip")
+    return str(_encoded_reference(cfg, path, Path(ref_cache)))
+
+
+def _encoded_reference(cfg, path: Path, ref_cache: Path) -> Path:
+    from .data import encode_dataset
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    h = hashlib.sha256(json.dumps([cfg.data.resolution, cfg.data.channels, cfg.data.resize]).encode())
+    for f in files:
+        h.update(str(f.relative_to(path) if path.is_dir() else f.name).encode())
+        with open(f, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                h.update(chunk)
+    out = ref_cache / f"encoded-{h.hexdigest()[:16]}"
+    if not (out / "manifest.json").is_file():
+        src = cfg.data.model_copy(update={"source": "zip" if path.is_file() else "folder", "path": str(path),
+                                          "encoder": "pixel", "max_images": None, "reference_split": None})
+        print(f"reference: encoding {path} once -> {out}", flush=True)
+        encode_dataset(cfg.model_copy(update={"data": src}), out, "train", progress=False)
+    return out
 
 
 REF_FEATURES_KEPT = 5000           # reference features stored beside mu/Sigma for KID (subsets of <= 1000)

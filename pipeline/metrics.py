@@ -76,7 +76,7 @@ def references(cfg, device, ref_cache: str | Path, progress: bool = True) -> lis
     each reference computed once and then read from the cache (keyed by the extractor's hash)."""
     from .data import EncodedDataset
     from .fid import reference_dataset_dir, reference_stats
-    dataset = EncodedDataset(reference_dataset_dir(cfg))
+    dataset = EncodedDataset(reference_dataset_dir(cfg, ref_cache))
     out = []
     for name in cfg.fid.metrics:
         m = metric(name)

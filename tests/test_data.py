@@ -231,3 +231,50 @@ def test_adm_center_crop_halves_with_a_box_filter_then_bicubic():
     pil = I.fromarray(img).resize((100, 50), I.BOX).resize((50, 25), I.BOX).resize((32, 16), I.BICUBIC)
     want = np.asarray(pil)[:, 8:24]
     assert np.array_equal(to_resolution(img, 16, "adm-center-crop"), want)
+
+
+def test_reference_split_is_held_out_of_training_deterministically(tmp_path):
+    from pipeline.data import dataset_splits
+    src = tmp_path / "imgs"
+    _write_images(src, [(f"c{i % 2}/{'x' * (i + 1)}.png", (16, 16), "RGB") for i in range(10)])   # distinct pixels
+    base = {"source": "folder", "path": str(src), "resolution": 16, "channels": 3}
+    cfg = C.resolve({"data": {**base, "reference_split": 0.3, "split_seed": 5}})
+    assert dataset_splits(cfg) == ["train", "reference"]
+    tr = encode_dataset(cfg, tmp_path / "e/train", "train", progress=False)
+    rf = encode_dataset(cfg, tmp_path / "e/reference", "reference", progress=False)
+    assert (tr["count"], rf["count"]) == (7, 3) and "held-out 3 of 10 (seed 5)" in rf["source"]
+    encode_dataset(C.resolve({"data": base}), tmp_path / "all", progress=False)
+    whole = np.load(tmp_path / "all/images.npy")
+    a, b = np.load(tmp_path / "e/train/images.npy"), np.load(tmp_path / "e/reference/images.npy")
+    rows = lambda x: {r.tobytes() for r in x}
+    assert len(rows(whole)) == 10 and rows(a) | rows(b) == rows(whole) and not rows(a) & rows(b)   # a partition
+    again = encode_dataset(cfg, tmp_path / "e2", "reference", progress=False)
+    assert again["sha256"] == rf["sha256"]                                       # the same seed, the same images
+    other = encode_dataset(C.resolve({"data": {**base, "reference_split": 3, "split_seed": 6}}), tmp_path / "e3",
+                           "reference", progress=False)
+    assert other["count"] == 3 and other["sha256"] != rf["sha256"]
+    with pytest.raises(C.ConfigError, match="a fraction below 1 or a whole number"):
+        C.resolve({"data": {**base, "reference_split": 2.5}})
+    with pytest.raises(DataError, match="holds out 10 of 10"):
+        encode_dataset(C.resolve({"data": {**base, "reference_split": 10}}), tmp_path / "e4", "reference", progress=False)
+
+
+def test_fid_reference_choices(tmp_path, capsys):
+    from pipeline.fid import FIDError, reference_dataset_dir
+    src = tmp_path / "imgs"
+    _write_images(src, [(f"{i}.png", (16, 16), "RGB") for i in range(4)])
+    base = {"source": "folder", "path": str(src), "resolution": 16, "channels": 3, "dataset_dir": str(tmp_path / "enc")}
+    with pytest.raises(FIDError, match="data.source=folder: set data.reference_split"):
+        reference_dataset_dir(C.resolve({"data": base}))
+    with pytest.raises(FIDError, match="needs data.reference_split"):
+        reference_dataset_dir(C.resolve({"data": base, "fid": {"reference": "held-out"}}))
+    assert reference_dataset_dir(C.resolve({"data": {**base, "reference_split": 1}, "fid": {"reference": "held-out"}})) \
+        == f"{tmp_path / 'enc'}/reference"
+    refdir = tmp_path / "refimgs"
+    _write_images(refdir, [(f"{'r' * (i + 1)}.png", (20, 20), "RGB") for i in range(3)])
+    cfg = C.resolve({"data": {**base, "resize": "center-crop"}, "fid": {"reference": str(refdir)}})
+    out = reference_dataset_dir(cfg, tmp_path / "cache")
+    assert EncodedDataset(out).manifest["count"] == 3 and "encoding" in capsys.readouterr().out
+    assert reference_dataset_dir(cfg, tmp_path / "cache") == out and "encoding" not in capsys.readouterr().out
+    _write_images(refdir, [("extra.png", (20, 20), "RGB")])                  # other contents: another cache entry
+    assert reference_dataset_dir(cfg, tmp_path / "cache") != out
