@@ -115,7 +115,7 @@ def _cmd_sample(args) -> int:
         raise C.ConfigError(f"guidance {sampler.guidance} needs --guide (a model file or unconditional)")
     device = pick_device(args.device or cfg.fid.device, "--device" if args.device else "fid.device")
     out = export_samples(args.model, args.num, args.out, sampler, args.seed, args.batch or sampler.batch_size,
-                         device, args.guide, progress=True)
+                         device, args.guide, progress=True, cfg=cfg)
     print(f"{args.num} samples (seeds {args.seed}-{args.seed + args.num - 1}, NFE {sampler.nfe}"
           f"{f', guidance {sampler.guidance} with {args.guide}' if args.guide else ''}) -> {out}")
     return 0

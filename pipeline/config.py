@@ -159,6 +159,8 @@ class DataConfig(_Section):
     use_labels: bool = True
     encoder: Literal["pixel", "vae"] = "pixel"
     vae_path: Optional[str] = None         # local diffusers AutoencoderKL folder; never downloaded
+    latent_convention: Literal["edm2", "data-stats"] = "edm2"   # VAE latents: EDM2's exactly, or per-dataset
+    #                                                             statistics (pipeline/latents.py, method.md 7)
     max_images: Optional[PosInt] = None    # cap for quick runs; None = all
     reference_split: Optional[PosFloat] = None   # held out of training for the FID reference (fid.reference:
     #                                              held-out): a fraction < 1 or a count of images

@@ -458,6 +458,12 @@ def encode_dataset(cfg, out_dir: str | Path, split: str = "train", cache_dir: st
         raise DataError(f"{out} exists and is not an encoded dataset: not replaced (choose another data.dataset_dir)")
     if out.exists() and not out.is_dir():
         raise DataError(f"{out} is a file, not a folder (choose another data.dataset_dir)")
+    # A VAE dataset's reference splits stay pixels (at the VAE's input size): FID compares pixels.
+    pixels_only = d.encoder == "vae" and split in ("test", "reference")
+    given = read_latent_source(d.path, d.source) if d.encoder == "vae" and d.source in ("folder", "zip") \
+        and split == "train" and d.reference_split is None else None
+    if given is not None:
+        return _write_encoded(cfg, out, split, given)
     raw = load_source(d, split, cache_dir)
     if d.max_images:
         raw.images, raw.labels = raw.images[:d.max_images], (raw.labels[:d.max_images] if raw.labels is not None else None)
@@ -475,6 +481,9 @@ def encode_dataset(cfg, out_dir: str | Path, split: str = "train", cache_dir: st
     img_channels = d.channels if d.encoder == "pixel" else 3
     vae = load_vae(d.vae_path) if d.encoder == "vae" else None
     vae_res = d.resolution * vae_downsampling(vae) if vae is not None else d.resolution
+    if pixels_only:
+        vae, notes = None, notes + [f"pixels at {vae_res}x{vae_res} for the FID reference (the training split holds "
+                                    f"the VAE latents)"]
     it = raw.images
     if progress:
         from tqdm import tqdm
@@ -482,10 +491,34 @@ def encode_dataset(cfg, out_dir: str | Path, split: str = "train", cache_dir: st
     pixels = np.stack([to_channels(to_resolution(im, vae_res, d.resize), img_channels) for im in it])
     pixels = pixels.transpose(0, 3, 1, 2).copy()                            # N x C x H x W
     labels = raw.labels if (raw.labels is not None and d.use_labels) else None
-    if d.encoder == "vae":
-        array, latent_stats = encode_latents(pixels, vae, progress=progress)
+    if vae is not None:
+        array, latent_stats = encode_latents(pixels, vae, progress=progress, convention=d.latent_convention)
     else:
         array, latent_stats = pixels, None
+    raw.images = array
+    return _write_encoded(cfg, out, split, raw, notes, labels_in=labels, latent_stats=latent_stats,
+                          encoder="vae" if vae is not None else "pixel", resolution=d.resolution if vae else vae_res)
+
+
+def _write_encoded(cfg, out: Path, split: str, raw: RawImages, notes: list | None = None, labels_in=None,
+                   latent_stats=None, encoder: str = "vae", resolution: int | None = None) -> dict:
+    """The artifact: images.npy, labels.npy, manifest.json, written beside and renamed into place.
+    `raw.images` is the encoded array here (or, for NVIDIA's latents, the list of stored posteriors)."""
+    d = cfg.data
+    array = raw.images if isinstance(raw.images, np.ndarray) else np.stack(raw.images)
+    notes = list(notes or [])
+    if labels_in is None and isinstance(raw.images, list):              # NVIDIA's latents as given
+        labels = raw.labels if (raw.labels is not None and d.use_labels) else None
+        latent_stats = latent_statistics(array)
+        notes.append("posteriors read as NVIDIA's dataset tool stored them (not re-encoded)")
+        if d.latent_convention != "edm2":
+            raise DataError(f"{raw.source}: NVIDIA's latents follow EDM2's convention; set data.latent_convention=edm2")
+        if array.shape[-1] != d.resolution:
+            raise DataError(f"{raw.source}: latents are {array.shape[-1]}x{array.shape[-1]}, data.resolution is "
+                            f"{d.resolution}")
+        resolution = d.resolution
+    else:
+        labels = labels_in
 
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
@@ -494,8 +527,9 @@ def encode_dataset(cfg, out_dir: str | Path, split: str = "train", cache_dir: st
         np.save(tmp / "labels.npy", labels if labels is not None else np.full(len(array), -1, np.int64))
         manifest = {
             "format": MANIFEST_FORMAT, "count": int(len(array)), "shape": list(array.shape[1:]),
-            "dtype": str(array.dtype), "encoder": d.encoder, "source": raw.source, "split": split,
-            "resolution": d.resolution, "channels": int(array.shape[1]) if d.encoder == "pixel" else int(array.shape[1] // 2),
+            "dtype": str(array.dtype), "encoder": encoder, "source": raw.source, "split": split,
+            **({"latent_convention": d.latent_convention} if encoder == "vae" else {}),
+            "resolution": resolution, "channels": int(array.shape[1]) if encoder == "pixel" else int(array.shape[1] // 2),
             "resize": d.resize, "label_count": len(raw.class_names) if labels is not None else 0,
             "class_names": raw.class_names if labels is not None else [],
             "labels_from": raw.labels_from if labels is not None else "none",
@@ -534,25 +568,71 @@ def vae_downsampling(vae) -> int:
 
 
 @torch.no_grad()
-def encode_latents(pixels: np.ndarray, vae, batch_size: int = 32, progress: bool = False):
-    """Pixels (N x 3 x H x W uint8) -> float16 [mean, std] of the VAE posterior (N x 2C x h x w), plus
-    per-channel statistics of the latents for scaling to zero mean and std 0.5."""
+def encode_latents(pixels: np.ndarray, vae, batch_size: int = 32, progress: bool = False,
+                   convention: str = "edm2"):
+    """Pixels (N x 3 x H x W uint8) -> the VAE posterior's [mean, std] (N x 2C x h x w; float32 for the
+    edm2 convention, as EDM2 stores them, float16 for data-stats), plus per-channel statistics of the
+    latents (what data-stats scales by; recorded for both)."""
+    from .latents import vae_input
     out = []
     rng = range(0, len(pixels), batch_size)
     if progress:
         from tqdm import tqdm
         rng = tqdm(rng, desc="vae encode", unit="batch")
+    dtype = torch.float32 if convention == "edm2" else torch.float16
     for i in rng:
-        x = torch.from_numpy(pixels[i:i + batch_size]).to(torch.float32) / 127.5 - 1
-        dist = vae.encode(x).latent_dist
-        out.append(torch.cat([dist.mean, dist.std], dim=1).to(torch.float16).numpy())
-    arr = np.concatenate(out)
+        dist = vae.encode(vae_input(torch.from_numpy(pixels[i:i + batch_size]), convention)).latent_dist
+        out.append(torch.cat([dist.mean, dist.std], dim=1).to(dtype).numpy())
+    return np.concatenate(out), latent_statistics(np.concatenate(out))
+
+
+def latent_statistics(arr: np.ndarray) -> dict:
     c = arr.shape[1] // 2
     mean = arr[:, :c].astype(np.float64)
     std = arr[:, c:].astype(np.float64)
     ch_mean = mean.mean(axis=(0, 2, 3))
     ch_std = np.sqrt((mean ** 2 + std ** 2).mean(axis=(0, 2, 3)) - ch_mean ** 2)
-    return arr, {"mean": ch_mean.tolist(), "std": ch_std.tolist()}
+    return {"mean": ch_mean.tolist(), "std": ch_std.tolist()}
+
+
+LATENT_RE = re.compile(r"(^|/)img-mean-std-\d+\.npy$")   # NVIDIA's dataset tool: one posterior per image
+
+
+def read_latent_source(path: str | Path, kind: str) -> RawImages | None:
+    """A latent dataset made by NVIDIA's dataset tool (`00000/img-mean-std-00000000.npy` + dataset.json),
+    as a folder or zip: the stored posteriors (2C x h x w each) as they are; None when `path` holds none."""
+    p = Path(path)
+    if kind == "folder" and p.is_dir():
+        files = sorted(f.relative_to(p).as_posix() for f in p.rglob("*.npy") if LATENT_RE.search(f.relative_to(p).as_posix()))
+        if not files:
+            return None
+        read = lambda rel: (p / rel).read_bytes()
+        labels_json = (p / LABELS_FILE).read_bytes() if (p / LABELS_FILE).is_file() else None
+    elif kind == "zip" and p.is_file() and zipfile.is_zipfile(p):
+        zf = zipfile.ZipFile(p)
+        files = sorted(n for n in zf.namelist() if LATENT_RE.search(n))
+        if not files:
+            return None
+        read = zf.read
+        labels_json = zf.read(LABELS_FILE) if LABELS_FILE in zf.namelist() else None
+    else:
+        return None
+    arrays = []
+    for rel in files:
+        try:
+            a = np.load(io.BytesIO(read(rel)), allow_pickle=False)
+        except (ValueError, OSError, EOFError) as err:
+            raise DataError(f"{path}/{rel}: not a plain numeric array ({str(err)[:80]})") from None
+        if a.ndim != 3 or a.shape[0] % 2 or a.dtype.kind != "f" or (arrays and a.shape != arrays[0].shape):
+            raise DataError(f"{path}/{rel}: {a.shape} {a.dtype}, expected 2C x h x w floats like the others "
+                            f"({arrays[0].shape if arrays else 'the first'})")
+        if not np.isfinite(a).all():
+            raise DataError(f"{path}/{rel}: holds non-finite values")
+        arrays.append(a.astype(np.float32))
+    source = f"{kind}:{p} (NVIDIA latents)"
+    if labels_json is None:
+        return RawImages(arrays, None, [], source, [])
+    return _labelled_by_json(arrays, files, [], source, read_labels_json(labels_json, source))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -599,6 +679,11 @@ def read_manifest(path: str | Path) -> dict:
                 and all(x > 0 for x in ls["std"])):
             raise DataError(f"{f}: field 'latent_stats' must hold {c} finite means and positive stds; re-run the "
                             f"encode stage")
+    if m["encoder"] == "vae":
+        m.setdefault("latent_convention", "data-stats")    # manifests before conventions were recorded
+        if m["latent_convention"] not in ("edm2", "data-stats") or (m["latent_convention"] == "data-stats" and not ls):
+            raise DataError(f"{f}: latent_convention {m['latent_convention']!r} (edm2, or data-stats with its "
+                            f"latent_stats); re-run the encode stage")
     elif m["encoder"] == "pixel":
         m["latent_stats"] = None                          # pixels: nothing to scale
     return m
@@ -641,10 +726,12 @@ class EncodedDataset(torch.utils.data.Dataset):
         if cfg is not None:
             self.check_config(cfg)
         self.label_dim = m["label_count"]
-        ls = m.get("latent_stats")
-        if ls:
-            self._lat_mean = torch.tensor(ls["mean"], dtype=torch.float32).view(-1, 1, 1)
-            self._lat_scale = 0.5 / torch.tensor(ls["std"], dtype=torch.float32).view(-1, 1, 1)
+        if m["encoder"] == "vae":
+            from .latents import scale_bias
+            try:
+                self._scale, self._bias = scale_bias(m["latent_convention"], m.get("latent_stats"), m["shape"][0] // 2)
+            except ValueError as err:
+                raise DataError(f"{self.path}: {err}") from None
 
     def check_config(self, cfg) -> None:
         m, d = self.manifest, cfg.data
@@ -672,11 +759,9 @@ class EncodedDataset(torch.utils.data.Dataset):
         idx = np.asarray(indices)
         order = np.argsort(idx)                     # sorted reads from the memory map, then restore order
         raw = torch.from_numpy(np.ascontiguousarray(self.images[idx[order]]))[np.argsort(order)]
-        if self.manifest["encoder"] == "vae":
-            c = raw.shape[1] // 2
-            mean, std = raw[:, :c].float(), raw[:, c:].float()
-            z = mean + std * torch.randn(mean.shape, generator=generator)
-            x = (z - self._lat_mean) * self._lat_scale
+        if self.manifest["encoder"] == "vae":                # a fresh posterior draw each time (method.md 7)
+            from .latents import draw
+            x = draw(raw, self._scale, self._bias, generator)
         else:
             x = encode_pixels(raw)
         labels = None

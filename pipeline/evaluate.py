@@ -73,13 +73,15 @@ def check_unconditional_guide(meta: dict, path: str | Path) -> None:
 
 
 def generate(net, num_images: int, seed: int, sampler_cfg, batch_size: int, device="cpu", progress: bool = False,
-             desc: str | None = None, guide=None):
+             desc: str | None = None, guide=None, decoder=None):
     """num_images samples as N x H x W x C uint8; image i uses seed `seed + i` and, for a
     conditional model, class (seed + i) % label_dim. `guide`: a guiding network, or "unconditional"
     (the same network with the zero label), used with weight sampler_cfg.guidance. Batches are
-    sampler.batch_size images, halved whenever the GPU runs out of memory (the images do not change)."""
-    from .data import decode_pixels
+    sampler.batch_size images, halved whenever the GPU runs out of memory (the images do not change).
+    `decoder`: samples -> uint8 pixels (latents.Decoder: a latent model's VAE); default the pixel one."""
     from .edm import sample_images
+    from .latents import Decoder
+    decoder = decoder or Decoder({"encoder": "pixel"}, None)
     net = net.eval().to(device)
     unconditional = isinstance(guide, str) and guide == "unconditional"
     if unconditional and not net.label_dim:
@@ -111,7 +113,7 @@ def generate(net, num_images: int, seed: int, sampler_cfg, batch_size: int, devi
             raise FIDError(f"{desc or 'sampling'}: {bad} of {len(batch)} samples of seeds {batch[0]}-{batch[-1]} came "
                            f"out non-finite (NaN/inf) at guidance {sampler_cfg.guidance}: the model or its guide "
                            f"diverged; nothing was written")
-        out.append(decode_pixels(x).permute(0, 2, 3, 1).cpu().numpy())
+        out.append(decoder(x))
         i += len(batch)
         if bar is not None:
             bar.update(len(batch))
@@ -225,7 +227,8 @@ def evaluate_points(points: Sequence[dict], models_dir: str | Path, cfg, refs: S
             for k_set in range(f.seed_sets):                 # disjoint seed sets (method.md 8)
                 set_tag = tag + (f" set {k_set + 1}/{f.seed_sets}" if f.seed_sets > 1 else "")
                 images = generate(net, f.num_images, f.seed + k_set * f.num_images, sampler, cfg.sampler.batch_size,
-                                  device, progress, desc=f"{set_tag}: sample NFE {sampler.nfe}", guide=guide_obj)
+                                  device, progress, desc=f"{set_tag}: sample NFE {sampler.nfe}", guide=guide_obj,
+                                  decoder=decoder_for(data, cfg, device))
                 feats = array_features(images, feat, f.batch_size, progress=progress, desc=f"{set_tag}: features")
                 m = measure(feats, ref, f.num_images)
                 m["others"] = {}
@@ -260,6 +263,22 @@ def evaluate_points(points: Sequence[dict], models_dir: str | Path, cfg, refs: S
         records.append(rec)
     check_comparable([r.to_dict() for r in records])
     return records
+
+
+_decoders: dict = {}
+
+
+def decoder_for(model_meta: dict, cfg, device):
+    """How a model's samples become pixels: its header's data settings (a VAE latent model decodes with
+    the VAE of data.vae_path and its convention); one decoder per settings, reused."""
+    from .latents import Decoder
+    data = (model_meta.get("config") or {}).get("data") or {}
+    key = json.dumps([data.get("encoder"), data.get("latent_convention"), cfg.data.vae_path, str(device),
+                      cfg.data.dataset_dir], default=str)
+    if key not in _decoders:
+        _decoders.clear()
+        _decoders[key] = Decoder(data, cfg.data.vae_path, device, cfg.data.dataset_dir)
+    return _decoders[key]
 
 
 def combine_seed_sets(sets: Sequence[dict]) -> dict:
@@ -392,10 +411,12 @@ def evaluate_run(cfg, snapshot_dir: str | Path, out_dir: str | Path, ref_cache: 
 # Sample export (`python -m pipeline sample`).
 
 def export_samples(model_file: str | Path, num_images: int, out: str | Path, sampler_cfg, seed: int = 0,
-                   batch_size: int = 64, device="cpu", guide: str | Path | None = None, progress: bool = True) -> Path:
+                   batch_size: int = 64, device="cpu", guide: str | Path | None = None, progress: bool = True,
+                   cfg=None) -> Path:
     """num_images samples of a reconstructed model (image i: seed `seed + i`, class (seed + i) %
     label_dim) written as PNG files `<seed>.png` into a folder, or as one .npz (images N x H x W x C
-    uint8, seeds, labels). `guide`: a model file or "unconditional", with weight sampler_cfg.guidance."""
+    uint8, seeds, labels). `guide`: a model file or "unconditional", with weight sampler_cfg.guidance.
+    `cfg`: the params whose data.vae_path decodes a latent model's samples."""
     from PIL import Image
 
     from .io import check_writable
@@ -404,10 +425,11 @@ def export_samples(model_file: str | Path, num_images: int, out: str | Path, sam
     check_writable(out, "--out", folder=out.suffix != ".npz")
     if guide == "unconditional":
         check_unconditional_guide(check_reconstruction(model_file), model_file)
-    net, _ = load_model(model_file, device)
+    net, meta = load_model(model_file, device)
     guide_net = guide if guide in (None, "unconditional") else load_model(guide, device)[0]
     images = generate(net, num_images, seed, sampler_cfg, batch_size, device, progress,
-                      desc=f"sample {Path(model_file).name} NFE {sampler_cfg.nfe}", guide=guide_net)
+                      desc=f"sample {Path(model_file).name} NFE {sampler_cfg.nfe}", guide=guide_net,
+                      decoder=decoder_for(meta, cfg, device) if cfg is not None else None)
     seeds = np.arange(seed, seed + num_images)
     labels = seeds % net.label_dim if net.label_dim else np.full(num_images, -1)
     if out.suffix == ".npz":

@@ -170,7 +170,10 @@ def reference_dataset_dir(cfg, ref_cache: str | Path = "data/fid-ref") -> str:
 def _encoded_reference(cfg, path: Path, ref_cache: Path) -> Path:
     from .data import encode_dataset
     files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
-    h = hashlib.sha256(json.dumps([cfg.data.resolution, cfg.data.channels, cfg.data.resize]).encode())
+    from .latents import pixel_resolution
+    res = pixel_resolution(cfg.data)                   # a latent run's reference is pixels at the VAE's size
+    channels = cfg.data.channels if cfg.data.encoder == "pixel" else 3
+    h = hashlib.sha256(json.dumps([res, channels, cfg.data.resize]).encode())
     for f in files:
         h.update(str(f.relative_to(path) if path.is_dir() else f.name).encode())
         with open(f, "rb") as fh:
@@ -179,7 +182,8 @@ def _encoded_reference(cfg, path: Path, ref_cache: Path) -> Path:
     out = ref_cache / f"encoded-{h.hexdigest()[:16]}"
     if not (out / "manifest.json").is_file():
         src = cfg.data.model_copy(update={"source": "zip" if path.is_file() else "folder", "path": str(path),
-                                          "encoder": "pixel", "max_images": None, "reference_split": None})
+                                          "encoder": "pixel", "max_images": None, "reference_split": None,
+                                          "resolution": res, "channels": channels})
         print(f"reference: encoding {path} once -> {out}", flush=True)
         encode_dataset(cfg.model_copy(update={"data": src}), out, "train", progress=False)
     return out

@@ -295,8 +295,9 @@ def trial_body(job: dict, report, device=None) -> None:
             write_trial_state(trial_dir, nimg=nimg, **metrics)
         report({"nimg": nimg, **metrics})
 
-    validate = make_validator(cfg, C.SweepConfig.model_validate(job["sweep"]).validation,
-                              device if device is not None else cfg.train.device)
+    # A latent run's reference is pixels (for FID): no validation loss on it (run_sweep refuses ASHA on it).
+    validate = None if cfg.data.encoder == "vae" else make_validator(
+        cfg, C.SweepConfig.model_validate(job["sweep"]).validation, device if device is not None else cfg.train.device)
     res = train(cfg, stage="sweep", progress=False, report=on_snapshot, parent_run_id=job["parent_run_id"],
                 run_name=f"trial-{trial_id}", device=device, validate=validate)
     if res.status != "finished":
@@ -358,6 +359,9 @@ def make_validator(cfg: C.Config, spec: C.ValidationSpec, device=None):
     from .data import EncodedDataset
     from .edm import validation_loss
     from .fid import reference_dataset_dir
+    if cfg.data.encoder == "vae":       # the reference of a latent run is pixels (for FID), not network inputs
+        raise SweepError("sweep.validation (a loss on the reference images) needs a pixel dataset; with "
+                         "data.encoder=vae rank trials by FID")
     ds = EncodedDataset(reference_dataset_dir(cfg))
     n = min(spec.num_images, len(ds))
     from .devices import pick_device
@@ -524,6 +528,9 @@ def run_sweep(sweep_file: str | Path, address: str | None = None, resume: bool =
     out_dir = Path(reports_dir) / sweep.name
     the_plan = plan(sweep, base)
     check_plan(sweep, storage, out_dir, address, num_cpus, the_plan["trials"])
+    if base.data.encoder == "vae" and sweep.scheduler.type != "none" and sweep.scheduler.metric == "val_loss":
+        raise SweepError("scheduler.metric=val_loss is a loss on the reference images, which a latent run keeps as "
+                         "pixels (for FID): use scheduler.metric=loss with data.encoder=vae")
     if dry_run:
         print_plan(the_plan)
         return the_plan

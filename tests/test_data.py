@@ -131,18 +131,14 @@ def test_unlabelled_folder_and_empty_folder(tmp_path):
 
 
 def test_vae_latent_encoder_with_a_local_random_autoencoder(tmp_path):
-    diffusers = pytest.importorskip("diffusers", reason="diffusers is the optional [vae] extra")
-    torch.manual_seed(0)
-    vae = diffusers.AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 16),
-                                  down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
-                                  layers_per_block=1, norm_num_groups=4, sample_size=16)
-    vae.save_pretrained(tmp_path / "vae")
+    _tiny_vae(tmp_path)
     _write_images(tmp_path / "imgs", [(f"c{i % 2}/{i}.png", (16, 16), "RGB") for i in range(6)])
     # This tiny VAE downsamples 2x (two blocks), the config's resolution is the latent one: 16 / 2 = 8.
     cfg = C.resolve({"data": {"source": "folder", "path": str(tmp_path / "imgs"), "resolution": 8, "channels": 4,
                               "resize": "resize", "encoder": "vae", "vae_path": str(tmp_path / "vae")}})
     m = encode_dataset(cfg, tmp_path / "enc", progress=False)
-    assert m["encoder"] == "vae" and m["dtype"] == "float16" and m["shape"] == [8, 8, 8] and m["channels"] == 4
+    assert m["encoder"] == "vae" and m["dtype"] == "float32" and m["shape"] == [8, 8, 8] and m["channels"] == 4
+    assert m["latent_convention"] == "edm2"
     ds = EncodedDataset(tmp_path / "enc", cfg)
     x1, _ = ds.get(list(range(6)), generator=torch.Generator().manual_seed(1))
     x2, _ = ds.get(list(range(6)), generator=torch.Generator().manual_seed(2))
@@ -278,3 +274,76 @@ def test_fid_reference_choices(tmp_path, capsys):
     assert reference_dataset_dir(cfg, tmp_path / "cache") == out and "encoding" not in capsys.readouterr().out
     _write_images(refdir, [("extra.png", (20, 20), "RGB")])                  # other contents: another cache entry
     assert reference_dataset_dir(cfg, tmp_path / "cache") != out
+
+
+def _tiny_vae(tmp_path):
+    diffusers = pytest.importorskip("diffusers", reason="diffusers is the optional [vae] extra")
+    torch.manual_seed(0)
+    vae = diffusers.AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 16),
+                                  down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+                                  layers_per_block=1, norm_num_groups=4, sample_size=16)
+    vae.save_pretrained(tmp_path / "vae")
+    return vae.eval()
+
+
+def test_edm2_latent_convention_follows_the_formulas_exactly(tmp_path):
+    """encode -> draw -> decode against EDM2's convention written out here: pixels / 255 into the encoder,
+    mean and std stored in float32, z = mean + std * eps, z * scale + bias with scale = 0.5 / raw_std and
+    bias = -raw_mean * scale, decode (x - bias) / scale then clamp(0, 1) * 255 to uint8."""
+    from pipeline.latents import Decoder
+    vae = _tiny_vae(tmp_path)
+    _write_images(tmp_path / "imgs", [(f"c{i % 2}/{'x' * (i + 1)}.png", (16, 16), "RGB") for i in range(4)])
+    cfg = C.resolve({"data": {"source": "folder", "path": str(tmp_path / "imgs"), "resolution": 8, "channels": 4,
+                              "resize": "resize", "encoder": "vae", "vae_path": str(tmp_path / "vae")}})
+    encode_dataset(cfg, tmp_path / "enc", progress=False)
+    pixels = torch.from_numpy(np.load(encode_dataset(C.resolve({"data": {**cfg.data.model_dump(), "encoder": "pixel",
+                                                                        "channels": 3, "resolution": 16}}),
+                                                     tmp_path / "pix", progress=False) and tmp_path / "pix/images.npy"))
+    with torch.no_grad():
+        dist = vae.encode(pixels.float() / 255).latent_dist
+    stored = torch.from_numpy(np.load(tmp_path / "enc/images.npy"))
+    assert torch.equal(stored, torch.cat([dist.mean, dist.std], 1))
+    raw_mean = torch.tensor([5.81, 3.25, 0.12, -2.15]).view(-1, 1, 1)
+    raw_std = torch.tensor([4.17, 4.62, 3.71, 3.28]).view(-1, 1, 1)
+    scale = 0.5 / raw_std
+    bias = 0 - raw_mean * scale
+    x, _ = EncodedDataset(tmp_path / "enc", cfg).get([0, 1, 2, 3], generator=torch.Generator().manual_seed(7))
+    eps = torch.randn(dist.mean.shape, generator=torch.Generator().manual_seed(7))
+    assert torch.equal(x, (dist.mean + dist.std * eps) * scale + bias)
+    decoded = Decoder(cfg.data.model_dump(), cfg.data.vae_path)(x)
+    with torch.no_grad():
+        want = vae.decode((x - bias) / scale).sample.clamp(0, 1).mul(255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    assert decoded.dtype == np.uint8 and np.array_equal(decoded, want)
+    # data-stats: the earlier convention, kept: [-1, 1] input, float16, the dataset's own statistics
+    ds_cfg = C.resolve({"data": {**cfg.data.model_dump(), "latent_convention": "data-stats"}})
+    m = encode_dataset(ds_cfg, tmp_path / "enc-ds", progress=False)
+    assert m["dtype"] == "float16" and m["latent_convention"] == "data-stats" and len(m["latent_stats"]["std"]) == 4
+
+
+def test_nvidia_latent_dataset_is_a_source_without_re_encoding(tmp_path):
+    """A latent dataset as NVIDIA's dataset tool writes it (img-mean-std-*.npy per image + dataset.json):
+    read as stored, labels from dataset.json; a VAE dataset's reference split is pixels."""
+    _tiny_vae(tmp_path)
+    root = tmp_path / "nv"
+    rng = np.random.default_rng(0)
+    posts = [np.concatenate([rng.normal(size=(4, 8, 8)), rng.uniform(0.1, 1, (4, 8, 8))]).astype(np.float32)
+             for _ in range(3)]
+    (root / "00000").mkdir(parents=True)
+    for i, a in enumerate(posts):
+        np.save(root / f"00000/img-mean-std-{i:08d}.npy", a)
+    (root / "dataset.json").write_text(json.dumps({"labels": [[f"00000/img-mean-std-{i:08d}.npy", i + 4]
+                                                              for i in range(3)]}))
+    cfg = C.resolve({"data": {"source": "folder", "path": str(root), "resolution": 8, "channels": 4,
+                              "encoder": "vae", "vae_path": str(tmp_path / "vae")}})
+    m = encode_dataset(cfg, tmp_path / "enc", progress=False)
+    assert np.array_equal(np.load(tmp_path / "enc/images.npy"), np.stack(posts)) and m["label_count"] == 7
+    assert np.load(tmp_path / "enc/labels.npy").tolist() == [4, 5, 6] and any("not re-encoded" in n for n in m["notes"])
+    with pytest.raises(DataError, match="latents are 8x8, data.resolution is 16"):
+        encode_dataset(C.resolve({"data": {**cfg.data.model_dump(), "resolution": 16}}), tmp_path / "e2", progress=False)
+    # the reference of a VAE dataset: pixels at the VAE's input size (16 = 8 x 2 here)
+    _write_images(tmp_path / "imgs", [(f"{'y' * (i + 1)}.png", (20, 20), "RGB") for i in range(4)])
+    cfg2 = C.resolve({"data": {"source": "folder", "path": str(tmp_path / "imgs"), "resolution": 8, "channels": 4,
+                               "resize": "resize", "encoder": "vae", "vae_path": str(tmp_path / "vae"),
+                               "reference_split": 2}})
+    r = encode_dataset(cfg2, tmp_path / "ref", "reference", progress=False)
+    assert r["encoder"] == "pixel" and r["shape"] == [3, 16, 16] and r["count"] == 2

@@ -23,20 +23,31 @@ def sh(cmd, cwd, timeout=900):
     return r.stdout + r.stderr
 
 
-@pytest.fixture(scope="module")
-def repo(tmp_path_factory, fmnist):
-    d = tmp_path_factory.mktemp("dvcrepo")
+def project_copy(d):
+    """The project's pipeline (dvc.yaml and its code) in folder d, to run DVC on."""
+    d.mkdir(parents=True, exist_ok=True)
     shutil.copy(ROOT / "dvc.yaml", d / "dvc.yaml")
     for pkg in ("pipeline", "stages"):
         shutil.copytree(ROOT / pkg, d / pkg, ignore=shutil.ignore_patterns("__pycache__"))
-    params = tiny_params(d / "p", fmnist, data={"dataset_dir": "data/encoded", "max_images": 512},
-                         train={"run_dir": "runs/tiny", "duration_nimg": 64, "checkpoint_nimg": 32},
+    return d
+
+
+def tiny_repo(d, fmnist, data: dict, run_dir: str):
+    """A DVC repository of the project on a shrunken params file (tiny network, 64 images of training)."""
+    project_copy(d)
+    params = tiny_params(d / "p", fmnist, data={"dataset_dir": "data/encoded", **data},
+                         train={"run_dir": run_dir, "duration_nimg": 64, "checkpoint_nimg": 32},
                          fid={"num_images": 4, "ref_num_images": 8},
                          tracking={"uri": f"sqlite:///{d / 'mlflow.db'}"})
     shutil.move(params, d / "params.yaml")
     (d / ".gitignore").write_text("/runs/\n/mlflow.db\n/mlartifacts/\n/data/raw/\n/p/\n")
     sh("git init -q && dvc init -q && git add -A && git commit -qm init", d)
     return d
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory, fmnist):
+    return tiny_repo(tmp_path_factory.mktemp("dvcrepo"), fmnist, {"max_images": 512}, "runs/tiny")
 
 
 def test_repro_runs_all_stages_then_is_a_noop(repo):
@@ -134,11 +145,7 @@ def test_encode_depends_on_the_images_of_data_path(tmp_path):
     everything downstream) out of date; `dvc repro encode` re-encodes it."""
     from PIL import Image
     import numpy as np
-    d = tmp_path / "repo"
-    d.mkdir()
-    shutil.copy(ROOT / "dvc.yaml", d / "dvc.yaml")
-    for pkg in ("pipeline", "stages"):
-        shutil.copytree(ROOT / pkg, d / pkg, ignore=shutil.ignore_patterns("__pycache__"))
+    d = project_copy(tmp_path / "repo")
     raw = yaml.safe_load((ROOT / "params.yaml").read_text())
     raw["data"].update(source="folder", path="images", resolution=16, channels=3, resize="center-crop")
     (d / "params.yaml").write_text(yaml.safe_dump(raw))
@@ -157,3 +164,29 @@ def test_encode_depends_on_the_images_of_data_path(tmp_path):
     assert "Running stage 'encode'" in out
     manifest = json.loads((d / "data/encoded/train/manifest.json").read_text())
     assert manifest["labels_from"] == "dataset.json" and manifest["count"] == 3
+
+
+def test_latent_pipeline_end_to_end_with_a_small_random_vae(tmp_path, fmnist):
+    """data.encoder: vae (EDM2's convention): encode (latents for training, pixels for the reference) ->
+    train -> reconstruct -> evaluate (samples decoded by the VAE before Inception) -> report, by dvc repro."""
+    diffusers = pytest.importorskip("diffusers", reason="diffusers is the optional [vae] extra")
+    import torch
+    d = tmp_path / "repo"
+    torch.manual_seed(0)
+    diffusers.AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 16),
+                            down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+                            layers_per_block=1, norm_num_groups=4, sample_size=32).save_pretrained(tmp_path / "vae")
+    tiny_repo(d, fmnist, {"max_images": 48, "encoder": "vae", "vae_path": str(tmp_path / "vae"), "resolution": 16,
+                          "channels": 4}, "runs/vae")
+    out = sh("dvc repro", d)
+    for stage in ("encode", "reference", "train", "reconstruct", "evaluate", "report"):
+        assert f"Running stage '{stage}'" in out, out[-2000:]
+    train_m = json.loads((d / "data/encoded/train/manifest.json").read_text())
+    test_m = json.loads((d / "data/encoded/test/manifest.json").read_text())
+    assert train_m["encoder"] == "vae" and train_m["latent_convention"] == "edm2" and train_m["shape"] == [8, 16, 16]
+    assert test_m["encoder"] == "pixel" and test_m["shape"] == [3, 32, 32]          # the reference: pixels
+    records = json.loads((d / "metrics/fid_records.json").read_text())
+    assert len(records) == 3 and all(r["fid"] > 0 for r in records)
+    grid = d / "reports/samples" / records[0]["extra"]["samples"]
+    from PIL import Image
+    assert Image.open(grid).mode == "RGB"                                         # decoded RGB, not 4 latent planes
