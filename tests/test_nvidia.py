@@ -225,3 +225,26 @@ def test_damaged_files_end_in_the_reader_error(tmp_path, nvidia_modules):
         except NvidiaImportError as err:
             assert "\n" not in str(err)
     check()
+
+
+@pytest.mark.slow
+def test_imported_model_goes_through_the_evaluate_stage(tmp_path, nvidia_modules, fmnist):
+    """An imported released model is evaluated like the project's own (FID against the reference, its
+    record naming the imported file)."""
+    import json
+
+    import yaml
+    from stages.evaluate import main as evaluate_main
+    src = write_nvidia_pickle(tmp_path / "edm2-img16-xs-0000002-0.135.pkl", our_net(), nvidia_modules)
+    _forget("torch_utils.persistence", "dnnlib.util")
+    import_files([src], tmp_path / "models", log=lambda *_: None)
+    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
+    raw["data"]["dataset_dir"] = str(fmnist["train"][0].parent)
+    raw["fid"].update({"num_images": 4, "ref_num_images": 8, "batch_size": 8})
+    raw["sampler"].update({"steps": 4, "batch_size": 4})
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
+    assert evaluate_main(["--params", str(tmp_path / "params.yaml"), "--models", str(tmp_path / "models"),
+                          "--ref-cache", str(tmp_path / "ref"), "--metrics", str(tmp_path / "metrics"),
+                          "--samples", str(tmp_path / "samples")]) == 0
+    [rec] = json.loads((tmp_path / "metrics/fid_records.json").read_text())
+    assert rec["fid"] > 0 and rec["sigma_rel"] == 0.135 and rec["model_file"].endswith("ema-0000002048-0.135.safetensors")
