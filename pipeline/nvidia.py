@@ -228,6 +228,19 @@ def network_args(ema: Persistent) -> tuple[dict, dict]:
     return over, args
 
 
+def loss_args(loss_fn) -> dict:
+    """A training snapshot's EDM2Loss noise law (P_mean, P_std, sigma_data), so the header's config says
+    how the run was trained; nothing when the file has no loss (released models)."""
+    if not isinstance(loss_fn, Persistent) or loss_fn.class_name != "EDM2Loss":
+        return {}
+    st, out = loss_fn.state, {}
+    for k in ("P_mean", "P_std", "sigma_data"):
+        v = st.get(k, (st.get("_init_kwargs") or {}).get(k))
+        if isinstance(v, (int, float)) and not isinstance(v, bool):
+            out[f"loss.{k}"] = float(v)
+    return out
+
+
 def encoder_kind(data: dict) -> str:
     enc = data.get("encoder")
     if enc is None:
@@ -280,6 +293,7 @@ def import_files(paths: Sequence[str | Path], out_dir: str | Path, kind: str = "
         nimg, sigma_rel = nimg_of_kimg(int(m["kimg"]), f.name), check_sigma_rel(float(m["std"]), f.name)
         data = read_pickle(f)
         over, args = network_args(data["ema"])
+        over.update(loss_args(data.get("loss_fn")))
         encoder = encoder_kind(data)
         over.update({"data.resolution": args["img_resolution"], "data.encoder": encoder,
                      **({"data.channels": args["img_channels"]} if encoder == "pixel" else

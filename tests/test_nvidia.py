@@ -140,14 +140,18 @@ def test_raw_snapshots_import_and_reconstruct(tmp_path, nvidia_modules):
     for i, kimg in enumerate((1, 2, 3)):                  # nimg 1024, 2048, 3072
         for j, std in enumerate((0.050, 0.100)):
             write_nvidia_pickle(folder / f"network-snapshot-{kimg:07d}-{std:.3f}.pkl", our_net(seed=10 * i + j),
-                                nvidia_modules, top={"loss_fn": _Persistent("EDM2Loss", {}, nvidia_modules.src)})
+                                nvidia_modules, top={"loss_fn": _Persistent("EDM2Loss", {"P_mean": -0.4, "P_std": 1.0,
+                                                                                          "sigma_data": 0.5},
+                                                                            nvidia_modules.src)})
     _forget("torch_utils.persistence", "dnnlib.util")
     out = tmp_path / "snapshots"
     written = import_files([folder], out, log=lambda *_: None)
     assert sorted(p.name for p in written)[:2] == ["phema-0000001024-0.050.safetensors",
                                                     "phema-0000001024-0.100.safetensors"]
-    from pipeline.phema import reconstruct
+    from pipeline.phema import check_reconstruction, reconstruct
     summary = reconstruct(out, [0.07], out_dir=tmp_path / "ema")
+    meta = check_reconstruction(tmp_path / "ema" / "ema-0000003072-0.070.safetensors")
+    assert meta["config"]["loss"]["P_mean"] == -0.4 and meta["config"]["loss"]["P_std"] == 1.0   # how it was trained
     assert summary["target_nimg"] == 3072 and (tmp_path / "ema" / "ema-0000003072-0.070.safetensors").is_file()
 
 
