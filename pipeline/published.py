@@ -31,17 +31,32 @@ def protocol_matches(record: dict) -> bool:
     return record.get("num_images") == PROTOCOL["num_images"] and record.get("seed_sets", 1) == PROTOCOL["seed_sets"]
 
 
-def paper_line(preset: str | None, records: list[dict]) -> str | None:
-    """'paper: 3.53 at sigma_rel 0.135 (...); this run: ...' when the preset has a published number and
-    the records were measured with the paper's protocol; else None (nothing is compared)."""
+def paper_lines(preset: str | None, records: list[dict]) -> list[str]:
+    """'paper: 3.53 at sigma_rel 0.135 ...; this run: ...' for FID, FD-DINOv2 (when measured) and guided
+    FID (when the run has guided points), only when the preset has published numbers and the records
+    were measured with the paper's protocol; else nothing (no comparison across protocols)."""
     entry = PUBLISHED.get(preset or "")
     if not entry or not records or not all(protocol_matches(r) for r in records):
-        return None
-    unguided = [r for r in records if (r.get("sampler") or {}).get("guidance", 1.0) == 1.0 and r.get("fid_min") is not None]
-    if not unguided:
-        return None
-    best = min(unguided, key=lambda r: r["fid_min"])
-    value, sigma = entry["fid"]
-    return (f"paper ({PAPER}, {preset}, unguided): FID {value:.2f} at sigma_rel {sigma:.3f}; this run: "
-            f"{best['fid_min']:.2f} at sigma_rel {best['sigma_rel']:.3f} (both: min over {PROTOCOL['seed_sets']} "
-            f"seed sets of {PROTOCOL['num_images']:,} images)")
+        return []
+    both = f"both: min over {PROTOCOL['seed_sets']} seed sets of {PROTOCOL['num_images']:,} images"
+    plain = [r for r in records if (r.get("sampler") or {}).get("guidance", 1.0) == 1.0 and r.get("fid_min") is not None]
+    guided = [r for r in records if (r.get("sampler") or {}).get("guidance", 1.0) != 1.0 and r.get("fid_min") is not None]
+    lines = []
+    if plain and "fid" in entry:
+        value, sigma = entry["fid"]
+        best = min(plain, key=lambda r: r["fid_min"])
+        lines.append(f"paper ({PAPER}, {preset}, unguided): FID {value:.2f} at sigma_rel {sigma:.3f}; this run: "
+                     f"{best['fid_min']:.2f} at sigma_rel {best['sigma_rel']:.3f} ({both})")
+    fd = [r for r in plain if ((r.get("extra") or {}).get("metrics") or {}).get("fd_dinov2", {}).get("min") is not None]
+    if fd and "fd_dinov2" in entry:
+        value, sigma = entry["fd_dinov2"]
+        best = min(fd, key=lambda r: r["extra"]["metrics"]["fd_dinov2"]["min"])
+        lines.append(f"paper ({PAPER}, {preset}, unguided): FD-DINOv2 {value:.2f} at sigma_rel {sigma:.3f}; this run: "
+                     f"{best['extra']['metrics']['fd_dinov2']['min']:.2f} at sigma_rel {best['sigma_rel']:.3f} ({both})")
+    if guided and "fid_guided" in entry:
+        value, sigma, w = entry["fid_guided"]
+        best = min(guided, key=lambda r: r["fid_min"])
+        lines.append(f"paper ({PAPER}, {preset}, guided by an unconditional XS): FID {value:.2f} at sigma_rel "
+                     f"{sigma:.3f}, w {w:g}; this run: {best['fid_min']:.2f} at sigma_rel {best['sigma_rel']:.3f}, "
+                     f"w {best['sampler']['guidance']:g}, guide {best.get('guide', 'none')} ({both})")
+    return lines

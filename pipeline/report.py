@@ -281,11 +281,10 @@ def write_run_report(cfg_dict: dict, records: Sequence[dict], out_dir: str | Pat
         md += [line, ""]
         h.append(f"<p>Best FID <b>{best['fid']:.3f}{se}</b> at <b>{html.escape(point_label(best))}</b> "
                  f"<span class='rec'>({html.escape(record_line(best))})</span></p>")
-        from .published import paper_line
+        from .published import paper_lines
         from .records import protocol_text
         notes = [f"Protocol: {protocol_text(best)}."]
-        paper = paper_line(cfg_dict.get("preset"), distinct)
-        notes += [paper] if paper else []
+        notes += paper_lines(cfg_dict.get("preset"), distinct)
         for text in notes:
             md += [text, ""]
             h.append(f"<p>{html.escape(text)}</p>")

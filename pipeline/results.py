@@ -14,7 +14,7 @@ class ResultsError(PipelineError, FileNotFoundError):
 
 
 def results_lines(cfg, metrics_dir: str | Path = "metrics", report: str | Path = "reports/report.html") -> list[str]:
-    from .published import paper_line
+    from .published import paper_lines
     from .records import computed, point_label, protocol_text, read_records, result_line
     from .stats import ranking
     from .tracking import tracking_uri
@@ -39,9 +39,7 @@ def results_lines(cfg, metrics_dir: str | Path = "metrics", report: str | Path =
         lines += ranking(records, label=point_label)["lines"][1:]
     else:
         lines.append(f"best: {result_line(best)}")
-    paper = paper_line(cfg.preset, records)
-    if paper:
-        lines.append(paper)
+    lines += paper_lines(cfg.preset, records)
     train_file = m / "train.json"
     if train_file.is_file():
         t = json.loads(train_file.read_text())

@@ -421,12 +421,16 @@ def test_fd_dinov2_with_a_tiny_vit_and_a_clear_error_without_weights(fmnist, tmp
 
 
 def test_published_table_appears_only_for_the_papers_preset_and_protocol():
-    from pipeline.published import PUBLISHED, paper_line
+    from pipeline.published import PUBLISHED, paper_lines
     rec = {"num_images": 50000, "seed_sets": 3, "sampler": {"guidance": 1.0}, "sigma_rel": 0.12, "fid": 3.9,
-           "fid_min": 3.71}
-    line = paper_line("img512-xs", [rec])
-    assert "3.53 at sigma_rel 0.135" in line and "3.71 at sigma_rel 0.120" in line and "min over 3 seed sets" in line
-    assert paper_line("img512-xs", [{**rec, "seed_sets": 1, "fid_min": None}]) is None     # other protocol
-    assert paper_line("img512-xs", [{**rec, "num_images": 10000}]) is None
-    assert paper_line("fmnist-small", [rec]) is None and paper_line(None, [rec]) is None   # no published number
+           "fid_min": 3.71, "extra": {"metrics": {"fd_dinov2": {"value": 110.0, "min": 105.5}}}}
+    guided = {**rec, "sampler": {"guidance": 1.4}, "guide": "unconditional", "fid_min": 3.1, "sigma_rel": 0.05}
+    lines = paper_lines("img512-xs", [rec, guided])
+    assert len(lines) == 3 and "FID 3.53 at sigma_rel 0.135" in lines[0] and "3.71 at sigma_rel 0.120" in lines[0]
+    assert "FD-DINOv2 103.39 at sigma_rel 0.200" in lines[1] and "105.50" in lines[1]
+    assert "2.91 at sigma_rel 0.045, w 1.4" in lines[2] and "3.10 at sigma_rel 0.050, w 1.4" in lines[2]
+    assert all("min over 3 seed sets" in line for line in lines)
+    assert paper_lines("img512-xs", [{**rec, "seed_sets": 1, "fid_min": None}]) == []       # other protocol
+    assert paper_lines("img512-xs", [{**rec, "num_images": 10000}]) == []
+    assert paper_lines("fmnist-small", [rec]) == [] and paper_lines(None, [rec]) == []    # no published number
     assert all(0 < v[1] < 0.2887 for e in PUBLISHED.values() for v in e.values())          # valid EMA lengths
