@@ -589,11 +589,10 @@ def _log_window(logger, window: dict, nimg: int, lr: float, d: Dist) -> None:
 
 
 def _log_samples(net, ema, cfg, args, run_dir: Path, nimg: int, logger, d: Dist, count: int = 36) -> None:
-    """A sample grid from the longest tracked EMA, saved in the run folder and logged to MLflow."""
-    from .data import decode_pixels
+    """A sample grid from the longest tracked EMA, saved in the run folder and logged to MLflow (a latent
+    run's samples decoded by its VAE)."""
+    from .latents import Decoder
     from .report import save_image_grid
-    if cfg.data.encoder != "pixel":
-        return
     sampler = cfg.sampler.model_copy(update={"steps": min(cfg.sampler.steps, 18)})
     probe = build_network(cfg, **args).to(d.device)
     probe.load_state_dict(ema.emas[-1])
@@ -601,6 +600,6 @@ def _log_samples(net, ema, cfg, args, run_dir: Path, nimg: int, logger, d: Dist,
     if args["label_dim"]:
         labels = torch.nn.functional.one_hot(torch.arange(count) % args["label_dim"], args["label_dim"]).float()
     x = sample_images(probe.eval(), list(range(count)), labels, sampler, device=d.device)
-    path = save_image_grid(decode_pixels(x).permute(0, 2, 3, 1).cpu().numpy(),
-                           run_dir / "samples" / f"samples-{nimg:010d}.png", cols=6)
+    decoder = Decoder(cfg.data.model_dump(), cfg.data.vae_path, d.device, cfg.data.dataset_dir)
+    path = save_image_grid(decoder(x), run_dir / "samples" / f"samples-{nimg:010d}.png", cols=6)
     logger.log_artifact(path, "samples")

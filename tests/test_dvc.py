@@ -190,3 +190,4 @@ def test_latent_pipeline_end_to_end_with_a_small_random_vae(tmp_path, fmnist):
     grid = d / "reports/samples" / records[0]["extra"]["samples"]
     from PIL import Image
     assert Image.open(grid).mode == "RGB"                                         # decoded RGB, not 4 latent planes
+    assert Image.open(next((d / "runs/vae/samples").glob("samples-*.png"))).mode == "RGB"   # training's grid too
