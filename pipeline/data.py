@@ -336,14 +336,11 @@ def held_out(count: int, reference_split: float, seed: int) -> np.ndarray:
 def load_source(cfg_data, split: str = "train", cache_dir: str | Path = "data/raw") -> RawImages:
     """A split of the source: with data.reference_split, `train` leaves out the held-out images and
     `reference` is them (a seeded choice, recorded in the source name)."""
-    if split == "reference":
-        if cfg_data.reference_split is None:
-            raise DataError("the 'reference' split needs data.reference_split (a fraction or a count to hold out)")
-        return _split(load_source(cfg_data.model_copy(update={"reference_split": None}), "train", cache_dir),
-                      cfg_data, keep_held_out=True)
-    if split == "train" and cfg_data.reference_split is not None:
-        return _split(load_source(cfg_data.model_copy(update={"reference_split": None}), "train", cache_dir),
-                      cfg_data, keep_held_out=False)
+    if split == "reference" and cfg_data.reference_split is None:
+        raise DataError("the 'reference' split needs data.reference_split (a fraction or a count to hold out)")
+    if split in ("train", "reference") and cfg_data.reference_split is not None:
+        whole = load_source(cfg_data.model_copy(update={"reference_split": None}), "train", cache_dir)
+        return _split(whole, cfg_data, keep_held_out=split == "reference")
     if cfg_data.source == "fashion-mnist":
         d = find_fashion_mnist(cfg_data.path, cache_dir)
         imgs, labels = read_idx(*(d / f for f in FMNIST_FILES[split]))
@@ -379,7 +376,7 @@ def write_edm2_dataset(cfg, out: str | Path, split: str = "train", cache_dir: st
     if d.max_images:
         raw.images = raw.images[:d.max_images]
         raw.labels = raw.labels[:d.max_images] if raw.labels is not None else None
-    labels = raw.labels if (raw.labels is not None and d.use_labels) else None
+    labels = raw.labels if d.use_labels else None
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
@@ -463,7 +460,7 @@ def encode_dataset(cfg, out_dir: str | Path, split: str = "train", cache_dir: st
     given = read_latent_source(d.path, d.source) if d.encoder == "vae" and d.source in ("folder", "zip") \
         and split == "train" and d.reference_split is None else None
     if given is not None:
-        return _write_encoded(cfg, out, split, given)
+        return _write_encoded(cfg, out, split, given, *_as_stored(d, given))
     raw = load_source(d, split, cache_dir)
     if d.max_images:
         raw.images, raw.labels = raw.images[:d.max_images], (raw.labels[:d.max_images] if raw.labels is not None else None)
@@ -490,36 +487,34 @@ def encode_dataset(cfg, out_dir: str | Path, split: str = "train", cache_dir: st
         it = tqdm(raw.images, desc=f"encode {split}", unit="img", mininterval=1.0)
     pixels = np.stack([to_channels(to_resolution(im, vae_res, d.resize), img_channels) for im in it])
     pixels = pixels.transpose(0, 3, 1, 2).copy()                            # N x C x H x W
-    labels = raw.labels if (raw.labels is not None and d.use_labels) else None
+    labels = raw.labels if d.use_labels else None
     if vae is not None:
         array, latent_stats = encode_latents(pixels, vae, progress=progress, convention=d.latent_convention)
     else:
         array, latent_stats = pixels, None
-    raw.images = array
-    return _write_encoded(cfg, out, split, raw, notes, labels_in=labels, latent_stats=latent_stats,
-                          encoder="vae" if vae is not None else "pixel", resolution=d.resolution if vae else vae_res)
+    return _write_encoded(cfg, out, split, raw, array, labels, notes, latent_stats,
+                          "vae" if vae is not None else "pixel", d.resolution if vae else vae_res)
 
 
-def _write_encoded(cfg, out: Path, split: str, raw: RawImages, notes: list | None = None, labels_in=None,
-                   latent_stats=None, encoder: str = "vae", resolution: int | None = None) -> dict:
-    """The artifact: images.npy, labels.npy, manifest.json, written beside and renamed into place.
-    `raw.images` is the encoded array here (or, for NVIDIA's latents, the list of stored posteriors)."""
+def _as_stored(d, given: RawImages) -> tuple:
+    """NVIDIA's latents as its dataset tool stored them: (array, labels, notes, latent_stats, encoder,
+    resolution) for _write_encoded, after checking they fit the config."""
+    if d.latent_convention != "edm2":
+        raise DataError(f"{given.source}: NVIDIA's latents follow EDM2's convention; set data.latent_convention=edm2")
+    array = np.stack(given.images)
+    if array.shape[-1] != d.resolution:
+        raise DataError(f"{given.source}: latents are {array.shape[-1]}x{array.shape[-1]}, data.resolution is "
+                        f"{d.resolution}")
+    labels = given.labels if d.use_labels else None
+    return (array, labels, ["posteriors read as NVIDIA's dataset tool stored them (not re-encoded)"],
+            latent_statistics(array), "vae", d.resolution)
+
+
+def _write_encoded(cfg, out: Path, split: str, raw: RawImages, array: np.ndarray, labels: np.ndarray | None,
+                   notes: list, latent_stats: dict | None, encoder: str, resolution: int) -> dict:
+    """The artifact: images.npy (the encoded `array`), labels.npy, manifest.json (source, class names and
+    where the labels came from: `raw`'s), written beside and renamed into place."""
     d = cfg.data
-    array = raw.images if isinstance(raw.images, np.ndarray) else np.stack(raw.images)
-    notes = list(notes or [])
-    if labels_in is None and isinstance(raw.images, list):              # NVIDIA's latents as given
-        labels = raw.labels if (raw.labels is not None and d.use_labels) else None
-        latent_stats = latent_statistics(array)
-        notes.append("posteriors read as NVIDIA's dataset tool stored them (not re-encoded)")
-        if d.latent_convention != "edm2":
-            raise DataError(f"{raw.source}: NVIDIA's latents follow EDM2's convention; set data.latent_convention=edm2")
-        if array.shape[-1] != d.resolution:
-            raise DataError(f"{raw.source}: latents are {array.shape[-1]}x{array.shape[-1]}, data.resolution is "
-                            f"{d.resolution}")
-        resolution = d.resolution
-    else:
-        labels = labels_in
-
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:

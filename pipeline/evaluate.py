@@ -207,6 +207,7 @@ def evaluate_points(points: Sequence[dict], models_dir: str | Path, cfg, refs: S
     first_key: dict = {}                               # computation -> eval_key of its first record
     records = []
     nets: dict = {}
+    decoders: dict = {}                                # by the models' data settings (latents: one VAE)
 
     def net_of(path):
         if str(path) not in nets:
@@ -228,7 +229,7 @@ def evaluate_points(points: Sequence[dict], models_dir: str | Path, cfg, refs: S
                 set_tag = tag + (f" set {k_set + 1}/{f.seed_sets}" if f.seed_sets > 1 else "")
                 images = generate(net, f.num_images, f.seed + k_set * f.num_images, sampler, cfg.sampler.batch_size,
                                   device, progress, desc=f"{set_tag}: sample NFE {sampler.nfe}", guide=guide_obj,
-                                  decoder=decoder_for(data, cfg, device))
+                                  decoder=decoder_for(data, cfg, device, decoders))
                 feats = array_features(images, feat, f.batch_size, progress=progress, desc=f"{set_tag}: features")
                 m = measure(feats, ref, f.num_images)
                 m["others"] = {}
@@ -265,20 +266,17 @@ def evaluate_points(points: Sequence[dict], models_dir: str | Path, cfg, refs: S
     return records
 
 
-_decoders: dict = {}
-
-
-def decoder_for(model_meta: dict, cfg, device):
+def decoder_for(model_meta: dict, cfg, device, cache: dict | None = None):
     """How a model's samples become pixels: its header's data settings (a VAE latent model decodes with
-    the VAE of data.vae_path and its convention); one decoder per settings, reused."""
+    the VAE of data.vae_path and its convention). `cache`: decoders by those settings, so the models of
+    one evaluation load the VAE once."""
     from .latents import Decoder
     data = (model_meta.get("config") or {}).get("data") or {}
-    key = json.dumps([data.get("encoder"), data.get("latent_convention"), cfg.data.vae_path, str(device),
-                      cfg.data.dataset_dir], default=str)
-    if key not in _decoders:
-        _decoders.clear()
-        _decoders[key] = Decoder(data, cfg.data.vae_path, device, cfg.data.dataset_dir)
-    return _decoders[key]
+    key = (data.get("encoder"), data.get("latent_convention"))
+    cache = {} if cache is None else cache
+    if key not in cache:
+        cache[key] = Decoder(data, cfg.data.vae_path, device, cfg.data.dataset_dir)
+    return cache[key]
 
 
 def combine_seed_sets(sets: Sequence[dict]) -> dict:

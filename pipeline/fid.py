@@ -168,18 +168,13 @@ def reference_dataset_dir(cfg, ref_cache: str | Path = "data/fid-ref") -> str:
 
 
 def _encoded_reference(cfg, path: Path, ref_cache: Path) -> Path:
-    from .data import encode_dataset
-    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    from .data import encode_dataset, sha256_files
     from .latents import pixel_resolution
     res = pixel_resolution(cfg.data)                   # a latent run's reference is pixels at the VAE's size
     channels = cfg.data.channels if cfg.data.encoder == "pixel" else 3
-    h = hashlib.sha256(json.dumps([res, channels, cfg.data.resize]).encode())
-    for f in files:
-        h.update(str(f.relative_to(path) if path.is_dir() else f.name).encode())
-        with open(f, "rb") as fh:
-            for chunk in iter(lambda: fh.read(1 << 20), b""):
-                h.update(chunk)
-    out = ref_cache / f"encoded-{h.hexdigest()[:16]}"
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    key = json.dumps([res, channels, cfg.data.resize, sha256_files(files)])    # the contents, in reading order
+    out = ref_cache / f"encoded-{hashlib.sha256(key.encode()).hexdigest()[:16]}"
     if not (out / "manifest.json").is_file():
         src = cfg.data.model_copy(update={"source": "zip" if path.is_file() else "folder", "path": str(path),
                                           "encoder": "pixel", "max_images": None, "reference_split": None,

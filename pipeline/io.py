@@ -160,6 +160,23 @@ def check_writable(path: str | Path, what: str, folder: bool = True) -> Path:
     return path
 
 
+def files_in(paths, match: Callable[[Path], bool], error: type[Exception], nothing: str) -> list[Path]:
+    """The files named in `paths`, and the files of the folders named there that `match` accepts (sorted
+    per folder); a path that does not exist, or finding no file at all, is `error` (`nothing`: what was
+    looked for, for its message)."""
+    files: list[Path] = []
+    for p in map(Path, paths):
+        if p.is_dir():
+            files += sorted(f for f in p.iterdir() if f.is_file() and match(f))
+        elif p.is_file():
+            files.append(p)
+        else:
+            raise error(f"{p} does not exist")
+    if not files:
+        raise error(f"no {nothing} in {', '.join(map(str, paths))}")
+    return files
+
+
 def remove_stale_temps(*folders: str | Path) -> list[Path]:
     """Delete leftovers of atomic_write (`.<name>.<random>.tmp`) from a killed writer. Call only
     while holding the folder's run lock: a live writer's temp file looks the same."""

@@ -188,6 +188,11 @@ def module_tensors(obj: Persistent | _Container, prefix: str = "") -> dict[str, 
     return out
 
 
+def _plain(v):
+    """Tuples as lists: recorded init arguments compared with, and written as, JSON values."""
+    return list(v) if isinstance(v, tuple) else v
+
+
 def network_args(ema: Persistent) -> tuple[dict, dict]:
     """NVIDIA's recorded init arguments -> (this project's network overrides, build arguments).
     Arguments whose value this project's network fixes are accepted at that value; any other is named."""
@@ -203,13 +208,12 @@ def network_args(ema: Persistent) -> tuple[dict, dict]:
     mult = list(kw.get("channel_mult", (1, 2, 3, 4)))
     fixed = {"use_fp16": None,                              # this project's autocast decides; recorded only
              "channel_mult_noise": (None, mult[0]), "channel_mult_emb": (None, max(mult)),
-             "resample_filter": ([1, 1], (1, 1)), "attn_balance": (kw.get("res_balance", 0.3),)}
+             "resample_filter": ([1, 1],), "attn_balance": (kw.get("res_balance", 0.3),)}
     refused = []
     for k, allowed in fixed.items():
         if k in kw:
             v = kw.pop(k)
-            if allowed is not None and (list(v) if isinstance(v, tuple) else v) not in \
-                    [list(a) if isinstance(a, tuple) else a for a in allowed]:
+            if allowed is not None and _plain(v) not in allowed:
                 refused.append(f"{k}={v!r}")
     unknown = sorted(set(kw) - PRECOND_ARGS - UNET_ARGS)
     refused += [f"{k}={kw[k]!r}" for k in unknown]
@@ -218,7 +222,7 @@ def network_args(ema: Persistent) -> tuple[dict, dict]:
     missing = sorted({"img_resolution", "img_channels"} - set(kw))
     if missing:
         raise NvidiaImportError(f"init arguments missing: {', '.join(missing)}")
-    over = {f"network.{k}": (list(v) if isinstance(v, (tuple, list)) else v) for k, v in kw.items() if k in UNET_ARGS}
+    over = {f"network.{k}": _plain(v) for k, v in kw.items() if k in UNET_ARGS}
     if "logvar_channels" in kw:
         over["network.logvar_channels"] = kw["logvar_channels"]
     if "sigma_data" in kw:
@@ -266,20 +270,11 @@ def import_files(paths: Sequence[str | Path], out_dir: str | Path, kind: str = "
     `phema-<nimg>-<sigma_rel>.safetensors` (the reconstruct stage's input). Every file is read and
     checked before the first is written."""
     from . import config as C
-    from .io import check_writable, save_safetensors
+    from .io import check_writable, files_in, save_safetensors
     from .networks import build_network
     from .phema import (RECONSTRUCTION_FORMAT, SNAPSHOT_FORMAT, reconstruction_name, sigma_rel_to_gamma,
                         check_sigma_rel, snapshot_name)
-    files: list[Path] = []
-    for p in map(Path, paths):
-        if p.is_dir():
-            files += sorted(f for f in p.iterdir() if f.suffix == ".pkl" and f.is_file())
-        elif p.is_file():
-            files.append(p)
-        else:
-            raise NvidiaImportError(f"{p} does not exist")
-    if not files:
-        raise NvidiaImportError(f"no .pkl files in {', '.join(map(str, paths))}")
+    files = files_in(paths, lambda f: f.suffix == ".pkl", NvidiaImportError, ".pkl files")
     out = Path(out_dir)
     check_writable(out, "--out")
     plans = []
@@ -324,7 +319,7 @@ def import_files(paths: Sequence[str | Path], out_dir: str | Path, kind: str = "
     out.mkdir(parents=True, exist_ok=True)
     for f, as_snapshot, nimg, sigma_rel, cfg, args, tensors, digest, init_kwargs in plans:
         source = {"imported_from": "nvidia-edm2", "source_file": f.name, "source_sha256": digest,
-                  "nvidia_init_kwargs": {k: (list(v) if isinstance(v, tuple) else v) for k, v in init_kwargs.items()}}
+                  "nvidia_init_kwargs": {k: _plain(v) for k, v in init_kwargs.items()}}
         meta = {"config": cfg.to_dict(), "net_args": args, "model_key": cfg.run_key(), "nimg": nimg,
                 "sigma_rel": sigma_rel, "gamma": sigma_rel_to_gamma(sigma_rel), **source}
         if as_snapshot:

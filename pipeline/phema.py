@@ -564,17 +564,9 @@ def convert_legacy(paths: Sequence[str | Path]) -> list[tuple[Path, Path]]:
 
     Read with torch.load(weights_only=True) (a file holding other objects is still refused); each
     original is renamed to `<name>.orig`, so the folder is accepted afterwards."""
-    from .io import load_torch_file
-    files: list[Path] = []
-    for p in map(Path, paths):
-        if p.is_dir():
-            files += sorted(f for f in p.iterdir() if LEGACY_RE.match(f.name))
-        elif p.is_file():
-            files.append(p)
-        else:
-            raise PHEMAError(f"{p} does not exist")
-    if not files:
-        raise PHEMAError(f"no pickled snapshots or models (phema-*.pt, ema-*.pt) in {', '.join(map(str, paths))}")
+    from .io import files_in, load_torch_file
+    files = files_in(paths, lambda f: bool(LEGACY_RE.match(f.name)), PHEMAError,
+                     "pickled snapshots or models (phema-*.pt, ema-*.pt)")
     done = []
     for src in files:
         data = load_torch_file(src, "pickled file", PHEMAError)

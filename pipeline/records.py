@@ -151,13 +151,13 @@ def computed(records) -> list:
     return [r for r in records if not (r.get("extra") or {}).get("same_as")]
 
 
-def protocol_text(r: dict) -> str:
+def protocol_text(r: dict, with_min: bool = True) -> str:
     """How the FID was measured, for every printed number: one set, or K seed sets (mean and minimum)."""
     k = r.get("seed_sets", 1)
     if k == 1:
         return f"{r['num_images']} images, one seed set"
-    return (f"mean +- SE over {k} seed sets of {r['num_images']} images; min {r['fid_min']:.2f} "
-            f"(EDM/EDM2 report the min over 3 sets of 50,000)")
+    text = f"mean +- SE over {k} seed sets of {r['num_images']} images"
+    return text + (f"; min {r['fid_min']:.2f} (EDM/EDM2 report the min over 3 sets of 50,000)" if with_min else "")
 
 
 def result_line(r: dict) -> str:

@@ -29,7 +29,7 @@ def results_lines(cfg, metrics_dir: str | Path = "metrics", report: str | Path =
              f"{records[0]['feature_net']}) =="]
     best = min(records, key=lambda r: r["fid"])
     if records[0].get("seed_sets", 1) > 1:
-        lines.append(f"  (FID: {protocol_text(records[0]).split(';')[0]}; 'min': the lowest set, as EDM/EDM2 report)")
+        lines.append(f"  (FID: {protocol_text(records[0], with_min=False)}; 'min': the lowest set, as EDM/EDM2 report)")
     for r in records:
         ci = f"95% {r['fid_ci95'][0]:.1f}-{r['fid_ci95'][1]:.1f}" if r.get("fid_ci95") else ""
         se = f" +- {r['fid_se']:.2f}" if r.get("fid_se") is not None else ""

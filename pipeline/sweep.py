@@ -359,9 +359,6 @@ def make_validator(cfg: C.Config, spec: C.ValidationSpec, device=None):
     from .data import EncodedDataset
     from .edm import validation_loss
     from .fid import reference_dataset_dir
-    if cfg.data.encoder == "vae":       # the reference of a latent run is pixels (for FID), not network inputs
-        raise SweepError("sweep.validation (a loss on the reference images) needs a pixel dataset; with "
-                         "data.encoder=vae rank trials by FID")
     ds = EncodedDataset(reference_dataset_dir(cfg))
     n = min(spec.num_images, len(ds))
     from .devices import pick_device
