@@ -27,7 +27,7 @@ def _cmd_info(args) -> None:
 
 
 def _cmd_sweep(args) -> None:
-    from .sweep import run_sweep
+    from .sweep.driver import run_sweep
     run_sweep(args.file, address=args.address, resume=args.resume, reports_dir=args.reports, num_cpus=args.num_cpus,
               dry_run=args.dry_run)
 

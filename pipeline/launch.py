@@ -85,7 +85,7 @@ class SweepJob:
         nodes = _slurm_hostnames()
         node_id = int(os.environ.get("SLURM_NODEID", "0"))
         cpus = int(os.environ.get("SLURM_CPUS_ON_NODE", "0")) or None
-        from .sweep import run_sweep
+        from .sweep.driver import run_sweep
 
         def summary(res) -> dict:
             return {"rows": len(res.table), "table": str(res.table_path), "parent_run_id": res.parent_run_id}
@@ -268,7 +268,8 @@ def submit(kind: str, target: Sequence[str], params_file: str = "params.yaml", o
         if len(target) != 1:
             raise LaunchError(f"submit sweep takes one sweep file, e.g. submit sweep sweeps/lr.yaml "
                               f"(got {len(target)} arguments)")
-        C.load_sweep(target[0])                              # bad sweep files fail here, not on the node
+        from .sweep.schema import load_sweep
+        load_sweep(target[0])                              # bad sweep files fail here, not on the node
         import secrets                                       # the token of the job's Ray cluster (nodes > 1)
         fn, name = SweepJob(target[0], token=os.environ.get("RAY_AUTH_TOKEN") or secrets.token_hex(32)), "edm2-sweep"
     elif kind == "cmd":

@@ -160,8 +160,9 @@ def test_full_disk_at_the_sweep_results_is_one_line(tmp_path):
     import pandas as pd
 
     from pipeline import cli
-    from pipeline.sweep import write_results
-    sweep = C.SweepConfig.model_validate({"name": "x", "ema_lengths": [0.1]})
+    from pipeline.sweep.results import write_results
+    from pipeline.sweep.schema import SweepConfig
+    sweep = SweepConfig.model_validate({"name": "x", "ema_lengths": [0.1]})
     df = pd.DataFrame([{"trial_id": "t0000", "status": "interrupted", "fid": None, "sigma_rel": None}])
     with small_disk(tmp_path / "disk", free_pages=0) as disk:
         assert cli.run("sweep", lambda: write_results(df, disk / "x", sweep)) == 2
@@ -418,7 +419,8 @@ def test_pending_trial_is_reported_with_the_resources_it_waits_for(monkeypatch):
 
     import ray
 
-    from pipeline.sweep import POINT, TRIAL, PendingWatch
+    from pipeline.sweep.cluster import PendingWatch
+    from pipeline.sweep.space import POINT, TRIAL
     monkeypatch.setattr(ray, "available_resources", lambda: {"CPU": 0.0, "memory": 1e9})
     trial = lambda tid, status: types.SimpleNamespace(   # noqa: E731 - the fields PendingWatch reads
         trial_id=tid, status=status, config={POINT: {TRIAL: f"t000{tid}"}},
@@ -531,7 +533,7 @@ def test_existing_folders_and_special_files_are_left_as_they_are(tmp_path, fmnis
     import stat
 
     from pipeline.data import DataError, encode_dataset
-    from pipeline.sweep import make_private
+    from pipeline.sweep.driver import make_private
     with pytest.raises(pio.PipelineError, match="not a regular file"):
         pio.atomic_write_text("x", "/dev/null")                  # never renamed over a device
     assert stat.S_ISCHR(os.stat("/dev/null").st_mode)

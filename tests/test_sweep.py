@@ -18,6 +18,7 @@ import yaml
 
 from conftest import ROOT, tiny_params
 from pipeline import config as C
+from pipeline.sweep.schema import SweepConfig, ValidationSpec, load_sweep
 from safetensors.torch import load_file
 
 class Payload:
@@ -264,27 +265,27 @@ def test_bad_sweep_files_fail_before_any_trial(tmp_path, fmnist, monkeypatch, ch
     f = _sweep_file(tmp_path, fmnist, **changes)
     monkeypatch.chdir(tmp_path)
     with pytest.raises(C.ConfigError) as info:
-        C.load_sweep(f)
+        load_sweep(f)
     assert message in str(info.value), str(info.value)
 
 
 def test_gpus_per_trial_checked_against_a_real_ray_cluster(tmp_path, fmnist, monkeypatch, capsys):
     import ray
 
-    from pipeline.sweep import SweepError, _check_resources
+    from pipeline.sweep.cluster import SweepError, check_resources
     monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
     ray.init(num_cpus=1, num_gpus=1, include_dashboard=False, configure_logging=False)   # 1 logical GPU
     try:
         with pytest.raises(SweepError, match="resources.gpus=2 per trial, but the cluster has 1 GPUs"):
-            _check_resources(C.SweepConfig(name="x", search={}, ema_lengths=[0.1], resources={"gpus": 2}), ray)
-        assert _check_resources(C.SweepConfig(name="x", ema_lengths=[0.1], resources={"gpus": 0.5}), ray) == (0.5, "cuda")
+            check_resources(SweepConfig(name="x", search={}, ema_lengths=[0.1], resources={"gpus": 2}), ray)
+        assert check_resources(SweepConfig(name="x", ema_lengths=[0.1], resources={"gpus": 0.5}), ray) == (0.5, "cuda")
         with pytest.raises(SweepError, match=r"resources.cpus=1 x resources.workers=2 per trial \+ 1 for the trial driver, but the cluster has 1 CPUs"):
-            _check_resources(C.SweepConfig(name="x", ema_lengths=[0.1], resources={"workers": 2}), ray)
+            check_resources(SweepConfig(name="x", ema_lengths=[0.1], resources={"workers": 2}), ray)
     finally:
         ray.shutdown()
     ray.init(num_cpus=1, include_dashboard=False, configure_logging=False)                # no GPUs at all
     try:
-        assert _check_resources(C.SweepConfig(name="x", ema_lengths=[0.1], resources={"gpus": 1}), ray) == (0.0, "cpu")
+        assert check_resources(SweepConfig(name="x", ema_lengths=[0.1], resources={"gpus": 1}), ray) == (0.0, "cpu")
         assert "no GPUs: running trials on CPU workers" in capsys.readouterr().out
     finally:
         ray.shutdown()
@@ -395,9 +396,9 @@ def test_sweep_over_the_noise_law_itself_and_a_private_store(tmp_path, fmnist, m
     for trial in (tmp_path / "runs/sweeps/law/trials").iterdir():     # each trial trained with its own law
         cfg = yaml.safe_load((trial / "run" / "config.yaml").read_text())
         assert cfg["loss"]["noise"] in ("lognormal", "loguniform")
-    from pipeline.sweep import plan
+    from pipeline.sweep.space import plan
     monkeypatch.chdir(tmp_path)
-    drawn = plan(*C.load_sweep(sweep_file))["points"]          # what --dry-run shows is what ran
+    drawn = plan(*load_sweep(sweep_file))["points"]          # what --dry-run shows is what ran
     per_trial = table.groupby("trial_id")["loss.noise"].first().sort_values().tolist()
     assert per_trial == sorted(p["loss.noise"] for p in drawn)
     again = subprocess.run([sys.executable, "-m", "pipeline", "sweep", str(sweep_file)], cwd=tmp_path, env=ENV,
@@ -416,16 +417,17 @@ def test_sweep_over_the_noise_law_itself_and_a_private_store(tmp_path, fmnist, m
 
 
 def test_the_same_sweep_file_draws_the_same_values(tmp_path, fmnist, monkeypatch, capsys):
-    from pipeline.sweep import plan, run_sweep
+    from pipeline.sweep import run_sweep
+    from pipeline.sweep.space import plan
     f = _sweep_file(tmp_path, fmnist, algorithm="random", num_samples=5, seed=7,
                     search={"train.ref_lr": {"loguniform": [0.001, 0.1]}, "loss.P_std": {"uniform": [0.8, 2.0]},
                             "loss.noise": {"choice": ["lognormal", "loguniform"]}})
     monkeypatch.chdir(tmp_path)
-    first, second = plan(*C.load_sweep(f)), plan(*C.load_sweep(f))
+    first, second = plan(*load_sweep(f)), plan(*load_sweep(f))
     assert first["points"] == second["points"] and len({str(p) for p in first["points"]}) == 5
     other = tmp_path / "other.yaml"
     other.write_text(f.read_text().replace("seed: 7", "seed: 8"))
-    assert plan(*C.load_sweep(other))["points"] != first["points"]
+    assert plan(*load_sweep(other))["points"] != first["points"]
     assert run_sweep(f, dry_run=True)["points"] == first["points"]          # --dry-run prints exactly these
     out = capsys.readouterr().out
     assert "5 trial(s), algorithm random (seed 7)" in out and "images to train" in out
@@ -445,9 +447,9 @@ def test_validation_loss_does_not_depend_on_the_trials_noise_law(tmp_path, fmnis
     """The same weights give the same validation loss whatever P_mean / P_std / law the trial trains
     with (the training loss would not), and different weights give a different one."""
     from pipeline.networks import build_network
-    from pipeline.sweep import make_validator
+    from pipeline.sweep.trial import make_validator
     base = C.load_config(tiny_params(tmp_path, fmnist))
-    spec = C.ValidationSpec(num_images=16)
+    spec = ValidationSpec(num_images=16)
     torch.manual_seed(0)
     net = build_network(base, 32, 1, 10)
     with torch.no_grad():
@@ -488,7 +490,7 @@ def test_sweep_posthoc_grid_from_one_training_per_trial(tmp_path, fmnist):
 
 
 def test_ray_authentication_off_only_on_loopback(monkeypatch, tmp_path):
-    from pipeline.sweep import SweepError, is_loopback, prepare_ray_env
+    from pipeline.sweep.cluster import SweepError, is_loopback, prepare_ray_env
     assert all(is_loopback(a) for a in ("127.0.0.1:6379", "localhost:6379", "[::1]:6379", "ray://127.0.0.1:10001"))
     assert not any(is_loopback(a) for a in ("10.0.0.5:6379", "auto", "head-node:6379", "[fd00::2]:6379"))
     monkeypatch.setenv("HOME", str(tmp_path))                       # no ~/.ray/auth_token

@@ -1,0 +1,190 @@
+"""The sweep driver: validate everything, plan, start (or join) Ray, prepare the data and reference
+statistics once, open the sweep's MLflow run, run the trials through Tune with the search algorithm
+and scheduler of the tables in algorithms.py, then write the results and close every run truthfully.
+Rerunning with --resume continues from the trials' own records."""
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from .. import config as C
+from ..io import atomic_write_text
+from .algorithms import (SweepError, build_scheduler, read_json, read_stopped, search_algorithm,
+                         tune_concurrency)
+from .cluster import PendingWatch, check_plan, check_resources, connect_ray, prepare_ray_env
+from .results import close_trial_runs, print_summary, results_table, write_results
+from .schema import SweepConfig, load_sweep
+from .space import plan, point_space, print_plan, trial_name, tune_space
+from .trial import FINAL, TrialSpec, read_trial_state, run_trial, trial_status, write_trial_state
+
+
+@dataclass
+class SweepResult:
+    table: "object"                                          # pandas DataFrame
+    table_path: Path
+    parent_run_id: str | None
+    best: dict | None
+    out_dir: Path
+
+
+def sweep_tracking_uri(base: C.Config) -> str:
+    """The base config's tracking URI; a local sqlite file gets a busy timeout for parallel trials."""
+    from ..tracking import tracking_uri
+    uri = tracking_uri(base)
+    if uri.startswith("sqlite:") and "timeout=" not in uri:
+        uri += ("&" if "?" in uri else "?") + "timeout=60"
+    return uri
+
+
+def make_private(folder: Path) -> None:
+    """Create the sweep's storage folder (and its parent, when missing) readable and writable by its owner only.
+    Nothing in it is ever unpickled (--resume reads the project's JSON files only), but trial runs,
+    checkpoints and MLflow ids are the sweep's own: one writer."""
+    for d in (folder.parent, folder):
+        if not d.exists():                                   # only folders made here: never an existing one (`/`)
+            d.mkdir(parents=True)
+            os.chmod(d, 0o700)
+
+
+def _check_before_start(sweep: SweepConfig, exp_dir: Path, reports: Path, resume: bool) -> None:
+    """What a real start checks beyond the plan: results of an earlier sweep of the same name."""
+    if not resume and ((exp_dir / "sweep_state.json").is_file() or (reports / "results.csv").is_file()):
+        raise SweepError(f"sweep {sweep.name!r} already has results ({exp_dir if exp_dir.exists() else reports}): "
+                         f"continue it with --resume, or give the sweep file another `name:` to start a new one")
+    if resume and not exp_dir.is_dir():
+        raise SweepError(f"nothing to resume: no sweep {sweep.name!r} in {exp_dir.parent}")
+
+
+def run_sweep(sweep_file: str | Path, address: str | None = None, resume: bool = False,
+              reports_dir: str | Path = "reports/sweeps", num_cpus: int | None = None,
+              dry_run: bool = False, min_nodes: int = 1) -> SweepResult | dict:
+    sweep, base = load_sweep(sweep_file)                   # every value checked before Ray starts
+    root = Path.cwd()
+    storage = (root / sweep.storage).resolve()
+    exp_dir = storage / sweep.name
+    out_dir = Path(reports_dir) / sweep.name
+    the_plan = plan(sweep, base)
+    check_plan(sweep, storage, out_dir, address, num_cpus, the_plan["trials"])
+    if base.data.encoder == "vae" and sweep.scheduler.type != "none" and sweep.scheduler.metric == "val_loss":
+        raise SweepError("scheduler.metric=val_loss is a loss on the reference images, which a latent run keeps as "
+                         "pixels (for FID): use scheduler.metric=loss with data.encoder=vae")
+    if dry_run:
+        print_plan(the_plan)
+        return the_plan
+    _check_before_start(sweep, exp_dir, out_dir, resume)
+    trials_dir = exp_dir / "trials"
+    todo, evaluated = remaining_trials(sweep, the_plan, trials_dir, read_stopped(exp_dir))
+    if resume:
+        print(f"sweep: resuming {exp_dir} from its own records: {len(todo) if isinstance(todo, list) else todo} "
+              f"trial(s) to run; finished and early-stopped trials are kept (Ray's saved state is not read)")
+    if todo:
+        prepare_ray_env(address)
+        # Ray first: a cluster that cannot be joined (down, wrong token) fails before any work or MLflow run.
+        ray = connect_ray(address, num_cpus, min_nodes)
+
+    from ..data import ensure_encoded
+    from ..metrics import check_metrics, references
+    from ..tracking import RunLogger, run_tags
+
+    make_private(exp_dir)
+    uri = sweep_tracking_uri(base)
+
+    # Encoded data (on a fresh clone: encoded now, as the encode stage would) and the reference
+    # statistics once, before any trial, in the sweeps' own cache (never a DVC output).
+    ensure_encoded(base, log=lambda m: print(f"sweep: {m}"))
+    ref_cache = str(storage / "fid-ref")
+    check_metrics(base)
+    references(base, "cpu", ref_cache)                      # every metric of fid.metrics, read by the trials
+
+    # The MLflow parent run (and experiment) exist before trials start; a resumed sweep reuses it.
+    state_file = exp_dir / "sweep_state.json"
+    state = read_json(state_file) if resume else {}
+    parent = RunLogger(uri=uri, experiment=sweep.experiment)
+    parent_id = parent.start(state.get("parent_run_id"), run_name=f"sweep-{sweep.name}",
+                             tags={**run_tags("sweep"), "kind": "sweep", "sweep_file": str(sweep_file)},
+                             params={"sweep." + k: v for k, v in C.flatten(sweep.model_dump(mode="json")).items()},
+                             on_run_id=lambda rid: atomic_write_text(json.dumps({"parent_run_id": rid}), state_file))
+    attempt = int(state.get("attempts", 0)) + 1
+    atomic_write_text(json.dumps({"parent_run_id": parent_id, "attempts": attempt}), state_file)
+
+    outcome = "FAILED"
+    t0 = time.time()
+    watch = PendingWatch(sweep.pending_timeout_s)
+    try:
+        if todo:
+            from ray import tune
+            gpus, device = check_resources(sweep, ray)
+            # One process: the trial's worker holds the resources. Several: the TorchTrainer's workers hold
+            # them, and the trial's own driver process (it only waits and relays reports) holds one CPU.
+            trial_resources = {"cpu": sweep.resources.cpus, "gpu": gpus} if sweep.resources.workers == 1 else {"cpu": 1}
+            trainable = tune.with_resources(
+                tune.with_parameters(run_trial, spec=TrialSpec(base, sweep, parent_id, uri, device, ref_cache,
+                                                                str(root))),
+                trial_resources)
+            # max_t past the end: a scheduler ends trials that reach max_t, which would cut the EMA fan-out.
+            scheduler = build_scheduler(sweep, base.train.duration_nimg + 1, exp_dir)
+            algorithm = search_algorithm(sweep.algorithm)
+            search_alg = algorithm.searcher(sweep, evaluated) if algorithm.searcher else None
+            tune_config = tune.TuneConfig(num_samples=1 if algorithm.planned else todo,
+                                          scheduler=scheduler, search_alg=search_alg,
+                                          max_concurrent_trials=tune_concurrency(sweep))
+            # Ray's own files go to a fresh folder per attempt; nothing of an earlier attempt is read.
+            stopper, hook = watch.tune_hooks()
+            run_config = tune.RunConfig(name=f"attempt-{attempt}", storage_path=str(exp_dir / "ray"), verbose=1,
+                                        stop=stopper, callbacks=[hook],
+                                        failure_config=tune.FailureConfig(max_failures=sweep.max_failures))
+            tuner = tune.Tuner(trainable, param_space=point_space(todo) if algorithm.planned else tune_space(sweep),
+                               tune_config=tune_config, run_config=run_config)
+            tuner.fit()
+        outcome = None
+    except KeyboardInterrupt:
+        outcome = "KILLED"
+        raise
+    finally:
+        if outcome is not None:                              # no run of this sweep is left RUNNING
+            close_trial_runs(trials_dir, uri, {}, default="KILLED" if outcome == "KILLED" else "FAILED")
+            parent.end(outcome)
+
+    table = results_table(trials_dir, sweep, read_stopped(exp_dir), the_plan)
+    close_trial_runs(trials_dir, uri, dict(zip(table["trial_id"], table["status"])) if len(table) else {},
+                     scheduler=sweep.scheduler.type)
+    table_path = write_results(table, out_dir, sweep)
+    if watch.stuck:                                          # the table says what ran; then one line
+        parent.end("KILLED")
+        raise SweepError(watch.stuck + f"; the trials that ran are in {table_path}: `--resume` continues once "
+                         f"resources free up")
+    best = None
+    if len(table) and table["fid"].notna().any():
+        best = table.loc[table["fid"].idxmin()].to_dict()
+    for f in sorted(out_dir.glob("*")):
+        parent.log_artifact(f, "sweep")
+    parent.log_metrics({"best_fid": best["fid"], "best_fid_se": best.get("fid_se"), "trials": table["trial_id"].nunique(),
+                        "seconds": time.time() - t0} if best else {"trials": 0}, step=0)
+    interrupted = table.loc[table["status"] == "interrupted", "trial_id"].nunique() if len(table) else 0
+    parent.end("FINISHED" if best and not interrupted else ("KILLED" if interrupted else "FAILED"))
+    print_summary(table, best, sweep, table_path)
+    return SweepResult(table, table_path, parent_id, best, out_dir)
+
+
+def remaining_trials(sweep: SweepConfig, the_plan: dict, trials_dir: Path, stopped: dict):
+    """What still has to run, from the trials' own records: grid/random: [(name, values)] of the plan's
+    trials not finished nor early-stopped (an interrupted one resumes from its checkpoints in its
+    folder); unplanned (Optuna): the number of trials left, and the finished ones' (values, best FID) to tell it."""
+    if search_algorithm(sweep.algorithm).planned:
+        return [(trial_name(i), pt) for i, pt in enumerate(the_plan["points"])
+                if trial_status(trials_dir / trial_name(i), stopped) not in FINAL], []
+    done, evaluated = 0, []
+    for t in sorted(trials_dir.iterdir()) if trials_dir.is_dir() else []:
+        state, status = read_trial_state(t), trial_status(t, stopped)
+        if status in FINAL:
+            done += 1
+            if status == "finished" and state.get("best_fid") is not None:
+                evaluated.append((state.get("params") or {}, state["best_fid"]))
+        elif state:                                          # Optuna proposes anew: this one is superseded
+            write_trial_state(t, status="superseded")
+    return max(sweep.num_samples - done, 0), evaluated
+
+

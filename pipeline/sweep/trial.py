@@ -1,0 +1,255 @@
+"""One trial, inside a Ray worker: train with a report at every snapshot (a scheduler may stop it),
+then the post-hoc EMA fan-out (reconstruction + metrics per EMA length, no retraining), reported to
+Tune and logged to MLflow as children of the trial's run.
+
+The worker receives a typed `TrialSpec` (the base config and the sweep, validated once by the
+driver) plus Tune's values for this trial; its own state lives in trials/<name>/trial.json, which the
+results table and --resume read (never Ray's pickled state).
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from .. import config as C
+from ..io import atomic_write_text
+from .algorithms import SweepError, read_json
+from .schema import SweepConfig, ValidationSpec, sweep_overrides
+from .space import split_config
+
+
+@dataclass(frozen=True)
+class TrialSpec:
+    """What every trial of a sweep shares, built once by the driver."""
+    base: C.Config                      # the base config with the sweep's fixed overrides
+    sweep: SweepConfig
+    parent_run_id: str | None           # the sweep's MLflow run
+    uri: str                            # MLflow tracking URI
+    device: str                         # cpu | cuda (the cluster's answer to resources.gpus)
+    ref_cache: str                      # the sweep's reference-statistics cache
+    root: str                           # the project folder (relative paths of the params)
+
+    def trial_dir(self, trial_id: str) -> Path:
+        return Path(self.sweep.storage if Path(self.sweep.storage).is_absolute()
+                    else Path(self.root) / self.sweep.storage).resolve() / self.sweep.name / "trials" / trial_id
+
+    def config(self, values: dict, trial_dir: Path) -> C.Config:
+        """The trial's config: the base, the sweep's fixed overrides and `values` ({dotted key: value})."""
+        overrides = {**sweep_overrides(self.sweep), **values, "train.run_dir": str(trial_dir / "run"),
+                     "tracking.uri": self.uri, "tracking.experiment": self.sweep.experiment,
+                     "train.device": self.device}
+        return C.resolve({k: v for k, v in self.base.to_dict().items() if k != "preset"}, overrides)
+
+
+def run_trial(params: dict, spec: TrialSpec) -> None:
+    """Tune's trainable: train -> post-hoc EMA fan-out -> metrics per EMA length.
+
+    One training process runs here, in the trial's worker; resources.workers > 1 runs the training
+    (and then the fan-out on rank 0) in a Ray Train TorchTrainer whose reports reach Tune."""
+    from ray import tune
+    _quiet_stop()
+    os.chdir(spec.root)                                      # relative paths of the params file
+    trial_id, values = split_config(params, tune.get_context().get_trial_id())
+    trial_dir = spec.trial_dir(trial_id)
+    trial_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(str(os.getpid()), trial_dir / "worker.pid")   # lets tests (and users) find the worker
+    record_node(trial_dir)
+    write_trial_state(trial_dir, trial_id=trial_id, params=values, status="running")
+    try:
+        _run(trial_id, trial_dir, spec.config(values, trial_dir), spec)
+    except Exception as err:                                 # the trial's own record of why (Tune retries it)
+        write_trial_state(trial_dir, status="error", error=f"{err.__class__.__name__}: {str(err)[:300]}")
+        raise
+
+
+def _run(trial_id: str, trial_dir: Path, cfg: C.Config, spec: TrialSpec) -> None:
+    from ray import tune
+    job = {"config": cfg, "trial_id": trial_id, "trial_dir": str(trial_dir), "spec": spec}
+    res = spec.sweep.resources
+    if res.workers == 1:
+        trial_body(job, tune.report)
+        return
+    import ray.train
+    from ray.train.torch import TorchConfig, TorchTrainer
+    from ray.tune.integration.ray_train import TuneReportCallback
+    use_gpu = spec.device == "cuda"
+    trainer = TorchTrainer(
+        train_worker, train_loop_config=job, torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=res.workers, use_gpu=use_gpu,
+            resources_per_worker={"CPU": res.cpus, **({"GPU": res.gpus / res.workers} if use_gpu else {})}),
+        run_config=ray.train.RunConfig(name=f"train-{trial_id}", storage_path=str(trial_dir / "ray-train"),
+                                       callbacks=[TuneReportCallback()],
+                                       failure_config=ray.train.FailureConfig(max_failures=spec.sweep.max_failures)))
+    trainer.fit()
+
+
+def train_worker(job: dict) -> None:
+    """One Ray Train worker of a multi-process trial: DDP training, then rank 0's fan-out."""
+    import ray.train
+    import ray.train.torch
+    os.chdir(job["spec"].root)
+    trial_body(job, ray.train.report, device=ray.train.torch.get_device())
+
+
+def trial_body(job: dict, report, device=None) -> None:
+    """Train with a report at every snapshot, then on rank 0 the post-hoc EMA fan-out; every rank
+    reports the final result (Ray Train wants the same number of reports from every worker)."""
+    import torch.distributed as dist
+
+    from ..training import train
+    cfg, spec = job["config"], job["spec"]
+    trial_id, trial_dir = job["trial_id"], Path(job["trial_dir"])
+    last = {}
+    multi = dist.is_available() and dist.is_initialized()
+    rank0 = not multi or dist.get_rank() == 0
+
+    def on_snapshot(nimg, metrics):
+        last.update(metrics)
+        if rank0:
+            write_trial_state(trial_dir, nimg=nimg, **metrics)
+        report({"nimg": nimg, **metrics})
+
+    # A latent run's reference is pixels (for FID): no validation loss on it (the driver refuses a scheduler on it).
+    validate = None if cfg.data.encoder == "vae" else make_validator(
+        cfg, spec.sweep.validation, device if device is not None else cfg.train.device)
+    res = train(cfg, stage="sweep", progress=False, report=on_snapshot, parent_run_id=spec.parent_run_id,
+                run_name=f"trial-{trial_id}", device=device, validate=validate)
+    if res.status != "finished":
+        raise SweepError(f"trial {trial_id} stopped at nimg={res.nimg} before the end of training")
+    records = fan_out(cfg, res, trial_dir, spec.ref_cache, device) if rank0 else None
+    if multi:                                                # rank 0's records to every rank
+        box = [records]
+        dist.broadcast_object_list(box, src=0)
+        records = box[0]
+    best = min(records, key=lambda r: r["fid"])
+    if rank0:
+        write_trial_state(trial_dir, status="finished", nimg=res.nimg, best_fid=best["fid"],
+                          best_sigma_rel=best["sigma_rel"])
+    report({"nimg": res.nimg, **last, "best_fid": best["fid"], "best_sigma_rel": best["sigma_rel"],
+            "best_fid_se": best.get("fid_se"),
+            "fids": json.dumps({f"{r['sigma_rel']:.3f}": r["fid"] for r in records}), "done": True})
+
+
+def fan_out(cfg: C.Config, res, trial_dir: Path, ref_cache: str, device=None) -> list[dict]:
+    """Post-hoc EMA fan-out, no retraining: evaluate.evaluate_run reconstructs and measures every EMA
+    length (a retry reuses finished records); here the results go to MLflow as child runs of the
+    trial's run, with the trial's best FID / EMA length / KID on the trial run itself."""
+    from ..evaluate import evaluate_run
+    from ..records import computed, is_grid
+    from ..report import curve_label, plot_fid_vs_ema, plot_guidance_grid
+    from ..tracking import RunLogger, log_ema_runs
+    device = str(device) if device is not None else cfg.train.device     # TrialSpec.config set cpu or cuda
+    records = evaluate_run(cfg, Path(cfg.train.run_dir) / "snapshots", trial_dir, ref_cache, device)
+    logger = RunLogger(cfg, quiet=True)
+    nodes = trial_nodes(trial_dir)
+    if nodes:
+        logger.run_id = res.mlflow_run_id
+        logger.set_tags({"node": nodes[-1], "nodes": ",".join(nodes)})
+    log_ema_runs(logger, res.mlflow_run_id, records, trial_dir / "samples")
+    grid = is_grid(records)
+    distinct = [{**r, "label": curve_label(r) if grid else ""} for r in computed(records)]
+    fig = plot_fid_vs_ema(distinct, trial_dir / "fid_vs_ema.png", f"trial {trial_dir.name}")   # EDM2 fig. 5 curve
+    logger.run_id = res.mlflow_run_id
+    logger.log_artifact(fig, "figures")
+    if grid:                                                 # the post-hoc grid: EMA length x w per guide
+        heat = plot_guidance_grid(records, trial_dir / "fid_grid.png", f"trial {trial_dir.name}: FID over EMA "
+                                  f"length x guidance, per guide (* the best)")
+        if heat is not None:
+            logger.log_artifact(heat, "figures")
+    best = min(records, key=lambda r: r["fid"])
+    logger.log_summary({"best_fid": best["fid"], "best_fid_se": best.get("fid_se"),
+                        "best_sigma_rel": best["sigma_rel"], "best_kid": best.get("kid")})
+    return records
+
+
+def make_validator(cfg: C.Config, spec: ValidationSpec, device=None):
+    """validate(net) -> the fixed validation loss (edm.validation_loss) on the first spec.num_images of
+    the FID reference set, the same images, levels and noise for every trial."""
+    import torch
+
+    from ..data import EncodedDataset
+    from ..devices import pick_device
+    from ..edm import validation_loss
+    from ..fid import reference_dataset_dir
+    ds = EncodedDataset(reference_dataset_dir(cfg))
+    n = min(spec.num_images, len(ds))
+    dev = device if isinstance(device, torch.device) else pick_device(device or "auto", "train.device")
+    images, labels = ds.get(list(range(n)), generator=torch.Generator().manual_seed(spec.seed))
+    images = images.to(dev)
+    label_dim = cfg.network.label_dim if cfg.network.label_dim is not None else \
+        (ds.label_dim if cfg.data.use_labels else 0)
+    labels = labels.to(dev) if labels is not None and label_dim else None
+    eps = torch.randn(images.shape, generator=torch.Generator().manual_seed(spec.seed + 1)).to(dev)
+    return lambda net: validation_loss(net, images, labels, spec.sigmas, eps, cfg.loss.sigma_data)
+
+
+# ----------------------------------------------------------------------------------------------
+# The trial's own records (trial.json, nodes.jsonl): what the results table and --resume read.
+
+TRIAL_STATE = "trial.json"
+
+
+def write_trial_state(trial_dir: Path, **fields) -> dict:
+    """Merge `fields` into the trial's own state file (trial.json: name, values, status, last
+    metrics). The results table and --resume read these, never Ray's pickled experiment state."""
+    state = {**read_trial_state(trial_dir), **fields}
+    atomic_write_text(json.dumps(state, indent=2, default=str), trial_dir / TRIAL_STATE)
+    return state
+
+
+def read_trial_state(trial_dir: Path) -> dict:
+    return read_json(trial_dir / TRIAL_STATE)
+
+
+def record_node(trial_dir: Path) -> None:
+    """Append this attempt's node (hostname, Ray node IP) to the trial's nodes.jsonl: a retried trial
+    shows every node it ran on, the results table and the MLflow run the one it finished on."""
+    import socket
+
+    import ray
+    entry = {"node": socket.gethostname(), "ip": ray.util.get_node_ip_address(), "pid": os.getpid(),
+             "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    with open(trial_dir / "nodes.jsonl", "a") as f:          # one short line per attempt: an atomic append
+        f.write(json.dumps(entry) + "\n")
+
+
+def trial_nodes(trial_dir: Path) -> list[str]:
+    """The nodes a trial ran on, one per attempt, in order (from its nodes.jsonl)."""
+    try:
+        lines = (trial_dir / "nodes.jsonl").read_text().splitlines()
+    except OSError:
+        return []
+    return [json.loads(x)["node"] for x in lines if x.strip()]
+
+
+FINAL = ("finished", "early-stopped")                      # trials a resume does not run again
+
+
+def trial_status(trial_dir: Path, stopped: dict) -> str:
+    """finished (records written), early-stopped (by the scheduler), error (its last attempt failed), or
+    interrupted (running when the sweep ended, or never started)."""
+    state = read_trial_state(trial_dir)
+    if state.get("status") == "finished" and (trial_dir / "fid_records.json").is_file():
+        return "finished"
+    if trial_dir.name in stopped:
+        return "early-stopped"
+    return "error" if state.get("status") == "error" else "interrupted"
+
+
+def _quiet_stop() -> None:
+    """When Tune stops a trial (a scheduler, the end of the sweep), Ray's SIGTERM handler raises
+    SystemExit in the worker's main thread, wherever it is; inside a finaliser Python prints it as
+    "Exception ignored ... SystemExit" with a traceback, which reaches the driver's output. That exit is
+    the intended stop: drop exactly that report and keep every other one."""
+    previous = sys.unraisablehook
+
+    def hook(unraisable):
+        if isinstance(unraisable.exc_value, SystemExit):
+            return
+        previous(unraisable)
+    sys.unraisablehook = hook

@@ -1,0 +1,128 @@
+"""The sweep's tables (axis kinds, search algorithms, schedulers): every entry reaches the schema, the
+plan and the docs; every scheduler's early stops are recorded, checked on a real Ray Tune run of a
+stub trainable behind the same scheduler construction (the tiny-training ASHA sweep in test_sweep.py
+is the end-to-end test of the same path)."""
+import re
+
+import pytest
+
+from conftest import ROOT
+from pipeline.config import ConfigError
+from pipeline.sweep import algorithms as A
+from pipeline.sweep.schema import AxisSpec, SweepConfig
+from pipeline.sweep.space import AXIS_KINDS, draw_points, grid_points, plan
+
+DOC = (ROOT / "docs" / "sweeps.md")
+
+
+def test_every_axis_kind_is_a_schema_field_and_drawn_or_listed():
+    assert set(AXIS_KINDS) == set(AxisSpec.model_fields)
+    for kind, entry in AXIS_KINDS.items():
+        spec = [1, 2, 3] if entry.listed else (0.5, 2.0)
+        axis = AxisSpec(**{kind: spec})
+        assert axis.kind == kind and list(axis.spec) == list(spec) and axis.probe_values() == list(spec)
+        if entry.draw is not None:
+            import numpy as np
+            v = entry.draw(np.random.default_rng(0), axis.spec)
+            assert v in spec if entry.listed else spec[0] <= v <= spec[1]
+
+
+def test_every_algorithm_takes_only_its_axis_kinds():
+    for name, algo in A.SEARCH_ALGORITHMS.items():
+        for kind, entry in AXIS_KINDS.items():
+            spec = [0.01, 0.02] if entry.listed else (0.01, 0.02)
+            raw = {"name": "x", "algorithm": name, "num_samples": 3, "search": {"train.ref_lr": {kind: spec}}}
+            if kind in algo.axis_kinds:
+                sweep = SweepConfig.model_validate(raw)
+                points = algo.points(sweep)
+                assert len(points) == (3 * len(spec) if kind == "grid" else 3)
+                assert all(p is None for p in points) != algo.planned
+            else:
+                with pytest.raises(ValueError, match=f"algorithm={name} takes"):
+                    SweepConfig.model_validate(raw)
+
+
+def test_random_points_are_the_seeds_and_grid_points_every_combination():
+    s = SweepConfig.model_validate({"name": "x", "algorithm": "random", "num_samples": 4, "seed": 3,
+                                    "search": {"train.ref_lr": {"loguniform": [1e-3, 1e-2]},
+                                               "loss.P_mean": {"choice": [-0.4, -0.8]}}})
+    assert draw_points(s) == draw_points(s) and len({p["train.ref_lr"] for p in draw_points(s)}) == 4
+    g = SweepConfig.model_validate({"name": "x", "search": {"a.b": {"grid": [1, 2]}, "c.d": {"grid": [3, 4, 5]}}})
+    assert len(grid_points(g)) == 6 and {tuple(p.values()) for p in grid_points(g)} == {(a, c) for a in (1, 2)
+                                                                                       for c in (3, 4, 5)}
+
+
+def test_unknown_entries_are_refused_with_the_known_names():
+    for field, table in (("algorithm", A.SEARCH_ALGORITHMS), ("scheduler", A.SCHEDULERS)):
+        raw = {"name": "x", "ema_lengths": [0.1], field: "nope" if field == "algorithm" else {"type": "nope"}}
+        with pytest.raises(ValueError) as err:
+            SweepConfig.model_validate(raw)
+        assert all(k in str(err.value) for k in table)
+
+
+def test_every_table_entry_is_documented():
+    text = DOC.read_text()
+    for table in (AXIS_KINDS, A.SEARCH_ALGORITHMS, A.SCHEDULERS):
+        for name in table:
+            assert re.search(rf"`{name}`", text), f"docs/sweeps.md does not describe `{name}`"
+
+
+def test_grace_period_check_follows_the_table(tmp_path, monkeypatch):
+    """ASHA reads grace_period_nimg (checked against the training); HyperBand does not."""
+    from conftest import tiny_params
+    from pipeline.sweep.schema import load_sweep
+    import yaml
+    monkeypatch.chdir(tmp_path)
+    tiny_params(tmp_path, {"train": [tmp_path / "data" / "train"]})
+    for sched, ok in (("asha", False), ("hyperband", True)):
+        f = tmp_path / f"{sched}.yaml"
+        f.write_text(yaml.safe_dump({"name": sched, "ema_lengths": [0.1], "search": {"train.ref_lr": {"grid": [0.01]}},
+                                     "scheduler": {"type": sched, "grace_period_nimg": 10 ** 9}}))
+        if ok:
+            assert load_sweep(f)[0].scheduler.type == sched
+        else:
+            with pytest.raises(ConfigError, match="grace_period_nimg"):
+                load_sweep(f)
+
+
+def _stub(config):
+    """A trial as Tune sees it: a report per 'snapshot' (worse for higher trial numbers), then the final
+    report with best_fid, as trial.trial_body does."""
+    from ray import tune
+
+    from pipeline.sweep.space import split_config
+    name, values = split_config(config, "x")
+    quality = values["train.ref_lr"]
+    for nimg in range(1, 17):
+        tune.report({"nimg": nimg, "val_loss": quality + 1.0 / nimg})
+    tune.report({"nimg": 16, "val_loss": quality, "best_fid": quality, "done": True})
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("scheduler, eta", [("asha", 2), ("hyperband", 4)])
+def test_every_scheduler_records_exactly_the_trials_it_stops(tmp_path, monkeypatch, scheduler, eta):
+    ray = pytest.importorskip("ray")
+    from ray import tune
+
+    from pipeline.sweep.cluster import prepare_ray_env
+    from pipeline.sweep.space import point_space, trial_name
+    sweep = SweepConfig.model_validate({"name": "x", "ema_lengths": [0.1], "max_concurrent": 2, "scheduler": {
+        "type": scheduler, "reduction_factor": eta, "grace_period_nimg": 2}})
+    points = [(trial_name(i), {"train.ref_lr": float(i)}) for i in range(9)]
+    prepare_ray_env(None)
+    monkeypatch.setenv("PYTHONPATH", f"{ROOT / 'tests'}:{ROOT}")         # the workers import _stub from here
+    ray.init(num_cpus=2, include_dashboard=False, configure_logging=False, log_to_driver=False)
+    try:
+        tuner = tune.Tuner(tune.with_resources(_stub, {"cpu": 1}), param_space=point_space(points),
+                           tune_config=tune.TuneConfig(scheduler=A.build_scheduler(sweep, 17, tmp_path),
+                                                       max_concurrent_trials=A.tune_concurrency(sweep)),
+                           run_config=tune.RunConfig(storage_path=str(tmp_path / "ray"), verbose=0))
+        grid = tuner.fit()
+    finally:
+        ray.shutdown()
+    finished = {r.config["_point"]["_trial"] for r in grid if "best_fid" in (r.metrics or {})}
+    stopped = A.read_stopped(tmp_path)
+    assert stopped, f"{scheduler} stopped nothing"
+    assert set(stopped) | finished == {n for n, _ in points} and not set(stopped) & finished
+    assert {v["scheduler"] for v in stopped.values()} == {scheduler}
+    assert all(v["metric"] == "val_loss" and v["nimg"] < 16 for v in stopped.values())
