@@ -18,6 +18,7 @@ import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from .devices import DEVICE_PATTERN
 from .errors import PipelineError
+from .options import NOISE_LAWS as _NOISE_LAWS, SOLVERS as _SOLVERS
 
 SIGMA_REL_MAX = math.sqrt(1.0 / 12.0)  # method.md 6: sigma_rel < sqrt(1/12) ~= 0.2887
 PRESETS_FILE = Path(__file__).with_name("presets.yaml")
@@ -204,8 +205,7 @@ def _in_unit(v: float, name: str) -> float:
     return _unit_interval(v)
 
 
-# Noise-level laws of training (method.md 2): the names here, the samplers in edm.NOISE_LAWS.
-NOISE_LAWS = ("lognormal", "loguniform")
+NOISE_LAWS = tuple(_NOISE_LAWS)              # noise-level laws of training: the table in options.py
 
 
 class LossConfig(_Section):
@@ -279,10 +279,11 @@ class SamplerConfig(_Section):
     S_min: NonNegFloat = 0.0
     S_max: Annotated[float, Field(allow_inf_nan=True), AfterValidator(_not_nan)] = float("inf")
     S_noise: PosFloat = 1.0
-    solver: Literal["heun", "euler"] = "heun"
+    solver: Literal[tuple(_SOLVERS)] = "heun"   # options.SOLVERS
     guidance: NonNegFloat = 1.0            # w >= 0: 1 = unguided, 0 = the guide alone (method.md 5)
-    batch_size: PosInt = 64
-    compile: bool = False                  # torch.compile the network for sampling (CUDA graphs on a GPU); falls back on failure
+    # Fields marked off_key here do not change the samples (records.sampler_record leaves them out).
+    batch_size: PosInt = off_key(64)
+    compile: bool = off_key(False)         # torch.compile the network for sampling (CUDA graphs on a GPU); falls back on failure
     amp: Literal["none", "bf16"] = "none"  # bf16 autocast of the network's evaluations (the ODE stays float64/32)
 
     @model_validator(mode="after")
@@ -293,7 +294,7 @@ class SamplerConfig(_Section):
 
     @property
     def nfe(self) -> int:
-        return 2 * self.steps - 1 if self.solver == "heun" else self.steps
+        return _SOLVERS[self.solver].nfe(self.steps)
 
 
 def _min(v: int, lo: int) -> int:

@@ -15,27 +15,9 @@ Denoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]   # D(x; sigma) 
 # ----------------------------------------------------------------------------------------------
 # method.md 2: noise levels, weighting and loss with learned uncertainty (EDM2 eqs. 14-16, 21).
 #
-# The noise-level law is a small tagged union: `loss.noise` names the law (config.NOISE_LAWS), and
-# NOISE_LAWS maps the name to its sampler. Training and the loss both draw through sample_sigma, so a
-# law added here is used everywhere.
-
-def _lognormal(n: int, p, generator, device) -> torch.Tensor:
-    """ln(sigma) ~ Normal(P_mean, P_std^2) (EDM2 eq. 14)."""
-    return (torch.randn(n, generator=generator, device=device) * p.P_std + p.P_mean).exp()
-
-
-def _loguniform(n: int, p, generator, device) -> torch.Tensor:
-    """ln(sigma) ~ Uniform(ln sigma_lo, ln sigma_hi)."""
-    lo, hi = math.log(p.sigma_lo), math.log(p.sigma_hi)
-    return (torch.rand(n, generator=generator, device=device) * (hi - lo) + lo).exp()
-
-
-NOISE_LAWS: dict[str, Callable] = {"lognormal": _lognormal, "loguniform": _loguniform}
-
-
-def sample_sigma(n: int, noise, generator: torch.Generator | None = None, device="cpu") -> torch.Tensor:
-    """n noise levels from the law `noise.noise` (a LossConfig, or anything with its fields)."""
-    return NOISE_LAWS[noise.noise](n, noise, generator, device)
+# The noise-level laws are a table in options.py (NOISE_LAWS); training and the loss both draw through
+# sample_sigma, so a law added there is used everywhere.
+from .options import NOISE_LAWS, SOLVERS, sample_sigma  # noqa: E402,F401  (edm.sample_sigma: the loss's draw)
 
 
 def loss_weight(sigma: torch.Tensor, sigma_data: float) -> torch.Tensor:
@@ -145,8 +127,8 @@ def edm_sampler(denoise: Denoiser, noise: SeededNoise | torch.Tensor, shape: Seq
     initial N(0, I) tensor (then churn noise comes from torch's global RNG). With `guide` (a guiding
     denoiser D_g) and guidance w: D_w = D_g + w (D - D_g).
     """
-    if solver not in ("heun", "euler"):
-        raise ValueError(f"solver={solver!r}: must be 'heun' or 'euler'")
+    if solver not in SOLVERS:
+        raise ValueError(f"solver={solver!r}: must be one of {', '.join(SOLVERS)}")
 
     def D(x, sigma):
         d = denoise(x, sigma).to(dtype)
@@ -172,7 +154,7 @@ def edm_sampler(denoise: Denoiser, noise: SeededNoise | torch.Tensor, shape: Seq
             x_hat = x + (t_hat ** 2 - t_cur ** 2).sqrt() * S_noise * fresh(x)
         d = (x_hat - D(x_hat, t_hat)) / t_hat                   # Euler step
         x = x_hat + (t_next - t_hat) * d
-        if solver == "heun" and t_next > 0:                      # 2nd-order correction
+        if SOLVERS[solver].second_order and t_next > 0:          # 2nd-order correction
             d2 = (x - D(x, t_next)) / t_next
             x = x_hat + (t_next - t_hat) * (d + d2) / 2
     return x

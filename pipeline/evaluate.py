@@ -181,7 +181,7 @@ def evaluate_points(points: Sequence[dict], models_dir: str | Path, cfg, refs: S
     Points that are the same computation (no guide or w = 1: the unguided model) are sampled once;
     their records carry `extra.same_as`. Each result is printed when known ("k of n")."""
     from .phema import check_reconstruction
-    from .report import save_image_grid
+    from .images import save_image_grid
     models_dir = Path(models_dir)
     f = cfg.fid
     (_, _, feat, ref), others = refs[0], refs[1:]

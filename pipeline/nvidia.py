@@ -1,5 +1,5 @@
 """NVIDIA EDM2's released networks and raw post-hoc EMA snapshots, read without running anything in them
-(docs/method.md 9; README, "Using NVIDIA's released models").
+(docs/method.md 9; docs/data.md, "Using NVIDIA's released models").
 
 NVIDIA's files are pickles whose classes travel as Python source inside the file: unpickling them the
 ordinary way executes that source. Here a restricted unpickler resolves only an allow-list of globals

@@ -79,9 +79,18 @@ class FIDRecord:
         return d
 
 
+# Sampler fields added after records existed: left out of the record at their defaults, so the records
+# (and eval_keys) of earlier evaluations stay valid.
+SAMPLER_LATER_DEFAULTS = {"S_min": 0.0, "S_max": float("inf"), "S_noise": 1.0}
+
+
 def sampler_record(s) -> dict:
-    return {"steps": s.steps, "nfe": s.nfe, "solver": s.solver, "churn": s.churn, "rho": s.rho,
-            "sigma_min": s.sigma_min, "sigma_max": s.sigma_max, "guidance": s.guidance, "amp": s.amp}
+    """Every sampler setting that changes the samples (config.key_values: all fields but those marked
+    off_key, e.g. batch_size), plus the NFE. A new sampler field is in the record, and so in the
+    eval_key, without touching this function: cached results are never reused across it."""
+    from .config import key_values
+    rec = {"nfe": s.nfe, **key_values(s)}
+    return {k: v for k, v in rec.items() if not (k in SAMPLER_LATER_DEFAULTS and v == SAMPLER_LATER_DEFAULTS[k])}
 
 
 def eval_key(record: dict) -> str:

@@ -63,26 +63,6 @@ def plot_ema_reconstruction(summary: dict, path: str | Path, max_targets: int = 
     return _save(fig, path)
 
 
-def save_image_grid(images: np.ndarray, path: str | Path, cols: int | None = None, min_size: int = 96) -> Path:
-    """N x H x W x C uint8 images -> one PNG grid; small images are enlarged (nearest neighbour, by a
-    whole factor) to at least min_size pixels so the full-size grid is worth opening."""
-    from PIL import Image
-    scale = max(1, min_size // images.shape[1])
-    if scale > 1:
-        images = images.repeat(scale, axis=1).repeat(scale, axis=2)
-    n, h, w, c = images.shape
-    cols = cols or int(np.ceil(np.sqrt(n)))
-    rows = int(np.ceil(n / cols))
-    grid = np.zeros((rows * h, cols * w, c), dtype=np.uint8)
-    for i, im in enumerate(images):
-        r, k = divmod(i, cols)
-        grid[r * h:(r + 1) * h, k * w:(k + 1) * w] = im
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(grid[..., 0] if c == 1 else grid).save(path)
-    return path
-
-
 def plot_fid_vs_ema(rows: Sequence[dict], path: str | Path, title: str = "") -> Path:
     """FID against EMA length (EDM2 figure 5 style), the best sigma_rel marked. rows: sigma_rel, fid
     and optionally 'label' (one curve per label)."""

@@ -262,18 +262,84 @@ def train(cfg: C.Config, stage: str | None = None, stop: StopFlag | None = None,
             lock.release()
 
 
+@dataclass
+class Session:
+    """One training call's state: what setup builds, the step advances and the hooks read."""
+    cfg: C.Config
+    d: Dist
+    run_dir: Path
+    log: object
+    ds: EncodedDataset
+    args: dict                                    # the network's shape (img_resolution, img_channels, label_dim)
+    net: torch.nn.Module
+    opt: torch.optim.Optimizer
+    ema: PowerFunctionEMA | None                  # main process only
+    batch_rank: int                               # images per process per step
+    batch_gpu: int                                # images per forward pass
+    t0: float = field(default_factory=time.time)
+    nimg: int = 0
+    steps: int = 0
+    nonfinite: int = 0                            # consecutive steps with a non-finite loss
+    seconds_before: float = 0.0                   # training time of earlier calls (resumes)
+    mlflow_run_id: str | None = None
+    ckpt_path: Path | None = None
+    logger: object = None
+    ddp: object = None
+    model: object = None                          # what the loss calls: compiled / DDP-wrapped net
+    writer: object = None
+    meta: dict | None = None
+    bar: object = None
+    window: dict = field(default_factory=dict)    # losses and images since the last status line
+
+
 def _train_locked(cfg: C.Config, d: Dist, stage, stop, progress, report, max_steps, parent_run_id,
                   run_name, validate) -> TrainResult:
     t0 = time.time()
-    tc = cfg.train
     stop = stop or StopFlag().install()
+    s = _setup(cfg, d)
+    s.t0 = t0
+    _resume(s)
+    if d.is_main:
+        _start_tracking(s, stage, parent_run_id, run_name)
+    if s.nimg >= cfg.train.duration_nimg:              # finished before: change nothing, say so
+        return _already_finished(s)
+    _prepare_loop(s, progress)
+    status, last_loss, last_ckpt = "finished", None, None
+    pin = d.device.type == "cuda"
+    batches = rank_batches(s.ds, cfg.train, s.nimg, d.rank, s.batch_rank, s.batch_gpu, pin)
+    if cfg.train.prefetch_batches:
+        batches = Prefetcher(batches, cfg.train.prefetch_batches)
+    try:
+        while s.nimg < cfg.train.duration_nimg:
+            if stop.requested(d) or (max_steps is not None and s.steps >= max_steps):
+                status = "stopped"
+                break
+            step_loss, step_mse, lr = _step(s, batches, pin)
+            last_loss = step_loss
+            last_ckpt = _after_step(s, step_loss, step_mse, lr, report, validate) or last_ckpt
+    except BaseException:
+        if s.writer is not None:                       # a failed write elsewhere must not hide this one
+            try:
+                s.writer.drain()
+            except Exception:
+                pass
+        raise
+    finally:
+        if isinstance(batches, Prefetcher):
+            batches.close()
+    last_ckpt = _checkpoint(s) or last_ckpt
+    return _finish(s, status, last_loss, last_ckpt)
+
+
+def _setup(cfg: C.Config, d: Dist) -> Session:
+    """The dataset, the batch split, the network (seeded: the same on every rank), Adam and the EMA."""
+    tc = cfg.train
     run_dir = Path(tc.run_dir)
     log = (lambda *a, **k: print(*a, **k, flush=True)) if d.is_main else (lambda *a, **k: None)
     if d.is_main:
         gone = remove_stale_temps(run_dir, run_dir / "checkpoints", run_dir / "snapshots")
         if gone:
             log(f"note: removed {len(gone)} temp file(s) left by an interrupted write ({gone[0].name} ...)")
-
     ds = EncodedDataset(dataset_dir(cfg), cfg)
     args = net_args(cfg, ds)
     batch_rank = tc.batch_size // d.world_size
@@ -282,8 +348,6 @@ def _train_locked(cfg: C.Config, d: Dist, stage, stop, progress, report, max_ste
     batch_gpu = min(tc.batch_gpu or batch_rank, batch_rank)
     if batch_rank % batch_gpu:
         raise TrainingError(f"per-process batch {batch_rank} is not a multiple of train.batch_gpu={batch_gpu}")
-    rounds = batch_rank // batch_gpu
-
     torch.manual_seed(_seed(tc.seed, 2))           # network initialisation: same on every rank
     net = build_network(cfg, **args).to(d.device).train()
     if tc.channels_last:
@@ -291,193 +355,198 @@ def _train_locked(cfg: C.Config, d: Dist, stage, stop, progress, report, max_ste
     opt = torch.optim.Adam(net.parameters(), lr=tc.ref_lr, betas=(tc.beta1, tc.beta2), eps=tc.eps,
                            **({"fused": True} if tc.fused_adam else {"foreach": True}))
     ema = PowerFunctionEMA(net, cfg.ema.stds) if d.is_main else None
+    return Session(cfg, d, run_dir, log, ds, args, net, opt, ema, batch_rank, batch_gpu)
 
-    nimg, mlflow_run_id, nonfinite, seconds_before = 0, None, 0, 0.0
-    ckpt = load_latest_checkpoint(run_dir, cfg, log)   # every rank reads it from the shared run folder
-    ckpt_path = None
-    if ckpt is not None:
-        try:
-            net.load_state_dict(ckpt["net"])
-            opt.load_state_dict(ckpt["optimizer"])
-            if ema is not None:
-                ema.load_state_dict(ckpt["ema"])
-        except (RuntimeError, KeyError, ValueError, TypeError) as err:
-            raise TrainingError(f"checkpoint {ckpt['path']} does not fit this network "
-                                f"({str(err).splitlines()[0][:160]})") from None
-        nimg, mlflow_run_id, nonfinite = ckpt["nimg"], ckpt.get("mlflow_run_id"), ckpt.get("nonfinite", 0)
-        seconds_before = ckpt.get("train_seconds", 0.0)
-        ckpt_path = ckpt["path"]
-        if nimg < tc.duration_nimg:
-            log(f"resuming from {ckpt_path} at nimg={nimg}")
-        del ckpt
 
-    logger = None
-    if d.is_main:
-        from .tracking import RunLogger, run_tags
-        run_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(C.yaml_dump(cfg), run_dir / "config.yaml")
-        logger = RunLogger(cfg, jsonl=run_dir / "metrics.jsonl")
-        id_file = run_dir / "mlflow_run_id"            # reused even when no checkpoint exists yet
-        if mlflow_run_id is None and id_file.is_file():
-            mlflow_run_id = id_file.read_text().strip() or None
+def _resume(s: Session) -> None:
+    """Network, optimizer, EMA and counters from the latest checkpoint, when there is one."""
+    ckpt = load_latest_checkpoint(s.run_dir, s.cfg, s.log)   # every rank reads it from the shared run folder
+    if ckpt is None:
+        return
+    try:
+        s.net.load_state_dict(ckpt["net"])
+        s.opt.load_state_dict(ckpt["optimizer"])
+        if s.ema is not None:
+            s.ema.load_state_dict(ckpt["ema"])
+    except (RuntimeError, KeyError, ValueError, TypeError) as err:
+        raise TrainingError(f"checkpoint {ckpt['path']} does not fit this network "
+                            f"({str(err).splitlines()[0][:160]})") from None
+    s.nimg, s.mlflow_run_id, s.nonfinite = ckpt["nimg"], ckpt.get("mlflow_run_id"), ckpt.get("nonfinite", 0)
+    s.seconds_before = ckpt.get("train_seconds", 0.0)
+    s.ckpt_path = ckpt["path"]
+    if s.nimg < s.cfg.train.duration_nimg:
+        s.log(f"resuming from {s.ckpt_path} at nimg={s.nimg}")
 
-        def save_id(run_id: str) -> None:              # before anything is logged: a kill leaves no orphan
-            atomic_write_text(run_id, id_file)
-        mlflow_run_id = logger.start(mlflow_run_id, run_name=run_name or f"train-{cfg.run_key()[:8]}",
+
+def _start_tracking(s: Session, stage, parent_run_id, run_name) -> None:
+    """The run folder's config.yaml and the MLflow run (the same one across resumes)."""
+    from .tracking import RunLogger, run_tags
+    cfg, run_dir = s.cfg, s.run_dir
+    run_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(C.yaml_dump(cfg), run_dir / "config.yaml")
+    s.logger = RunLogger(cfg, jsonl=run_dir / "metrics.jsonl")
+    id_file = run_dir / "mlflow_run_id"                # reused even when no checkpoint exists yet
+    if s.mlflow_run_id is None and id_file.is_file():
+        s.mlflow_run_id = id_file.read_text().strip() or None
+
+    def save_id(run_id: str) -> None:                  # before anything is logged: a kill leaves no orphan
+        atomic_write_text(run_id, id_file)
+    s.mlflow_run_id = s.logger.start(s.mlflow_run_id, run_name=run_name or f"train-{cfg.run_key()[:8]}",
                                      tags={**run_tags(stage), "run_key": cfg.run_key(), "run_dir": str(run_dir),
-                                           "processes": str(d.world_size)},
+                                           "processes": str(s.d.world_size)},
                                      params=cfg.flat(), parent_run_id=parent_run_id, on_run_id=save_id)
-        logger.replay_missing()                        # steps logged while MLflow was unreachable
-        logger.log_artifact(run_dir / "config.yaml")
+    s.logger.replay_missing()                          # steps logged while MLflow was unreachable
+    s.logger.log_artifact(run_dir / "config.yaml")
 
-    if nimg >= tc.duration_nimg:                       # finished before: change nothing, say so
-        if d.is_main:
-            summary = write_summary(run_dir, cfg, "finished", nimg, seconds_before, mlflow_run_id, steps=0,
-                                    seconds=0.0, keep_existing=True, device=d.device, processes=d.world_size)
-            logger.end("FINISHED")
-            log(f"run {run_dir} is already finished at nimg={nimg} (train.duration_nimg={tc.duration_nimg}): "
-                f"nothing to do; final loss {summary['final_loss']}")
-        return TrainResult(nimg, "finished", run_dir, mlflow_run_id, None, 0.0, ckpt_path)
 
-    ddp = torch.nn.parallel.DistributedDataParallel(net) if d.world_size > 1 else None
-    model = maybe_compile(ddp or net, tc.compile, log, what="training")
-    amp = torch.autocast(d.device.type, dtype=torch.bfloat16, enabled=tc.amp == "bf16")
-    writer = SnapshotWriter(tc.async_snapshots) if d.is_main else None
+def _already_finished(s: Session) -> TrainResult:
+    if s.d.is_main:
+        summary = write_summary(s.run_dir, s.cfg, "finished", s.nimg, s.seconds_before, s.mlflow_run_id, steps=0,
+                                seconds=0.0, keep_existing=True, device=s.d.device, processes=s.d.world_size)
+        s.logger.end("FINISHED")
+        s.log(f"run {s.run_dir} is already finished at nimg={s.nimg} (train.duration_nimg="
+              f"{s.cfg.train.duration_nimg}): nothing to do; final loss {summary['final_loss']}")
+    return TrainResult(s.nimg, "finished", s.run_dir, s.mlflow_run_id, None, 0.0, s.ckpt_path)
 
-    def checkpoint():
-        if not d.is_main:
-            return None
-        writer.drain()                             # snapshots up to nimg are on disk before the checkpoint
-        if nonfinite or not all(torch.isfinite(p).all() for p in net.parameters()):
-            log(f"warning: no checkpoint at nimg={nimg}: the weights or the last loss are not finite; "
-                f"the last good checkpoint is kept")
-            return None
-        return save_checkpoint(run_dir, {"format": CHECKPOINT_FORMAT, "nimg": nimg, "net": net.state_dict(),
-                                         "optimizer": opt.state_dict(), "ema": ema.state_dict(),
-                                         "mlflow_run_id": mlflow_run_id, "nonfinite": nonfinite,
-                                         "train_seconds": seconds_before + time.time() - t0,
-                                         "run_key": cfg.run_key(), "config": cfg.to_dict(), "net_args": args})
 
-    bar = None
+def _prepare_loop(s: Session, progress: bool) -> None:
+    """DDP, compilation, the snapshot writer, the progress bar and the status window."""
+    tc, d = s.cfg.train, s.d
+    s.ddp = torch.nn.parallel.DistributedDataParallel(s.net) if d.world_size > 1 else None
+    s.model = maybe_compile(s.ddp or s.net, tc.compile, s.log, what="training")
+    s.writer = SnapshotWriter(tc.async_snapshots) if d.is_main else None
     if progress and d.is_main:
         from tqdm import tqdm
-        bar = tqdm(total=tc.duration_nimg, initial=nimg, unit="img", unit_scale=True, dynamic_ncols=True,
-                   desc="train", mininterval=1.0)
-    meta = snapshot_meta(cfg, args) if d.is_main else None
-    status, steps, last_loss, last_ckpt = "finished", 0, None, None
-    window = {"loss": 0.0, "weighted_mse": 0.0, "n": 0, "t": time.time(), "nimg": nimg}
+        s.bar = tqdm(total=tc.duration_nimg, initial=s.nimg, unit="img", unit_scale=True, dynamic_ncols=True,
+                     desc="train", mininterval=1.0)
+    s.meta = snapshot_meta(s.cfg, s.args) if d.is_main else None
+    s.window = {"loss": 0.0, "weighted_mse": 0.0, "n": 0, "t": time.time(), "nimg": s.nimg}
     if d.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(d.device)
 
-    pin = d.device.type == "cuda"
-    batches = rank_batches(ds, tc, nimg, d.rank, batch_rank, batch_gpu, pin)
-    if tc.prefetch_batches:
-        batches = Prefetcher(batches, tc.prefetch_batches)
-    try:
-        while nimg < tc.duration_nimg:
-            if stop.requested(d) or (max_steps is not None and steps >= max_steps):
-                status = "stopped"
-                break
-            # --- one optimizer step over the global batch starting at image `nimg` -----------------
-            gen = torch.Generator(device=d.device).manual_seed(_seed(tc.seed, 3, nimg))   # on the device: cheap
-            sigma_all = sample_sigma(tc.batch_size, cfg.loss, gen, d.device)     # the loss's own noise law
-            eps_all = torch.randn([tc.batch_size, ds.img_channels, ds.resolution, ds.resolution], generator=gen,
-                                  device=d.device)
-            lr = learning_rate(nimg, tc.batch_size, tc.ref_lr, tc.ref_batches, tc.rampup_nimg)
-            for g in opt.param_groups:
-                g["lr"] = lr
-            opt.zero_grad(set_to_none=True)
-            step_loss = step_mse = 0.0
-            for r in range(rounds):
-                lo = d.rank * batch_rank + r * batch_gpu
-                sl = slice(lo, lo + batch_gpu)
-                torch.manual_seed(_seed(tc.seed, 4, nimg, d.rank, r))      # dropout masks
-                key, x, labels = next(batches)
-                if key != (nimg, r):
-                    raise TrainingError(f"batch order broken: expected {(nimg, r)}, got {key}")
-                x = x.to(d.device, non_blocking=pin,
-                         memory_format=torch.channels_last if tc.channels_last else torch.preserve_format)
-                labels = labels.to(d.device, non_blocking=pin) if labels is not None and args["label_dim"] else None
-                if labels is not None and tc.label_dropout > 0:     # method.md 5: the zero label = unconditional
-                    u = torch.rand(labels.shape[0], generator=torch.Generator().manual_seed(_seed(tc.seed, 6, nimg, lo)))
-                    labels = labels * (u >= tc.label_dropout).to(labels.dtype).to(d.device)[:, None]
-                sync = ddp is None or r == rounds - 1
-                ctx = ddp.no_sync() if (ddp is not None and not sync) else _nullcontext()
-                with ctx, amp:
-                    obj, stats = edm2_loss(model, x, labels, cfg.loss, sigma=sigma_all[sl], eps=eps_all[sl])
-                    (obj * (batch_gpu / batch_rank)).backward()
-                step_loss += stats["loss"].item() / rounds
-                step_mse += stats["weighted_mse"].item() / rounds
-            for p in net.parameters():                 # method.md 3: non-finite gradients are set to zero
-                if p.grad is not None:
-                    torch.nan_to_num(p.grad, nan=0, posinf=0, neginf=0, out=p.grad)
-            opt.step()
-            nimg += tc.batch_size
-            steps += 1
-            if d.world_size > 1:                       # loss for logging: mean over ranks
-                t = torch.tensor([step_loss, step_mse], device=d.device)
-                dist.all_reduce(t)
-                step_loss, step_mse = (t / d.world_size).tolist()
-            nonfinite = nonfinite + 1 if not math.isfinite(step_loss) else 0
-            if nonfinite >= tc.max_nonfinite_steps:
-                if logger:
-                    logger.end("FAILED")
-                raise TrainingError(f"loss was non-finite for {nonfinite} consecutive steps at nimg={nimg} "
-                                    f"(try a lower train.ref_lr={tc.ref_lr}); the last good checkpoint is kept")
-            last_loss = step_loss
 
-            if d.is_main:
-                ema.update(net, nimg, tc.batch_size)
-                if math.isfinite(step_loss):
-                    window["loss"] += step_loss
-                    window["weighted_mse"] += step_mse
-                    window["n"] += 1
-                if bar is not None:
-                    bar.update(tc.batch_size)
-                    bar.set_postfix(loss=f"{step_loss:.3f}", lr=f"{lr:.2e}", refresh=False)
-                if nimg % tc.status_nimg < tc.batch_size or nimg >= tc.duration_nimg:
-                    _log_window(logger, window, nimg, lr, d)
-                if nimg % cfg.ema.snapshot_nimg == 0:
-                    writer.submit(ema.snapshot_payloads(run_dir / "snapshots", nimg, meta, cfg.ema.snapshot_dtype))
-                if tc.sample_nimg and nimg % tc.sample_nimg < tc.batch_size:
-                    _log_samples(net, ema, cfg, args, run_dir, nimg, logger, d)
-            if report is not None and nimg % cfg.ema.snapshot_nimg == 0:    # every rank: same loss after all_reduce
-                extra = {"val_loss": validate(net)} if validate is not None else {}
-                if extra and logger is not None:
-                    logger.log_metrics_at(extra, nimg)
-                report(nimg, {"loss": step_loss, "weighted_mse": step_mse, **extra})
-            if nimg % tc.checkpoint_nimg == 0 and nimg < tc.duration_nimg:
-                last_ckpt = checkpoint() or last_ckpt
-    except BaseException:
-        if writer is not None:                         # a failed write elsewhere must not hide this one
-            try:
-                writer.drain()
-            except Exception:
-                pass
-        raise
-    finally:
-        if isinstance(batches, Prefetcher):
-            batches.close()
-    last_ckpt = checkpoint() or last_ckpt
-    if bar is not None:
-        bar.close()
-    seconds = time.time() - t0
+def _step(s: Session, batches, pin: bool) -> tuple[float, float, float]:
+    """One optimizer step over the global batch starting at image s.nimg (method.md 2, 3): the noise of
+    the whole batch from (seed, nimg), this rank's micro-batches, gradient accumulation, Adam.
+    Returns (loss, weighted_mse, lr), the losses averaged over ranks."""
+    cfg, d, tc = s.cfg, s.d, s.cfg.train
+    nimg, rounds = s.nimg, s.batch_rank // s.batch_gpu
+    gen = torch.Generator(device=d.device).manual_seed(_seed(tc.seed, 3, nimg))   # on the device: cheap
+    sigma_all = sample_sigma(tc.batch_size, cfg.loss, gen, d.device)     # the loss's own noise law
+    eps_all = torch.randn([tc.batch_size, s.ds.img_channels, s.ds.resolution, s.ds.resolution], generator=gen,
+                          device=d.device)
+    lr = learning_rate(nimg, tc.batch_size, tc.ref_lr, tc.ref_batches, tc.rampup_nimg)
+    for g in s.opt.param_groups:
+        g["lr"] = lr
+    s.opt.zero_grad(set_to_none=True)
+    amp = torch.autocast(d.device.type, dtype=torch.bfloat16, enabled=tc.amp == "bf16")
+    step_loss = step_mse = 0.0
+    for r in range(rounds):
+        lo = d.rank * s.batch_rank + r * s.batch_gpu
+        sl = slice(lo, lo + s.batch_gpu)
+        torch.manual_seed(_seed(tc.seed, 4, nimg, d.rank, r))      # dropout masks
+        key, x, labels = next(batches)
+        if key != (nimg, r):
+            raise TrainingError(f"batch order broken: expected {(nimg, r)}, got {key}")
+        x = x.to(d.device, non_blocking=pin,
+                 memory_format=torch.channels_last if tc.channels_last else torch.preserve_format)
+        labels = labels.to(d.device, non_blocking=pin) if labels is not None and s.args["label_dim"] else None
+        if labels is not None and tc.label_dropout > 0:     # method.md 5: the zero label = unconditional
+            u = torch.rand(labels.shape[0], generator=torch.Generator().manual_seed(_seed(tc.seed, 6, nimg, lo)))
+            labels = labels * (u >= tc.label_dropout).to(labels.dtype).to(d.device)[:, None]
+        sync = s.ddp is None or r == rounds - 1
+        ctx = s.ddp.no_sync() if (s.ddp is not None and not sync) else _nullcontext()
+        with ctx, amp:
+            obj, stats = edm2_loss(s.model, x, labels, cfg.loss, sigma=sigma_all[sl], eps=eps_all[sl])
+            (obj * (s.batch_gpu / s.batch_rank)).backward()
+        step_loss += stats["loss"].item() / rounds
+        step_mse += stats["weighted_mse"].item() / rounds
+    for p in s.net.parameters():                       # method.md 3: non-finite gradients are set to zero
+        if p.grad is not None:
+            torch.nan_to_num(p.grad, nan=0, posinf=0, neginf=0, out=p.grad)
+    s.opt.step()
+    s.nimg += tc.batch_size
+    s.steps += 1
+    if d.world_size > 1:                               # loss for logging: mean over ranks
+        t = torch.tensor([step_loss, step_mse], device=d.device)
+        dist.all_reduce(t)
+        step_loss, step_mse = (t / d.world_size).tolist()
+    return step_loss, step_mse, lr
+
+
+def _after_step(s: Session, step_loss: float, step_mse: float, lr: float, report, validate) -> Path | None:
+    """The hooks after a step: the non-finite guard, EMA, status lines, snapshots, sample grids, the
+    sweep's report, checkpoints. Returns the checkpoint written, if any."""
+    cfg, d, tc, nimg = s.cfg, s.d, s.cfg.train, s.nimg
+    s.nonfinite = s.nonfinite + 1 if not math.isfinite(step_loss) else 0
+    if s.nonfinite >= tc.max_nonfinite_steps:
+        if s.logger:
+            s.logger.end("FAILED")
+        raise TrainingError(f"loss was non-finite for {s.nonfinite} consecutive steps at nimg={nimg} "
+                            f"(try a lower train.ref_lr={tc.ref_lr}); the last good checkpoint is kept")
+    if d.is_main:
+        s.ema.update(s.net, nimg, tc.batch_size)
+        if math.isfinite(step_loss):
+            s.window["loss"] += step_loss
+            s.window["weighted_mse"] += step_mse
+            s.window["n"] += 1
+        if s.bar is not None:
+            s.bar.update(tc.batch_size)
+            s.bar.set_postfix(loss=f"{step_loss:.3f}", lr=f"{lr:.2e}", refresh=False)
+        if nimg % tc.status_nimg < tc.batch_size or nimg >= tc.duration_nimg:
+            _log_window(s.logger, s.window, nimg, lr, d)
+        if nimg % cfg.ema.snapshot_nimg == 0:
+            s.writer.submit(s.ema.snapshot_payloads(s.run_dir / "snapshots", nimg, s.meta, cfg.ema.snapshot_dtype))
+        if tc.sample_nimg and nimg % tc.sample_nimg < tc.batch_size:
+            _log_samples(s.net, s.ema, cfg, s.args, s.run_dir, nimg, s.logger, d)
+    if report is not None and nimg % cfg.ema.snapshot_nimg == 0:    # every rank: same loss after all_reduce
+        extra = {"val_loss": validate(s.net)} if validate is not None else {}
+        if extra and s.logger is not None:
+            s.logger.log_metrics_at(extra, nimg)
+        report(nimg, {"loss": step_loss, "weighted_mse": step_mse, **extra})
+    if nimg % tc.checkpoint_nimg == 0 and nimg < tc.duration_nimg:
+        return _checkpoint(s)
+    return None
+
+
+def _checkpoint(s: Session) -> Path | None:
+    """An atomic checkpoint of everything a resume needs (main process; snapshots up to nimg first)."""
+    if not s.d.is_main:
+        return None
+    s.writer.drain()                                   # snapshots up to nimg are on disk before the checkpoint
+    if s.nonfinite or not all(torch.isfinite(p).all() for p in s.net.parameters()):
+        s.log(f"warning: no checkpoint at nimg={s.nimg}: the weights or the last loss are not finite; "
+              f"the last good checkpoint is kept")
+        return None
+    return save_checkpoint(s.run_dir, {"format": CHECKPOINT_FORMAT, "nimg": s.nimg, "net": s.net.state_dict(),
+                                       "optimizer": s.opt.state_dict(), "ema": s.ema.state_dict(),
+                                       "mlflow_run_id": s.mlflow_run_id, "nonfinite": s.nonfinite,
+                                       "train_seconds": s.seconds_before + time.time() - s.t0,
+                                       "run_key": s.cfg.run_key(), "config": s.cfg.to_dict(), "net_args": s.args})
+
+
+def _finish(s: Session, status: str, last_loss, last_ckpt) -> TrainResult:
+    """The final sample grid, train_summary.json, the MLflow run's end and the stop line."""
+    if s.bar is not None:
+        s.bar.close()
+    seconds = time.time() - s.t0
+    d, tc = s.d, s.cfg.train
     if d.is_main:
         if status == "finished":
-            _log_samples(net, ema, cfg, args, run_dir, nimg, logger, d)
-        total = seconds_before + seconds                  # across every resume of this run
+            _log_samples(s.net, s.ema, s.cfg, s.args, s.run_dir, s.nimg, s.logger, d)
+        total = s.seconds_before + seconds                # across every resume of this run
         devices = d.world_size if d.device.type == "cuda" else 0
-        summary = write_summary(run_dir, cfg, status, nimg, total, mlflow_run_id, steps, seconds,
+        summary = write_summary(s.run_dir, s.cfg, status, s.nimg, total, s.mlflow_run_id, s.steps, seconds,
                                 device=d.device, processes=d.world_size)
-        logger.set_tags({"gpus": devices})
-        logger.log_summary({"train_seconds": total, "gpu_seconds": total * devices,
-                            "final_loss": summary["final_loss"]})
-        logger.end("FINISHED" if status == "finished" else "KILLED")
+        s.logger.set_tags({"gpus": devices})
+        s.logger.log_summary({"train_seconds": total, "gpu_seconds": total * devices,
+                              "final_loss": summary["final_loss"]})
+        s.logger.end("FINISHED" if status == "finished" else "KILLED")
         fl = summary["final_loss"]
-        log(f"{status} at nimg={nimg}/{tc.duration_nimg}: loss {fl if fl is None else round(fl, 4)}, "
-            f"{summary['images_per_s_session']} img/s over {steps} steps in {seconds:.0f} s; run {run_dir}, "
-            f"checkpoint {last_ckpt}, MLflow run {mlflow_run_id or '(offline)'}")
-    return TrainResult(nimg, status, run_dir, mlflow_run_id, last_loss, seconds, last_ckpt)
+        s.log(f"{status} at nimg={s.nimg}/{tc.duration_nimg}: loss {fl if fl is None else round(fl, 4)}, "
+              f"{summary['images_per_s_session']} img/s over {s.steps} steps in {seconds:.0f} s; run {s.run_dir}, "
+              f"checkpoint {last_ckpt}, MLflow run {s.mlflow_run_id or '(offline)'}")
+    return TrainResult(s.nimg, status, s.run_dir, s.mlflow_run_id, last_loss, seconds, last_ckpt)
 
 
 def write_summary(run_dir: Path, cfg: C.Config, status: str, nimg: int, train_seconds_total: float,
@@ -592,7 +661,7 @@ def _log_samples(net, ema, cfg, args, run_dir: Path, nimg: int, logger, d: Dist,
     """A sample grid from the longest tracked EMA, saved in the run folder and logged to MLflow (a latent
     run's samples decoded by its VAE)."""
     from .latents import Decoder
-    from .report import save_image_grid
+    from .images import save_image_grid
     sampler = cfg.sampler.model_copy(update={"steps": min(cfg.sampler.steps, 18)})
     probe = build_network(cfg, **args).to(d.device)
     probe.load_state_dict(ema.emas[-1])

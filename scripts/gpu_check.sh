@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU acceptance run, in one call on an air-gapped GPU node (README: GPU acceptance). Steps, each
+# The GPU acceptance run, in one call on an air-gapped GPU node (docs/performance.md: GPU acceptance). Steps, each
 # with its own time budget (scripts/gpu_env.py steps(); at most 385 s in all), continuing after a failed
 # step: the `gpu` tests (bf16, channels_last, torch.compile, fused Adam, CUDA-graph sampler) 60 s; a bf16
 # matmul peak 20 s; training throughput and MFU for EDM2 XS at 64x64 in bf16 with compile, channels_last

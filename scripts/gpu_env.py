@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-# What the GPU nodes we check on have (README, GPU acceptance): Python 3.12, PyTorch 2.11 (CUDA 13) and these.
+# What the GPU nodes we check on have (docs/performance.md, GPU acceptance): Python 3.12, PyTorch 2.11 (CUDA 13) and these.
 PREINSTALLED = ["torch", "torchvision", "timm", "safetensors", "numpy", "scipy", "pandas", "matplotlib", "pillow",
                 "pyyaml", "tqdm", "psutil", "pytest", "pytest-xdist"]
 # What they lack and the acceptance steps import: the config schema's pydantic and its own needs.

@@ -38,8 +38,7 @@ def main(argv: list[str] | None = None) -> int:
         if cfg.launcher.nnodes > 1 and "LOCAL_RANK" not in os.environ:
             raise TrainingError(f"launcher.nnodes={cfg.launcher.nnodes} is for SLURM (`python -m pipeline submit train "
                                 f"--executor slurm`); without SLURM start `torchrun --nnodes {cfg.launcher.nnodes} "
-                                f"--node-rank R --master-addr HOST ... -m stages.train` on every node (README: "
-                                f"Scaling out)")
+                                f"--node-rank R --master-addr HOST ... -m stages.train` on every node (docs/scaling.md)")
         if nproc > 1 and "LOCAL_RANK" not in os.environ:
             return _torchrun(nproc, argv if argv is not None else sys.argv[1:])
         if args.on_mismatch == "archive" and int(os.environ.get("RANK", "0")) == 0:

@@ -103,7 +103,7 @@ def prepare_ray_env(address: str | None) -> None:
         return
     mode = os.environ.get("RAY_AUTH_MODE", "").lower()
     how = ("set RAY_AUTH_MODE=token and the cluster's token (RAY_AUTH_TOKEN, a file in RAY_AUTH_TOKEN_PATH or "
-           "~/.ray/auth_token) here and for every `ray start`; README: Scaling out")
+           "~/.ray/auth_token) here and for every `ray start`; docs/scaling.md")
     if mode == "disabled":
         raise SweepError(f"--address {address} is not loopback, and RAY_AUTH_MODE=disabled: a Ray cluster reachable "
                          f"over the network runs anyone's code without authentication. Use token authentication: {how}")
