@@ -18,7 +18,9 @@ import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from .devices import DEVICE_PATTERN
 from .errors import PipelineError
+from .backends import BACKENDS as _BACKENDS
 from .options import NOISE_LAWS as _NOISE_LAWS, SOLVERS as _SOLVERS
+from .sources import SOURCES as _SOURCES
 
 SIGMA_REL_MAX = math.sqrt(1.0 / 12.0)  # method.md 6: sigma_rel < sqrt(1/12) ~= 0.2887
 PRESETS_FILE = Path(__file__).with_name("presets.yaml")
@@ -152,7 +154,7 @@ class _Section(BaseModel):
 
 
 class DataConfig(_Section):
-    source: Literal["fashion-mnist", "folder", "zip"] = "fashion-mnist"
+    source: Literal[tuple(_SOURCES)] = "fashion-mnist"   # sources.SOURCES
     path: Optional[str] = None             # folder/zip path; fashion-mnist: the folder of its .gz files (filled when absent)
     resolution: Annotated[int, AfterValidator(_power_of_two)] = 32
     channels: Literal[1, 3, 4] = 1         # image channels after encoding (latents: VAE channels)
@@ -170,7 +172,7 @@ class DataConfig(_Section):
 
     @model_validator(mode="after")
     def _check(self):
-        if self.source in ("folder", "zip") and not self.path:
+        if _SOURCES[self.source].needs_path and not self.path:
             raise ValueError(f"data.path is required when data.source={self.source}")
         if self.encoder == "vae" and not self.vae_path:
             raise ValueError("data.vae_path is required when data.encoder=vae")
@@ -322,7 +324,7 @@ class FIDConfig(_Section):
     @classmethod
     def _metrics(cls, v):
         if not v or v[0] != "fid" or len(set(v)) != len(v):
-            raise ValueError("list fid first, then other metrics once each, e.g. [fid, fd_dinov2]")
+            raise ValueError("list fid first, then other metrics once each, e.g. [fid, precision_recall, fd_dinov2]")
         return v
 
 
@@ -386,7 +388,7 @@ class TrackingConfig(_Section):
 
 
 class LauncherConfig(_Section):
-    executor: Literal["local", "slurm"] = "local"
+    executor: Literal[tuple(_BACKENDS)] = "local"     # backends.BACKENDS
     nproc_per_node: PosInt = 1
     nnodes: PosInt = 1
     partition: Optional[str] = None

@@ -341,14 +341,29 @@ def load_source(cfg_data, split: str = "train", cache_dir: str | Path = "data/ra
     if split in ("train", "reference") and cfg_data.reference_split is not None:
         whole = load_source(cfg_data.model_copy(update={"reference_split": None}), "train", cache_dir)
         return _split(whole, cfg_data, keep_held_out=split == "reference")
-    if cfg_data.source == "fashion-mnist":
-        d = find_fashion_mnist(cfg_data.path, cache_dir)
-        imgs, labels = read_idx(*(d / f for f in FMNIST_FILES[split]))
-        return RawImages(list(imgs[..., None]), labels, list(FMNIST_CLASSES), f"fashion-mnist:{split}:{d}", [],
-                         "idx file")
-    if split != "train":
+    from .sources import SOURCES
+    source = SOURCES[cfg_data.source]
+    if split not in source.splits:
         raise DataError(f"data.source={cfg_data.source} has no '{split}' split; give the reference as a folder")
-    return read_image_folder(cfg_data.path) if cfg_data.source == "folder" else read_image_zip(cfg_data.path)
+    return globals()[source.reader](cfg_data, split, cache_dir)
+
+
+def read_fashion_mnist(d, split: str, cache_dir) -> RawImages:
+    """The `fashion-mnist` source: one split of the idx files from Debian's package."""
+    folder = find_fashion_mnist(d.path, cache_dir)
+    imgs, labels = read_idx(*(folder / f for f in FMNIST_FILES[split]))
+    return RawImages(list(imgs[..., None]), labels, list(FMNIST_CLASSES), f"fashion-mnist:{split}:{folder}", [],
+                     "idx file")
+
+
+def read_folder_source(d, split: str, cache_dir) -> RawImages:
+    """The `folder` source (train only)."""
+    return read_image_folder(d.path)
+
+
+def read_zip_source(d, split: str, cache_dir) -> RawImages:
+    """The `zip` source (train only)."""
+    return read_image_zip(d.path)
 
 
 def _split(raw: RawImages, cfg_data, keep_held_out: bool) -> RawImages:
@@ -429,7 +444,8 @@ def dataset_splits(cfg) -> list[str]:
     """The splits the encode stage writes: Fashion-MNIST's train (training) and test (FID reference);
     a folder or zip source has train only; with data.reference_split also `reference` (held out)."""
     held = ["reference"] if cfg.data.reference_split is not None else []
-    return (["train", "test"] if cfg.data.source == "fashion-mnist" else ["train"]) + held
+    from .sources import SOURCES
+    return list(SOURCES[cfg.data.source].splits) + held
 
 
 def ensure_encoded(cfg, cache_dir: str | Path = "data/raw", log=print) -> None:
@@ -457,7 +473,8 @@ def encode_dataset(cfg, out_dir: str | Path, split: str = "train", cache_dir: st
         raise DataError(f"{out} is a file, not a folder (choose another data.dataset_dir)")
     # A VAE dataset's reference splits stay pixels (at the VAE's input size): FID compares pixels.
     pixels_only = d.encoder == "vae" and split in ("test", "reference")
-    given = read_latent_source(d.path, d.source) if d.encoder == "vae" and d.source in ("folder", "zip") \
+    from .sources import SOURCES
+    given = read_latent_source(d.path, d.source) if d.encoder == "vae" and SOURCES[d.source].latents \
         and split == "train" and d.reference_split is None else None
     if given is not None:
         return _write_encoded(cfg, out, split, given, *_as_stored(d, given))

@@ -16,10 +16,10 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from .fid import FIDError, array_features, measure
+from .fid import FIDError
 from .io import atomic_write_text
-from .records import (FIDRecord, check_comparable, computed, is_grid, is_plain, point_key, point_label, result_line,
-                      sampler_record)
+from .records import (FIDRecord, check_comparable, computed, is_grid, is_plain, point_key, point_label,
+                      record_metrics, result_line, sampler_record)
 from .stats import ranking
 
 
@@ -177,14 +177,16 @@ def evaluate_points(points: Sequence[dict], models_dir: str | Path, cfg, refs: S
                     target_nimg: int | None = None) -> list[FIDRecord]:
     """One record per post-hoc point (EMA length, guide, guidance weight, steps) against one
     reference: fid.num_images samples (seeds fid.seed ...), features, FID with its bootstrap interval
-    and KID, and every further metric of `refs` (metrics.references: FID first) in `extra.metrics`.
+    and KID, and every further metric of `refs` (metrics.references: feature groups, Inception first),
+    all in the record's `metrics`; features are computed once per feature network.
     Points that are the same computation (no guide or w = 1: the unguided model) are sampled once;
     their records carry `extra.same_as`. Each result is printed when known ("k of n")."""
     from .phema import check_reconstruction
     from .images import save_image_grid
     models_dir = Path(models_dir)
     f = cfg.fid
-    (_, _, feat, ref), others = refs[0], refs[1:]
+    from .metrics import combine_sets, measure_images
+    feat, ref = refs[0].extractor, refs[0].ref
     steps_axis = len({q["steps"] for q in points}) > 1
     if target_nimg is None:
         summary = models_dir / "reconstruct.json"
@@ -230,30 +232,26 @@ def evaluate_points(points: Sequence[dict], models_dir: str | Path, cfg, refs: S
                 images = generate(net, f.num_images, f.seed + k_set * f.num_images, sampler, cfg.sampler.batch_size,
                                   device, progress, desc=f"{set_tag}: sample NFE {sampler.nfe}", guide=guide_obj,
                                   decoder=decoder_for(data, cfg, device, decoders))
-                feats = array_features(images, feat, f.batch_size, progress=progress, desc=f"{set_tag}: features")
-                m = measure(feats, ref, f.num_images)
-                m["others"] = {}
-                for name, metric_, ex, ref_x in others:     # further metrics of the registry, same images
-                    fx = array_features(images, ex, f.batch_size, progress=progress, desc=f"{set_tag}: {name} features")
-                    m["others"][name] = {**metric_.measure(fx, ref_x, f.num_images), "feature_net": ex.name,
-                                         "feature_net_sha256": ex.sha256}
+                m = measure_images(images, refs, f.num_images, f.batch_size, progress, set_tag)
                 if k_set == 0:
                     plain = guide is None and p["steps"] == cfg.sampler.steps
                     grid_name = f"samples-{main.stem}" + ("" if plain else f"-{_slug(p, guide)}") + ".png"
                     if samples_dir is not None:
                         save_image_grid(images[:64], Path(samples_dir) / grid_name)
                 sets.append(m)
-            results[key] = (combine_seed_sets(sets), data, grid_name)
+            results[key] = (combine_sets(sets), data, grid_name)
         m, data, grid_name = results[key]
+        fid_, kid_ = m["fid"], m.get("kid") or {}
         rec = FIDRecord(
-            fid=m["fid"], feature_net=feat.name, feature_net_sha256=feat.sha256, mode=f.mode, num_images=f.num_images,
-            reference=ref["reference"], reference_sha256=ref["reference_sha256"], ref_num_images=ref["ref_num_images"],
-            sampler=sampler_record(sampler), seeds=[f.seed, f.seed + f.seed_sets * f.num_images - 1],
-            model_file=str(main), seed_sets=f.seed_sets, fid_sets=m.get("fid_sets"), fid_min=m.get("fid_min"),
-            sigma_rel=data.get("sigma_rel"), nimg=data.get("nimg"), fid_se=m["fid_se"], fid_ci95=m["fid_ci95"],
-            kid=m.get("kid"), kid_std=m.get("kid_std"), bootstrap=m["bootstrap"], guide=_guide_label(p["guide"]),
+            fid=fid_["value"], feature_net=feat.name, feature_net_sha256=feat.sha256, mode=f.mode,
+            num_images=f.num_images, reference=ref["reference"], reference_sha256=ref["reference_sha256"],
+            ref_num_images=ref["ref_num_images"], sampler=sampler_record(sampler),
+            seeds=[f.seed, f.seed + f.seed_sets * f.num_images - 1], model_file=str(main), seed_sets=f.seed_sets,
+            fid_sets=fid_.get("sets"), fid_min=fid_.get("min"), sigma_rel=data.get("sigma_rel"), nimg=data.get("nimg"),
+            fid_se=fid_["se"], fid_ci95=fid_["interval"], kid=kid_.get("value"), kid_std=kid_.get("se"),
+            bootstrap=fid_["bootstrap"], guide=_guide_label(p["guide"]),
+            metrics={name: {k: v for k, v in e.items() if k != "bootstrap"} for name, e in m.items()},
             extra={"guide_file": str(guide) if isinstance(guide, Path) else None, "samples": grid_name,
-                   **({"metrics": m["others"]} if m["others"] else {}),
                    **({"steps_axis": True} if steps_axis else {})})
         if key in first_key:
             rec.extra["same_as"] = first_key[key]          # the same computation as an earlier point
@@ -277,33 +275,6 @@ def decoder_for(model_meta: dict, cfg, device, cache: dict | None = None):
     if key not in cache:
         cache[key] = Decoder(data, cfg.data.vae_path, device, cfg.data.dataset_dir)
     return cache[key]
-
-
-def combine_seed_sets(sets: Sequence[dict]) -> dict:
-    """K disjoint seed sets -> one measurement (method.md 8): the mean FID, its standard error from the
-    sets' own bootstrap errors (independent sets: sqrt(sum se_k^2) / K), a normal 95 % interval, the
-    minimum (EDM/EDM2's reporting) and every set's value. One set is returned as it is."""
-    if len(sets) == 1:
-        return sets[0]
-    k = len(sets)
-    fids = [s["fid"] for s in sets]
-    mean = float(np.mean(fids))
-    se = float(np.sqrt(sum(s["fid_se"] ** 2 for s in sets)) / k)
-    out = {**sets[0], "fid": mean, "fid_se": se, "fid_ci95": [mean - 1.96 * se, mean + 1.96 * se],
-           "fid_sets": fids, "fid_min": float(min(fids)), "others": {}}
-    if all(s.get("kid") is not None for s in sets):
-        out["kid"] = float(np.mean([s["kid"] for s in sets]))
-        out["kid_std"] = float(np.sqrt(sum(s["kid_std"] ** 2 for s in sets)) / k)
-    reps = [s.get("bootstrap", {}).get("replicates") for s in sets]
-    # The mean's replicates: the sets' replicates (same resample indices in each set) averaged, so two
-    # records of the same seed sets still pair (stats.paired).
-    out["bootstrap"] = {**(sets[0].get("bootstrap") or {}), "seed_sets": k,
-                        "replicates": [round(float(v), 4) for v in np.mean(reps, axis=0)] if all(reps) else None}
-    for name in sets[0]["others"]:
-        vals = [s["others"][name]["value"] for s in sets]
-        out["others"][name] = {**sets[0]["others"][name], "value": float(np.mean(vals)), "sets": vals,
-                               "min": float(min(vals))}
-    return out
 
 
 def _slug(point: dict, guide) -> str:
@@ -346,9 +317,9 @@ def write_metrics(records: Sequence[FIDRecord | dict], metrics_dir: str | Path) 
                "tied_with_best": rk["tied_with_best"], "best_at_edge": rk["edge"],
                "num_images": best["num_images"], "ref_num_images": best["ref_num_images"],
                "feature_net": best["feature_net"], "nfe": best["sampler"]["nfe"]}
-    for name in sorted({n for r in rows for n in (r.get("extra") or {}).get("metrics", {})}):
-        metrics[name] = {point_key(r): round(r["extra"]["metrics"][name]["value"], 4) for r in rows
-                         if name in (r.get("extra") or {}).get("metrics", {})}
+    for name in sorted({n for r in rows for n in record_metrics(r)} - {"fid", "kid"}):   # the other metrics
+        metrics[name] = {point_key(r): round(record_metrics(r)[name]["value"], 4) for r in rows
+                         if name in record_metrics(r)}
     if best.get("seed_sets", 1) > 1:                             # the paper's reporting beside ours
         metrics.update(seed_sets=best["seed_sets"], best_fid_min=round(best["fid_min"], 4),
                        fid_min={point_key(r): round(r["fid_min"], 4) for r in rows})
@@ -371,6 +342,7 @@ def evaluate_run(cfg, snapshot_dir: str | Path, out_dir: str | Path, ref_cache: 
     point against the reference (cached in ref_cache). Records are kept in out_dir/fid_records.json; a
     second call with the same points and settings reuses them (what a retried sweep trial needs)."""
     from .phema import reconstruct
+    from .metrics import metric_names, references
     from .records import SAMPLER_AXES
     out_dir = Path(out_dir)
     summary = reconstruct(snapshot_dir, reconstruction_targets(cfg), out_dir=out_dir / "ema")
@@ -393,11 +365,10 @@ def evaluate_run(cfg, snapshot_dir: str | Path, out_dir: str | Path, ref_cache: 
         have = sorted(ident(r["model_file"], r.get("guide", "none"), r["sampler"]["guidance"], r["sampler"]["steps"])
                       for r in records)
         if have == want and all(r.get("num_images") == cfg.fid.num_images and
-                                sorted((r.get("extra") or {}).get("metrics", {})) == sorted(cfg.fid.metrics[1:]) and
+                                set(record_metrics(r)) == set(metric_names(cfg)) and
                                 {k: v for k, v in r["sampler"].items() if k not in SAMPLER_AXES} == fixed
                                 for r in records):
             return records
-    from .metrics import references
     refs = references(cfg, str(device), ref_cache, progress)
     records = [r.to_dict() for r in evaluate_points(points, out_dir / "ema", cfg, refs, out_dir / "samples",
                                                      device, progress, log=None, target_nimg=T)]

@@ -149,7 +149,8 @@ def reference_dataset_dir(cfg, ref_cache: str | Path = "data/fid-ref") -> str:
     by the content hash of its files and the encoding settings, so it is encoded once)."""
     ref, d = cfg.fid.reference, cfg.data
     if ref == "fashion-mnist-test":
-        if d.source != "fashion-mnist":
+        from .sources import SOURCES
+        if "test" not in SOURCES[d.source].splits:
             raise FIDError(f"fid.reference=fashion-mnist-test, but data.source={d.source}: set data.reference_split "
                            f"and fid.reference=held-out, or fid.reference to an image folder or zip")
         return f"{d.dataset_dir}/test"

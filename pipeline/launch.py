@@ -6,11 +6,13 @@ preemption) the training loop finishes its step, writes a checkpoint, and submit
 job; on SIGTERM (`scontrol requeue`) it checkpoints the same way if it has the time, and the
 requeued job resumes from the newest checkpoint on disk. Either way the run continues from the
 same nimg, to the same parameters, in the same MLflow run.
+
+The backends (SLURM, local) are a table in backends.py, with the one adapter through which a
+running job reads its allocation.
 """
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import subprocess
 import time
@@ -19,6 +21,7 @@ from pathlib import Path
 from typing import Sequence
 
 from . import config as C
+from .backends import BACKENDS, job_env
 from .errors import PipelineError
 
 
@@ -53,7 +56,7 @@ class TrainJob:
         rank = int(os.environ.get("RANK", "0"))
         if res.status == "stopped" and stop.signal == signal.SIGUSR2 and rank == 0 and callable(submitit_usr2):
             submitit_usr2(signal.SIGUSR2, None)              # -> self.checkpoint() -> requeue -> exit
-        if res.status == "stopped" and "SLURM_JOB_ID" in os.environ:
+        if res.status == "stopped" and job_env().scheduler is not None:
             # `scontrol requeue` (SIGTERM), or the other ranks of a job that rank 0 requeues: SLURM kills
             # and restarts the whole job. Exiting now would leave a failure result behind that a watcher
             # could read before the restart.
@@ -82,23 +85,22 @@ class SweepJob:
 
     def __call__(self):
         os.chdir(self.cwd)
-        nodes = _slurm_hostnames()
-        node_id = int(os.environ.get("SLURM_NODEID", "0"))
-        cpus = int(os.environ.get("SLURM_CPUS_ON_NODE", "0")) or None
+        env = job_env()
+        nodes, node_id, cpus = env.nodes, env.node_id, env.cpus
         from .sweep.driver import run_sweep
 
         def summary(res) -> dict:
             return {"rows": len(res.table), "table": str(res.table_path), "parent_run_id": res.parent_run_id}
         if len(nodes) <= 1:                                  # one node: a local Ray instance
             return summary(run_sweep(self.sweep_file, num_cpus=cpus))
-        job_id = os.environ.get("SLURM_JOB_ID", "0")
+        job_id = env.job_id or "0"
         os.environ.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=self.token or os.environ.get("RAY_AUTH_TOKEN", ""))
         if not os.environ["RAY_AUTH_TOKEN"]:
             raise LaunchError("a multi-node sweep needs a Ray token: submit it with `python -m pipeline submit sweep`")
         head_ip = node_address(nodes[0])
         port = self.port or 30000 + int(job_id) % 20000      # per job: two sweeps can share a node
         import submitit
-        attempt = os.environ.get("SLURM_RESTART_COUNT", "0")
+        attempt = env.attempt
         done = Path(submitit.JobEnvironment().paths.folder) / f"{job_id}_ray_{attempt}.done"   # head -> workers
         if node_id != 0:
             wait_for_port(head_ip, port, 180)
@@ -193,17 +195,9 @@ class CommandJob:
         return r.returncode
 
 
-def _slurm_hostnames() -> list[str]:
-    nodelist = os.environ.get("SLURM_JOB_NODELIST")
-    if not nodelist:
-        return []
-    out = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True)
-    return out.stdout.split() or [nodelist]
-
-
 def _export_distributed_env() -> None:
-    """Multi-task SLURM jobs: MASTER_ADDR/PORT, RANK, WORLD_SIZE, LOCAL_RANK from SLURM's variables."""
-    if int(os.environ.get("SLURM_NTASKS", "1")) > 1 and "RANK" not in os.environ:
+    """Multi-task jobs: MASTER_ADDR/PORT, RANK, WORLD_SIZE, LOCAL_RANK from the scheduler's variables."""
+    if job_env().tasks > 1 and "RANK" not in os.environ:
         import submitit
         submitit.helpers.TorchDistributedEnvironment().export()
 
@@ -213,6 +207,7 @@ def _export_distributed_env() -> None:
 
 @dataclass
 class Submitted:
+    """The handle `submit` returns: wait for the result, describe where to look, read the logs."""
     job_id: str
     folder: Path
     stdout: Path
@@ -220,39 +215,31 @@ class Submitted:
     executor: str
     job: object
 
+    def wait(self):
+        return wait(self)
+
+    def describe(self) -> str:
+        return describe(self)
+
+    def logs(self, tail_chars: int = 1500) -> str:
+        """The end of the job's stdout and stderr (what is there so far)."""
+        return "".join(f"--- {p} ---\n{p.read_text(errors='replace')[-tail_chars:]}\n" for p in (self.stdout, self.stderr)
+                       if p.is_file())
+
 
 def make_executor(launcher: C.LauncherConfig, folder: Path, executor: str | None = None, job_name: str = "edm2"):
     import submitit
     kind = executor or launcher.executor
-    if kind == "slurm":
-        if shutil.which("sbatch") is None:
-            raise LaunchError("SLURM is not available on this machine (no `sbatch` on PATH); "
-                              "use --executor local to run the same job here")
-        ex = submitit.AutoExecutor(folder=str(folder), cluster="slurm")
-    elif kind == "local":
-        ex = submitit.AutoExecutor(folder=str(folder), cluster="local")
-    else:
-        raise LaunchError(f"executor={kind!r}: must be slurm or local")
-    params = {"timeout_min": launcher.timeout_min, "nodes": launcher.nnodes, "name": job_name}
-    if kind == "slurm":
-        gpus = launcher.gpus_per_node
-        tasks = max(1, launcher.nproc_per_node)
-        params.update(slurm_partition=launcher.partition, slurm_account=launcher.account, slurm_qos=launcher.qos,
-                      tasks_per_node=tasks, cpus_per_task=launcher.cpus_per_task,
-                      slurm_array_parallelism=launcher.array_parallelism, slurm_signal_delay_s=120)
-        if gpus:
-            params["gpus_per_node"] = gpus
-        if launcher.mem_gb:
-            params["mem_gb"] = launcher.mem_gb
-        params = {k: v for k, v in params.items() if v is not None}
-    ex.update_parameters(**params)
+    if kind not in BACKENDS:
+        raise LaunchError(f"executor={kind!r}: must be one of {', '.join(BACKENDS)}")
+    backend = BACKENDS[kind]
+    why_not = backend.available()
+    if why_not:
+        raise LaunchError(why_not)
+    ex = submitit.AutoExecutor(folder=str(folder), cluster=backend.cluster)
+    ex.update_parameters(timeout_min=launcher.timeout_min, nodes=launcher.nnodes, name=job_name,
+                         **backend.params(launcher))
     return ex
-
-
-# submit's flags that only a SLURM job uses (launcher field -> flag); the local executor would ignore them.
-SLURM_ONLY_FLAGS = {"partition": "--partition", "gpus_per_node": "--gpus", "cpus_per_task": "--cpus",
-                    "mem_gb": "--mem-gb", "account": "--account", "qos": "--qos", "nnodes": "--nodes",
-                    "nproc_per_node": "--tasks-per-node", "array_parallelism": "--array-parallelism"}
 
 
 def submit(kind: str, target: Sequence[str], params_file: str = "params.yaml", overrides: Sequence[str] = (),
@@ -279,12 +266,14 @@ def submit(kind: str, target: Sequence[str], params_file: str = "params.yaml", o
     else:
         raise LaunchError(f"unknown job kind {kind!r}")
     kind_ex = executor or cfg.launcher.executor
-    if kind_ex == "local":                                   # flags the local executor would silently ignore
-        ignored = [SLURM_ONLY_FLAGS[k] for k, v in (launcher_overrides or {}).items()
-                   if v is not None and k in SLURM_ONLY_FLAGS and not (k in ("nnodes", "nproc_per_node") and v == 1)]
-        if ignored:
-            raise LaunchError(f"{', '.join(ignored)} only apply to SLURM jobs, and this job would run locally "
-                              f"(launcher.executor=local): add --executor slurm, or drop the flag(s)")
+    others = {k: (name, flag) for name, b in BACKENDS.items() if name != kind_ex for k, flag in b.only_flags.items()}
+    ignored = [others[k] for k, v in (launcher_overrides or {}).items()      # flags this backend would ignore
+               if v is not None and k in others and k not in BACKENDS.get(kind_ex, BACKENDS["local"]).only_flags
+               and not (k in ("nnodes", "nproc_per_node") and v == 1)]
+    if ignored:
+        raise LaunchError(f"{', '.join(f for _, f in ignored)} only apply to {ignored[0][0].upper()} jobs, and this "
+                          f"job would run with launcher.executor={kind_ex}: add --executor {ignored[0][0]}, or drop the "
+                          f"flag(s)")
     stamp = time.strftime("%Y%m%d-%H%M%S")
     folder = Path(folder or f"runs/jobs/{kind}-{stamp}-{os.getpid()}")   # fresh: SLURM ids may restart at 1
     from .io import check_writable
@@ -311,7 +300,8 @@ def _one_line_sbatch_error(err: Exception) -> str:
 
 def describe(s: Submitted) -> str:
     follow = f"tail -f {s.stdout} {s.stderr}"
-    extra = f"; squeue -j {s.job_id}; scancel {s.job_id}" if s.executor == "slurm" else ""
+    watch = BACKENDS[s.executor].watch(s.job_id) if s.executor in BACKENDS else ""
+    extra = f"; {watch}" if watch else ""
     return (f"submitted job {s.job_id} ({s.executor})\n  logs: {s.stdout}\n        {s.stderr}\n"
             f"  follow: {follow}{extra}")
 

@@ -1,15 +1,19 @@
-"""The evaluation metrics as a small table (method.md 8): each metric is a feature extractor plus a
-distance plus the record fields it fills. `fid.metrics` in params picks them; FID is always first
-(every record's primary number, with KID from the same Inception features).
+"""The evaluation metrics as a small table (method.md 8, 10, 12). A metric names the feature network
+it reads (FEATURES), says what it needs on disk (`check`), and `measure`s generated features against
+the reference statistics of that network, returning one or more named entries
+`{name: {"value", "se", "interval", ...}}`; FID, KID, FD-DINOv2, precision and recall are all such
+entries of a record's `metrics` (records.to_row flattens them for every table). Features are
+computed once per feature network per image set and shared by the metrics that read them.
 
-Adding a metric: one class here (`check` for what it needs on disk, `extractor` returning a fid.FeatureNet whose fn maps the clean
-299x299 float [0, 255] batch to features, `measure` returning its record fields), one entry in
-METRICS, and its name in `fid.metrics`. Reference statistics are cached per extractor hash by
-fid.reference_stats, so each metric gets its own cache entry automatically.
+`fid.metrics` in params picks the metrics; `fid` comes first (its FID is every record's primary
+number, KID from the same Inception features). Adding a metric: a class here, one METRICS entry,
+its name in `fid.metrics`, and a test (tests/test_fid.py). Reference statistics are cached per
+feature network's hash by fid.reference_stats.
 """
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -18,25 +22,35 @@ import torch
 from .fid import FIDError, FeatureNet, load_feature_net, measure
 
 
+def _entry(value: float, se: float | None, **more) -> dict:
+    """A metric entry: the value, its standard error and the normal 95 % interval (unless given)."""
+    interval = more.pop("interval", None)
+    if interval is None and se is not None:
+        interval = [value - 1.96 * se, value + 1.96 * se]
+    return {"value": float(value), "se": None if se is None else float(se), "interval": interval, **more}
+
+
 class FIDMetric:
-    """FID (clean-fid Inception, 2048-d pool features), its bootstrap interval, and KID."""
-    name = "fid"
+    """FID (clean-fid Inception, 2048-d pool features) with its half-sampling interval, and KID from the
+    same features (method.md 8, 10)."""
+    features = "inception"
+    names = ("fid", "kid")
 
     def check(self, cfg) -> None:
         pass
 
-    def extractor(self, cfg, device) -> FeatureNet:
-        return load_feature_net(cfg.fid.feature_net, str(device))
-
     def measure(self, feats: np.ndarray, ref: dict, n: int) -> dict:
-        return measure(feats, ref, n)
+        m = measure(feats, ref, n)
+        out = {"fid": _entry(m["fid"], m["fid_se"], interval=m["fid_ci95"], bootstrap=m["bootstrap"])}
+        if m.get("kid") is not None:                       # the subsets' spread, as clean-fid reports it
+            out["kid"] = _entry(m["kid"], m["kid_std"], se_kind="std over subsets")
+        return out
 
 
 class FDDinov2Metric:
-    """FD-DINOv2 (Stein et al. 2023, reported by EDM2 beside FID): the Frechet distance on the CLS
-    features of a DINOv2 ViT (L/14 in the papers), images resized to 224 and normalised with the
-    ImageNet mean and std. The weights are read from `fid.dinov2_weights` (never downloaded)."""
-    name = "fd_dinov2"
+    """FD-DINOv2 (method.md 12): the Frechet distance and its interval on DINOv2 features."""
+    features = "dinov2"
+    names = ("fd_dinov2",)
 
     def check(self, cfg) -> None:
         path = cfg.fid.dinov2_weights
@@ -47,16 +61,48 @@ class FDDinov2Metric:
             raise FIDError(f"fid.dinov2_weights={path}: no such file (FD-DINOv2 needs the DINOv2 weights on disk; "
                            f"nothing is downloaded)")
 
-    def extractor(self, cfg, device) -> FeatureNet:
-        self.check(cfg)
-        return _dinov2(str(Path(cfg.fid.dinov2_weights).resolve()), str(device))
+    def measure(self, feats: np.ndarray, ref: dict, n: int) -> dict:
+        m = measure(feats, ref, n)                 # the same Frechet distance and half-sampling, other features
+        return {"fd_dinov2": _entry(m["fid"], m["fid_se"], interval=m["fid_ci95"])}
+
+
+class PrecisionRecallMetric:
+    """Precision and recall of k-NN manifolds (Kynkaanniemi et al. 2019; method.md 10) on the Inception
+    features FID already computed: no second pass over the images."""
+    features = "inception"
+    names = ("precision", "recall")
+    k = 3
+
+    def check(self, cfg) -> None:
+        pass
 
     def measure(self, feats: np.ndarray, ref: dict, n: int) -> dict:
-        m = measure(feats, ref, n)                 # the same Frechet distance and bootstrap, other features
-        return {"value": m["fid"], "se": m["fid_se"], "ci95": m["fid_ci95"]}
+        from .stats import precision_recall
+        real = ref.get("features")
+        if real is None or len(real) <= self.k:
+            raise FIDError("precision/recall need the reference's features (recompute the reference statistics)")
+        p, r = precision_recall(feats, real, self.k)
+        out = {}
+        for name, v, m in (("precision", p, len(feats)), ("recall", r, len(real))):
+            se = float(np.sqrt(v * (1 - v) / m))
+            out[name] = _entry(v, se, interval=[max(0.0, v - 1.96 * se), min(1.0, v + 1.96 * se)], k=self.k,
+                               se_kind="binomial, given the other set's manifold")
+        return out
 
 
-METRICS = {"fid": FIDMetric(), "fd_dinov2": FDDinov2Metric()}
+METRICS = {"fid": FIDMetric(), "fd_dinov2": FDDinov2Metric(), "precision_recall": PrecisionRecallMetric()}
+
+
+def _inception(cfg, device) -> FeatureNet:
+    return load_feature_net(cfg.fid.feature_net, str(device))
+
+
+def _dinov2_net(cfg, device) -> FeatureNet:
+    METRICS["fd_dinov2"].check(cfg)
+    return _dinov2(str(Path(cfg.fid.dinov2_weights).resolve()), str(device))
+
+
+FEATURES = {"inception": _inception, "dinov2": _dinov2_net}     # feature network -> its extractor
 
 
 def check_metrics(cfg) -> None:
@@ -71,18 +117,74 @@ def metric(name: str):
     return METRICS[name]
 
 
-def references(cfg, device, ref_cache: str | Path, progress: bool = True) -> list[tuple]:
-    """(name, metric, extractor, reference statistics) of every metric of cfg.fid.metrics, FID first,
-    each reference computed once and then read from the cache (keyed by the extractor's hash)."""
+def metric_names(cfg) -> list[str]:
+    """Every entry a record of these settings carries (fid.metrics expanded: fid -> fid, kid; ...)."""
+    return [n for name in cfg.fid.metrics for n in metric(name).names]
+
+
+@dataclass
+class FeatureGroup:
+    """One feature network, its reference statistics, and the metrics that read its features."""
+    extractor: FeatureNet
+    ref: dict
+    metrics: list
+
+
+def references(cfg, device, ref_cache: str | Path, progress: bool = True) -> list[FeatureGroup]:
+    """The feature groups of cfg.fid.metrics (Inception, with FID, first), each network loaded once and
+    its reference computed once, then read from the cache (keyed by the network's hash)."""
     from .data import EncodedDataset
     from .fid import reference_dataset_dir, reference_stats
     dataset = EncodedDataset(reference_dataset_dir(cfg, ref_cache))
-    out = []
+    groups: dict[str, FeatureGroup] = {}
     for name in cfg.fid.metrics:
         m = metric(name)
-        ex = m.extractor(cfg, device)
-        out.append((name, m, ex, reference_stats(dataset, ex, cfg.fid.ref_num_images, ref_cache,
-                                                 cfg.fid.batch_size, progress=progress)))
+        if m.features not in groups:
+            ex = FEATURES[m.features](cfg, device)
+            groups[m.features] = FeatureGroup(ex, reference_stats(dataset, ex, cfg.fid.ref_num_images, ref_cache,
+                                                                  cfg.fid.batch_size, progress=progress), [])
+        groups[m.features].metrics.append(m)
+    return list(groups.values())
+
+
+def measure_images(images: np.ndarray, groups: list[FeatureGroup], n: int, batch_size: int, progress: bool = False,
+                   desc: str = "") -> dict:
+    """Every metric of `groups` on one set of generated images: features once per network, then each
+    metric's entries ({name: entry}, FID first), each with the network it was measured on."""
+    from .fid import array_features
+    out = {}
+    for g in groups:
+        feats = array_features(images, g.extractor, batch_size, progress=progress,
+                               desc=f"{desc}: {g.extractor.name} features" if desc else "features")
+        for m in g.metrics:
+            for name, e in m.measure(feats, g.ref, n).items():
+                out[name] = {**e, "feature_net": g.extractor.name, "feature_net_sha256": g.extractor.sha256}
+    return out
+
+
+def combine_sets(sets: list[dict]) -> dict:
+    """K disjoint seed sets -> one entry per metric (method.md 8): the mean, its standard error from the
+    sets' own (independent sets: sqrt(sum se_k^2) / K), a normal 95 % interval, every set's value and
+    the minimum (EDM/EDM2's reporting). Half-sample replicates are averaged (the same resample indices in
+    every set), so two records of the same seed sets still pair. One set is returned as it is."""
+    if len(sets) == 1:
+        return sets[0]
+    k = len(sets)
+    out = {}
+    for name in sets[0]:
+        es = [s[name] for s in sets if name in s]
+        if len(es) != k:
+            continue
+        vals = [e["value"] for e in es]
+        mean = float(np.mean(vals))
+        se = float(np.sqrt(sum(e["se"] ** 2 for e in es)) / k) if all(e.get("se") is not None for e in es) else None
+        e = {**es[0], "value": mean, "se": se, "interval": None if se is None else [mean - 1.96 * se, mean + 1.96 * se],
+             "sets": vals, "min": float(min(vals))}
+        if es[0].get("bootstrap") is not None:
+            reps = [x["bootstrap"].get("replicates") for x in es]
+            e["bootstrap"] = {**es[0]["bootstrap"], "seed_sets": k,
+                              "replicates": [round(float(v), 4) for v in np.mean(reps, axis=0)] if all(reps) else None}
+        out[name] = e
     return out
 
 

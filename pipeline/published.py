@@ -36,6 +36,7 @@ def paper_lines(preset: str | None, records: list[dict]) -> list[str]:
     FID (when the run has guided points), only when the preset has published numbers and the records
     were measured with the paper's protocol; else nothing (no comparison across protocols)."""
     entry = PUBLISHED.get(preset or "")
+    from .records import record_metrics
     if not entry or not records or not all(protocol_matches(r) for r in records):
         return []
     both = f"both: min over {PROTOCOL['seed_sets']} seed sets of {PROTOCOL['num_images']:,} images"
@@ -47,12 +48,12 @@ def paper_lines(preset: str | None, records: list[dict]) -> list[str]:
         best = min(plain, key=lambda r: r["fid_min"])
         lines.append(f"paper ({PAPER}, {preset}, unguided): FID {value:.2f} at sigma_rel {sigma:.3f}; this run: "
                      f"{best['fid_min']:.2f} at sigma_rel {best['sigma_rel']:.3f} ({both})")
-    fd = [r for r in plain if ((r.get("extra") or {}).get("metrics") or {}).get("fd_dinov2", {}).get("min") is not None]
+    fd = [r for r in plain if record_metrics(r).get("fd_dinov2", {}).get("min") is not None]
     if fd and "fd_dinov2" in entry:
         value, sigma = entry["fd_dinov2"]
-        best = min(fd, key=lambda r: r["extra"]["metrics"]["fd_dinov2"]["min"])
+        best = min(fd, key=lambda r: record_metrics(r)["fd_dinov2"]["min"])
         lines.append(f"paper ({PAPER}, {preset}, unguided): FD-DINOv2 {value:.2f} at sigma_rel {sigma:.3f}; this run: "
-                     f"{best['extra']['metrics']['fd_dinov2']['min']:.2f} at sigma_rel {best['sigma_rel']:.3f} ({both})")
+                     f"{record_metrics(best)['fd_dinov2']['min']:.2f} at sigma_rel {best['sigma_rel']:.3f} ({both})")
     if guided and "fid_guided" in entry:
         value, sigma, w = entry["fid_guided"]
         best = min(guided, key=lambda r: r["fid_min"])

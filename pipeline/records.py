@@ -71,6 +71,9 @@ class FIDRecord:
     seed_sets: int = 1                 # K disjoint seed sets: fid is their mean, fid_se its standard error
     fid_sets: list[float] | None = None  # the FID of each seed set (K > 1)
     fid_min: float | None = None       # the minimum over the sets: EDM/EDM2's reporting (K > 1)
+    # Every metric as an equal entry {name: {value, se, interval, feature_net, ...}}: fid and kid (the
+    # fields above are the same numbers, kept for readers of earlier records), fd_dinov2, precision, recall.
+    metrics: dict = field(default_factory=dict)
     extra: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
@@ -169,10 +172,52 @@ def protocol_text(r: dict, with_min: bool = True) -> str:
     return text + (f"; min {r['fid_min']:.2f} (EDM/EDM2 report the min over 3 sets of 50,000)" if with_min else "")
 
 
+def record_metrics(r: dict) -> dict:
+    """A record's metrics as equal entries {name: {value, se, interval, ...}}; records written before
+    `metrics` existed are read from their fid / kid fields and extra.metrics."""
+    if r.get("metrics"):
+        return r["metrics"]
+    out = {"fid": {"value": r["fid"], "se": r.get("fid_se"), "interval": r.get("fid_ci95"),
+                   **({"sets": r["fid_sets"], "min": r.get("fid_min")} if r.get("fid_sets") else {})}}
+    if r.get("kid") is not None:
+        out["kid"] = {"value": r["kid"], "se": r.get("kid_std"), "interval": None}
+    for name, e in ((r.get("extra") or {}).get("metrics") or {}).items():
+        out[name] = {"se": e.get("se"), "interval": e.get("ci95") or e.get("interval"), **e}
+    return out
+
+
+def to_row(r: dict) -> dict:
+    """One flat row per record, the one shape every table reads (the sweep table, metrics/fid.json,
+    `pipeline runs`, the reports, MLflow): the post-hoc point (EMA length, guidance, guide, steps, NFE),
+    the protocol (images, reference, seeds, feature net), and every metric as `<name>`, `<name>_se`,
+    `<name>_lo`, `<name>_hi`."""
+    s = r.get("sampler") or {}
+    row = {"sigma_rel": r.get("sigma_rel"), "nimg": r.get("nimg"), "guidance": s.get("guidance"),
+           "guide": r.get("guide", "none"), "steps": s.get("steps"), "nfe": s.get("nfe"), "churn": s.get("churn"),
+           "num_images": r.get("num_images"), "ref_num_images": r.get("ref_num_images"),
+           "seed_sets": r.get("seed_sets", 1), "seeds": "-".join(str(x) for x in r.get("seeds") or []),
+           "feature_net": r.get("feature_net"), "model_file": r.get("model_file"),
+           "eval_key": r.get("eval_key") or eval_key(r), "same_as": (r.get("extra") or {}).get("same_as"),
+           "samples": (r.get("extra") or {}).get("samples")}
+    for name, e in record_metrics(r).items():
+        lo, hi = e.get("interval") or (None, None)
+        row.update({name: e["value"], f"{name}_se": e.get("se"), f"{name}_lo": lo, f"{name}_hi": hi})
+        if e.get("min") is not None:
+            row[f"{name}_min"] = e["min"]
+    return row
+
+
 def result_line(r: dict) -> str:
     lo, hi = r.get("fid_ci95") or (float("nan"), float("nan"))
     kid_part = f", KID {r['kid'] * 1e3:.2f}e-3 +- {r['kid_std'] * 1e3:.2f}e-3" if r.get("kid") is not None else ""
     return (f"{point_label(r)}: FID {r['fid']:.2f} +- {r.get('fid_se') or float('nan'):.2f} "
             f"(95% {lo:.1f}-{hi:.1f}){kid_part}  [{r['num_images']} images vs {r['ref_num_images']} reference, "
             f"NFE {r['sampler']['nfe']}{' bf16' if r['sampler'].get('amp') == 'bf16' else ''}, {r['feature_net']}"
-            f"{'; ' + protocol_text(r) if r.get('seed_sets', 1) > 1 else ''}]")
+            f"{'; ' + protocol_text(r) if r.get('seed_sets', 1) > 1 else ''}]" + _others_text(r))
+
+
+def _others_text(r: dict) -> str:
+    """The metrics beyond FID and KID, each with its standard error."""
+    parts = [f"{name} {e['value']:.4g} +- {e['se']:.2g}" if e.get("se") is not None else f"{name} {e['value']:.4g}"
+             for name, e in record_metrics(r).items() if name not in ("fid", "kid")]
+    return ("; " + ", ".join(parts)) if parts else ""

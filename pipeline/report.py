@@ -227,7 +227,7 @@ def write_run_report(cfg_dict: dict, records: Sequence[dict], out_dir: str | Pat
     figs = out / "figures"
     figs.mkdir(parents=True, exist_ok=True)
     paths = {}
-    from .records import computed, is_grid, point_label
+    from .records import computed, is_grid, point_label, record_metrics
     recs = sorted(records, key=lambda r: (r["sigma_rel"] or 0, point_label(r)))
     grid = is_grid(recs)
     distinct = computed(recs)
@@ -292,7 +292,7 @@ def write_run_report(cfg_dict: dict, records: Sequence[dict], out_dir: str | Pat
     if recs:
         md += ["## FID per post-hoc point", "", "| point | FID | +- SE | 95% interval | KID | record |",
                "|---|---|---|---|---|---|"]
-        others = sorted({n for r in distinct for n in (r.get("extra") or {}).get("metrics", {})})
+        others = sorted({n for r in distinct for n in record_metrics(r)} - {"fid", "kid"})
         h.append("<h2>FID per post-hoc point</h2><table><tr><th>point</th><th>FID</th><th>+- SE</th>"
                  "<th>95% interval</th><th>KID</th>" + "".join(f"<th>{html.escape(n)} +- SE</th>" for n in others)
                  + "<th>samples</th><th>record</th></tr>")
@@ -303,8 +303,9 @@ def write_run_report(cfg_dict: dict, records: Sequence[dict], out_dir: str | Pat
             if r["eval_key"] in grids:                  # a thumbnail that opens the full-size grid beside the report
                 g, alt = grids[r["eval_key"]], f"samples {point_label(r)}"
                 cell = f"<a href='figures/{g.name}' target='_blank' title='full size'>{_img_tag(g, alt, 192)}</a>"
-            om = (r.get("extra") or {}).get("metrics", {})
-            more = "".join(f"<td>{om[n]['value']:.2f} +- {om[n]['se']:.2f}</td>" if n in om else "<td>-</td>"
+            om = record_metrics(r)
+            more = "".join(f"<td>{om[n]['value']:.4g} +- {om[n]['se']:.2g}</td>" if n in om and om[n].get("se")
+                           is not None else (f"<td>{om[n]['value']:.4g}</td>" if n in om else "<td>-</td>")
                            for n in others)
             h.append(f"<tr><td>{html.escape(point_label(r))}</td><td>{r['fid']:.3f}</td><td>{se}</td><td>{ci}</td>"
                      f"<td>{kd}</td>{more}<td>{cell}</td><td class='rec'>{html.escape(record_line(r))}</td></tr>")

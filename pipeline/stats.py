@@ -211,3 +211,34 @@ def ranking(records: Sequence[dict], label=lambda r: f"sigma_rel {r['sigma_rel']
     return {"best": res["best"], "tied_with_best": tied, "lines": lines, "edge": edge, "comparisons": comps}
 
 
+
+
+def _sq_dists(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    d = (a * a).sum(1)[:, None] + (b * b).sum(1)[None, :] - 2.0 * a @ b.T
+    return np.maximum(d, 0.0)
+
+
+def _knn_radii(x: np.ndarray, k: int, chunk: int = 2048) -> np.ndarray:
+    """Squared distance of every row of x to its k-th nearest other row."""
+    out = np.empty(len(x))
+    for i in range(0, len(x), chunk):
+        d = _sq_dists(x[i:i + chunk], x)
+        out[i:i + chunk] = np.partition(d, k, axis=1)[:, k]     # index 0 is the point itself (distance 0)
+    return out
+
+
+def _covered(points: np.ndarray, centres: np.ndarray, radii: np.ndarray, chunk: int = 2048) -> np.ndarray:
+    """For each point: inside at least one ball (centre, squared radius)."""
+    out = np.empty(len(points), dtype=bool)
+    for i in range(0, len(points), chunk):
+        out[i:i + chunk] = (_sq_dists(points[i:i + chunk], centres) <= radii[None, :]).any(1)
+    return out
+
+
+def precision_recall(gen: np.ndarray, real: np.ndarray, k: int = 3) -> tuple[float, float]:
+    """Improved precision and recall (Kynkaanniemi et al. 2019; method.md 10): the fraction of generated
+    features inside the k-NN balls of the real ones, and of real features inside those of the generated."""
+    gen, real = np.asarray(gen, np.float64), np.asarray(real, np.float64)
+    precision = float(_covered(gen, real, _knn_radii(real, k)).mean())
+    recall = float(_covered(real, gen, _knn_radii(gen, k)).mean())
+    return precision, recall

@@ -291,7 +291,7 @@ def log_ema_run(logger, parent_run_id: str | None, record: dict, grid: Path | No
     image count, seeds, reference, feature net) get a new one beside it."""
     if logger.client is None or parent_run_id is None:
         return None
-    from .records import eval_key
+    from .records import eval_key, record_metrics, to_row
     key = record.get("eval_key") or eval_key(record)
     tag = f"{record['sigma_rel']:.3f}"
     exp_id = logger.experiment_id()
@@ -315,12 +315,10 @@ def log_ema_run(logger, parent_run_id: str | None, record: dict, grid: Path | No
                                  "churn": s["churn"], "guidance": s["guidance"],
                                  "seeds": f"{record['seeds'][0]}-{record['seeds'][1]}",
                                  "bootstrap_resamples": (record.get("bootstrap") or {}).get("resamples")})
-    metrics = {"fid": record["fid"], "fid_se": record.get("fid_se"), "kid": record.get("kid"),
-               "kid_std": record.get("kid_std")}
-    if record.get("fid_ci95"):
-        metrics.update(fid_lo=record["fid_ci95"][0], fid_hi=record["fid_ci95"][1])
-    for name, m in (extra.get("metrics") or {}).items():          # the registry's other metrics (fd_dinov2, ...)
-        metrics.update({name: m["value"], f"{name}_se": m.get("se")})
+    row = to_row(record)                                     # every metric: <name>, _se, _lo, _hi
+    metrics = {k: row[k] for name in record_metrics(record) for k in (name, f"{name}_se", f"{name}_lo", f"{name}_hi")
+               if isinstance(row.get(k), (int, float))}
+    metrics["kid_std"] = record.get("kid_std")                # its name in earlier runs
     child.log_metrics(metrics, step=int(record.get("nimg") or 0))
     if grid is not None and grid.is_file():
         child.log_artifact(grid, "samples")
@@ -353,8 +351,10 @@ def run_tags(stage: str | None = None) -> dict:
         tags["dvc_stage"] = stage
     if os.environ.get("DVC_EXP_NAME"):
         tags["dvc_experiment"] = os.environ["DVC_EXP_NAME"]
-    if os.environ.get("SLURM_JOB_ID"):
-        tags["slurm_job_id"] = os.environ["SLURM_JOB_ID"]
+    from .backends import job_env
+    env = job_env()
+    if env.scheduler and env.job_id:                        # e.g. slurm_job_id
+        tags[f"{env.scheduler}_job_id"] = env.job_id
     return tags
 
 
@@ -408,8 +408,8 @@ def load_runs(experiment: str, uri: str | None = None, sweep: str | None = None)
                "run_name": train.info.run_name, "status": train.info.status,
                "sigma_rel": float(r.data.params.get("sigma_rel", "nan")),
                "guide": r.data.params.get("guide", "none"), "guidance": float(r.data.params.get("guidance", 1.0)),
-               "same_as": r.data.tags.get("same_as"), "fid": r.data.metrics.get("fid"),
-               "fid_se": r.data.metrics.get("fid_se"), "kid": r.data.metrics.get("kid"),
+               "same_as": r.data.tags.get("same_as"), "fid": None, "fid_se": None, "kid": None,
+               **r.data.metrics,                                  # every metric the record had: fid, kid, precision ...
                "num_images": int(r.data.params.get("num_images", 0)), "nfe": int(r.data.params.get("nfe", 0)),
                "ref_num_images": int(r.data.params.get("ref_num_images", 0)), "seeds": r.data.params.get("seeds"),
                "feature_net": r.data.tags.get("feature_net"), "reference": r.data.tags.get("reference"),

@@ -20,7 +20,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg = cli.config_from(args)
         device = str(pick_device(args.device or cfg.fid.device, "--device" if args.device else "fid.device"))
         check_metrics(cfg)
-        for _, _, _, ref in references(cfg, device, args.out):     # every metric of fid.metrics, FID first
+        for ref in (g.ref for g in references(cfg, device, args.out)):   # every feature network of fid.metrics
             print(f"reference statistics: {ref['ref_num_images']} images of {ref['reference']}, feature net "
                   f"{ref['feature_net']} ({ref['feature_net_sha256'][:12]}), "
                   f"{'cached' if ref['cached'] else f'computed on {device}'} -> {ref['path']}")

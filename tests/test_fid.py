@@ -385,27 +385,47 @@ def _tiny_dinov2(path):
     return path
 
 
-def test_fd_dinov2_with_a_tiny_vit_and_a_clear_error_without_weights(fmnist, tmp_path, root, capsys):
+def test_metrics_as_equals_fd_dinov2_precision_recall_features_once_per_network(fmnist, tmp_path, root, capsys,
+                                                                                monkeypatch):
+    """fid.metrics [fid, fd_dinov2, precision_recall]: every metric an entry of the record's `metrics`
+    (value, se, interval, feature net); Inception features computed once per image set and shared by
+    FID, KID, precision and recall; every entry reaches metrics/fid.json, to_row and the report."""
+    import pipeline.fid as fid_mod
+    from pipeline.records import to_row
     from stages.evaluate import main as evaluate_main
     from stages.reference import main as reference_main
     weights = _tiny_dinov2(tmp_path / "dinov2_tiny.pth")
-    params = _params_and_models(fmnist, tmp_path, root, metrics=["fid", "fd_dinov2"], dinov2_weights=str(weights))
+    params = _params_and_models(fmnist, tmp_path, root, metrics=["fid", "fd_dinov2", "precision_recall"],
+                                dinov2_weights=str(weights))
     assert reference_main(["--params", str(params), "--out", str(tmp_path / "ref")]) == 0
-    assert len(list((tmp_path / "ref").glob("ref-*.npz"))) == 2          # one cache entry per feature extractor
+    assert len(list((tmp_path / "ref").glob("ref-*.npz"))) == 2          # one cache entry per feature network
+    passes = []
+    real = fid_mod.array_features
+    monkeypatch.setattr(fid_mod, "array_features", lambda images, feat, *a, **k: passes.append(feat.name) or
+                        real(images, feat, *a, **k))
     assert evaluate_main(["--params", str(params), "--models", str(tmp_path / "models"), "--ref-cache",
                           str(tmp_path / "ref"), "--metrics", str(tmp_path / "metrics"),
                           "--samples", str(tmp_path / "samples")]) == 0
+    assert sorted(passes) == sorted(["dinov2-vit64x2"] * 2 + [passes[0]] * 2) and len(set(passes)) == 2   # 2 models
     records = json.loads((tmp_path / "metrics/fid_records.json").read_text())
     for r in records:
-        fd = r["extra"]["metrics"]["fd_dinov2"]
-        assert fd["value"] > 0 and fd["se"] > 0 and fd["ci95"][0] <= fd["value"] <= fd["ci95"][1] + 1e-9
+        m = r["metrics"]
+        assert set(m) == {"fid", "kid", "fd_dinov2", "precision", "recall"}
+        assert m["fid"]["value"] == r["fid"] and m["fid"]["se"] == r["fid_se"] and m["kid"]["value"] == r["kid"]
+        fd = m["fd_dinov2"]
+        assert fd["value"] > 0 and fd["se"] > 0 and fd["interval"][0] <= fd["value"] <= fd["interval"][1] + 1e-9
         assert fd["feature_net"] == "dinov2-vit64x2" and len(fd["feature_net_sha256"]) == 64
         assert fd["value"] != r["fid"]
+        for name in ("precision", "recall"):
+            e = m[name]
+            assert 0 <= e["interval"][0] <= e["value"] <= e["interval"][1] <= 1 and e["feature_net"] == r["feature_net"]
+        row = to_row(r)
+        assert {"precision", "precision_se", "recall_lo", "fd_dinov2_hi", "fid_se", "kid"} <= set(row)
     metrics = json.loads((tmp_path / "metrics/fid.json").read_text())
-    assert set(metrics["fd_dinov2"]) == set(metrics["fid"])
+    assert set(metrics["fd_dinov2"]) == set(metrics["fid"]) == set(metrics["precision"]) == set(metrics["recall"])
     # The features are the tiny ViT's CLS token: 64 numbers per image.
-    from pipeline.metrics import metric
-    ex = metric("fd_dinov2").extractor(C.load_config(params), "cpu")
+    from pipeline.metrics import FEATURES
+    ex = FEATURES["dinov2"](C.load_config(params), "cpu")
     assert ex.fn(torch.rand(3, 3, 299, 299) * 255).shape == (3, 64)
     # No weights file: one line naming the field, before any sampling; no unknown metric either.
     capsys.readouterr()

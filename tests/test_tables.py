@@ -86,3 +86,93 @@ def test_the_readme_is_a_front_door_with_a_map_of_the_whole_tree():
         assert rel in mapped or str(f.parent.relative_to(ROOT)) in mapped, f"README's map does not show {rel}"
     for link in re.findall(r"\]\((docs/[^)]+)\)", text):
         assert (ROOT / link).is_file(), link
+
+
+def test_precision_recall_equal_the_definition_computed_by_brute_force():
+    import numpy as np
+
+    from pipeline.stats import precision_recall
+    rng = np.random.default_rng(1)
+    real, gen = rng.normal(size=(60, 5)), rng.normal(size=(40, 5)) * 1.3 + 0.2
+    d = lambda a, b: np.linalg.norm(a[:, None] - b[None], axis=-1)  # noqa: E731
+    r_real = np.sort(d(real, real), axis=1)[:, 3]
+    r_gen = np.sort(d(gen, gen), axis=1)[:, 3]
+    want_p = np.mean([(d(g[None], real)[0] <= r_real).any() for g in gen])
+    want_r = np.mean([(d(x[None], gen)[0] <= r_gen).any() for x in real])
+    p, r = precision_recall(gen, real, k=3, )
+    assert (p, r) == pytest.approx((want_p, want_r)) and 0 < p < 1 and 0 < r < 1
+    assert precision_recall(real, real, k=3) == (1.0, 1.0)
+
+
+def test_every_metric_names_its_entries_features_and_docs():
+    import numpy as np
+
+    from pipeline.metrics import FEATURES, METRICS, combine_sets
+    for name, m in METRICS.items():
+        assert m.features in FEATURES and m.names
+        for entry in m.names:
+            assert f"`{entry}`" in DOCS or entry in ("fid", "kid"), f"docs do not describe the metric `{entry}`"
+        assert f"`{name}`" in DOCS, f"docs do not list `{name}` as a fid.metrics choice"
+    # K seed sets: mean, SE of the mean, every set's value and the minimum, for every entry alike.
+    sets = [{"x": {"value": v, "se": 1.0, "interval": [v - 2, v + 2]}} for v in (3.0, 5.0)]
+    c = combine_sets(sets)["x"]
+    assert c["value"] == 4.0 and c["se"] == pytest.approx(np.sqrt(2) / 2) and c["sets"] == [3.0, 5.0] and c["min"] == 3.0
+
+
+def test_every_data_source_is_a_config_choice_read_through_its_entry(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    from pipeline.data import DataError, dataset_splits, load_source
+    from pipeline.sources import SOURCES
+    assert set(SOURCES) == set(C.DataConfig.model_fields["source"].annotation.__args__)
+    folder = tmp_path / "imgs" / "cat"
+    folder.mkdir(parents=True)
+    for i in range(3):
+        Image.fromarray(np.full((8, 8), 40 * i, np.uint8)).save(folder / f"{i}.png")
+    import shutil
+    shutil.make_archive(str(tmp_path / "imgs"), "zip", tmp_path / "imgs")
+    paths = {"folder": tmp_path / "imgs", "zip": tmp_path / "imgs.zip"}
+    for name, src in SOURCES.items():
+        assert f"`{name}`" in DOCS, f"docs do not describe the data source `{name}`"
+        if src.needs_path:
+            with pytest.raises(C.ConfigError, match="data.path is required"):
+                C.resolve({}, {"data.source": name})
+            d = C.resolve({}, {"data.source": name, "data.path": str(paths[name])}).data
+            raw = load_source(d, "train")
+            assert len(raw.images) == 3 and raw.class_names == ["cat"]
+            assert dataset_splits(C.resolve({}, {"data.source": name, "data.path": str(paths[name])})) == list(src.splits)
+            with pytest.raises(DataError, match="has no 'test' split"):
+                load_source(d, "test")
+
+
+def test_every_launcher_backend_is_a_config_choice_and_jobs_read_one_env_adapter(monkeypatch):
+    from pipeline.backends import BACKENDS, job_env
+    assert set(BACKENDS) == set(C.LauncherConfig.model_fields["executor"].annotation.__args__)
+    for name, b in BACKENDS.items():
+        assert f"`{name}`" in DOCS, f"docs do not describe the launcher `{name}`"
+        assert isinstance(b.params(C.LauncherConfig()), dict)
+    for var in ("SLURM_JOB_ID", "SLURM_JOB_NODELIST"):
+        monkeypatch.delenv(var, raising=False)
+    assert job_env().scheduler is None and job_env().tasks == 1
+    monkeypatch.setenv("SLURM_JOB_ID", "42")
+    for var, v in (("SLURM_NODEID", "1"), ("SLURM_CPUS_ON_NODE", "8"), ("SLURM_RESTART_COUNT", "2"),
+                   ("SLURM_NTASKS", "4")):
+        monkeypatch.setenv(var, v)
+    env = job_env()
+    assert (env.scheduler, env.job_id, env.node_id, env.cpus, env.attempt, env.tasks) == ("slurm", "42", 1, 8, 2, 4)
+    # Nothing but backends.py reads a scheduler's variables.
+    readers = [p.name for p in (ROOT / "pipeline").rglob("*.py") if "SLURM_" in p.read_text() and p.name != "backends.py"]
+    assert readers == []
+
+
+@pytest.mark.integration
+def test_a_submitted_job_is_a_handle_with_wait_describe_and_logs(tmp_path, monkeypatch):
+    import sys
+
+    from pipeline.launch import submit
+    monkeypatch.chdir(tmp_path)
+    s = submit("cmd", [sys.executable, "-c", "print('hello from the job')"], params_file="none.yaml",
+               executor="local", folder=tmp_path / "job")
+    assert s.wait() == 0
+    assert "hello from the job" in s.logs() and s.job_id in s.describe() and str(s.stdout) in s.describe()

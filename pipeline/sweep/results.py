@@ -70,7 +70,7 @@ def results_table(trials_dir: Path, sweep: SweepConfig, stopped: dict | None = N
     from the best (paired bootstrap)."""
     import pandas as pd
 
-    from ..records import eval_key, read_records
+    from ..records import eval_key, read_records, to_row
     from ..stats import rank
     stopped = stopped or {}
     planned = {trial_name(i): pt for i, pt in enumerate((the_plan or {}).get("points") or []) if pt is not None}
@@ -95,13 +95,8 @@ def results_table(trials_dir: Path, sweep: SweepConfig, stopped: dict | None = N
                 same_as = (r.get("extra") or {}).get("same_as")
                 if not same_as:                              # rank each computation once
                     recs.append(r)
-                s = r["sampler"]
-                flat = {k: v for k, v in r.items() if k not in ("sampler", "bootstrap", "fid_ci95", "extra")}
-                rows.append({**base, "status": "finished", **flat, "fid_lo": r["fid_ci95"][0],
-                             "fid_hi": r["fid_ci95"][1], "nfe": s["nfe"], "steps": s["steps"], "churn": s["churn"],
-                             "guidance": s["guidance"], "guide": r.get("guide", "none"), "same_as": same_as,
-                             "samples": (r.get("extra") or {}).get("samples"),
-                             "seeds": f"{r['seeds'][0]}-{r['seeds'][1]}", "eval_key": r.get("eval_key") or eval_key(r)})
+                flat = {k: v for k, v in r.items() if not isinstance(v, (dict, list))}   # scalar record fields
+                rows.append({**base, "status": "finished", **flat, **to_row(r)})         # every metric as columns
         else:
             rows.append({**base, "status": status, "fid": None, "sigma_rel": None,
                          "stop_reason": (stop_reason(stopped[trial_id])

@@ -1,0 +1,85 @@
+"""The launcher backends as a small table, and the one adapter through which a running job reads its
+place in the allocation (job id, node, nodes, CPUs, attempt, tasks): nothing else reads a
+scheduler's environment variables. Each backend says whether it is available here, how submitit's
+executor is set up for it, how to watch a job, and which submit flags only it uses. Adding one: an
+entry here (and submitit's cluster for it), its test in tests/test_tables.py, its line in
+docs/scaling.md. Only the standard library: the config schema reads the names.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class JobEnv:
+    """Where a running job is, read once from its scheduler's environment."""
+    scheduler: str | None              # the backend that started it (None: a plain process)
+    job_id: str | None
+    node_id: int                       # this node's index in the allocation
+    nodes: tuple[str, ...]             # the allocation's host names, in order
+    cpus: int | None                   # CPUs on this node
+    attempt: int                       # requeues so far
+    tasks: int                         # tasks of the job (one per process)
+
+
+def _slurm_env() -> JobEnv:
+    e = os.environ
+    nodelist = e.get("SLURM_JOB_NODELIST")
+    nodes = ()
+    if nodelist:
+        out = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True)
+        nodes = tuple(out.stdout.split() or [nodelist])
+    return JobEnv("slurm", e.get("SLURM_JOB_ID"), int(e.get("SLURM_NODEID", "0")), nodes,
+                  int(e.get("SLURM_CPUS_ON_NODE", "0")) or None, int(e.get("SLURM_RESTART_COUNT", "0")),
+                  int(e.get("SLURM_NTASKS", "1")))
+
+
+def _plain_env() -> JobEnv:
+    return JobEnv(None, None, 0, (), None, 0, 1)
+
+
+def _slurm_params(launcher) -> dict:
+    gpus = launcher.gpus_per_node
+    params = dict(slurm_partition=launcher.partition, slurm_account=launcher.account, slurm_qos=launcher.qos,
+                  tasks_per_node=max(1, launcher.nproc_per_node), cpus_per_task=launcher.cpus_per_task,
+                  slurm_array_parallelism=launcher.array_parallelism, slurm_signal_delay_s=120)
+    if gpus:
+        params["gpus_per_node"] = gpus
+    if launcher.mem_gb:
+        params["mem_gb"] = launcher.mem_gb
+    return {k: v for k, v in params.items() if v is not None}
+
+
+@dataclass(frozen=True)
+class Backend:
+    cluster: str                                   # submitit's cluster name
+    available: object                              # () -> None, or why not (one line)
+    params: object                                 # launcher config -> submitit parameters beyond the common ones
+    in_job: object                                 # () -> True inside a job this backend started
+    env: object                                    # () -> JobEnv
+    watch: object                                  # job id -> shell commands to watch / cancel it
+    only_flags: dict                               # launcher field -> submit flag that only this backend uses
+
+
+SLURM_ONLY_FLAGS = {"partition": "--partition", "gpus_per_node": "--gpus", "cpus_per_task": "--cpus",
+                    "mem_gb": "--mem-gb", "account": "--account", "qos": "--qos", "nnodes": "--nodes",
+                    "nproc_per_node": "--tasks-per-node", "array_parallelism": "--array-parallelism"}
+
+BACKENDS: dict[str, Backend] = {
+    "slurm": Backend("slurm", lambda: None if shutil.which("sbatch") else
+                     "SLURM is not available on this machine (no `sbatch` on PATH); use --executor local to run the "
+                     "same job here", _slurm_params, lambda: "SLURM_JOB_ID" in os.environ, _slurm_env,
+                     lambda job_id: f"squeue -j {job_id}; scancel {job_id}", SLURM_ONLY_FLAGS),
+    "local": Backend("local", lambda: None, lambda launcher: {}, lambda: False, _plain_env, lambda job_id: "", {}),
+}
+
+
+def job_env() -> JobEnv:
+    """The allocation this process runs in, from the backend that started it (a plain process otherwise)."""
+    for b in BACKENDS.values():
+        if b.in_job():
+            return b.env()
+    return _plain_env()
