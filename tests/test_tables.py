@@ -47,6 +47,8 @@ def test_every_noise_law_is_a_config_choice_and_draws_positive_sigmas():
         s = sample_sigma(256, cfg, torch.Generator().manual_seed(0))
         assert s.shape == (256,) and (s > 0).all()
         assert f"`{law}`" in DOCS, f"docs do not describe the noise law `{law}`"
+    keys = {C.resolve({}, {"loss.noise": law}).run_key() for law in NOISE_LAWS}
+    assert len(keys) == len(NOISE_LAWS)                      # each law trains another run
 
 
 def test_every_solver_is_a_config_choice_with_its_nfe_in_the_record():
