@@ -16,8 +16,9 @@ def _cmd_config(args) -> None:
 
 
 def _cmd_info(args) -> None:
+    from .cli import config_from
     from .networks import build_network, count_parameters
-    cfg = C.load_config(args.params, args.set)
+    cfg = config_from(args)
     label_dim = cfg.network.label_dim if cfg.network.label_dim is not None else (10 if cfg.data.use_labels else 0)
     net = build_network(cfg, cfg.data.resolution, cfg.data.channels, label_dim)
     print(f"config ok: {args.params} (hash {cfg.hash()})")
@@ -45,8 +46,9 @@ def _cmd_convert(args) -> int:
 
 
 def _cmd_dataset(args) -> None:
+    from .cli import config_from
     from .data import write_edm2_dataset
-    cfg = C.load_config(args.params, args.set)
+    cfg = config_from(args)
     r = write_edm2_dataset(cfg, args.out, args.split)
     print(f"{r['count']} images ({cfg.data.resolution}x{cfg.data.resolution}, {cfg.data.channels} channel(s), "
           f"{r['labels']} classes) from {r['source']} -> {r['out']} (EDM2's layout: shards of PNGs + dataset.json)")
@@ -110,7 +112,11 @@ def _cmd_sample(args) -> int:
     # --guidance goes through the schema like any value (NaN, negative weights refused there)
     cfg = C.load_config(args.params, args.set + ([f"sampler.guidance={args.guidance!r}"]
                                                  if args.guidance is not None else []))
-    sampler = cfg.sampler
+    from .cli import params_diff_line
+    line = params_diff_line(args.params, cfg)
+    if line:
+        print(line, file=sys.stderr)
+    sampler = _model_sampler(args, cfg)
     if args.guide is None and sampler.guidance != 1:
         raise C.ConfigError(f"guidance {sampler.guidance} needs --guide (a model file or unconditional)")
     device = pick_device(args.device or cfg.fid.device, "--device" if args.device else "fid.device")
@@ -121,9 +127,35 @@ def _cmd_sample(args) -> int:
     return 0
 
 
+def _model_sampler(args, cfg):
+    """The sampler settings to use: the model's recorded ones (its header's config) when they differ from
+    the params and no sampler value was given on the command line; said either way."""
+    from .phema import check_reconstruction
+    from .records import sampler_record
+    recorded = ((check_reconstruction(args.model).get("config") or {}).get("sampler"))
+    explicit = args.guidance is not None or any(s.split("=", 1)[0].strip().startswith("sampler.") for s in args.set)
+    if not recorded:
+        return cfg.sampler
+    try:
+        theirs = C.SamplerConfig.model_validate({**recorded, "batch_size": cfg.sampler.batch_size})
+    except Exception:                              # a header of another version: the params decide
+        return cfg.sampler
+    if sampler_record(theirs) == sampler_record(cfg.sampler):
+        return cfg.sampler
+    if explicit:
+        print(f"sampler: the command line's settings (NFE {cfg.sampler.nfe}); the model was made with NFE "
+              f"{theirs.nfe}", file=sys.stderr)
+        return cfg.sampler
+    print(f"sampler: the model's recorded settings (NFE {theirs.nfe}, {theirs.steps} steps, {theirs.solver}); the "
+          f"params say NFE {cfg.sampler.nfe} -- give -S sampler.steps=N (or any sampler.*) to use other settings",
+          file=sys.stderr)
+    return theirs
+
+
 def _cmd_results(args) -> int:
     from .results import results_lines
-    for line in results_lines(C.load_config(args.params, args.set), args.metrics, args.report):
+    from .cli import config_from
+    for line in results_lines(config_from(args), args.metrics, args.report):
         print(line)
     return 0
 

@@ -28,8 +28,53 @@ def add_config_args(p: argparse.ArgumentParser) -> None:
                    help="override a value, e.g. -S train.ref_lr=0.01 (repeatable)")
 
 
-def config_from(args):
-    return load_config(args.params, args.set)
+def config_from(args, say: bool = True):
+    """The params file with its -S overrides; `say`: print (stderr) the values that differ from the
+    params file of the last commit, so a command says which params it used."""
+    cfg = load_config(args.params, args.set)
+    if say:
+        line = params_diff_line(args.params, cfg)
+        if line:
+            print(line, file=sys.stderr, flush=True)
+    return cfg
+
+
+def committed_params(path) -> dict | None:
+    """The params file as of git's HEAD (None outside a repository or for an untracked file)."""
+    import subprocess
+    from pathlib import Path
+    import yaml
+    p = Path(path).resolve()
+    try:
+        r = subprocess.run(["git", "show", f"HEAD:./{p.name}"], cwd=p.parent, capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if r.returncode != 0:
+        return None
+    try:
+        raw = yaml.safe_load(r.stdout)
+    except yaml.YAMLError:
+        return None
+    return raw if isinstance(raw, dict) else None
+
+
+def params_diff_line(path, cfg, limit: int = 8) -> str | None:
+    """"params: sampler.steps=8 (committed: 18), ..." for the values that differ from the committed
+    params file; None when nothing differs or there is no committed version to compare with."""
+    from .config import ConfigError, diff, resolve
+    raw = committed_params(path)
+    if raw is None:
+        return None
+    try:
+        before = resolve(raw)
+    except ConfigError:                          # the committed file is invalid (or older): no comparison
+        return None
+    changed = {k: v for k, v in diff(before, cfg).items() if k != "preset"}
+    if not changed:
+        return None
+    shown = [f"{k}={b!r} (committed: {a!r})" for k, (a, b) in list(changed.items())[:limit]]
+    more = f", and {len(changed) - limit} more" if len(changed) > limit else ""
+    return f"params: {len(changed)} value(s) differ from the committed {path}: " + ", ".join(shown) + more
 
 
 EXIT_BAD_INPUT = 2

@@ -300,8 +300,10 @@ def evaluate_models(model_files: Sequence[str | Path], cfg, refs: Sequence[tuple
 
 
 def write_metrics(records: Sequence[FIDRecord | dict], metrics_dir: str | Path) -> dict:
-    """`fid.json` for `dvc metrics show` (FID, its standard error and KID per EMA length, the best and
-    what is tied with it), `fid_vs_ema.csv` for `dvc plots`, `fid_records.json` in full."""
+    """`fid.json` for `dvc metrics show` / `dvc exp show`: the headline only, flat and few keys (the best
+    FID with its 95 % interval, its EMA length, KID, whether the best is resolved); `fid_points.json`:
+    every metric per post-hoc point, what is tied with the best, edge notes; `fid_vs_ema.csv`: the data
+    behind the figure; `fid_records.json` in full."""
     out = Path(metrics_dir)
     out.mkdir(parents=True, exist_ok=True)
     rows = sorted((r.to_dict() if isinstance(r, FIDRecord) else r for r in records),
@@ -326,7 +328,13 @@ def write_metrics(records: Sequence[FIDRecord | dict], metrics_dir: str | Path) 
     if is_grid(rows):                                            # the best point's other axes
         metrics.update(best_guidance=best["sampler"]["guidance"], best_guide=best.get("guide", "none"),
                        best_steps=best["sampler"]["steps"])
-    atomic_write_text(json.dumps(metrics, indent=2), out / "fid.json")
+    lo, hi = best.get("fid_ci95") or (None, None)
+    headline = {"best_fid": round(best["fid"], 2), "fid_lo": None if lo is None else round(lo, 2),
+                "fid_hi": None if hi is None else round(hi, 2), "best_sigma_rel": best["sigma_rel"],
+                "best_kid": None if best.get("kid") is None else round(best["kid"], 4),
+                "tied": len(rk["tied_with_best"])}       # points not distinguishable from the best (0: resolved)
+    atomic_write_text(json.dumps(headline, indent=2), out / "fid.json")
+    atomic_write_text(json.dumps(metrics, indent=2), out / "fid_points.json")
     atomic_write_text("sigma_rel,fid,fid_lo,fid_hi,kid,guidance,guide,steps\n" + "".join(
         f"{r['sigma_rel']:.3f},{r['fid']:.4f},{r['fid_ci95'][0]:.4f},{r['fid_ci95'][1]:.4f},{r.get('kid') or ''},"
         f"{r['sampler']['guidance']:g},{r.get('guide', 'none')},{r['sampler']['steps']}\n"

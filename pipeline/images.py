@@ -17,7 +17,7 @@ def save_image_grid(images: np.ndarray, path: str | Path, cols: int | None = Non
     n, h, w, c = images.shape
     cols = cols or int(np.ceil(np.sqrt(n)))
     rows = int(np.ceil(n / cols))
-    grid = np.zeros((rows * h, cols * w, c), dtype=np.uint8)
+    grid = np.full((rows * h, cols * w, c), 255, dtype=np.uint8)    # unfilled cells white, not black
     for i, im in enumerate(images):
         r, k = divmod(i, cols)
         grid[r * h:(r + 1) * h, k * w:(k + 1) * w] = im

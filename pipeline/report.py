@@ -60,7 +60,8 @@ def plot_ema_reconstruction(summary: dict, path: str | Path, max_targets: int = 
     axes[0][0].set_ylabel("weight x T")
     axes[0][0].legend(fontsize=8)
     fig.suptitle(f"Post-hoc EMA from {len(snaps)} snapshots at T = {T_last} images", fontsize=10)
-    return _save(fig, path)
+    fig.tight_layout()
+    return _save(fig, path, bbox=True)                  # long panel titles: crop to what is drawn, never cut
 
 
 def plot_fid_vs_ema(rows: Sequence[dict], path: str | Path, title: str = "") -> Path:
@@ -159,13 +160,18 @@ def plot_training_curves(rows: Sequence[dict], path: str | Path) -> Path | None:
     plt = _plt()
     x = np.array([r["step"] for r in rows], dtype=np.float64) / 1e3
     fig, (a, b) = plt.subplots(1, 2, figsize=(9, 3.2))
-    a.plot(x, [r.get("loss") for r in rows], label="loss (with u(sigma))")
-    a.plot(x, [r.get("weighted_mse") for r in rows], label="weighted MSE")
+    mk = {"marker": "o", "markersize": 4} if len(rows) <= 30 else {}     # few points: each one visible
+    a.plot(x, [r.get("loss") for r in rows], label="loss (with u(sigma))", **mk)
+    a.plot(x, [r.get("weighted_mse") for r in rows], label="weighted MSE", **mk)
+    if len(rows) == 1:                                   # a line needs two points: say why there is none
+        for ax in (a, b):
+            ax.text(0.5, 0.05, "one logged point (train.status_nimg >= the images trained)", transform=ax.transAxes,
+                    ha="center", fontsize=7, color="#555")
     a.set_xlabel("k images seen")
     a.set_title("training loss", fontsize=9)
     a.legend(fontsize=7)
     a.grid(alpha=0.3)
-    b.plot(x, [r.get("lr") for r in rows], color="tab:green")
+    b.plot(x, [r.get("lr") for r in rows], color="tab:green", **mk)
     b.set_xlabel("k images seen")
     b.set_title("learning rate", fontsize=9)
     b.grid(alpha=0.3)
@@ -253,7 +259,8 @@ def write_run_report(cfg_dict: dict, records: Sequence[dict], out_dir: str | Pat
          "body{font-family:sans-serif;max-width:1100px;margin:2em auto;color:#222}img{max-width:100%}"
          "table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:3px 8px;font-size:13px}"
          "pre{background:#f6f6f6;padding:1em;font-size:12px;max-height:400px;overflow:auto}"
-         ".rec{color:#555;font-size:12px}table.head th{text-align:left;background:#f3f3f3}</style></head><body>",
+         ".rec{color:#555;font-size:12px}table.head th{text-align:left;background:#f3f3f3}"
+         ".scroll{overflow-x:auto;max-width:100%}td.rec{min-width:18em}</style></head><body>",
          f"<h1>{html.escape(title)}</h1>"]
     if best:
         se = f" +- {best['fid_se']:.2f}" if best.get("fid_se") is not None else ""
@@ -293,7 +300,7 @@ def write_run_report(cfg_dict: dict, records: Sequence[dict], out_dir: str | Pat
         md += ["## FID per post-hoc point", "", "| point | FID | +- SE | 95% interval | KID | record |",
                "|---|---|---|---|---|---|"]
         others = sorted({n for r in distinct for n in record_metrics(r)} - {"fid", "kid"})
-        h.append("<h2>FID per post-hoc point</h2><table><tr><th>point</th><th>FID</th><th>+- SE</th>"
+        h.append("<h2>FID per post-hoc point</h2><div class='scroll'><table><tr><th>point</th><th>FID</th><th>+- SE</th>"
                  "<th>95% interval</th><th>KID</th>" + "".join(f"<th>{html.escape(n)} +- SE</th>" for n in others)
                  + "<th>samples</th><th>record</th></tr>")
         for r in distinct:
@@ -309,7 +316,7 @@ def write_run_report(cfg_dict: dict, records: Sequence[dict], out_dir: str | Pat
                            for n in others)
             h.append(f"<tr><td>{html.escape(point_label(r))}</td><td>{r['fid']:.3f}</td><td>{se}</td><td>{ci}</td>"
                      f"<td>{kd}</td>{more}<td>{cell}</td><td class='rec'>{html.escape(record_line(r))}</td></tr>")
-        h.append("</table>")
+        h.append("</table></div>")
         md.append("")
         for r in distinct:
             if r["eval_key"] in grids:
@@ -327,16 +334,18 @@ def write_run_report(cfg_dict: dict, records: Sequence[dict], out_dir: str | Pat
 def plot_best_vs_param(best, keys: Sequence[str], path: str | Path, name: str = "", stopped=None,
                        ranges: dict | None = None) -> Path:
     """Best FID of each trial against each swept parameter (one panel per parameter); winner starred.
-    `stopped`: trials without a FID (early-stopped by ASHA, failed), drawn as crosses along the top so
-    the figure shows every trial; `ranges`: the searched interval of a numeric axis, drawn as the
-    panel's extent (shaded), not just the span of the values drawn."""
-    plt = _plt()
-    fig, axes = plt.subplots(1, len(keys), figsize=(max(4 * len(keys), 6), 3.4), squeeze=False)
-    w = best["fid"].idxmin()
+    `stopped`: trials without a FID (stopped early by a scheduler, failed), drawn in their own row of
+    panels against the loss they were ranked by (never on the FID axis); `ranges`: the searched
+    interval of a numeric axis, drawn as the panel's extent (shaded), not just the span of the values."""
     import pandas as pd
+    plt = _plt()
     stopped = stopped if stopped is not None and len(stopped) else None
+    nrows = 2 if stopped is not None else 1
+    fig, axes = plt.subplots(nrows, len(keys), figsize=(max(4 * len(keys), 6), 3.4 * nrows), squeeze=False)
+    w = best["fid"].idxmin()
     ranges = ranges or {}
-    for ax, key in zip(axes[0], keys):
+    for col, key in enumerate(keys):
+        ax = axes[0][col]
         x = pd.to_numeric(best[key], errors="coerce")
         xs = pd.to_numeric(stopped[key], errors="coerce") if stopped is not None else None
         categorical = bool(x.isna().any()) or (xs is not None and bool(xs.isna().any()))
@@ -348,11 +357,6 @@ def plot_best_vs_param(best, keys: Sequence[str], path: str | Path, name: str = 
                 xs = stopped[key].astype(str).map({c: i for i, c in enumerate(cats)}).astype(float)
             ax.set_xticks(range(len(cats)), cats)
             ax.set_xlim(-0.5, len(cats) - 0.5)
-        if stopped is not None:                  # no FID: a cross at the top, at the trial's value
-            top = float(best["fid_hi"].max() if "fid_hi" in best else best["fid"].max())
-            ax.scatter(xs, [top] * len(xs), marker="x", color="tab:red", zorder=3,
-                       label=f"stopped early / failed ({len(xs)})")
-            ax.legend(fontsize=7, loc="lower right")
         if {"fid_lo", "fid_hi"} <= set(best.columns):      # 95 % interval of each trial's best FID
             err = np.array([best["fid"] - best["fid_lo"], best["fid_hi"] - best["fid"]]).clip(0)
             ax.errorbar(x, best["fid"], yerr=err, fmt="o", color="tab:blue", capsize=3)
@@ -371,9 +375,31 @@ def plot_best_vs_param(best, keys: Sequence[str], path: str | Path, name: str = 
         ax.tick_params(axis="x", labelrotation=30)         # long numbers must not run into each other
         ax.set_xlabel(key)
         ax.grid(alpha=0.3)
+        if stopped is not None:                  # no FID: their own panel, with the loss they were ranked by
+            _stopped_panel(axes[1][col], ax, stopped, xs, key, categorical)
     axes[0][0].set_ylabel("best FID over EMA lengths")
-    fig.suptitle(f"sweep {name}: best FID per trial (shaded: the searched range)", fontsize=10)
+    fig.suptitle(f"sweep {name}: best FID per trial (shaded: the searched range)"
+                 + ("; below: trials without a FID" if stopped is not None else ""), fontsize=10)
     return _save(fig, path)
+
+
+def _stopped_panel(ax, above, stopped, xs, key: str, categorical: bool) -> None:
+    """Trials stopped early (or failed) against the loss at their last report (val_loss when they had
+    one, else the training loss), on the same x axis as the FID panel above."""
+    import pandas as pd
+    metric = "val_loss" if "val_loss" in stopped and stopped["val_loss"].notna().any() else "final_loss"
+    y = pd.to_numeric(stopped[metric], errors="coerce") if metric in stopped else pd.Series([np.nan] * len(stopped))
+    ax.scatter(xs, y.fillna(np.nanmin(y) if y.notna().any() else 0), marker="x", color="tab:red",
+               label=f"stopped early / failed ({len(stopped)})")
+    ax.set_xscale(above.get_xscale())
+    ax.set_xlim(above.get_xlim())
+    if categorical:
+        ax.set_xticks(above.get_xticks(), [tk.get_text() for tk in above.get_xticklabels()])
+    ax.tick_params(axis="x", labelrotation=30)
+    ax.set_xlabel(key)
+    ax.set_ylabel(f"{metric} at the stop")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
 
 
 SWEEP_HEADERS = {"trial_id": "trial", "nimg": "images trained", "final_loss": "final loss", "val_loss": "val loss",
@@ -392,6 +418,7 @@ def write_sweep_report(df, swept: Sequence[str], out_dir: str | Path, name: str,
     parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>sweep {html.escape(name)}</title><style>"
              "body{font-family:sans-serif;max-width:1200px;margin:2em auto;color:#222}img{max-width:100%}"
              "table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:3px 8px;font-size:12px}"
+             ".scroll{overflow-x:auto;max-width:100%}td.rec{min-width:18em}"
              ".rec{color:#555}.grids{display:flex;flex-wrap:wrap;gap:8px}figure{margin:0;width:190px;font-size:11px}"
              "tr.stopped td{color:#999;font-style:italic}</style></head><body>", f"<h1>Sweep {html.escape(name)}</h1>"]
     for line in summary:
@@ -419,22 +446,23 @@ def write_sweep_report(df, swept: Sequence[str], out_dir: str | Path, name: str,
     if "guide" in df.columns and (df["guide"].fillna("none") == "none").all():   # no post-hoc grid: no such columns
         cols = [c for c in cols if c not in ("guide", "guidance", "same_as")]
     cols = [c for c in cols if c in df.columns]
-    parts.append("<h2>Trials x EMA lengths, sorted by FID</h2><table><tr>" +
+    parts.append("<h2>Trials x EMA lengths, sorted by FID</h2><div class='scroll'><table><tr>" +
                  "".join(f"<th>{html.escape(SWEEP_HEADERS.get(c, c))}</th>" for c in cols) + "<th>FID record</th></tr>")
     for _, r in df.iterrows():
         rec = ""
         if r.get("fid") == r.get("fid") and r.get("fid") is not None:     # not NaN
-            rec = (f"{r['feature_net']}, {r['mode']}, {r['num_images']} vs {r['ref_num_images']} ({r['reference']}), "
-                   f"NFE {r['nfe']}, churn {r['churn']}, seeds {r['seeds']}")
+            rec = (f"{r['feature_net']}, {r['mode']}, {_fmt(r['num_images'])} vs {_fmt(r['ref_num_images'])} "
+                   f"({r['reference']}), NFE {_fmt(r['nfe'])}, churn {_fmt(r['churn'])}, seeds {r['seeds']}")
         cells = "".join(f"<td>{html.escape(_fmt(r.get(c)))}</td>" for c in cols)
         cls = " class='stopped'" if r.get("status") in ("early-stopped", "error", "interrupted") else ""
         parts.append(f"<tr{cls}>{cells}<td class='rec'>{html.escape(rec)}</td></tr>")
-    parts.append("</table></body></html>")
+    parts.append("</table></div></body></html>")
     from .io import atomic_write_text
     return atomic_write_text("\n".join(parts), out / "report.html")
 
 
 def _fmt(v) -> str:
-    if isinstance(v, float):
-        return "" if v != v else f"{v:.4g}"
+    """A table cell: NaN/None empty, whole numbers without a decimal point (pandas makes counts floats)."""
+    if isinstance(v, (float, np.floating)):
+        return "" if v != v else (str(int(v)) if float(v).is_integer() and abs(v) < 1e15 else f"{v:.4g}")
     return "" if v is None else str(v)

@@ -37,9 +37,18 @@ def git_revision(cwd: str | None = None) -> str:
 
 
 def tracking_uri(cfg=None) -> str:
-    """cfg.tracking.uri, else $MLFLOW_TRACKING_URI, else a sqlite file in the project folder."""
+    """cfg.tracking.uri, else $MLFLOW_TRACKING_URI, else a sqlite file in the project folder. A relative
+    sqlite path is the project's too, also from DVC's experiment copies (workspace.py): queued
+    experiments log to the same store as `dvc repro`."""
+    from .workspace import shared_path
     uri = (cfg.tracking.uri if cfg is not None else None) or os.environ.get("MLFLOW_TRACKING_URI")
-    return uri or f"sqlite:///{Path.cwd() / 'mlflow.db'}"
+    if not uri:
+        return f"sqlite:///{shared_path('mlflow.db')}"
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):   # relative to the project
+        path, _, query = uri[len("sqlite:///"):].partition("?")
+        if path and path != ":memory:":
+            return f"sqlite:///{shared_path(path)}" + (f"?{query}" if query else "")
+    return uri
 
 
 KNOWN_SCHEMES = ("sqlite", "http", "https", "file", "postgresql", "mysql", "mssql", "databricks")
@@ -364,7 +373,7 @@ def run_tags(stage: str | None = None) -> dict:
 def load_runs(experiment: str, uri: str | None = None, sweep: str | None = None):
     """One row per (training run or trial) x post-hoc point, from MLflow: the run's swept/config
     params, the EMA length, guide and guidance weight, its FID and FID record fields, and the cost
-    (seconds, GPU-seconds).
+    (seconds, GPU-seconds). A training run without evaluations yet has one row (no FID, its final loss).
 
     `sweep`: a sweep name (parent run `sweep-<name>`) or a parent run id to restrict to one sweep.
     """
@@ -414,6 +423,23 @@ def load_runs(experiment: str, uri: str | None = None, sweep: str | None = None)
                "ref_num_images": int(r.data.params.get("ref_num_images", 0)), "seeds": r.data.params.get("seeds"),
                "feature_net": r.data.tags.get("feature_net"), "reference": r.data.tags.get("reference"),
                "train_seconds": seconds, "gpu_seconds": seconds * gpus if seconds is not None else None}
+        row.update({f"param.{k}": _parse(v) for k, v in train.data.params.items()})
+        rows.append(row)
+    evaluated = {row["run_id"] for row in rows}
+    for train in runs:                                 # trainings without evaluations (e.g. a SLURM job): one row each
+        tags = train.data.tags
+        if "run_key" not in tags or tags.get("kind") in ("ema", "sweep") or train.info.run_id in evaluated:
+            continue
+        parent_id = tags.get("mlflow.parentRunId")
+        if sweep_ids is not None and parent_id not in sweep_ids:
+            continue
+        parent = by_id.get(parent_id)
+        seconds = train.data.metrics.get("train_seconds")
+        row = {"sweep": parent.info.run_name if parent else None, "run_id": train.info.run_id,
+               "run_name": train.info.run_name, "status": train.info.status, "fid": None,
+               "final_loss": train.data.metrics.get("final_loss"), "train_seconds": seconds,
+               "gpu_seconds": seconds * float(tags.get("gpus", "0") or 0) if seconds is not None else None,
+               "evaluated": False}
         row.update({f"param.{k}": _parse(v) for k, v in train.data.params.items()})
         rows.append(row)
     df = pd.DataFrame(rows)

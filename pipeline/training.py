@@ -240,7 +240,8 @@ def net_args(cfg: C.Config, ds: EncodedDataset) -> dict:
 
 def train(cfg: C.Config, stage: str | None = None, stop: StopFlag | None = None, progress: bool = True,
           report=None, max_steps: int | None = None, parent_run_id: str | None = None,
-          run_name: str | None = None, device: torch.device | None = None, validate=None) -> TrainResult:
+          run_name: str | None = None, device: torch.device | None = None, validate=None,
+          mlflow_params: dict | None = None) -> TrainResult:
     """Train (or resume) the run described by `cfg` in cfg.train.run_dir until duration_nimg.
 
     report(nimg, metrics) is called on every rank after every snapshot (sweeps use it; Ray Train
@@ -256,7 +257,8 @@ def train(cfg: C.Config, stage: str | None = None, stop: StopFlag | None = None,
     d = init_distributed(cfg.train.device, device)
     lock = RunLock(run_dir).acquire() if d.is_main else None
     try:
-        return _train_locked(cfg, d, stage, stop, progress, report, max_steps, parent_run_id, run_name, validate)
+        return _train_locked(cfg, d, stage, stop, progress, report, max_steps, parent_run_id, run_name, validate,
+                             mlflow_params)
     finally:
         if lock is not None:
             lock.release()
@@ -293,14 +295,14 @@ class Session:
 
 
 def _train_locked(cfg: C.Config, d: Dist, stage, stop, progress, report, max_steps, parent_run_id,
-                  run_name, validate) -> TrainResult:
+                  run_name, validate, mlflow_params=None) -> TrainResult:
     t0 = time.time()
     stop = stop or StopFlag().install()
     s = _setup(cfg, d)
     s.t0 = t0
     _resume(s)
     if d.is_main:
-        _start_tracking(s, stage, parent_run_id, run_name)
+        _start_tracking(s, stage, parent_run_id, run_name, mlflow_params)
     if s.nimg >= cfg.train.duration_nimg:              # finished before: change nothing, say so
         return _already_finished(s)
     _prepare_loop(s, progress)
@@ -378,12 +380,15 @@ def _resume(s: Session) -> None:
         s.log(f"resuming from {s.ckpt_path} at nimg={s.nimg}")
 
 
-def _start_tracking(s: Session, stage, parent_run_id, run_name) -> None:
-    """The run folder's config.yaml and the MLflow run (the same one across resumes)."""
+def _start_tracking(s: Session, stage, parent_run_id, run_name, mlflow_params=None) -> None:
+    """The run folder's config.yaml and the MLflow run (the same one across resumes). Its params: every
+    config field, or `mlflow_params` (a sweep trial: its searched values and run key; the full config is
+    the config.yaml artifact)."""
     from .tracking import RunLogger, run_tags
     cfg, run_dir = s.cfg, s.run_dir
     run_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(C.yaml_dump(cfg), run_dir / "config.yaml")
+    atomic_write_text(cfg.run_key(), run_dir / "run_key")      # what this folder trains (workspace.keyed_run_dir)
     s.logger = RunLogger(cfg, jsonl=run_dir / "metrics.jsonl")
     id_file = run_dir / "mlflow_run_id"                # reused even when no checkpoint exists yet
     if s.mlflow_run_id is None and id_file.is_file():
@@ -394,7 +399,8 @@ def _start_tracking(s: Session, stage, parent_run_id, run_name) -> None:
     s.mlflow_run_id = s.logger.start(s.mlflow_run_id, run_name=run_name or f"train-{cfg.run_key()[:8]}",
                                      tags={**run_tags(stage), "run_key": cfg.run_key(), "run_dir": str(run_dir),
                                            "processes": str(s.d.world_size)},
-                                     params=cfg.flat(), parent_run_id=parent_run_id, on_run_id=save_id)
+                                     params=cfg.flat() if mlflow_params is None else mlflow_params,
+                                     parent_run_id=parent_run_id, on_run_id=save_id)
     s.logger.replay_missing()                          # steps logged while MLflow was unreachable
     s.logger.log_artifact(run_dir / "config.yaml")
 
@@ -542,8 +548,10 @@ def _finish(s: Session, status: str, last_loss, last_ckpt) -> TrainResult:
         s.logger.log_summary({"train_seconds": total, "gpu_seconds": total * devices,
                               "final_loss": summary["final_loss"]})
         s.logger.end("FINISHED" if status == "finished" else "KILLED")
-        fl = summary["final_loss"]
-        s.log(f"{status} at nimg={s.nimg}/{tc.duration_nimg}: loss {fl if fl is None else round(fl, 4)}, "
+        fl = summary["final_loss"]                         # the last status window's mean, else the last step's
+        loss = (f"loss {round(fl, 4)}" if fl is not None else
+                f"last step's loss {round(last_loss, 4)}" if last_loss is not None else "no step taken")
+        s.log(f"{status} at nimg={s.nimg}/{tc.duration_nimg}: {loss}, "
               f"{summary['images_per_s_session']} img/s over {s.steps} steps in {seconds:.0f} s; run {s.run_dir}, "
               f"checkpoint {last_ckpt}, MLflow run {s.mlflow_run_id or '(offline)'}")
     return TrainResult(s.nimg, status, s.run_dir, s.mlflow_run_id, last_loss, seconds, last_ckpt)

@@ -16,6 +16,7 @@ from pathlib import Path
 from pipeline import cli
 from pipeline.io import RunLock
 from pipeline.training import TrainingError, list_checkpoints, load_latest_checkpoint, train
+from pipeline.workspace import link_run_dir
 
 EXIT_STOPPED = 75          # EX_TEMPFAIL: stopped on request, rerun to resume
 
@@ -34,6 +35,8 @@ def main(argv: list[str] | None = None) -> int:
 
     def go():
         cfg = cli.config_from(args)
+        if int(os.environ.get("RANK", "0")) == 0:
+            link_run_dir(cfg)                      # in a DVC experiment copy: the project's run, by run key
         nproc = args.nproc_per_node or cfg.launcher.nproc_per_node
         if cfg.launcher.nnodes > 1 and "LOCAL_RANK" not in os.environ:
             raise TrainingError(f"launcher.nnodes={cfg.launcher.nnodes} is for SLURM (`python -m pipeline submit train "

@@ -28,7 +28,9 @@ FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-
          "--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE 127.0.0.1, EXCLUDE localhost"]
 PROBE = ("<script>window.addEventListener('load', () => { const im = [...document.images];"
          "document.documentElement.setAttribute('data-images', im.length + '/' +"
-         " im.filter(i => i.complete && i.naturalWidth > 0).length); });</script>")
+         " im.filter(i => i.complete && i.naturalWidth > 0).length);"
+         "document.documentElement.setAttribute('data-width', document.documentElement.scrollWidth + '/' +"
+         " window.innerWidth); });</script>")          # page width vs the 1280-pixel window: overflow
 
 
 def chromium_or_skip() -> str:
@@ -93,15 +95,17 @@ def render(chromium: str, url: str, out_dir: Path, name: str, dom: bool = False,
     remote = sorted(u for u in urls if urlparse(u).scheme in ("http", "https", "ws", "wss")
                     and urlparse(u).hostname not in ("127.0.0.1", "localhost", "::1"))
     external = [u for u in remote if not (urlparse(u).hostname or "").endswith(BROWSER_SERVICES)]
-    total = loaded = None
+    total = loaded = page_width = view_width = None
     marker = 'data-images="'
     if marker in d.stdout:
         total, loaded = map(int, d.stdout.split(marker, 1)[1].split('"', 1)[0].split("/"))
+    if 'data-width="' in d.stdout:
+        page_width, view_width = map(int, d.stdout.split('data-width="', 1)[1].split('"', 1)[0].split("/"))
     assert shot.is_file() and shot.stat().st_size > 1000, f"no screenshot from Chromium for {url}"
     return {"screenshot": shot, "dom": d.stdout, "urls": urls, "external_requests": external,
             "browser_service_requests": [u for u in remote if u not in external],
             "non_local_connections": sorted(a for a in addresses if not _is_local(a)),
-            "images_total": total, "images_loaded": loaded}
+            "images_total": total, "images_loaded": loaded, "page_width": page_width, "view_width": view_width}
 
 
 @contextlib.contextmanager

@@ -1,6 +1,7 @@
 """`dvc repro` runs every stage on a shrunken params file; again is a no-op; `dvc exp run -S` reruns
 only the stages that depend on the changed parameter."""
 import json
+import time
 import os
 import shutil
 import subprocess
@@ -55,8 +56,14 @@ def test_repro_runs_all_stages_then_is_a_noop(repo):
     for stage in ("fetch", "encode", "reference", "train", "reconstruct", "evaluate", "report"):
         assert f"Running stage '{stage}'" in out, out[-2000:]
     metrics = json.loads(sh("dvc metrics show --json", repo))
-    fid = metrics[""]["data"]["metrics/fid.json"]["data"]["fid"]
+    head = metrics[""]["data"]["metrics/fid.json"]["data"]                # the headline: flat, few keys
+    assert set(head) == {"best_fid", "fid_lo", "fid_hi", "best_sigma_rel", "best_kid", "tied"}
+    assert head["fid_lo"] <= head["best_fid"] <= head["fid_hi"] and head["best_sigma_rel"] in (0.05, 0.1, 0.15)
+    assert "metrics/fid_vs_ema.csv" not in metrics[""]["data"]                  # data for plots, not a metric
+    fid = json.loads((repo / "metrics/fid_points.json").read_text())["fid"]
     assert set(fid) == {"ema_0.050", "ema_0.100", "ema_0.150"} and all(v > 0 for v in fid.values())
+    shown = sh("COLUMNS=120 dvc metrics show", repo)
+    assert max(len(line) for line in shown.splitlines()) <= 120 and "…" not in shown, shown
     train = metrics[""]["data"]["metrics/train.json"]["data"]          # git-tracked training numbers
     assert train["nimg"] == 64 and train["final_loss"] is not None and train["images_per_s"] > 0
     # `dvc plots show`: the PNG figures, on a page that asks nothing of the network.
@@ -114,6 +121,39 @@ def test_exp_run_set_param_reruns_only_dependent_stages(repo):
         assert by_key[r["eval_key"]].data.params["nfe"] == "9"
     assert {c.data.params["nfe"] for c in children} == {"7", "9"}
     assert run.data.metrics["best_fid"] == pytest.approx(min(r["fid"] for r in records))
+
+
+@pytest.mark.slow
+def test_queued_experiments_share_the_projects_run_and_mlflow_store(repo):
+    """`dvc exp run --queue -S 'sampler.steps=choice(...)'` + `dvc queue start`: DVC runs each experiment in
+    a copy of the repository without the git-ignored run folder and MLflow store; the copies use the
+    project's (workspace.py): no retraining (the run's snapshots are reused), one MLflow store."""
+    sh("dvc repro", repo)                                         # (a no-op after the tests above)
+    sh("git add -A && git commit -qm baseline", repo)             # what the README's baseline commit does
+    summary = repo / "runs/tiny/train_summary.json"
+    before = summary.read_text()
+    sh("dvc exp run --queue -S 'sampler.steps=choice(4,6)'", repo)
+    sh("dvc queue start -j 1", repo)
+    deadline = time.time() + 1200
+    while time.time() < deadline:
+        status = sh("dvc queue status", repo)
+        if "Queued" not in status and "Running" not in status:
+            break
+        time.sleep(5)
+    assert status.count("Success") == 2, status
+    assert summary.read_text() == before                          # the run was not trained again
+    assert not (repo / "runs" / "keyed").exists()                 # same training params: the baseline's folder
+    import csv
+    import io
+    table = list(csv.DictReader(io.StringIO(sh("dvc exp show --csv --no-pager 2>/dev/null", repo))))
+    steps = {row["sampler.steps"]: row for row in table if row.get("best_fid") not in (None, "", "!", "-")}
+    assert {"4", "6"} <= set(steps), table
+    from mlflow.tracking import MlflowClient                       # both evaluations in the project's store
+    client = MlflowClient(f"sqlite:///{repo / 'mlflow.db'}")
+    run_id = json.loads(summary.read_text())["mlflow_run_id"]
+    children = client.search_runs([client.get_run(run_id).info.experiment_id],
+                                  f"tags.mlflow.parentRunId = '{run_id}'")
+    assert {"7", "11"} <= {c.data.params["nfe"] for c in children}
 
 
 def test_every_stage_lists_its_script_and_every_module_it_imports(root):

@@ -521,9 +521,10 @@ def test_stages_killed_mid_way_leave_whole_outputs_and_rerun_to_the_same_result(
                 assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a), f.name
                 assert ma["sources_digest"] == mb["sources_digest"] and ma["coefficients"] == mb["coefficients"]
         if name == "evaluate":
-            a = json.loads((ref_out / "metrics" / "fid.json").read_text())
-            b = json.loads((tmp_path / "evaluate-0.8" / "metrics" / "fid.json").read_text())
-            assert a == b
+            for f in ("fid.json", "fid_points.json"):
+                a = json.loads((ref_out / "metrics" / f).read_text())
+                b = json.loads((tmp_path / "evaluate-0.8" / "metrics" / f).read_text())
+                assert a == b, f
 
 
 # ----------------------------------------------------------------------------------------------
@@ -548,3 +549,21 @@ def test_existing_folders_and_special_files_are_left_as_they_are(tmp_path, fmnis
     with pytest.raises(DataError, match="not an encoded dataset"):
         encode_dataset(C.load_config(ROOT / "params.yaml", ["data.max_images=8"]), mine, "train", progress=False)
     assert (mine / "notes.txt").read_text() == "keep me"
+
+
+def test_sample_says_which_sampler_it_used_and_prefers_the_models_record(tmp_path, tiny):
+    """Params whose sampler differs from the model's recorded one: `pipeline sample` says so and uses the
+    model's; a sampler value given on the command line wins (and is said too)."""
+    import yaml
+    raw = yaml.safe_load(tiny["params"].read_text())
+    recorded_steps = raw["sampler"]["steps"]
+    raw["sampler"]["steps"] = recorded_steps + 2                  # e.g. left behind by a `dvc exp run -S`
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump(raw))
+    common = ("-m", "pipeline", "sample", "--params", str(params), "--model", str(tiny["model"]), "--num", "2")
+    r = run_cli(*common, "--out", str(tmp_path / "a.npz"))
+    assert r.returncode == 0, r.stderr[-2000:]
+    nfe = 2 * recorded_steps - 1
+    assert f"the model's recorded settings (NFE {nfe}" in r.stderr and f"NFE {nfe}" in r.stdout, (r.stdout, r.stderr)
+    r = run_cli(*common, "-S", "sampler.steps=3", "--out", str(tmp_path / "b.npz"))
+    assert r.returncode == 0 and "the command line's settings (NFE 5)" in r.stderr and "NFE 5" in r.stdout, r.stderr

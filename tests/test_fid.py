@@ -192,8 +192,10 @@ def test_reference_and_evaluate_stages_end_to_end(fmnist, tmp_path, root):
     assert evaluate_main(["--params", str(params), "--models", str(tmp_path / "models"), "--ref-cache",
                           str(tmp_path / "ref"), "--metrics", str(tmp_path / "metrics"),
                           "--samples", str(tmp_path / "samples")]) == 0
-    metrics = json.loads((tmp_path / "metrics/fid.json").read_text())
+    metrics = json.loads((tmp_path / "metrics/fid_points.json").read_text())
     assert set(metrics["fid"]) == {"ema_0.050", "ema_0.100"} and metrics["num_images"] == 4
+    head = json.loads((tmp_path / "metrics/fid.json").read_text())
+    assert head["best_fid"] == round(metrics["best_fid"], 2) and head["best_sigma_rel"] == metrics["best_sigma_rel"]
     assert (tmp_path / "metrics/fid_vs_ema.csv").read_text().splitlines()[0] == "sigma_rel,fid,fid_lo,fid_hi,kid,guidance,guide,steps"
     assert metrics["best_fid_se"] > 0 and metrics["best_sigma_rel"] in (0.05, 0.1) and "tied_with_best" in metrics
     records = json.loads((tmp_path / "metrics/fid_records.json").read_text())
@@ -421,7 +423,7 @@ def test_metrics_as_equals_fd_dinov2_precision_recall_features_once_per_network(
             assert 0 <= e["interval"][0] <= e["value"] <= e["interval"][1] <= 1 and e["feature_net"] == r["feature_net"]
         row = to_row(r)
         assert {"precision", "precision_se", "recall_lo", "fd_dinov2_hi", "fid_se", "kid"} <= set(row)
-    metrics = json.loads((tmp_path / "metrics/fid.json").read_text())
+    metrics = json.loads((tmp_path / "metrics/fid_points.json").read_text())
     assert set(metrics["fd_dinov2"]) == set(metrics["fid"]) == set(metrics["precision"]) == set(metrics["recall"])
     # The features are the tiny ViT's CLS token: 64 numbers per image.
     from pipeline.metrics import FEATURES

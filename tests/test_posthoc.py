@@ -50,7 +50,7 @@ def test_grid_of_guides_and_weights_from_one_training(tmp_path, fmnist, monkeypa
         guided = by[(s, "ema 0.050 at 64 img", 2.0)]
         assert guided["fid"] != plain["fid"] and guided["extra"]["guide_file"].endswith("ema-0000000064-0.050.safetensors")
         assert (tmp_path / "samples" / guided["extra"]["samples"]).is_file()
-    metrics = json.loads((tmp_path / "metrics/fid.json").read_text())
+    metrics = json.loads((tmp_path / "metrics/fid_points.json").read_text())
     assert len(metrics["fid"]) == 8 and "ema_0.100_w2_ema-0.050-at-64-img" in metrics["fid"]
     # The run report: the heat map (EMA length x w per guide) and one row per computed point.
     from stages.report import main as report_main

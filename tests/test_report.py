@@ -45,6 +45,7 @@ def test_tiny_run_report_renders_offline_in_chromium(tmp_path, fmnist):
           f"{len(page['urls'])} URLs requested")
     # 3 figures (FID, curves, EMA profiles) + one sample grid per EMA length (3)
     assert page["images_total"] == 6 and page["images_loaded"] == 6
+    assert page["view_width"] == 1280 and page["page_width"] <= 1280, page        # nothing overflows the window
     assert page["external_requests"] == [], page["external_requests"]      # the page asks for nothing outside
     assert page["non_local_connections"] == [], page["non_local_connections"]   # and nothing left the machine
     assert "http://" not in html.replace("http://www.w3.org", "") and "https://" not in html

@@ -101,6 +101,7 @@ def test_a_local_sweep_listens_on_loopback_only(tiny_sweep):
     assert {"gcs_server", "raylet"} <= {name for _, name in listeners}, listeners      # ss saw Ray's servers
     exposed = [(a, n) for a, n in listeners if not re.match(r"(127\.0\.0\.1|\[::ffff:127\.0\.0\.1\]|\[::1\]):\d+$", a)]
     assert not exposed, f"listening beyond loopback: {exposed}"
+    assert list(Path(f"/tmp/ray-{os.getuid()}").glob("session_2*")), "no session in the per-user Ray folder"
 
 
 @pytest.mark.slow
@@ -167,6 +168,8 @@ def test_sweep_report_and_mlflow_ui_in_headless_chromium(tiny_sweep, tmp_path):
         assert needle in html, needle
     shot = render(chromium, (d / "reports/sweeps/tiny/report.html").as_uri(), tmp_path, "sweep-report")
     assert shot["images_total"] == 2 + 4 and shot["images_loaded"] == 6          # 2 figures + a grid per trial
+    assert shot["view_width"] == 1280 and shot["page_width"] <= 1280, shot     # the table scrolls inside the page
+    assert not re.search(r"NFE \d+\.0\b|\d\.0 vs \d", html)                     # counts printed as integers
     assert not shot["external_requests"] and not shot["non_local_connections"]
     with served_mlflow(f"sqlite:///{d / 'mlflow.db'}") as base:
         import json as _json
@@ -183,6 +186,9 @@ def test_sweep_report_and_mlflow_ui_in_headless_chromium(tiny_sweep, tmp_path):
         trials = [r for r, t in zip(runs, tags) if "kind" not in t]
         emas = [(r, t) for r, t in zip(runs, tags) if t.get("kind") == "ema"]
         assert len(parent) == 1 and len(trials) == 4 and len(emas) == 12
+        # A trial's params: the searched values and its run key (no paths); the full config is its artifact.
+        assert all({p["key"] for p in r["data"].get("params", [])} == {"train.ref_lr", "loss.P_mean", "run_key"}
+                   for r in trials), [r["data"].get("params") for r in trials][:1]
         trial_ids = {r["info"]["run_id"] for r in trials}
         assert all(t["mlflow.parentRunId"] in trial_ids for _, t in emas)
         assert all(any(m["key"] == "fid" for m in r["data"]["metrics"]) for r, _ in emas)
@@ -203,7 +209,8 @@ def test_asha_stops_the_clearly_bad_trial(tmp_path, fmnist):
         ema_lengths=[0.1], max_concurrent=1,
         overrides={**yaml.safe_load((ROOT / "sweeps/tiny.yaml").read_text())["overrides"],
                    "train.duration_nimg": 192},
-        scheduler={"type": "asha", "grace_period_nimg": 64, "reduction_factor": 2})     # metric: val_loss (default)
+        scheduler={"type": "asha", "grace_period_nimg": 64, "reduction_factor": 2,       # metric: val_loss (default)
+                   "evaluate_stopped": True})                                            # their FID from snapshots
     r = subprocess.run([sys.executable, "-m", "pipeline", "sweep", str(sweep_file), "--num-cpus", "2"], cwd=tmp_path,
                        env=ENV, capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
@@ -215,6 +222,9 @@ def test_asha_stops_the_clearly_bad_trial(tmp_path, fmnist):
     assert len(bad) == 1 and bad["status"].item() == "early-stopped", table[["train.ref_lr", "status", "nimg"]]
     assert 64 <= bad["nimg"].item() < 192                       # stopped after the grace period, before the end
     assert table[table["status"] == "finished"]["fid"].notna().all()
+    # evaluate_stopped: a stopped trial is ranked by FID too, measured at the images it trained (no retraining).
+    assert stopped["fid"].notna().all() and (stopped["nimg"] == stopped["nimg"].astype(int)).all()
+    assert f"ranked by: FID for {table['trial_id'].nunique()} of {table['trial_id'].nunique()} trials" in r.stdout
     assert "stopped early by ASHA on val_loss" in r.stdout and "--resume finishes" not in r.stdout
     # No traceback and no "Exception ignored" noise on a sweep where nothing failed.
     assert "Traceback" not in r.stdout + r.stderr and "Exception ignored" not in r.stdout + r.stderr, \

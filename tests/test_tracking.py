@@ -23,3 +23,63 @@ def test_kill_between_jsonl_and_mlflow_writes_loses_no_step(tmp_path):
     steps = [m.step for m in MlflowClient(uri).get_metric_history(run_id, "loss")]
     assert sorted(steps) == [16, 32, 48, 64]
     assert [json.loads(l)["step"] for l in jsonl.read_text().splitlines()] == [16, 32, 48, 64]
+
+
+def test_pipeline_runs_lists_a_training_without_evaluations(tmp_path):
+    """A finished training whose evaluation has not run (e.g. submitted to SLURM) is a row of its own:
+    no FID, its final loss and cost; an evaluated one gives one row per EMA length."""
+    from pipeline.tracking import load_runs, log_ema_run
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    plain = RunLogger(uri=uri, experiment="t", quiet=True)
+    plain.start(run_name="train-a", tags={"run_key": "a"}, params={"train.ref_lr": 0.01})
+    plain.log_summary({"final_loss": -0.3, "train_seconds": 12.0})
+    plain.end()
+    evaluated = RunLogger(uri=uri, experiment="t", quiet=True)
+    rid = evaluated.start(run_name="train-b", tags={"run_key": "b"}, params={"train.ref_lr": 0.02})
+    evaluated.end()
+    rec = {"fid": 150.0, "fid_se": 3.0, "fid_ci95": [144.0, 156.0], "sigma_rel": 0.1, "nimg": 64, "num_images": 8,
+           "ref_num_images": 8, "seeds": [0, 7], "sampler": {"nfe": 7, "steps": 4, "churn": 0.0, "guidance": 1.0},
+           "feature_net": "f", "reference": "r", "model_file": "m.safetensors"}
+    log_ema_run(RunLogger(uri=uri, experiment="t", quiet=True), rid, rec)
+    df = load_runs("t", uri)
+    assert sorted(df["run_name"]) == ["train-a", "train-b"]
+    a = df[df["run_name"] == "train-a"].iloc[0]
+    assert a["fid"] != a["fid"] and a["final_loss"] == -0.3 and a["train_seconds"] == 12.0 and not a["evaluated"]
+    assert df[df["run_name"] == "train-b"].iloc[0]["fid"] == 150.0
+    assert df["run_name"].iloc[0] == "train-b"                 # evaluated runs first (sorted by FID)
+
+
+def test_dvc_experiment_copies_use_the_projects_mlflow_and_run_stores(tmp_path, monkeypatch):
+    """Inside <project>/.dvc/tmp/exps/<copy>: the default and relative sqlite stores are the project's; the
+    copy's train.run_dir links to the project's run of the same run key, else to runs/keyed/<key>."""
+    from pipeline import config as C
+    from pipeline.tracking import tracking_uri
+    from pipeline.workspace import link_run_dir, project_root
+    copy = tmp_path / ".dvc" / "tmp" / "exps" / "tmpabc"
+    copy.mkdir(parents=True)
+    monkeypatch.chdir(copy)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    assert project_root() == tmp_path
+    cfg = C.resolve({}, {"train.run_dir": "runs/default"})
+    assert tracking_uri(cfg) == f"sqlite:///{tmp_path / 'mlflow.db'}"
+    assert tracking_uri(C.resolve({}, {"tracking.uri": "sqlite:///db/m.db?timeout=5"})) == \
+        f"sqlite:///{tmp_path / 'db/m.db'}?timeout=5"
+    assert tracking_uri(C.resolve({}, {"tracking.uri": "sqlite:////abs/m.db"})) == "sqlite:////abs/m.db"
+    # No run of this configuration in the project yet: runs/keyed/<run key>.
+    target = link_run_dir(cfg, log=lambda m: None)
+    assert target == tmp_path / "runs" / "keyed" / cfg.run_key()
+    assert (copy / "runs/default").is_symlink() and (copy / "runs/default").resolve() == target
+    # The project's run_dir holds this configuration (the baseline's run): the copy uses it.
+    other = tmp_path / ".dvc" / "tmp" / "exps" / "tmpdef"
+    other.mkdir()
+    monkeypatch.chdir(other)
+    (tmp_path / "runs/default").mkdir(parents=True)
+    (tmp_path / "runs/default/run_key").write_text(cfg.run_key())        # written by every training
+    assert link_run_dir(cfg, log=lambda m: None) == tmp_path / "runs/default"
+    changed = C.resolve({}, {"train.run_dir": "runs/default", "train.ref_lr": 0.02})
+    third = tmp_path / ".dvc" / "tmp" / "exps" / "tmpghi"
+    third.mkdir()
+    monkeypatch.chdir(third)
+    assert link_run_dir(changed, log=lambda m: None) == tmp_path / "runs" / "keyed" / changed.run_key()
+    monkeypatch.chdir(tmp_path)                                   # the project itself: nothing is linked
+    assert link_run_dir(cfg, log=lambda m: None) is None and project_root() == tmp_path

@@ -179,3 +179,14 @@ def test_nnodes_outside_torchrun_is_refused_with_the_recipe(tmp_path, fmnist):
     r = run_stage(params)
     assert r.returncode == 2 and "torchrun --nnodes 2" in r.stderr and "Scaling out" in r.stderr, r.stderr
     assert len(r.stderr.strip().splitlines()) == 1 and not (tmp_path / "run").exists()     # before any work
+
+
+def test_the_stop_line_prints_the_last_loss_before_any_status_line(tmp_path, fmnist, capsys):
+    """Stopped before the first status window closes: the stop line gives the last step's loss, not None."""
+    from pipeline.training import train
+    params = tiny_params(tmp_path, fmnist, train={"status_nimg": 128})
+    res = train(C.load_config(params), progress=False, max_steps=1)
+    out = capsys.readouterr().out
+    line = [x for x in out.splitlines() if x.startswith("stopped at nimg=16/")]
+    assert res.status == "stopped" and line and "loss None" not in line[0]
+    assert f"last step's loss {round(res.final_loss, 4)}" in line[0], line

@@ -112,13 +112,19 @@ def prepare_ray_env(address: str | None) -> None:
     os.environ["RAY_AUTH_MODE"] = "token"
 
 
+def ray_temp_dir() -> str:
+    """The per-user root of a local Ray instance's session files (short: Ray's socket paths have a limit)."""
+    return os.environ.get("EDM2_RAY_TMPDIR") or f"/tmp/ray-{os.getuid()}"
+
+
 def connect_ray(address: str | None, num_cpus: int | None, min_nodes: int = 1, wait_s: float = 120.0):
     """ray.init for a sweep (a local instance, or the cluster at `address`), with the cluster's errors in
     one line; waits up to wait_s for min_nodes alive nodes (a SLURM allocation's workers joining)."""
     import ray
     if ray.is_initialized():
         return ray
-    kwargs = {"address": address} if address else {"num_cpus": num_cpus}
+    # A local instance keeps its session files in a per-user folder, not the machine-wide /tmp/ray.
+    kwargs = {"address": address} if address else {"num_cpus": num_cpus, "_temp_dir": ray_temp_dir()}
     try:
         ray.init(**kwargs, include_dashboard=False, log_to_driver=True, configure_logging=False)
     except (ConnectionError, RuntimeError, ValueError) as err:

@@ -148,6 +148,8 @@ def run_sweep(sweep_file: str | Path, address: str | None = None, resume: bool =
             close_trial_runs(trials_dir, uri, {}, default="KILLED" if outcome == "KILLED" else "FAILED")
             parent.end(outcome)
 
+    if sweep.scheduler.evaluate_stopped:
+        evaluate_stopped(trials_dir, read_stopped(exp_dir), base, sweep, uri, ref_cache, str(root))
     table = results_table(trials_dir, sweep, read_stopped(exp_dir), the_plan)
     close_trial_runs(trials_dir, uri, dict(zip(table["trial_id"], table["status"])) if len(table) else {},
                      scheduler=sweep.scheduler.type)
@@ -187,4 +189,28 @@ def remaining_trials(sweep: SweepConfig, the_plan: dict, trials_dir: Path, stopp
             write_trial_state(t, status="superseded")
     return max(sweep.num_samples - done, 0), evaluated
 
+
+def evaluate_stopped(trials_dir: Path, stopped: dict, base: C.Config, sweep: SweepConfig, uri: str, ref_cache: str,
+                     root: str) -> None:
+    """scheduler.evaluate_stopped: every trial a scheduler stopped gets its post-hoc EMA fan-out from the
+    snapshots it wrote before the stop (no retraining; its records carry that nimg), here in the driver
+    after the trials; a trial evaluated before (a resume) is kept."""
+    from types import SimpleNamespace
+
+    from .trial import fan_out
+    spec = TrialSpec(base, sweep, None, uri, "cpu", ref_cache, root)
+    for name in sorted(stopped):
+        t = trials_dir / name
+        snaps = t / "run" / "snapshots"
+        if (t / "fid_records.json").is_file() or not any(snaps.glob("*.safetensors")):
+            continue
+        cfg = spec.config(read_trial_state(t).get("params") or {}, t)
+        run_id = (t / "run" / "mlflow_run_id").read_text().strip() if (t / "run" / "mlflow_run_id").is_file() else None
+        print(f"sweep: evaluating stopped trial {name} from its snapshots up to nimg={stopped[name].get('nimg')}",
+              flush=True)
+        try:
+            fan_out(cfg, SimpleNamespace(mlflow_run_id=run_id), t, ref_cache, "cpu")
+        except Exception as err:                             # the trial keeps its stop; the table says why
+            write_trial_state(t, stopped_eval_error=f"{err.__class__.__name__}: {str(err)[:200]}")
+            print(f"sweep: stopped trial {name} could not be evaluated ({err.__class__.__name__}: {err})", flush=True)
 

@@ -90,13 +90,14 @@ def results_table(trials_dir: Path, sweep: SweepConfig, stopped: dict | None = N
                 "train_min": round(cost["train_seconds_total"] / 60, 2) if cost.get("train_seconds_total") else None,
                 "img_per_s": cost.get("images_per_s")}
         status = trial_status(t, stopped)
-        if status == "finished":
+        if status == "finished" or (status == "early-stopped" and (t / "fid_records.json").is_file()):
             for r in read_records(t / "fid_records.json", "trial records"):
                 same_as = (r.get("extra") or {}).get("same_as")
                 if not same_as:                              # rank each computation once
                     recs.append(r)
                 flat = {k: v for k, v in r.items() if not isinstance(v, (dict, list))}   # scalar record fields
-                rows.append({**base, "status": "finished", **flat, **to_row(r)})         # every metric as columns
+                rows.append({**base, "status": status, **flat, **to_row(r),               # every metric as columns
+                             **({"stop_reason": stop_reason(stopped[trial_id])} if status != "finished" else {})})
         else:
             rows.append({**base, "status": status, "fid": None, "sigma_rel": None,
                          "stop_reason": (stop_reason(stopped[trial_id])
@@ -188,6 +189,8 @@ def summary_lines(df, sweep: SweepConfig) -> list[str]:
         lines.append(f"not distinguishable from the winner (paired 95% interval of the difference contains 0): "
                      f"{len(names)} of {len(done) - 1}" + (": " + "; ".join(names[:8]) + (" ..." if len(names) > 8 else "")
                                                          if names else ": none, the winner is resolved"))
+    if sweep.search:
+        lines.append(ranked_by(df, sweep))
     notes = [edge_note(done["sigma_rel"], best["sigma_rel"], "sigma_rel")]
     for key, axis in sweep.search.items():
         lo_hi = axis.uniform or axis.loguniform
@@ -198,6 +201,23 @@ def summary_lines(df, sweep: SweepConfig) -> list[str]:
             notes.append(edge_note(values, float(best[key]), key))
     lines += [f"note: {n}" for n in notes if n]
     return lines
+
+
+def ranked_by(df, sweep: SweepConfig) -> str:
+    """What the searched axes were ranked by: FID for every trial, or FID for some and the scheduler's
+    loss for the trials it stopped without a FID."""
+    per_trial = df.groupby("trial_id").agg(status=("status", "first"), fid=("fid", "max"))
+    stopped = per_trial[per_trial["status"] == "early-stopped"]
+    measured = int(stopped["fid"].notna().sum())
+    with_fid = int(per_trial["fid"].notna().sum())
+    text = f"ranked by: FID for {with_fid} of {len(per_trial)} trials"
+    if measured:
+        text += f" ({measured} stopped early, measured from their last snapshots: less training)"
+    if len(stopped) > measured:
+        text += (f"; {len(stopped) - measured} stopped early by {scheduler_entry(sweep.scheduler.type).title} have "
+                 f"no FID, only {sweep.scheduler.metric} at their stop (scheduler.evaluate_stopped: true measures "
+                 f"them, no retraining)")
+    return text
 
 
 def print_summary(df, best: dict | None, sweep: SweepConfig, table_path: Path) -> None:

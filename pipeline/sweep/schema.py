@@ -65,6 +65,9 @@ class SchedulerSpec(_Section):
     metric: Annotated[str, _one_of({"val_loss": 0, "loss": 0, "weighted_mse": 0}, "scheduler metric")] = "val_loss"
     grace_period_nimg: PosInt = 4096                    # ASHA: no stop before this many images
     reduction_factor: Annotated[float, AfterValidator(lambda v: _min(v, 2))] = 2.0
+    # A stopped trial's FID from its last snapshots (post-hoc: no retraining), so the searched axis is
+    # ranked by FID for every trial; off: stopped trials keep only the loss they were stopped on.
+    evaluate_stopped: bool = False
 
 
 class ValidationSpec(_Section):

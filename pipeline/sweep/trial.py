@@ -60,15 +60,15 @@ def run_trial(params: dict, spec: TrialSpec) -> None:
     record_node(trial_dir)
     write_trial_state(trial_dir, trial_id=trial_id, params=values, status="running")
     try:
-        _run(trial_id, trial_dir, spec.config(values, trial_dir), spec)
+        _run(trial_id, trial_dir, values, spec.config(values, trial_dir), spec)
     except Exception as err:                                 # the trial's own record of why (Tune retries it)
         write_trial_state(trial_dir, status="error", error=f"{err.__class__.__name__}: {str(err)[:300]}")
         raise
 
 
-def _run(trial_id: str, trial_dir: Path, cfg: C.Config, spec: TrialSpec) -> None:
+def _run(trial_id: str, trial_dir: Path, values: dict, cfg: C.Config, spec: TrialSpec) -> None:
     from ray import tune
-    job = {"config": cfg, "trial_id": trial_id, "trial_dir": str(trial_dir), "spec": spec}
+    job = {"config": cfg, "trial_id": trial_id, "trial_dir": str(trial_dir), "spec": spec, "values": values}
     res = spec.sweep.resources
     if res.workers == 1:
         trial_body(job, tune.report)
@@ -117,8 +117,10 @@ def trial_body(job: dict, report, device=None) -> None:
     # A latent run's reference is pixels (for FID): no validation loss on it (the driver refuses a scheduler on it).
     validate = None if cfg.data.encoder == "vae" else make_validator(
         cfg, spec.sweep.validation, device if device is not None else cfg.train.device)
+    # MLflow params: what the sweep varies and the run key, not ~100 fields with paths (config.yaml has them all).
+    logged = {**job.get("values", {}), "run_key": cfg.run_key()}
     res = train(cfg, stage="sweep", progress=False, report=on_snapshot, parent_run_id=spec.parent_run_id,
-                run_name=f"trial-{trial_id}", device=device, validate=validate)
+                run_name=f"trial-{trial_id}", device=device, validate=validate, mlflow_params=logged)
     if res.status != "finished":
         raise SweepError(f"trial {trial_id} stopped at nimg={res.nimg} before the end of training")
     records = fan_out(cfg, res, trial_dir, spec.ref_cache, device) if rank0 else None
