@@ -27,7 +27,7 @@ def main(argv=None):
     model = args.model
     if model is None:
         import json
-        best = json.loads(Path("metrics/fid.json").read_text())["best_sigma_rel"]
+        best = json.loads(Path("metrics/fid.json").read_text())["sigma_rel"]
         model = next(str(f) for f in sorted(Path("models/ema").glob("ema-*.safetensors")) if f"-{best:.3f}." in f.name)
     feat = load_feature_net(cfg.fid.feature_net, args.device)
     ref = reference_stats(EncodedDataset(reference_dataset_dir(cfg)), feat, cfg.fid.ref_num_images, args.ref_cache,

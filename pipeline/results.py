@@ -40,7 +40,7 @@ def results_lines(cfg, metrics_dir: str | Path = "metrics", report: str | Path =
     else:
         lines.append(f"best: {result_line(best)}")
     lines += paper_lines(cfg.preset, records)
-    train_file = m / "train.json"
+    train_file = Path(cfg.train.run_dir) / "train_summary.json"     # the run's full summary
     if train_file.is_file():
         t = json.loads(train_file.read_text())
         if t.get("train_seconds_total"):

@@ -57,15 +57,16 @@ def test_repro_runs_all_stages_then_is_a_noop(repo):
         assert f"Running stage '{stage}'" in out, out[-2000:]
     metrics = json.loads(sh("dvc metrics show --json", repo))
     head = metrics[""]["data"]["metrics/fid.json"]["data"]                # the headline: flat, few keys
-    assert set(head) == {"best_fid", "fid_lo", "fid_hi", "best_sigma_rel", "best_kid", "tied"}
-    assert head["fid_lo"] <= head["best_fid"] <= head["fid_hi"] and head["best_sigma_rel"] in (0.05, 0.1, 0.15)
+    assert set(head) == {"fid", "fid_lo", "fid_hi", "sigma_rel", "kid", "tied"}
+    assert head["fid_lo"] <= head["fid"] <= head["fid_hi"] and head["sigma_rel"] in (0.05, 0.1, 0.15)
     assert "metrics/fid_vs_ema.csv" not in metrics[""]["data"]                  # data for plots, not a metric
     fid = json.loads((repo / "metrics/fid_points.json").read_text())["fid"]
     assert set(fid) == {"ema_0.050", "ema_0.100", "ema_0.150"} and all(v > 0 for v in fid.values())
     shown = sh("COLUMNS=120 dvc metrics show", repo)
     assert max(len(line) for line in shown.splitlines()) <= 120 and "…" not in shown, shown
-    train = metrics[""]["data"]["metrics/train.json"]["data"]          # git-tracked training numbers
-    assert train["nimg"] == 64 and train["final_loss"] is not None and train["images_per_s"] > 0
+    train = metrics[""]["data"]["metrics/train.json"]["data"]          # git-tracked training headline
+    assert set(train) == {"final_loss", "images_per_s"} and train["final_loss"] is not None and train["images_per_s"] > 0
+    assert json.loads((repo / "runs/tiny/train_summary.json").read_text())["nimg"] == 64
     # `dvc plots show`: the PNG figures, on a page that asks nothing of the network.
     sh("dvc plots show", repo)
     page = (repo / "dvc_plots" / "index.html").read_text()
@@ -146,7 +147,7 @@ def test_queued_experiments_share_the_projects_run_and_mlflow_store(repo):
     import csv
     import io
     table = list(csv.DictReader(io.StringIO(sh("dvc exp show --csv --no-pager 2>/dev/null", repo))))
-    steps = {row["sampler.steps"]: row for row in table if row.get("best_fid") not in (None, "", "!", "-")}
+    steps = {row["sampler.steps"]: row for row in table if row.get("fid") not in (None, "", "!", "-")}
     assert {"4", "6"} <= set(steps), table
     from mlflow.tracking import MlflowClient                       # both evaluations in the project's store
     client = MlflowClient(f"sqlite:///{repo / 'mlflow.db'}")

@@ -195,7 +195,7 @@ def test_reference_and_evaluate_stages_end_to_end(fmnist, tmp_path, root):
     metrics = json.loads((tmp_path / "metrics/fid_points.json").read_text())
     assert set(metrics["fid"]) == {"ema_0.050", "ema_0.100"} and metrics["num_images"] == 4
     head = json.loads((tmp_path / "metrics/fid.json").read_text())
-    assert head["best_fid"] == round(metrics["best_fid"], 2) and head["best_sigma_rel"] == metrics["best_sigma_rel"]
+    assert head["fid"] == round(metrics["best_fid"], 2) and head["sigma_rel"] == metrics["best_sigma_rel"]
     assert (tmp_path / "metrics/fid_vs_ema.csv").read_text().splitlines()[0] == "sigma_rel,fid,fid_lo,fid_hi,kid,guidance,guide,steps"
     assert metrics["best_fid_se"] > 0 and metrics["best_sigma_rel"] in (0.05, 0.1) and "tied_with_best" in metrics
     records = json.loads((tmp_path / "metrics/fid_records.json").read_text())
