@@ -116,40 +116,43 @@ def _cmd_sample(args) -> int:
     line = params_diff_line(args.params, cfg)
     if line:
         print(line, file=sys.stderr)
-    sampler = _model_sampler(args, cfg)
+    sampler, note = _model_sampler(args, cfg)
     if args.guide is None and sampler.guidance != 1:
         raise C.ConfigError(f"guidance {sampler.guidance} needs --guide (a model file or unconditional)")
     device = pick_device(args.device or cfg.fid.device, "--device" if args.device else "fid.device")
     out = export_samples(args.model, args.num, args.out, sampler, args.seed, args.batch or sampler.batch_size,
                          device, args.guide, progress=True, cfg=cfg)
+    if note:                                       # after the work: an error stays the one line it is
+        print(note, file=sys.stderr)
     print(f"{args.num} samples (seeds {args.seed}-{args.seed + args.num - 1}, NFE {sampler.nfe}"
           f"{f', guidance {sampler.guidance} with {args.guide}' if args.guide else ''}) -> {out}")
     return 0
 
 
 def _model_sampler(args, cfg):
-    """The sampler settings to use: the model's recorded ones (its header's config) when they differ from
-    the params and no sampler value was given on the command line; said either way."""
+    """(sampler settings, what to say): the model's recorded ones (its header's config) when they differ
+    from the params in anything but the guidance weight and no sampler value was given on the command
+    line; the params' otherwise."""
     from .phema import check_reconstruction
     from .records import sampler_record
-    recorded = ((check_reconstruction(args.model).get("config") or {}).get("sampler"))
-    explicit = args.guidance is not None or any(s.split("=", 1)[0].strip().startswith("sampler.") for s in args.set)
+    recorded_cfg = check_reconstruction(args.model).get("config")
+    recorded = recorded_cfg.get("sampler") if isinstance(recorded_cfg, dict) else None   # a foreign header: params
+    explicit = any(s.split("=", 1)[0].strip().startswith("sampler.") for s in args.set)
     if not recorded:
-        return cfg.sampler
+        return cfg.sampler, None
     try:
-        theirs = C.SamplerConfig.model_validate({**recorded, "batch_size": cfg.sampler.batch_size})
+        theirs = C.SamplerConfig.model_validate({**recorded, "batch_size": cfg.sampler.batch_size,
+                                                 "guidance": cfg.sampler.guidance})   # w: this command's choice
     except Exception:                              # a header of another version: the params decide
-        return cfg.sampler
+        return cfg.sampler, None
     if sampler_record(theirs) == sampler_record(cfg.sampler):
-        return cfg.sampler
+        return cfg.sampler, None
     if explicit:
-        print(f"sampler: the command line's settings (NFE {cfg.sampler.nfe}); the model was made with NFE "
-              f"{theirs.nfe}", file=sys.stderr)
-        return cfg.sampler
-    print(f"sampler: the model's recorded settings (NFE {theirs.nfe}, {theirs.steps} steps, {theirs.solver}); the "
-          f"params say NFE {cfg.sampler.nfe} -- give -S sampler.steps=N (or any sampler.*) to use other settings",
-          file=sys.stderr)
-    return theirs
+        return cfg.sampler, (f"sampler: the command line's settings (NFE {cfg.sampler.nfe}); the model was made "
+                             f"with NFE {theirs.nfe}")
+    return theirs, (f"sampler: the model's recorded settings (NFE {theirs.nfe}, {theirs.steps} steps, "
+                    f"{theirs.solver}); the params say NFE {cfg.sampler.nfe} -- give -S sampler.steps=N (or any "
+                    f"sampler.*) to use other settings")
 
 
 def _cmd_results(args) -> int:

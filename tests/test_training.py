@@ -177,7 +177,7 @@ def test_label_dropout_is_seeded_and_changes_training(tmp_path, fmnist):
 def test_nnodes_outside_torchrun_is_refused_with_the_recipe(tmp_path, fmnist):
     params = tiny_params(tmp_path, fmnist, launcher={"nnodes": 2}, tracking={"enabled": False})
     r = run_stage(params)
-    assert r.returncode == 2 and "torchrun --nnodes 2" in r.stderr and "Scaling out" in r.stderr, r.stderr
+    assert r.returncode == 2 and "torchrun --nnodes 2" in r.stderr and "docs/scaling.md" in r.stderr, r.stderr
     assert len(r.stderr.strip().splitlines()) == 1 and not (tmp_path / "run").exists()     # before any work
 
 
