@@ -78,6 +78,7 @@ def params_diff_line(path, cfg, limit: int = 8) -> str | None:
 
 
 EXIT_BAD_INPUT = 2
+EXIT_INTERRUPTED = 130                               # the shell's code for a command ended by Ctrl-C (SIGINT)
 
 
 def run(name: str, fn: Callable[[], int | None]) -> int:
@@ -99,6 +100,10 @@ def run(name: str, fn: Callable[[], int | None]) -> int:
             raise
         print(f"{name}: a path or argument contains a NUL byte", file=sys.stderr)
         return EXIT_BAD_INPUT
+    except KeyboardInterrupt as err:                 # Ctrl-C: one line (the command says what it kept), no traceback
+        _close_progress_bars()
+        print(f"{name}: interrupted" + (f": {_one_line(str(err))}" if str(err) else ""), file=sys.stderr)
+        return EXIT_INTERRUPTED
 
 
 def _close_progress_bars() -> None:

@@ -346,15 +346,22 @@ def plot_best_vs_param(best, keys: Sequence[str], path: str | Path, name: str = 
     ranges = ranges or {}
     for col, key in enumerate(keys):
         ax = axes[0][col]
-        x = pd.to_numeric(best[key], errors="coerce")
-        xs = pd.to_numeric(stopped[key], errors="coerce") if stopped is not None else None
-        categorical = bool(x.isna().any()) or (xs is not None and bool(xs.isna().any()))
+        # A trial without a value for the axis (interrupted before it recorded one) is not drawn on it.
+        raw = best[key] if key in best else pd.Series([None] * len(best), index=best.index)
+        raw_s = (stopped[key] if key in stopped else pd.Series([None] * len(stopped), index=stopped.index)) \
+            if stopped is not None else None
+        x = pd.to_numeric(raw, errors="coerce")
+        xs = pd.to_numeric(raw_s, errors="coerce") if raw_s is not None else None
+        categorical = bool((raw.notna() & x.isna()).any()) or \
+            (xs is not None and bool((raw_s.notna() & xs.isna()).any()))
         if categorical:                          # a text-valued axis (e.g. loss.noise): one column per value
-            values = list(best[key].astype(str)) + (list(stopped[key].astype(str)) if stopped is not None else [])
+            text = lambda col: col.map(lambda v: None if pd.isna(v) else str(v))
+            values = [v for v in list(text(raw)) + (list(text(raw_s)) if raw_s is not None else []) if v is not None]
             cats = sorted(set(values) | {str(v) for v in ranges.get(key, ())})
-            x = best[key].astype(str).map({c: i for i, c in enumerate(cats)}).astype(float)
-            if stopped is not None:
-                xs = stopped[key].astype(str).map({c: i for i, c in enumerate(cats)}).astype(float)
+            index = {c: float(i) for i, c in enumerate(cats)}
+            x = text(raw).map(index).astype(float)
+            if raw_s is not None:
+                xs = text(raw_s).map(index).astype(float)
             ax.set_xticks(range(len(cats)), cats)
             ax.set_xlim(-0.5, len(cats) - 0.5)
         if {"fid_lo", "fid_hi"} <= set(best.columns):      # 95 % interval of each trial's best FID
@@ -364,8 +371,8 @@ def plot_best_vs_param(best, keys: Sequence[str], path: str | Path, name: str = 
             ax.scatter(x, best["fid"], color="tab:blue")
         ax.scatter([x[w]], [best["fid"][w]], marker="*", s=200, color="gold", edgecolor="black", zorder=3)
         lo_hi = ranges.get(key) if not categorical else None
-        lo = min([x.min(), *(lo_hi or ()), *(xs if xs is not None else ())])
-        hi = max([x.max(), *(lo_hi or ()), *(xs if xs is not None else ())])
+        seen = [*x.dropna(), *(lo_hi or ()), *(xs.dropna() if xs is not None else ())] or [0.0]
+        lo, hi = min(seen), max(seen)
         if not categorical and lo > 0 and hi / lo > 20:
             ax.set_xscale("log")
         if lo_hi and not categorical:            # the searched range, not only the values drawn
@@ -402,6 +409,54 @@ def _stopped_panel(ax, above, stopped, xs, key: str, categorical: bool) -> None:
     ax.legend(fontsize=7)
 
 
+def plot_trial_timeline(spans, max_concurrent: int, path: str | Path, name: str = "") -> Path:
+    """One bar per trial from its start to its end (its last report when it has no end), coloured by
+    status, and the number of trials running over time against max_concurrent: an asynchronous sweep
+    keeps max_concurrent trials running while trials remain."""
+    import pandas as pd
+    plt = _plt()
+    spans = spans[spans["start"].notna()].copy()
+    t0 = spans["start"].min()
+    spans["s"] = spans["start"] - t0
+    spans["e"] = pd.to_numeric(spans["end"], errors="coerce").fillna(spans["start"]) - t0
+    spans = spans.sort_values("s").reset_index(drop=True)
+    colors = {"finished": "tab:blue", "early-stopped": "tab:orange", "error": "tab:red", "interrupted": "tab:gray"}
+    fig, (ax, bx) = plt.subplots(2, 1, figsize=(9, 2 + 0.18 * len(spans) + 1.6), sharex=True,
+                                 gridspec_kw={"height_ratios": [max(len(spans), 4), 4]})
+    for i, r in spans.iterrows():
+        ax.barh(i, max(r["e"] - r["s"], 0.5), left=r["s"], color=colors.get(r["status"], "tab:gray"), height=0.8)
+    ax.set_yticks(range(len(spans)), spans["trial_id"], fontsize=6 if len(spans) > 40 else 8)
+    ax.invert_yaxis()
+    from matplotlib.patches import Patch
+    ax.legend(handles=[Patch(color=c, label=st) for st, c in colors.items() if (spans["status"] == st).any()],
+              fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    edges = sorted(set(spans["s"]) | set(spans["e"]))
+    running = [int(((spans["s"] <= t) & (spans["e"] > t)).sum()) for t in edges]
+    bx.step(edges, running, where="post", color="black")
+    bx.axhline(max_concurrent, color="tab:green", ls="--", lw=1, label=f"max_concurrent={max_concurrent}")
+    bx.set_ylabel("running")
+    bx.set_xlabel("seconds since the first trial started")
+    bx.legend(fontsize=7)
+    busy = _busy_fraction(edges, running, max_concurrent, spans)
+    fig.suptitle(f"sweep {name}: trial timeline ({len(spans)} trials; {busy:.0%} of the time until the last "
+                 f"trial started, {max_concurrent} ran at once)", fontsize=10)
+    return _save(fig, path, bbox=True)                      # the legend sits outside the axes
+
+
+def _busy_fraction(edges, running, max_concurrent: int, spans) -> float:
+    """Share of the time from the first start to the last start with max_concurrent trials running
+    (trials remained to start all that time, so an asynchronous sweep keeps this near 1)."""
+    last_start = spans["s"].max()
+    full = total = 0.0
+    for a, b, n in zip(edges, edges[1:], running):
+        if a >= last_start:
+            break
+        dt = min(b, last_start) - a
+        total += dt
+        full += dt if n >= max_concurrent else 0.0
+    return full / total if total > 0 else 1.0
+
+
 SWEEP_HEADERS = {"trial_id": "trial", "nimg": "images trained", "final_loss": "final loss", "val_loss": "val loss",
                  "fid_se": "FID +- SE", "fid_lo": "95% lo", "fid_hi": "95% hi", "fid": "FID", "kid": "KID",
                  "tied_with_best": "tied with best", "train_min": "cost: train min", "img_per_s": "images/s",
@@ -424,7 +479,8 @@ def write_sweep_report(df, swept: Sequence[str], out_dir: str | Path, name: str,
     for line in summary:
         parts.append(f"<p>{html.escape(line)}</p>")
     for fig, title in (("fid_vs_ema.png", "FID against EMA length, per trial"),
-                       ("best_fid_vs_param.png", "Best FID against each swept parameter")):
+                       ("best_fid_vs_param.png", "Best FID against each swept parameter"),
+                       ("trial_timeline.png", "Trial timeline (one bar per trial) and trials running at once")):
         if (out / fig).is_file():
             parts.append(f"<h2>{title}</h2>{_img_tag(out / fig, title)}")
     if grids:                                    # one grid per trial, at its best EMA length

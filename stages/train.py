@@ -64,7 +64,10 @@ def _write_metrics(summary_file: Path, out: Path) -> None:
     from pipeline.io import atomic_write_text
     summary = json.loads(summary_file.read_text())
     out.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(json.dumps({k: summary.get(k) for k in TRAIN_METRICS}, indent=2), out)
+    head = {k: summary.get(k) for k in TRAIN_METRICS}
+    if head["final_loss"] is not None:                 # 4 decimals: a narrow `dvc exp show` column
+        head["final_loss"] = round(head["final_loss"], 4)
+    atomic_write_text(json.dumps(head, indent=2), out)
 
 
 def _archive_if_mismatched(cfg) -> None:

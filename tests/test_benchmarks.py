@@ -11,9 +11,9 @@ from conftest import ROOT
 pytestmark = pytest.mark.slow
 
 
-@pytest.mark.parametrize("name", ["train", "sample", "reconstruct", "fid", "sweep"])
+@pytest.mark.parametrize("name", ["train", "sample", "reconstruct", "fid", "sweep", "sweep_scale"])
 def test_benchmark_smoke(name, tmp_path, fmnist):
-    extra = ["--dataset-dir", str(fmnist["train"][0].parent)] if name == "sweep" else []
+    extra = ["--dataset-dir", str(fmnist["train"][0].parent)] if name.startswith("sweep") else []
     r = subprocess.run([sys.executable, "-m", f"benchmarks.{name}", "--smoke", "--device", "cpu", "--out",
                         str(tmp_path), *extra], cwd=ROOT, capture_output=True, text=True, timeout=900,
                        env={**os.environ, "RAY_AUTH_MODE": "disabled"})

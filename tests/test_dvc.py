@@ -41,9 +41,24 @@ def tiny_repo(d, fmnist, data: dict, run_dir: str):
                          fid={"num_images": 4, "ref_num_images": 8},
                          tracking={"uri": f"sqlite:///{d / 'mlflow.db'}"})
     shutil.move(params, d / "params.yaml")
-    (d / ".gitignore").write_text("/runs/\n/mlflow.db\n/mlartifacts/\n/data/raw/\n/p/\n")
+    (d / ".gitignore").write_text((ROOT / ".gitignore").read_text() + "/p/\n")     # the project's, and the shrunk params' folder
     sh("git init -q && dvc init -q && git add -A && git commit -qm init", d)
     return d
+
+
+def baseline_commit_line() -> str:
+    """The `git add ...` line of docs/pipeline.md's baseline commit (without its comment)."""
+    lines = [ln for ln in (ROOT / "docs" / "pipeline.md").read_text().splitlines() if ln.startswith("git add ")]
+    assert len(lines) == 1, lines
+    return lines[0].split("#")[0].strip()
+
+
+def exp_view_line() -> str:
+    """docs/pipeline.md's `dvc exp show` view for wide tables."""
+    lines = [ln for ln in (ROOT / "docs" / "pipeline.md").read_text().splitlines()
+             if ln.startswith("dvc exp show --only-changed --drop")]
+    assert len(lines) == 1, lines
+    return lines[0].split("  #")[0].strip()
 
 
 @pytest.fixture(scope="module")
@@ -83,7 +98,11 @@ def test_repro_runs_all_stages_then_is_a_noop(repo):
     runs = sh("python -m pipeline runs", repo)          # the main job's runs by default
     assert "sigma_rel" in runs and " 0.05 " in runs and "FINISHED" in runs and "no runs" not in runs, runs
     assert sorted(p.name for p in (repo / "runs/tiny/snapshots").iterdir())[0] == "phema-0000000032-0.050.safetensors"
-    sh("git add -A && git commit -qm repro", repo)
+    # The baseline commit of docs/pipeline.md tracks every file DVC asks git to track: nothing is left untracked.
+    sh(baseline_commit_line(), repo)
+    status = sh("git status --porcelain", repo).splitlines()
+    assert not [ln for ln in status if ln.startswith("??")] and any("models/.gitignore" in ln for ln in status), status
+    sh("git commit -qm repro", repo)
     again = sh("dvc repro", repo)
     assert "Running stage" not in again and "up to date" in again.lower()
 
@@ -130,7 +149,7 @@ def test_queued_experiments_share_the_projects_run_and_mlflow_store(repo):
     a copy of the repository without the git-ignored run folder and MLflow store; the copies use the
     project's (workspace.py): no retraining (the run's snapshots are reused), one MLflow store."""
     sh("dvc repro", repo)                                         # (a no-op after the tests above)
-    sh("git add -A && git commit -qm baseline", repo)             # what the README's baseline commit does
+    sh("git add -A && (git diff --cached --quiet || git commit -qm baseline)", repo)   # the baseline commit
     summary = repo / "runs/tiny/train_summary.json"
     before = summary.read_text()
     sh("dvc exp run --queue -S 'sampler.steps=choice(4,6)'", repo)
@@ -149,6 +168,11 @@ def test_queued_experiments_share_the_projects_run_and_mlflow_store(repo):
     table = list(csv.DictReader(io.StringIO(sh("dvc exp show --csv --no-pager 2>/dev/null", repo))))
     steps = {row["sampler.steps"]: row for row in table if row.get("fid") not in (None, "", "!", "-")}
     assert {"4", "6"} <= set(steps), table
+    # The documented narrow view (docs/pipeline.md): the headline and what differs, within 120 columns.
+    view = sh(f"COLUMNS=120 {exp_view_line()} --no-pager", repo)
+    header = next(ln for ln in view.splitlines() if "Experiment" in ln).split()
+    assert {"fid", "fid_lo", "fid_hi", "sigma_rel", "kid", "tied", "sampler.steps"} <= set(header), view
+    assert max(len(ln) for ln in view.splitlines()) <= 120, view
     from mlflow.tracking import MlflowClient                       # both evaluations in the project's store
     client = MlflowClient(f"sqlite:///{repo / 'mlflow.db'}")
     run_id = json.loads(summary.read_text())["mlflow_run_id"]

@@ -167,7 +167,8 @@ def test_sweep_report_and_mlflow_ui_in_headless_chromium(tiny_sweep, tmp_path):
     for needle in ("Samples per trial, at its best EMA length", "cost: train min", "images/s", "ref_lr="):
         assert needle in html, needle
     shot = render(chromium, (d / "reports/sweeps/tiny/report.html").as_uri(), tmp_path, "sweep-report")
-    assert shot["images_total"] == 2 + 4 and shot["images_loaded"] == 6          # 2 figures + a grid per trial
+    assert shot["images_total"] == 3 + 4 and shot["images_loaded"] == 7          # 3 figures + a grid per trial
+    assert "Trial timeline" in html
     assert shot["view_width"] == 1280 and shot["page_width"] <= 1280, shot     # the table scrolls inside the page
     assert not re.search(r"NFE \d+\.0\b|\d\.0 vs \d", html)                     # counts printed as integers
     assert not shot["external_requests"] and not shot["non_local_connections"]
@@ -356,6 +357,34 @@ def test_interrupted_sweep_resumes_without_rerunning_finished_trials(tmp_path, f
         if "kind" not in run.data.tags:
             steps = [m.step for m in client.get_metric_history(run.info.run_id, "loss")]
             assert len(steps) == len(set(steps)) and max(steps) == 96, steps
+
+
+@pytest.mark.slow
+def test_ctrl_c_at_the_first_trial_closes_everything_and_resume_finishes(tmp_path, fmnist):
+    """Ctrl-C as soon as the first trial's worker starts: no traceback, no MLflow run left RUNNING, the
+    results table lists every planned trial with its values, and --resume runs them all."""
+    sweep_file = make_project(tmp_path, fmnist, search={"train.ref_lr": {"grid": [0.005, 0.02]}}, max_concurrent=1,
+                              name="first")
+    cmd = [sys.executable, "-m", "pipeline", "sweep", str(sweep_file), "--num-cpus", "2"]
+    p = subprocess.Popen(cmd, cwd=tmp_path, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    trials, sent, deadline = tmp_path / "runs/sweeps/first/trials", False, time.time() + 600
+    while not sent and time.time() < deadline and p.poll() is None:
+        if list(trials.glob("*/worker.pid")):
+            p.send_signal(signal.SIGINT)
+            sent = True
+        time.sleep(0.1)
+    out, _ = p.communicate(timeout=300)
+    assert sent, out[-3000:]
+    assert "Traceback" not in out, out[-4000:]
+    _, runs = mlflow_runs(tmp_path)
+    assert runs and not [x.info.run_name for x in runs if x.info.status == "RUNNING"]
+    table = pd.read_csv(tmp_path / "reports/sweeps/first/results.csv")
+    assert set(table["trial_id"]) == {"t0000", "t0001"} and table["train.ref_lr"].notna().all(), table
+    assert (table["status"] != "finished").any()
+    r = subprocess.run(cmd + ["--resume"], cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
+    table = pd.read_csv(tmp_path / "reports/sweeps/first/results.csv")
+    assert set(table["status"]) == {"finished"} and table["trial_id"].nunique() == 2
 
 
 @pytest.mark.slow

@@ -16,7 +16,7 @@ from .algorithms import (SweepError, build_scheduler, read_json, read_stopped, s
                          tune_concurrency)
 from .cluster import PendingWatch, check_plan, check_resources, connect_ray, prepare_ray_env
 from .results import close_trial_runs, print_summary, results_table, write_results
-from .schema import SweepConfig, load_sweep
+from .schema import SweepConfig, load_sweep, wants_trial_figures
 from .space import plan, point_space, print_plan, trial_name, tune_space
 from .trial import FINAL, TrialSpec, read_trial_state, run_trial, trial_status, write_trial_state
 
@@ -60,7 +60,7 @@ def _check_before_start(sweep: SweepConfig, exp_dir: Path, reports: Path, resume
 
 def run_sweep(sweep_file: str | Path, address: str | None = None, resume: bool = False,
               reports_dir: str | Path = "reports/sweeps", num_cpus: int | None = None,
-              dry_run: bool = False, min_nodes: int = 1) -> SweepResult | dict:
+              dry_run: bool = False, min_nodes: int = 1, trial_body: str | None = None) -> SweepResult | dict:
     sweep, base = load_sweep(sweep_file)                   # every value checked before Ray starts
     root = Path.cwd()
     storage = (root / sweep.storage).resolve()
@@ -122,7 +122,8 @@ def run_sweep(sweep_file: str | Path, address: str | None = None, resume: bool =
             trial_resources = {"cpu": sweep.resources.cpus, "gpu": gpus} if sweep.resources.workers == 1 else {"cpu": 1}
             trainable = tune.with_resources(
                 tune.with_parameters(run_trial, spec=TrialSpec(base, sweep, parent_id, uri, device, ref_cache,
-                                                                str(root))),
+                                                                str(root), wants_trial_figures(sweep, the_plan["trials"]),
+                                                                *([trial_body] if trial_body else []))),
                 trial_resources)
             # max_t past the end: a scheduler ends trials that reach max_t, which would cut the EMA fan-out.
             scheduler = build_scheduler(sweep, base.train.duration_nimg + 1, exp_dir)
@@ -130,7 +131,10 @@ def run_sweep(sweep_file: str | Path, address: str | None = None, resume: bool =
             search_alg = algorithm.searcher(sweep, evaluated) if algorithm.searcher else None
             tune_config = tune.TuneConfig(num_samples=1 if algorithm.planned else todo,
                                           scheduler=scheduler, search_alg=search_alg,
-                                          max_concurrent_trials=tune_concurrency(sweep))
+                                          max_concurrent_trials=tune_concurrency(sweep),
+                                          # One process per trial: its worker (imports, MLflow client) serves the
+                                          # next trial; a trial leaves only caches behind (docs/sweeps.md).
+                                          reuse_actors=sweep.resources.workers == 1)
             # Ray's own files go to a fresh folder per attempt; nothing of an earlier attempt is read.
             stopper, hook = watch.tune_hooks()
             run_config = tune.RunConfig(name=f"attempt-{attempt}", storage_path=str(exp_dir / "ray"), verbose=1,
@@ -140,16 +144,32 @@ def run_sweep(sweep_file: str | Path, address: str | None = None, resume: bool =
                                tune_config=tune_config, run_config=run_config)
             tuner.fit()
         outcome = None
-    except KeyboardInterrupt:
+    except KeyboardInterrupt:                                # a Ctrl-C Ray did not take as its graceful stop
         outcome = "KILLED"
-        raise
+        table_path = _close_interrupted(sweep, the_plan, exp_dir, out_dir, uri, parent)
+        outcome = None                                       # closed there
+        raise KeyboardInterrupt(f"sweep {sweep.name}: every MLflow run closed, the trials so far in {table_path}; "
+                                f"the same command with --resume continues") from None
     finally:
         if outcome is not None:                              # no run of this sweep is left RUNNING
             close_trial_runs(trials_dir, uri, {}, default="KILLED" if outcome == "KILLED" else "FAILED")
             parent.end(outcome)
 
+    try:
+        return _finish(sweep, base, the_plan, exp_dir, out_dir, uri, ref_cache, str(root), parent, watch, t0)
+    except KeyboardInterrupt:                                # Ctrl-C after the trials (evaluation, the report)
+        table_path = _close_interrupted(sweep, the_plan, exp_dir, out_dir, uri, parent)
+        raise KeyboardInterrupt(f"sweep {sweep.name}: every MLflow run closed, the trials' results in {table_path}; "
+                                f"the same command with --resume finishes it") from None
+
+
+def _finish(sweep: SweepConfig, base: C.Config, the_plan: dict, exp_dir: Path, out_dir: Path, uri: str,
+            ref_cache: str, root: str, parent, watch: PendingWatch, t0: float) -> SweepResult:
+    """After the trials: stopped trials' FIDs (when asked), the results table from the trials' own records,
+    every MLflow run closed truthfully, the report, the parent run's summary."""
+    trials_dir = exp_dir / "trials"
     if sweep.scheduler.evaluate_stopped:
-        evaluate_stopped(trials_dir, read_stopped(exp_dir), base, sweep, uri, ref_cache, str(root))
+        evaluate_stopped(trials_dir, read_stopped(exp_dir), base, sweep, uri, ref_cache, root)
     table = results_table(trials_dir, sweep, read_stopped(exp_dir), the_plan)
     close_trial_runs(trials_dir, uri, dict(zip(table["trial_id"], table["status"])) if len(table) else {},
                      scheduler=sweep.scheduler.type)
@@ -165,10 +185,36 @@ def run_sweep(sweep_file: str | Path, address: str | None = None, resume: bool =
         parent.log_artifact(f, "sweep")
     parent.log_metrics({"best_fid": best["fid"], "best_fid_se": best.get("fid_se"), "trials": table["trial_id"].nunique(),
                         "seconds": time.time() - t0} if best else {"trials": 0}, step=0)
+    parent.set_tags(parent_summary(table, best, sweep))     # the experiment page answers without opening children
     interrupted = table.loc[table["status"] == "interrupted", "trial_id"].nunique() if len(table) else 0
     parent.end("FINISHED" if best and not interrupted else ("KILLED" if interrupted else "FAILED"))
     print_summary(table, best, sweep, table_path)
-    return SweepResult(table, table_path, parent_id, best, out_dir)
+    return SweepResult(table, table_path, parent.run_id, best, out_dir)
+
+
+def _close_interrupted(sweep: SweepConfig, the_plan: dict, exp_dir: Path, out_dir: Path, uri: str, parent) -> Path:
+    """Ctrl-C: the results table (CSV only: no figures) from each trial's own records, every run closed."""
+    trials_dir = exp_dir / "trials"
+    table = results_table(trials_dir, sweep, read_stopped(exp_dir), the_plan)
+    status = dict(zip(table["trial_id"], table["status"])) if len(table) else {}
+    close_trial_runs(trials_dir, uri, status, default="KILLED", scheduler=sweep.scheduler.type)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = atomic_write_text(table.to_csv(index=False), out_dir / "results.csv")
+    parent.end("KILLED")
+    return path
+
+
+def parent_summary(table, best: dict | None, sweep: SweepConfig) -> dict:
+    """Tags of the sweep's MLflow run: the best point, whether it is resolved, and the summary lines (as
+    the run's description)."""
+    from .results import summary_lines
+    tags = {"mlflow.note.content": "\n".join(summary_lines(table, sweep))[:4000]}
+    if best:
+        tied = int(table["tied_with_best"].sum()) - 1 if "tied_with_best" in table else None
+        tags.update({"best_trial": best["trial_id"], "best_sigma_rel": f"{best['sigma_rel']:.3f}",
+                     "best_point": ", ".join(f"{k}={best.get(k)}" for k in sweep.search) or "base config",
+                     "resolved": "unknown" if tied is None else ("yes" if tied <= 0 else f"no: {tied} tied")})
+    return tags
 
 
 def remaining_trials(sweep: SweepConfig, the_plan: dict, trials_dir: Path, stopped: dict):
@@ -198,7 +244,7 @@ def evaluate_stopped(trials_dir: Path, stopped: dict, base: C.Config, sweep: Swe
     from types import SimpleNamespace
 
     from .trial import fan_out
-    spec = TrialSpec(base, sweep, None, uri, "cpu", ref_cache, root)
+    spec = TrialSpec(base, sweep, None, uri, "cpu", ref_cache, root, wants_trial_figures(sweep, len(stopped)))
     for name in sorted(stopped):
         t = trials_dir / name
         snaps = t / "run" / "snapshots"
@@ -209,7 +255,7 @@ def evaluate_stopped(trials_dir: Path, stopped: dict, base: C.Config, sweep: Swe
         print(f"sweep: evaluating stopped trial {name} from its snapshots up to nimg={stopped[name].get('nimg')}",
               flush=True)
         try:
-            fan_out(cfg, SimpleNamespace(mlflow_run_id=run_id), t, ref_cache, "cpu")
+            fan_out(cfg, SimpleNamespace(mlflow_run_id=run_id), t, ref_cache, "cpu", figures=spec.figures)
         except Exception as err:                             # the trial keeps its stop; the table says why
             write_trial_state(t, stopped_eval_error=f"{err.__class__.__name__}: {str(err)[:200]}")
             print(f"sweep: stopped trial {name} could not be evaluated ({err.__class__.__name__}: {err})", flush=True)

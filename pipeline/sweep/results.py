@@ -83,12 +83,15 @@ def results_table(trials_dir: Path, sweep: SweepConfig, stopped: dict | None = N
         if state.get("status") == "superseded":
             continue
         params = {**planned.get(trial_id, {}), **(state.get("params") or {})}
+        if any(k not in params for k in sweep.search):      # an unfinished trial: its values from its own config
+            params = {**trial_config_values(t, list(sweep.search)), **params}
         cost = read_json(t / "run" / "train_summary.json")
         nodes = trial_nodes(t)
         base = {"trial_id": trial_id, **params, "node": nodes[-1] if nodes else None, "nodes": ",".join(nodes) or None,
                 "nimg": state.get("nimg"), "final_loss": state.get("loss"), "val_loss": state.get("val_loss"),
                 "train_min": round(cost["train_seconds_total"] / 60, 2) if cost.get("train_seconds_total") else None,
-                "img_per_s": cost.get("images_per_s")}
+                "img_per_s": cost.get("images_per_s"), "started_at": state.get("started_at"),
+                "ended_at": state.get("ended_at") or state.get("updated_at")}
         status = trial_status(t, stopped)
         if status == "finished" or (status == "early-stopped" and (t / "fid_records.json").is_file()):
             for r in read_records(t / "fid_records.json", "trial records"):
@@ -111,6 +114,18 @@ def results_table(trials_dir: Path, sweep: SweepConfig, stopped: dict | None = N
     if len(df):
         df = df.sort_values(["fid", "trial_id"], na_position="last").reset_index(drop=True)
     return df
+
+
+def trial_config_values(trial_dir: Path, keys: list[str]) -> dict:
+    """The searched values as the trial's training recorded them (run/config.yaml, written at its start)."""
+    import yaml
+
+    from ..config import flatten
+    try:
+        flat = flatten(yaml.safe_load((trial_dir / "run" / "config.yaml").read_text()) or {})
+    except (OSError, yaml.YAMLError, AttributeError):
+        return {}
+    return {k: flat[k] for k in keys if k in flat}
 
 
 def write_results(df, out_dir: Path, sweep: SweepConfig) -> Path:
@@ -141,6 +156,11 @@ def write_results(df, out_dir: Path, sweep: SweepConfig) -> Path:
             ranges = {k: searched_range(a) for k, a in sweep.search.items()}
             plot_best_vs_param(best, swept, out_dir / "best_fid_vs_param.png", sweep.name, stopped=no_fid,
                                ranges=ranges)
+    if len(df) and "started_at" in df and df["started_at"].notna().any():
+        from ..report import plot_trial_timeline
+        spans = df.groupby("trial_id").agg(start=("started_at", "first"), end=("ended_at", "first"),
+                                           status=("status", "first")).reset_index()
+        plot_trial_timeline(spans, sweep.max_concurrent, out_dir / "trial_timeline.png", sweep.name)
     grids = trial_grids(done, out_dir / "samples")
     heat = {}
     for tid in (done["trial_id"].unique() if len(done) else []):       # per-trial heat maps of a post-hoc grid

@@ -73,6 +73,9 @@ class SchedulerSpec(_Section):
 class ValidationSpec(_Section):
     """The fixed validation loss (edm.validation_loss): the first `num_images` of the FID reference
     set, noised at each of `sigmas` with noise drawn from `seed`; the same for every trial."""
+    # None: only when the scheduler ranks trials by it (it costs a pass over num_images x len(sigmas) per
+    # snapshot); true: at every snapshot anyway (a column of the results table); false: never.
+    enabled: Optional[bool] = None
     num_images: PosInt = 64
     sigmas: list[PosFloat] = Field(default_factory=lambda: [0.05, 0.2, 0.5, 1.0, 2.0, 5.0])
     seed: NonNegInt = 0
@@ -122,6 +125,9 @@ class SweepConfig(_Section):
     storage: str = "runs/sweeps"                        # Ray results, trial run folders
     # A trial waiting this long in PENDING while none runs ends the sweep, naming what it waits for.
     pending_timeout_s: PosFloat = 600.0
+    # Per-trial figures (FID vs EMA length, post-hoc heat map) and sample grids: None = only while the sweep
+    # plans at most PER_TRIAL_FIGURES_UP_TO trials; the sweep report always draws its best trials' grids.
+    per_trial_figures: Optional[bool] = None
 
     @field_validator("scheduler", "validation", "resources", mode="before")
     @classmethod
@@ -145,6 +151,9 @@ class SweepConfig(_Section):
             raise ValueError(f"algorithm={self.algorithm} takes {' / '.join(takes)} axes; {', '.join(bad)} "
                              f"{'is' if len(bad) == 1 else 'are'} not" +
                              ("" if self.algorithm == "grid" else " (`grid` axes need algorithm=grid)"))
+        if self.validation.enabled is False and self.scheduler.type != "none" and self.scheduler.metric == "val_loss":
+            raise ValueError(f"scheduler {self.scheduler.type} ranks trials by val_loss but validation.enabled is "
+                             f"false: enable it or use scheduler.metric=loss")
         if any(k.startswith("ema.targets") for k in self.search):
             raise ValueError("sweep EMA length with `ema_lengths` (post-hoc, no retraining), not as a search axis")
         trials = self.num_samples * math.prod(len(a.grid) for a in self.search.values() if a.grid is not None)
@@ -153,6 +162,22 @@ class SweepConfig(_Section):
         if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", self.name):
             raise ValueError(f"name={self.name!r}: use letters, digits, '.', '_' and '-' (it names folders and runs)")
         return self
+
+
+PER_TRIAL_FIGURES_UP_TO = 16
+
+
+def wants_validation(sweep: SweepConfig) -> bool:
+    """The fixed validation loss runs when asked for, else only when the scheduler ranks trials by it."""
+    if sweep.validation.enabled is not None:
+        return sweep.validation.enabled
+    return sweep.scheduler.type != "none" and sweep.scheduler.metric == "val_loss"
+
+
+def wants_trial_figures(sweep: SweepConfig, planned_trials: int | None) -> bool:
+    if sweep.per_trial_figures is not None:
+        return sweep.per_trial_figures
+    return planned_trials is not None and planned_trials <= PER_TRIAL_FIGURES_UP_TO
 
 
 def sweep_overrides(sweep: SweepConfig) -> dict:

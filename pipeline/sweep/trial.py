@@ -18,7 +18,7 @@ from pathlib import Path
 from .. import config as C
 from ..io import atomic_write_text
 from .algorithms import SweepError, read_json
-from .schema import SweepConfig, ValidationSpec, sweep_overrides
+from .schema import SweepConfig, ValidationSpec, sweep_overrides, wants_validation
 from .space import split_config
 
 
@@ -32,6 +32,10 @@ class TrialSpec:
     device: str                         # cpu | cuda (the cluster's answer to resources.gpus)
     ref_cache: str                      # the sweep's reference-statistics cache
     root: str                           # the project folder (relative paths of the params)
+    figures: bool = True                # per-trial figures (schema.wants_trial_figures)
+    # What a trial runs, "module:function" of (job, report): trial_body here; the sweep-scale benchmark
+    # puts a stub behind the same orchestration (Tune, trial records, MLflow runs, table, report).
+    body: str = "pipeline.sweep.trial:trial_body"
 
     def trial_dir(self, trial_id: str) -> Path:
         return Path(self.sweep.storage if Path(self.sweep.storage).is_absolute()
@@ -58,12 +62,15 @@ def run_trial(params: dict, spec: TrialSpec) -> None:
     trial_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(str(os.getpid()), trial_dir / "worker.pid")   # lets tests (and users) find the worker
     record_node(trial_dir)
-    write_trial_state(trial_dir, trial_id=trial_id, params=values, status="running")
+    # started_at / updated_at / ended_at (epoch seconds): the sweep report's trial timeline.
+    write_trial_state(trial_dir, trial_id=trial_id, params=values, status="running", started_at=time.time())
     try:
         _run(trial_id, trial_dir, values, spec.config(values, trial_dir), spec)
     except Exception as err:                                 # the trial's own record of why (Tune retries it)
-        write_trial_state(trial_dir, status="error", error=f"{err.__class__.__name__}: {str(err)[:300]}")
+        write_trial_state(trial_dir, status="error", error=f"{err.__class__.__name__}: {str(err)[:300]}",
+                          ended_at=time.time())
         raise
+    write_trial_state(trial_dir, ended_at=time.time())
 
 
 def _run(trial_id: str, trial_dir: Path, values: dict, cfg: C.Config, spec: TrialSpec) -> None:
@@ -71,7 +78,7 @@ def _run(trial_id: str, trial_dir: Path, values: dict, cfg: C.Config, spec: Tria
     job = {"config": cfg, "trial_id": trial_id, "trial_dir": str(trial_dir), "spec": spec, "values": values}
     res = spec.sweep.resources
     if res.workers == 1:
-        trial_body(job, tune.report)
+        body(spec)(job, tune.report)
         return
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -86,6 +93,12 @@ def _run(trial_id: str, trial_dir: Path, values: dict, cfg: C.Config, spec: Tria
                                        callbacks=[TuneReportCallback()],
                                        failure_config=ray.train.FailureConfig(max_failures=spec.sweep.max_failures)))
     trainer.fit()
+
+
+def body(spec: TrialSpec):
+    import importlib
+    module, name = spec.body.split(":")
+    return getattr(importlib.import_module(module), name)
 
 
 def train_worker(job: dict) -> None:
@@ -111,11 +124,12 @@ def trial_body(job: dict, report, device=None) -> None:
     def on_snapshot(nimg, metrics):
         last.update(metrics)
         if rank0:
-            write_trial_state(trial_dir, nimg=nimg, **metrics)
+            write_trial_state(trial_dir, nimg=nimg, updated_at=time.time(), **metrics)
         report({"nimg": nimg, **metrics})
 
-    # A latent run's reference is pixels (for FID): no validation loss on it (the driver refuses a scheduler on it).
-    validate = None if cfg.data.encoder == "vae" else make_validator(
+    # Only when used (a scheduler ranks by it, or validation.enabled); never on a latent run, whose reference
+    # is pixels (for FID): the driver refuses a val_loss scheduler there.
+    validate = None if cfg.data.encoder == "vae" or not wants_validation(spec.sweep) else make_validator(
         cfg, spec.sweep.validation, device if device is not None else cfg.train.device)
     # MLflow params: what the sweep varies and the run key, not ~100 fields with paths (config.yaml has them all).
     logged = {**job.get("values", {}), "run_key": cfg.run_key()}
@@ -123,7 +137,7 @@ def trial_body(job: dict, report, device=None) -> None:
                 run_name=f"trial-{trial_id}", device=device, validate=validate, mlflow_params=logged)
     if res.status != "finished":
         raise SweepError(f"trial {trial_id} stopped at nimg={res.nimg} before the end of training")
-    records = fan_out(cfg, res, trial_dir, spec.ref_cache, device) if rank0 else None
+    records = fan_out(cfg, res, trial_dir, spec.ref_cache, device, figures=spec.figures) if rank0 else None
     if multi:                                                # rank 0's records to every rank
         box = [records]
         dist.broadcast_object_list(box, src=0)
@@ -137,13 +151,12 @@ def trial_body(job: dict, report, device=None) -> None:
             "fids": json.dumps({f"{r['sigma_rel']:.3f}": r["fid"] for r in records}), "done": True})
 
 
-def fan_out(cfg: C.Config, res, trial_dir: Path, ref_cache: str, device=None) -> list[dict]:
+def fan_out(cfg: C.Config, res, trial_dir: Path, ref_cache: str, device=None, figures: bool = True) -> list[dict]:
     """Post-hoc EMA fan-out, no retraining: evaluate.evaluate_run reconstructs and measures every EMA
     length (a retry reuses finished records); here the results go to MLflow as child runs of the
-    trial's run, with the trial's best FID / EMA length / KID on the trial run itself."""
+    trial's run, with the trial's best FID / EMA length / KID on the trial run itself. figures=False
+    skips the per-trial figures (large sweeps: the sweep report draws the best trials)."""
     from ..evaluate import evaluate_run
-    from ..records import computed, is_grid
-    from ..report import curve_label, plot_fid_vs_ema, plot_guidance_grid
     from ..tracking import RunLogger, log_ema_runs
     device = str(device) if device is not None else cfg.train.device     # TrialSpec.config set cpu or cuda
     records = evaluate_run(cfg, Path(cfg.train.run_dir) / "snapshots", trial_dir, ref_cache, device)
@@ -153,20 +166,27 @@ def fan_out(cfg: C.Config, res, trial_dir: Path, ref_cache: str, device=None) ->
         logger.run_id = res.mlflow_run_id
         logger.set_tags({"node": nodes[-1], "nodes": ",".join(nodes)})
     log_ema_runs(logger, res.mlflow_run_id, records, trial_dir / "samples")
+    logger.run_id = res.mlflow_run_id
+    if figures:
+        _trial_figures(logger, records, trial_dir)
+    best = min(records, key=lambda r: r["fid"])
+    logger.log_summary({"best_fid": best["fid"], "best_fid_se": best.get("fid_se"),
+                        "best_sigma_rel": best["sigma_rel"], "best_kid": best.get("kid")})
+    return records
+
+
+def _trial_figures(logger, records: list[dict], trial_dir: Path) -> None:
+    from ..records import computed, is_grid
+    from ..report import curve_label, plot_fid_vs_ema, plot_guidance_grid
     grid = is_grid(records)
     distinct = [{**r, "label": curve_label(r) if grid else ""} for r in computed(records)]
     fig = plot_fid_vs_ema(distinct, trial_dir / "fid_vs_ema.png", f"trial {trial_dir.name}")   # EDM2 fig. 5 curve
-    logger.run_id = res.mlflow_run_id
     logger.log_artifact(fig, "figures")
     if grid:                                                 # the post-hoc grid: EMA length x w per guide
         heat = plot_guidance_grid(records, trial_dir / "fid_grid.png", f"trial {trial_dir.name}: FID over EMA "
                                   f"length x guidance, per guide (* the best)")
         if heat is not None:
             logger.log_artifact(heat, "figures")
-    best = min(records, key=lambda r: r["fid"])
-    logger.log_summary({"best_fid": best["fid"], "best_fid_se": best.get("fid_se"),
-                        "best_sigma_rel": best["sigma_rel"], "best_kid": best.get("kid")})
-    return records
 
 
 def make_validator(cfg: C.Config, spec: ValidationSpec, device=None):
@@ -247,11 +267,15 @@ def _quiet_stop() -> None:
     """When Tune stops a trial (a scheduler, the end of the sweep), Ray's SIGTERM handler raises
     SystemExit in the worker's main thread, wherever it is; inside a finaliser Python prints it as
     "Exception ignored ... SystemExit" with a traceback, which reaches the driver's output. That exit is
-    the intended stop: drop exactly that report and keep every other one."""
+    the intended stop: drop exactly that report and keep every other one. Installed once per process: a
+    reused worker (reuse_actors) runs many trials."""
     previous = sys.unraisablehook
+    if getattr(previous, "quiet_stop", False):
+        return
 
     def hook(unraisable):
         if isinstance(unraisable.exc_value, SystemExit):
             return
         previous(unraisable)
+    hook.quiet_stop = True
     sys.unraisablehook = hook
