@@ -18,6 +18,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import zlib
 from pathlib import Path
 
 import yaml
@@ -51,7 +52,7 @@ def stub_trial(job: dict, report) -> None:
                           params={**job["values"], "run_key": cfg.run_key()}, parent_run_id=spec.parent_run_id,
                           on_run_id=lambda rid: atomic_write_text(rid, run_dir / "mlflow_run_id"))
     logger.log_artifact(run_dir / "config.yaml")
-    rng = np.random.default_rng(abs(hash(job["trial_id"])) % 2**32)
+    rng = np.random.default_rng(zlib.crc32(job["trial_id"].encode()))    # str hash() differs per process
     lr = float(job["values"].get("train.ref_lr", 0.01))
     for nimg, loss in ((32, 1.0), (64, 0.8)):
         logger.log_metrics({"loss": loss + abs(np.log10(lr) + 2) * 0.1}, step=nimg)
@@ -116,7 +117,7 @@ def run(trials: int, workdir: Path, concurrent: int = 2) -> dict:
         raise RuntimeError(out.stderr[-2000:])
     from mlflow.tracking import MlflowClient
     from pipeline.sweep.driver import sweep_tracking_uri
-    client = MlflowClient(sweep_tracking_uri(_load_base(workdir)))
+    client = MlflowClient(sweep_tracking_uri(base))
     exp = client.get_experiment_by_name("sweep-scale")
     t3 = time.time()
     found = client.search_runs([exp.experiment_id], max_results=5000)
@@ -131,11 +132,6 @@ def run(trials: int, workdir: Path, concurrent: int = 2) -> dict:
             "pipeline_runs_s": round(runs_s, 2), "pipeline_runs_budget_s": RUNS_BUDGET_S,
             "mlflow_runs": len(found), "mlflow_search_s": round(search_s, 2), "trial_run_row_bytes": row_bytes,
             "mlflow_statuses": statuses, "runs_lines": len(out.stdout.splitlines())}
-
-
-def _load_base(workdir: Path):
-    from pipeline.config import load_config
-    return load_config(workdir / "params.yaml")
 
 
 def project(workdir: Path, dataset_dir: str | None = None) -> Path:

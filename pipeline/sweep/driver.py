@@ -15,7 +15,7 @@ from ..io import atomic_write_text
 from .algorithms import (SweepError, build_scheduler, read_json, read_stopped, search_algorithm,
                          tune_concurrency)
 from .cluster import PendingWatch, check_plan, check_resources, connect_ray, prepare_ray_env
-from .results import close_trial_runs, print_summary, results_table, write_results
+from .results import close_trial_runs, print_summary, results_table, write_results, write_table
 from .schema import SweepConfig, load_sweep, wants_trial_figures
 from .space import plan, point_space, print_plan, trial_name, tune_space
 from .trial import FINAL, TrialSpec, read_trial_state, run_trial, trial_status, write_trial_state
@@ -198,8 +198,7 @@ def _close_interrupted(sweep: SweepConfig, the_plan: dict, exp_dir: Path, out_di
     table = results_table(trials_dir, sweep, read_stopped(exp_dir), the_plan)
     status = dict(zip(table["trial_id"], table["status"])) if len(table) else {}
     close_trial_runs(trials_dir, uri, status, default="KILLED", scheduler=sweep.scheduler.type)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    path = atomic_write_text(table.to_csv(index=False), out_dir / "results.csv")
+    path = write_table(table, out_dir)
     parent.end("KILLED")
     return path
 

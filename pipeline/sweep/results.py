@@ -117,22 +117,21 @@ def results_table(trials_dir: Path, sweep: SweepConfig, stopped: dict | None = N
 
 
 def trial_config_values(trial_dir: Path, keys: list[str]) -> dict:
-    """The searched values as the trial's training recorded them (run/config.yaml, written at its start)."""
-    import yaml
-
-    from ..config import flatten
+    """The searched values as the trial's training recorded them (run/config.yaml, written at its start);
+    none when that file is missing or unreadable."""
+    from ..config import ConfigError, flatten, read_yaml
     try:
-        flat = flatten(yaml.safe_load((trial_dir / "run" / "config.yaml").read_text()) or {})
-    except (OSError, yaml.YAMLError, AttributeError):
+        raw = read_yaml(trial_dir / "run" / "config.yaml", "trial config")
+    except ConfigError:
         return {}
+    flat = flatten(raw) if isinstance(raw, dict) else {}
     return {k: flat[k] for k in keys if k in flat}
 
 
-def write_results(df, out_dir: Path, sweep: SweepConfig) -> Path:
-    from ..report import plot_best_vs_param, plot_fid_vs_ema, write_sweep_report
+def write_table(df, out_dir: Path) -> Path:
+    """results.csv (and .parquet when pyarrow is there): the table alone, what an interrupted sweep keeps."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    csv = out_dir / "results.csv"
-    atomic_write_text(df.to_csv(index=False), csv)
+    csv = atomic_write_text(df.to_csv(index=False), out_dir / "results.csv")
     try:
         flat = df.copy()
         for c in flat.columns:                               # parquet needs one type per column
@@ -141,6 +140,13 @@ def write_results(df, out_dir: Path, sweep: SweepConfig) -> Path:
         flat.to_parquet(out_dir / "results.parquet", index=False)
     except ImportError as err:                               # pyarrow missing: CSV is enough
         print(f"sweep: no parquet file ({err})", file=sys.stderr)
+    return csv
+
+
+def write_results(df, out_dir: Path, sweep: SweepConfig) -> Path:
+    """The table, the figures and the report."""
+    from ..report import plot_best_vs_param, plot_fid_vs_ema, write_sweep_report
+    csv = write_table(df, out_dir)
     done = df[df["fid"].notna()] if len(df) else df
     if len(done):
         swept = list(sweep.search)
