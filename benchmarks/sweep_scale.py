@@ -76,7 +76,8 @@ def stub_trial(job: dict, report) -> None:
     logger.log_summary({"best_fid": best["fid"], "best_sigma_rel": best["sigma_rel"]})
     atomic_write_text(json.dumps({"status": "finished", "nimg": 64, "final_loss": 0.8,
                                   "mlflow_run_id": run_id}), run_dir / "train_summary.json")
-    write_trial_state(trial_dir, status="finished", nimg=64, best_fid=best["fid"], best_sigma_rel=best["sigma_rel"])
+    write_trial_state(trial_dir, status="finished", nimg=64, best_fid=best["fid"], best_sigma_rel=best["sigma_rel"],
+                      ended_at=time.time())
     report({"nimg": 64, "loss": 0.8, "best_fid": best["fid"], "done": True})
 
 

@@ -12,7 +12,7 @@ import re
 import json
 import math
 from pathlib import Path
-from typing import Annotated, Any, Literal, Optional
+from typing import Annotated, Any, Literal, Optional, Union
 
 import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -24,6 +24,11 @@ from .sources import SOURCES as _SOURCES
 
 SIGMA_REL_MAX = math.sqrt(1.0 / 12.0)  # method.md 6: sigma_rel < sqrt(1/12) ~= 0.2887
 PRESETS_FILE = Path(__file__).with_name("presets.yaml")
+
+
+# A torch.compile switch: true, false, or "auto" (compile when the run's work passes the measured
+# break-even, networks.COMPILE_BREAK_EVEN).
+CompileSwitch = Union[bool, Literal["auto"]]
 
 
 class ConfigError(PipelineError, ValueError):
@@ -144,6 +149,8 @@ class _Section(BaseModel):
         ann = cls.model_fields[info.field_name].annotation
         if ann is bool and not isinstance(v, bool):
             raise ValueError("expected true or false")
+        if ann == CompileSwitch and not isinstance(v, bool) and v != "auto":
+            raise ValueError("expected true or false (or auto)")
         if isinstance(v, bool) and _takes_numbers_only(ann):
             raise ValueError("expected a number, got a boolean (true/false)")
         elem = _element_type(ann)
@@ -247,7 +254,7 @@ class TrainConfig(_Section):
     # Speed switches (issue: benchmarks). Each keeps the numerics within a tested tolerance.
     amp: Literal["none", "bf16"] = "none"  # bf16 autocast of the network (GPU; also works on CPU)
     channels_last: bool = off_key(False)   # NHWC memory format for convolutions
-    compile: bool = off_key(False)         # torch.compile the network; falls back (with a warning) on failure
+    compile: CompileSwitch = off_key("auto")   # torch.compile the network (auto: when it pays, networks.COMPILE_BREAK_EVEN); falls back (with a warning) on failure
     fused_adam: bool = off_key(False)      # fused Adam kernel (foreach otherwise)
     # bit-identical to the plain path (tested), so not part of the run key:
     async_snapshots: bool = off_key(False)  # write EMA snapshots in a background thread (in order; drained before checkpoints)
@@ -285,7 +292,7 @@ class SamplerConfig(_Section):
     guidance: NonNegFloat = 1.0            # w >= 0: 1 = unguided, 0 = the guide alone (method.md 5)
     # Fields marked off_key here do not change the samples (records.sampler_record leaves them out).
     batch_size: PosInt = off_key(64)
-    compile: bool = off_key(False)         # torch.compile the network for sampling (CUDA graphs on a GPU); falls back on failure
+    compile: CompileSwitch = off_key("auto")   # torch.compile the network for sampling (CUDA graphs on a GPU; auto: when it pays); falls back on failure
     amp: Literal["none", "bf16"] = "none"  # bf16 autocast of the network's evaluations (the ODE stays float64/32)
 
     @model_validator(mode="after")

@@ -167,7 +167,7 @@ def sample_images(net, seeds: Sequence[int], labels: torch.Tensor | None, sample
     (default: the same labels; zeros make the same network its own unconditional guide)."""
     noise = SeededNoise(seeds, device)
     shape = (net.img_channels, net.img_resolution, net.img_resolution)
-    model = _sampling_model(net, sampler_cfg.compile, device)
+    model = _sampling_model(net, sampler_cfg.compile is True, device)    # "auto" is decided by the caller
     amp = getattr(sampler_cfg, "amp", "none") == "bf16"        # network in bf16 autocast; the ODE is not
 
     def as_denoiser(network, lab):

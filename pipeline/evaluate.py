@@ -81,7 +81,12 @@ def generate(net, num_images: int, seed: int, sampler_cfg, batch_size: int, devi
     `decoder`: samples -> uint8 pixels (latents.Decoder: a latent model's VAE); default the pixel one."""
     from .edm import sample_images
     from .latents import Decoder
+    from .networks import compile_wanted
     decoder = decoder or Decoder({"encoder": "pixel"}, None)
+    # compile: auto -> compiled when this call's images x NFE pass the break-even (a compiled network is
+    # kept on `net`, so the same network's next call does not compile again)
+    sampler_cfg = sampler_cfg.model_copy(update={
+        "compile": compile_wanted(sampler_cfg.compile, "sample", device, num_images * sampler_cfg.nfe)})
     net = net.eval().to(device)
     unconditional = isinstance(guide, str) and guide == "unconditional"
     if unconditional and not net.label_dim:

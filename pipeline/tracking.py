@@ -13,6 +13,14 @@ from pathlib import Path
 from .errors import PipelineError
 from .io import append_line, read_jsonl
 
+# Seconds this process spent talking to MLflow (client creation + every call through RunLogger._call):
+# a sweep trial records its share (trial.json "phases"), so the sweep's own overhead is visible.
+_SPENT = [0.0]
+
+
+def seconds_spent() -> float:
+    return _SPENT[0]
+
 
 class TrackingError(PipelineError):
     """The tracking URI cannot work at all (unknown scheme, a database that cannot be created)."""
@@ -132,18 +140,24 @@ class RunLogger:
         self.last_step_mlflow = -1                 # writes must not drop the step from either
         self.offline_reason: str | None = None
         if self.enabled:
-            check_uri(self.uri)
-            bound_requests()
-            why = _reachable(self.uri)
-            if why:
-                self._go_offline(f"tracking server {self.uri} is unreachable ({why})")
-            else:
-                from mlflow.tracking import MlflowClient
-                try:
-                    self.client = MlflowClient(self.uri)
-                except Exception as err:           # e.g. a file store MLflow 3 refuses, a missing DB driver
-                    raise TrackingError(f"tracking URI {self.uri!r} cannot be used: "
-                                        f"{str(err).strip().splitlines()[0][:200] if str(err).strip() else err!r}") from None
+            t0 = time.perf_counter()
+            self._connect()
+            _SPENT[0] += time.perf_counter() - t0
+
+    def _connect(self) -> None:
+        """The MLflow client, or offline (said once) when the server does not answer."""
+        check_uri(self.uri)
+        bound_requests()
+        why = _reachable(self.uri)
+        if why:
+            self._go_offline(f"tracking server {self.uri} is unreachable ({why})")
+        else:
+            from mlflow.tracking import MlflowClient
+            try:
+                self.client = MlflowClient(self.uri)
+            except Exception as err:           # e.g. a file store MLflow 3 refuses, a missing DB driver
+                raise TrackingError(f"tracking URI {self.uri!r} cannot be used: "
+                                    f"{str(err).strip().splitlines()[0][:200] if str(err).strip() else err!r}") from None
 
     # --- failure handling ---------------------------------------------------------------------
     def _go_offline(self, reason: str) -> None:
@@ -157,11 +171,14 @@ class RunLogger:
     def _call(self, what: str, fn, *args, **kwargs):
         if self.client is None:
             return None
+        t0 = time.perf_counter()
         try:
             return fn(*args, **kwargs)
         except Exception as err:                   # any backend failure: keep training, say it once
             self._go_offline(f"{what} failed ({err.__class__.__name__}: {str(err)[:200]})")
             return None
+        finally:
+            _SPENT[0] += time.perf_counter() - t0
 
     # --- runs -----------------------------------------------------------------------------------
     def experiment_id(self) -> str | None:

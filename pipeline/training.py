@@ -27,7 +27,7 @@ from .data import EncodedDataset, Prefetcher
 from .edm import edm2_loss, learning_rate, sample_images, sample_sigma
 from .io import (RunLock, atomic_torch_save, atomic_write_text, load_torch_file, read_jsonl,
                  remove_stale_temps)
-from .networks import build_network, maybe_compile
+from .networks import COMPILE_BREAK_EVEN, build_network, compile_wanted, maybe_compile
 from .phema import PowerFunctionEMA, snapshot_meta, write_snapshots
 from .errors import PipelineError
 
@@ -419,7 +419,13 @@ def _prepare_loop(s: Session, progress: bool) -> None:
     """DDP, compilation, the snapshot writer, the progress bar and the status window."""
     tc, d = s.cfg.train, s.d
     s.ddp = torch.nn.parallel.DistributedDataParallel(s.net) if d.world_size > 1 else None
-    s.model = maybe_compile(s.ddp or s.net, tc.compile, s.log, what="training")
+    ahead = tc.duration_nimg - s.nimg
+    compiled = compile_wanted(tc.compile, "train", d.device, ahead)
+    if compiled and tc.compile == "auto" and d.is_main:
+        s.log(f"train.compile=auto: compiling the network ({ahead:,} images to train >= "
+              f"{COMPILE_BREAK_EVEN['train'][d.device.type]:,}, where compiling pays on {d.device.type}; "
+              f"train.compile=false turns it off)")
+    s.model = maybe_compile(s.ddp or s.net, compiled, s.log, what="training")
     s.writer = SnapshotWriter(tc.async_snapshots) if d.is_main else None
     if progress and d.is_main:
         from tqdm import tqdm
@@ -538,7 +544,8 @@ def _finish(s: Session, status: str, last_loss, last_ckpt) -> TrainResult:
     seconds = time.time() - s.t0
     d, tc = s.d, s.cfg.train
     if d.is_main:
-        if status == "finished":
+        # the final grid, unless the last step just drew it (sample_nimg dividing the duration)
+        if status == "finished" and not (tc.sample_nimg and s.nimg % tc.sample_nimg < tc.batch_size and s.steps):
             _log_samples(s.net, s.ema, s.cfg, s.args, s.run_dir, s.nimg, s.logger, d)
         total = s.seconds_before + seconds                # across every resume of this run
         devices = d.world_size if d.device.type == "cuda" else 0

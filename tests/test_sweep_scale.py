@@ -96,3 +96,28 @@ def test_the_timeline_says_how_much_of_the_time_the_sweep_ran_max_concurrent_tri
     assert busy([(0, 10), (0, 10), (10, 20)], 2) == 1.0          # two at once until the last one started
     assert busy([(0, 10), (10, 20), (20, 30)], 2) == 0.0         # one at a time: a synchronous sweep
     assert busy([(0, 10), (5, 15), (15, 20)], 2) == pytest.approx(1 / 3)   # two at once from 5 to 10 s of 15
+
+
+def test_the_report_says_where_the_trials_time_went():
+    """trial.json's phases become seconds_* columns; the summary's last line sums them, the rest of the
+    trials' wall time (worker start included) being "other"."""
+    from pipeline.sweep.results import time_line
+    rows = [{**record_row(t, 0.01, 100.0 + i, 0.1), "seconds_worker_start": 2.0 if i == 0 else 0.0,
+             "seconds_training": 10.0, "seconds_evaluation": 6.0, "seconds_tracking": 1.0} for i, t in enumerate(["t0", "t1"])]
+    line = time_line(pd.DataFrame(rows))                   # each trial ran 30 s; t0's worker took 2 s to start
+    assert line.startswith("time in 2 trial(s), 62 s of trial wall time")
+    assert "training 20.0 s (32%)" in line and "tracking 2.0 s (3%)" in line and "other 26.0 s (42%)" in line
+    assert time_line(pd.DataFrame([record_row("t0", 0.01, 100.0, 0.1)])) is None    # no phases recorded
+
+
+def test_compile_auto_compiles_from_the_break_even_and_the_switch_refuses_numbers():
+    from pipeline.config import resolve
+    from pipeline.networks import COMPILE_BREAK_EVEN, compile_wanted
+    assert resolve().train.compile == "auto" and resolve().sampler.compile == "auto"
+    be = COMPILE_BREAK_EVEN["train"]["cpu"]
+    assert compile_wanted("auto", "train", "cpu", be) and not compile_wanted("auto", "train", "cpu", be - 1)
+    assert compile_wanted(True, "train", "cpu", 1) and not compile_wanted(False, "sample", "cpu", 10 ** 9)
+    assert not compile_wanted("auto", "sample", "meta", 10 ** 9)            # a device without a measurement
+    assert resolve(overrides=["train.compile=false"]).train.compile is False
+    with pytest.raises(ConfigError, match="expected true or false"):
+        resolve(overrides=["sampler.compile=1"])

@@ -32,6 +32,8 @@ def _other(v, name):
         return "euler" if v == "heun" else "heun"
     if name == "amp":
         return "bf16" if v == "none" else "none"
+    if v == "auto":                                   # a compile switch
+        return True
     if isinstance(v, float) and math.isinf(v):
         return 10.0
     return v + 1 if isinstance(v, int) else v * 1.5 + 0.1

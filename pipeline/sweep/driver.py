@@ -61,6 +61,7 @@ def _check_before_start(sweep: SweepConfig, exp_dir: Path, reports: Path, resume
 def run_sweep(sweep_file: str | Path, address: str | None = None, resume: bool = False,
               reports_dir: str | Path = "reports/sweeps", num_cpus: int | None = None,
               dry_run: bool = False, min_nodes: int = 1, trial_body: str | None = None) -> SweepResult | dict:
+    entered = time.time()
     sweep, base = load_sweep(sweep_file)                   # every value checked before Ray starts
     root = Path.cwd()
     storage = (root / sweep.storage).resolve()
@@ -108,7 +109,9 @@ def run_sweep(sweep_file: str | Path, address: str | None = None, resume: bool =
                              params={"sweep." + k: v for k, v in C.flatten(sweep.model_dump(mode="json")).items()},
                              on_run_id=lambda rid: atomic_write_text(json.dumps({"parent_run_id": rid}), state_file))
     attempt = int(state.get("attempts", 0)) + 1
-    atomic_write_text(json.dumps({"parent_run_id": parent_id, "attempts": attempt}), state_file)
+    # The driver's own times (epoch seconds) beside the trials' phases: benchmarks.sweep_overhead reads them.
+    atomic_write_text(json.dumps({"parent_run_id": parent_id, "attempts": attempt, "entered_at": entered,
+                                  "trials_started_at": time.time()}), state_file)
 
     outcome = "FAILED"
     t0 = time.time()
@@ -121,9 +124,10 @@ def run_sweep(sweep_file: str | Path, address: str | None = None, resume: bool =
             # them, and the trial's own driver process (it only waits and relays reports) holds one CPU.
             trial_resources = {"cpu": sweep.resources.cpus, "gpu": gpus} if sweep.resources.workers == 1 else {"cpu": 1}
             trainable = tune.with_resources(
-                tune.with_parameters(run_trial, spec=TrialSpec(base, sweep, parent_id, uri, device, ref_cache,
-                                                                str(root), wants_trial_figures(sweep, the_plan["trials"]),
-                                                                *([trial_body] if trial_body else []))),
+                tune.with_parameters(run_trial, spec=TrialSpec(
+                    base, sweep, parent_id, uri, device, ref_cache, str(root),
+                    wants_trial_figures(sweep, the_plan["trials"]), created_at=time.time(),
+                    **({"body": trial_body} if trial_body else {}))),
                 trial_resources)
             # max_t past the end: a scheduler ends trials that reach max_t, which would cut the EMA fan-out.
             scheduler = build_scheduler(sweep, base.train.duration_nimg + 1, exp_dir)
@@ -143,6 +147,7 @@ def run_sweep(sweep_file: str | Path, address: str | None = None, resume: bool =
             tuner = tune.Tuner(trainable, param_space=point_space(todo) if algorithm.planned else tune_space(sweep),
                                tune_config=tune_config, run_config=run_config)
             tuner.fit()
+        atomic_write_text(json.dumps({**read_json(state_file), "trials_ended_at": time.time()}), state_file)
         outcome = None
     except KeyboardInterrupt:                                # a Ctrl-C Ray did not take as its graceful stop
         outcome = "KILLED"
@@ -156,7 +161,9 @@ def run_sweep(sweep_file: str | Path, address: str | None = None, resume: bool =
             parent.end(outcome)
 
     try:
-        return _finish(sweep, base, the_plan, exp_dir, out_dir, uri, ref_cache, str(root), parent, watch, t0)
+        result = _finish(sweep, base, the_plan, exp_dir, out_dir, uri, ref_cache, str(root), parent, watch, t0)
+        atomic_write_text(json.dumps({**read_json(state_file), "report_ended_at": time.time()}), state_file)
+        return result
     except KeyboardInterrupt:                                # Ctrl-C after the trials (evaluation, the report)
         table_path = _close_interrupted(sweep, the_plan, exp_dir, out_dir, uri, parent)
         raise KeyboardInterrupt(f"sweep {sweep.name}: every MLflow run closed, the trials' results in {table_path}; "

@@ -91,7 +91,8 @@ def results_table(trials_dir: Path, sweep: SweepConfig, stopped: dict | None = N
                 "nimg": state.get("nimg"), "final_loss": state.get("loss"), "val_loss": state.get("val_loss"),
                 "train_min": round(cost["train_seconds_total"] / 60, 2) if cost.get("train_seconds_total") else None,
                 "img_per_s": cost.get("images_per_s"), "started_at": state.get("started_at"),
-                "ended_at": state.get("ended_at") or state.get("updated_at")}
+                "ended_at": state.get("ended_at") or state.get("updated_at"),
+                **{f"seconds_{k}": v for k, v in (state.get("phases") or {}).items()}}
         status = trial_status(t, stopped)
         if status == "finished" or (status == "early-stopped" and (t / "fid_records.json").is_file()):
             for r in read_records(t / "fid_records.json", "trial records"):
@@ -226,7 +227,31 @@ def summary_lines(df, sweep: SweepConfig) -> list[str]:
         elif values and all(isinstance(v, (int, float)) for v in values):
             notes.append(edge_note(values, float(best[key]), key))
     lines += [f"note: {n}" for n in notes if n]
-    return lines
+    spent = time_line(df)
+    return lines + ([spent] if spent else [])
+
+
+PHASES = ("worker_start", "training", "validation", "evaluation", "tracking", "figures")   # trial.json "phases"
+
+
+def time_line(df) -> str | None:
+    """Where the trials' time went, summed over trials (trial.json's phases; "other" is the rest of
+    their wall time: checkpoints, snapshots, records, reports to Tune): the sweep's overhead in its
+    own report."""
+    cols = [p for p in PHASES if f"seconds_{p}" in df]
+    if not len(df) or not cols or "started_at" not in df:
+        return None
+    per = df.groupby("trial_id").first()
+    per = per[per["started_at"].notna() & per["ended_at"].notna() & per[f"seconds_{cols[0]}"].notna()]
+    # + worker start: a fresh worker's start comes before the trial function (started_at) runs
+    wall = float((per["ended_at"] - per["started_at"]
+                  + (per["seconds_worker_start"].fillna(0) if "seconds_worker_start" in per else 0.0)).sum())
+    if not len(per) or wall <= 0:
+        return None
+    parts = {p: float(per[f"seconds_{p}"].fillna(0).sum()) for p in cols}
+    parts["other"] = max(wall - sum(parts.values()), 0.0)
+    return (f"time in {len(per)} trial(s), {wall:.0f} s of trial wall time: "
+            + ", ".join(f"{p.replace('_', ' ')} {v:.1f} s ({v / wall:.0%})" for p, v in parts.items()))
 
 
 def ranked_by(df, sweep: SweepConfig) -> str:

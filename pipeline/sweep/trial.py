@@ -21,6 +21,19 @@ from .algorithms import SweepError, read_json
 from .schema import SweepConfig, ValidationSpec, sweep_overrides, wants_validation
 from .space import split_config
 
+_WORKER_TRIALS = [0]            # trials this process has run (Ray reuses a worker: only the first pays the start)
+
+
+def process_started_at() -> float | None:
+    """This process's start (epoch seconds) from /proc; None where there is no /proc."""
+    try:
+        ticks = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])    # field 22, starttime
+        boot = next(int(line.split()[1]) for line in Path("/proc/stat").read_text().splitlines()
+                    if line.startswith("btime"))
+        return boot + ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError, StopIteration):
+        return None
+
 
 @dataclass(frozen=True)
 class TrialSpec:
@@ -36,6 +49,7 @@ class TrialSpec:
     # What a trial runs, "module:function" of (job, report): trial_body here; the sweep-scale benchmark
     # puts a stub behind the same orchestration (Tune, trial records, MLflow runs, table, report).
     body: str = "pipeline.sweep.trial:trial_body"
+    created_at: float | None = None     # when the driver started the trials (epoch seconds): "worker_start"
 
     def trial_dir(self, trial_id: str) -> Path:
         return Path(self.sweep.storage if Path(self.sweep.storage).is_absolute()
@@ -56,6 +70,12 @@ def run_trial(params: dict, spec: TrialSpec) -> None:
     (and then the fan-out on rank 0) in a Ray Train TorchTrainer whose reports reach Tune."""
     from ray import tune
     _quiet_stop()
+    entered = time.time()
+    # A fresh worker's start (process start or, for a worker Ray started ahead, the trials' start, to here:
+    # deserialising the trainable, the stack's imports), 0 for a worker Ray reuses.
+    born = max(process_started_at() or entered, spec.created_at or 0.0)
+    worker_start = max(entered - born, 0.0) if _WORKER_TRIALS[0] == 0 else 0.0
+    _WORKER_TRIALS[0] += 1
     os.chdir(spec.root)                                      # relative paths of the params file
     trial_id, values = split_config(params, tune.get_context().get_trial_id())
     trial_dir = spec.trial_dir(trial_id)
@@ -63,7 +83,8 @@ def run_trial(params: dict, spec: TrialSpec) -> None:
     atomic_write_text(str(os.getpid()), trial_dir / "worker.pid")   # lets tests (and users) find the worker
     record_node(trial_dir)
     # started_at / updated_at / ended_at (epoch seconds): the sweep report's trial timeline.
-    write_trial_state(trial_dir, trial_id=trial_id, params=values, status="running", started_at=time.time())
+    write_trial_state(trial_dir, trial_id=trial_id, params=values, status="running", started_at=entered,
+                      phases={"worker_start": round(worker_start, 3)})
     try:
         _run(trial_id, trial_dir, values, spec.config(values, trial_dir), spec)
     except Exception as err:                                 # the trial's own record of why (Tune retries it)
@@ -111,12 +132,16 @@ def train_worker(job: dict) -> None:
 
 def trial_body(job: dict, report, device=None) -> None:
     """Train with a report at every snapshot, then on rank 0 the post-hoc EMA fan-out; every rank
-    reports the final result (Ray Train wants the same number of reports from every worker)."""
+    reports the final result (Ray Train wants the same number of reports from every worker). Where the
+    trial's time went is recorded in trial.json ("phases", seconds; see `timed_phases`)."""
+    t0 = time.perf_counter()
     import torch.distributed as dist
 
+    from ..tracking import seconds_spent
     from ..training import train
     cfg, spec = job["config"], job["spec"]
     trial_id, trial_dir = job["trial_id"], Path(job["trial_dir"])
+    phases = {"worker_start": time.perf_counter() - t0 if _WORKER_TRIALS[0] <= 1 else 0.0, "validation": 0.0}
     last = {}
     multi = dist.is_available() and dist.is_initialized()
     rank0 = not multi or dist.get_rank() == 0
@@ -131,35 +156,62 @@ def trial_body(job: dict, report, device=None) -> None:
     # is pixels (for FID): the driver refuses a val_loss scheduler there.
     validate = None if cfg.data.encoder == "vae" or not wants_validation(spec.sweep) else make_validator(
         cfg, spec.sweep.validation, device if device is not None else cfg.train.device)
+    if validate is not None:
+        validate = _timed(validate, phases, "validation")
     # MLflow params: what the sweep varies and the run key, not ~100 fields with paths (config.yaml has them all).
     logged = {**job.get("values", {}), "run_key": cfg.run_key()}
+    t_train, tracked = time.perf_counter(), seconds_spent()
     res = train(cfg, stage="sweep", progress=False, report=on_snapshot, parent_run_id=spec.parent_run_id,
                 run_name=f"trial-{trial_id}", device=device, validate=validate, mlflow_params=logged)
+    phases["tracking"] = seconds_spent() - tracked
+    phases["training"] = time.perf_counter() - t_train - phases["tracking"] - phases["validation"]
     if res.status != "finished":
         raise SweepError(f"trial {trial_id} stopped at nimg={res.nimg} before the end of training")
-    records = fan_out(cfg, res, trial_dir, spec.ref_cache, device, figures=spec.figures) if rank0 else None
+    records = fan_out(cfg, res, trial_dir, spec.ref_cache, device, figures=spec.figures, phases=phases) \
+        if rank0 else None
     if multi:                                                # rank 0's records to every rank
         box = [records]
         dist.broadcast_object_list(box, src=0)
         records = box[0]
     best = min(records, key=lambda r: r["fid"])
     if rank0:
+        prior = read_trial_state(trial_dir).get("phases") or {}
+        phases["worker_start"] += prior.get("worker_start", 0.0)
+        # ended_at before the final report: Tune may end the function as soon as it reports done.
         write_trial_state(trial_dir, status="finished", nimg=res.nimg, best_fid=best["fid"],
-                          best_sigma_rel=best["sigma_rel"])
+                          best_sigma_rel=best["sigma_rel"], phases={k: round(v, 3) for k, v in phases.items()},
+                          ended_at=time.time())
     report({"nimg": res.nimg, **last, "best_fid": best["fid"], "best_sigma_rel": best["sigma_rel"],
             "best_fid_se": best.get("fid_se"),
             "fids": json.dumps({f"{r['sigma_rel']:.3f}": r["fid"] for r in records}), "done": True})
 
 
-def fan_out(cfg: C.Config, res, trial_dir: Path, ref_cache: str, device=None, figures: bool = True) -> list[dict]:
+def _timed(fn, phases: dict, name: str):
+    """fn, adding its wall time to phases[name]."""
+    def wrapped(*args, **kwargs):
+        t0 = time.perf_counter()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            phases[name] += time.perf_counter() - t0
+    return wrapped
+
+
+def fan_out(cfg: C.Config, res, trial_dir: Path, ref_cache: str, device=None, figures: bool = True,
+            phases: dict | None = None) -> list[dict]:
     """Post-hoc EMA fan-out, no retraining: evaluate.evaluate_run reconstructs and measures every EMA
     length (a retry reuses finished records); here the results go to MLflow as child runs of the
     trial's run, with the trial's best FID / EMA length / KID on the trial run itself. figures=False
-    skips the per-trial figures (large sweeps: the sweep report draws the best trials)."""
+    skips the per-trial figures (large sweeps: the sweep report draws the best trials). `phases`, when
+    given, gets the seconds of evaluation, figures and tracking (MLflow) added."""
     from ..evaluate import evaluate_run
-    from ..tracking import RunLogger, log_ema_runs
+    from ..tracking import RunLogger, log_ema_runs, seconds_spent
+    phases = {} if phases is None else phases
     device = str(device) if device is not None else cfg.train.device     # TrialSpec.config set cpu or cuda
+    t0 = time.perf_counter()
     records = evaluate_run(cfg, Path(cfg.train.run_dir) / "snapshots", trial_dir, ref_cache, device)
+    phases["evaluation"] = phases.get("evaluation", 0.0) + time.perf_counter() - t0
+    tracked = seconds_spent()
     logger = RunLogger(cfg, quiet=True)
     nodes = trial_nodes(trial_dir)
     if nodes:
@@ -168,10 +220,13 @@ def fan_out(cfg: C.Config, res, trial_dir: Path, ref_cache: str, device=None, fi
     log_ema_runs(logger, res.mlflow_run_id, records, trial_dir / "samples")
     logger.run_id = res.mlflow_run_id
     if figures:
+        t1, t1_tracked = time.perf_counter(), seconds_spent()
         _trial_figures(logger, records, trial_dir)
+        phases["figures"] = phases.get("figures", 0.0) + time.perf_counter() - t1 - (seconds_spent() - t1_tracked)
     best = min(records, key=lambda r: r["fid"])
     logger.log_summary({"best_fid": best["fid"], "best_fid_se": best.get("fid_se"),
                         "best_sigma_rel": best["sigma_rel"], "best_kid": best.get("kid")})
+    phases["tracking"] = phases.get("tracking", 0.0) + seconds_spent() - tracked
     return records
 
 
