@@ -1,6 +1,7 @@
 """The bare baseline of benchmarks.sweep_overhead: the Ray Tune script a researcher would write by hand
 around the pipeline's own training and evaluation functions (no MLflow, no trial records, no table,
-report or figures, Ray Tune's defaults otherwise). It writes its times (epoch seconds) to
+report or figures; Ray Tune's defaults otherwise, or with `--reuse-actors`, the one switch of Ray's that the
+pipeline sets for one-process trials). It writes its times (epoch seconds) to
 <workdir>/bare_times.json and each trial's phases to <workdir>/bare/<trial>/phases.json.
 
     python -m benchmarks.bare_tune --workdir DIR --trials N      (DIR holds params.yaml)
@@ -21,6 +22,7 @@ def main(argv=None) -> None:
     p.add_argument("--overrides", required=True, help="JSON {dotted key: value}: the tiny trial")
     p.add_argument("--lr-range", type=float, nargs=2, default=[0.003, 0.03])
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--reuse-actors", action="store_true", help="TuneConfig(reuse_actors=True) (default: Ray's)")
     args = p.parse_args(argv)
     from pathlib import Path
 
@@ -44,9 +46,9 @@ def main(argv=None) -> None:
         import os
         import sys
         entered = time.time()
-        from pipeline.sweep.trial import process_started_at      # measured the way the pipeline measures it
-        first = "pipeline.training" not in sys.modules         # a fresh worker (Ray reuses them)
+        first = "pipeline.training" not in sys.modules         # a fresh worker (not one Ray reused)
         from pipeline.evaluate import evaluate_run
+        from pipeline.sweep.trial import process_started_at      # measured the way the pipeline measures it
         from pipeline.training import train
         worker_start = time.time() - max(process_started_at() or entered, fit_at) if first else 0.0
         os.chdir(work)
@@ -65,7 +67,8 @@ def main(argv=None) -> None:
     tuner = tune.Tuner(tune.with_resources(trainable, {"cpu": 1}),
                        param_space={"lr": tune.loguniform(*args.lr_range)},
                        tune_config=tune.TuneConfig(num_samples=args.trials, max_concurrent_trials=2, metric="fid",
-                                                   mode="min", search_alg=BasicVariantGenerator(random_state=args.seed)),
+                                                   mode="min", search_alg=BasicVariantGenerator(random_state=args.seed),
+                                                   **({"reuse_actors": True} if args.reuse_actors else {})),
                        run_config=tune.RunConfig(storage_path=str(work / "bare-ray"), verbose=0))
     best = tuner.fit().get_best_result()
     ended = time.time()

@@ -9,11 +9,8 @@ import contextlib
 import json
 import os
 import shutil
-import socket
 import subprocess
-import sys
 import tempfile
-import time
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -110,30 +107,11 @@ def render(chromium: str, url: str, out_dir: Path, name: str, dom: bool = False,
 
 @contextlib.contextmanager
 def served_mlflow(backend_uri: str, port: int | None = None):
-    """`mlflow server` on 127.0.0.1 (one worker, no job runner), yields its base URL."""
-    if port is None:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    """`mlflow server` on 127.0.0.1 (the pipeline's own TrackingServer), yields its base URL."""
+    from pipeline.tracking_server import TrackingServer
     art = tempfile.mkdtemp(prefix="mlart")
-    p = subprocess.Popen([os.path.join(os.path.dirname(sys.executable), "mlflow"), "server", "--backend-store-uri",
-                          backend_uri, "--artifacts-destination", art, "--host", "127.0.0.1", "--port", str(port),
-                          "--workers", "1"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    base = f"http://127.0.0.1:{port}"
     try:
-        from pipeline.tracking import _reachable
-        for _ in range(240):
-            if _reachable(base, timeout=2) is None:
-                break
-            time.sleep(0.5)
-            if p.poll() is not None:
-                raise RuntimeError(f"mlflow server exited: {p.stdout.read()[-2000:]}")
-        yield base
+        with TrackingServer(backend_uri, art, port=port) as url:
+            yield url
     finally:
-        p.terminate()
-        try:
-            p.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            p.kill()
         shutil.rmtree(art, ignore_errors=True)

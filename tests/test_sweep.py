@@ -388,6 +388,42 @@ def test_ctrl_c_at_the_first_trial_closes_everything_and_resume_finishes(tmp_pat
 
 
 @pytest.mark.slow
+def test_ctrl_c_during_the_final_report_closes_everything_and_resume_writes_it(tmp_path, fmnist):
+    """Ctrl-C after the trials, while the driver writes the table, figures and report (the driver stamps
+    trials_ended_at in sweep_state.json as it starts them): one line, exit 130, every run closed, the
+    table written from the trials' records; --resume runs no trial again and writes the report. The trials
+    log through the sweep's own MLflow server (tracking_server: true), which is gone when the sweep ends."""
+    sweep_file = make_project(tmp_path, fmnist, search={}, name="last", tracking_server=True)
+    cmd = [sys.executable, "-m", "pipeline", "sweep", str(sweep_file), "--num-cpus", "2"]
+    p = subprocess.Popen(cmd, cwd=tmp_path, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    state, sent, deadline = tmp_path / "runs/sweeps/last/sweep_state.json", False, time.time() + 600
+    while not sent and time.time() < deadline and p.poll() is None:
+        try:
+            ended = "trials_ended_at" in json.loads(state.read_text())
+        except (OSError, ValueError):
+            ended = False
+        if ended:
+            p.send_signal(signal.SIGINT)
+            sent = True
+        time.sleep(0.02)
+    out, _ = p.communicate(timeout=300)
+    assert sent and p.returncode == 130, out[-3000:]
+    assert "Traceback" not in out and "the same command with --resume finishes it" in out, out[-3000:]
+    url = re.search(r"sweep: MLflow server (http://127\.0\.0\.1:\d+) over sqlite:", out).group(1)
+    from pipeline.tracking import _reachable
+    assert _reachable(url, timeout=1) is not None              # stopped with the sweep
+    _, runs = mlflow_runs(tmp_path)
+    assert runs and not [x.info.run_name for x in runs if x.info.status == "RUNNING"]
+    table = pd.read_csv(tmp_path / "reports/sweeps/last/results.csv")
+    assert set(table["status"]) == {"finished"} and table["fid"].notna().all()
+    r = subprocess.run(cmd + ["--resume"], cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0 and "0 trial(s) to run" in r.stdout, (r.stdout + r.stderr)[-4000:]
+    assert (tmp_path / "reports/sweeps/last/report.html").is_file()
+    _, runs = mlflow_runs(tmp_path)
+    assert {x.info.status for x in runs if x.data.tags.get("kind") == "sweep"} == {"FINISHED"}
+
+
+@pytest.mark.slow
 def test_trial_spanning_two_workers_through_ray_train(tmp_path, fmnist):
     """resources.workers=2: the trial trains under Ray Train's TorchTrainer (2 gloo CPU workers),
     reports reach Tune, rank 0 fans out the EMA lengths; the training equals a 1-process run."""

@@ -4,6 +4,7 @@ and scheduler of the tables in algorithms.py, then write the results and close e
 Rerunning with --resume continues from the trials' own records."""
 from __future__ import annotations
 
+import atexit
 import json
 import os
 import time
@@ -16,7 +17,7 @@ from .algorithms import (SweepError, build_scheduler, read_json, read_stopped, s
                          tune_concurrency)
 from .cluster import PendingWatch, check_plan, check_resources, connect_ray, prepare_ray_env
 from .results import close_trial_runs, print_summary, results_table, write_results, write_table
-from .schema import SweepConfig, load_sweep, wants_trial_figures
+from .schema import SweepConfig, load_sweep, wants_tracking_server, wants_trial_figures
 from .space import plan, point_space, print_plan, trial_name, tune_space
 from .trial import FINAL, TrialSpec, read_trial_state, run_trial, trial_status, write_trial_state
 
@@ -72,6 +73,10 @@ def run_sweep(sweep_file: str | Path, address: str | None = None, resume: bool =
     if base.data.encoder == "vae" and sweep.scheduler.type != "none" and sweep.scheduler.metric == "val_loss":
         raise SweepError("scheduler.metric=val_loss is a loss on the reference images, which a latent run keeps as "
                          "pixels (for FID): use scheduler.metric=loss with data.encoder=vae")
+    try:
+        serve = wants_tracking_server(sweep, sweep_tracking_uri(base), address)
+    except ValueError as err:
+        raise SweepError(str(err)) from None
     if dry_run:
         print_plan(the_plan)
         return the_plan
@@ -92,6 +97,13 @@ def run_sweep(sweep_file: str | Path, address: str | None = None, resume: bool =
 
     make_private(exp_dir)
     uri = sweep_tracking_uri(base)
+    server = None
+    if serve:                                                # many writers: one server in front of the sqlite file
+        from ..tracking_server import TrackingServer
+        server = TrackingServer(uri, root / "mlartifacts")
+        print(f"sweep: MLflow server {server.start()} over {uri} for the trials (tracking_server; stopped at the end)")
+        atexit.register(server.stop)                          # however the sweep ends (a watchdog if it is killed)
+        uri = server.url
 
     # Encoded data (on a fresh clone: encoded now, as the encode stage would) and the reference
     # statistics once, before any trial, in the sweeps' own cache (never a DVC output).
@@ -163,6 +175,8 @@ def run_sweep(sweep_file: str | Path, address: str | None = None, resume: bool =
     try:
         result = _finish(sweep, base, the_plan, exp_dir, out_dir, uri, ref_cache, str(root), parent, watch, t0)
         atomic_write_text(json.dumps({**read_json(state_file), "report_ended_at": time.time()}), state_file)
+        if server is not None:
+            server.stop()
         return result
     except KeyboardInterrupt:                                # Ctrl-C after the trials (evaluation, the report)
         table_path = _close_interrupted(sweep, the_plan, exp_dir, out_dir, uri, parent)

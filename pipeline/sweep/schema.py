@@ -128,6 +128,9 @@ class SweepConfig(_Section):
     # Per-trial figures (FID vs EMA length, post-hoc heat map) and sample grids: None = only while the sweep
     # plans at most PER_TRIAL_FIGURES_UP_TO trials; the sweep report always draws its best trials' grids.
     per_trial_figures: Optional[bool] = None
+    # An MLflow server (127.0.0.1) in front of a sqlite store, for the trials' writers: None = only when more
+    # than SERVER_ABOVE_WRITERS trials run at once on a local Ray; a given http(s) tracking.uri is used as is.
+    tracking_server: Optional[bool] = None
 
     @field_validator("scheduler", "validation", "resources", mode="before")
     @classmethod
@@ -178,6 +181,24 @@ def wants_trial_figures(sweep: SweepConfig, planned_trials: int | None) -> bool:
     if sweep.per_trial_figures is not None:
         return sweep.per_trial_figures
     return planned_trials is not None and planned_trials <= PER_TRIAL_FIGURES_UP_TO
+
+
+SERVER_ABOVE_WRITERS = 4
+
+
+def wants_tracking_server(sweep: SweepConfig, uri: str, address: str | None) -> bool:
+    """Whether the sweep starts its own MLflow server (tracking_server.TrackingServer) over `uri`: only over a
+    sqlite file (a server or database URI serves many writers already), and only for a local Ray (trials on
+    other nodes could not reach a server bound to 127.0.0.1: give them a server's http URI instead)."""
+    if not uri.startswith("sqlite:") or sweep.tracking_server is False:
+        return False
+    if address is not None:
+        if sweep.tracking_server:
+            raise ValueError(f"tracking_server: true starts a server on 127.0.0.1, which trials on other nodes of "
+                             f"--address {address} cannot reach: start one there (mlflow server --host <head>) and "
+                             f"give its http URI as tracking.uri")
+        return False
+    return bool(sweep.tracking_server) or sweep.max_concurrent > SERVER_ABOVE_WRITERS     # rank 0 of a trial logs
 
 
 def sweep_overrides(sweep: SweepConfig) -> dict:
