@@ -279,18 +279,18 @@ def count_parameters(model: nn.Module) -> int:
 # ----------------------------------------------------------------------------------------------
 # torch.compile with a fallback (training: train.compile; sampling: sampler.compile).
 
-# compile: auto compiles when the work ahead reaches the break-even: the compile time (cold: nothing in
-# inductor's on-disk cache) over the time saved per unit of work, measured with benchmarks.train /
-# benchmarks.sample (docs/performance.md, "torch.compile"). Training: images to train (CPU: small
-# default, 88 s compile, 89 -> 128 img/s in bf16; CUDA: not measured side by side, an estimate that
-# pays at a 10% gain for EDM2 XS's 93 s compile on an H200). Sampling: images x network evaluations
-# (CPU: 30 s compile, 7.1 -> 10.1 img/s at NFE 35; H200, XS: 30 s, 45 -> 71 img/s).
-COMPILE_BREAK_EVEN = {"train": {"cpu": 25_000, "cuda": 1_000_000},
-                      "sample": {"cpu": 25_000, "cuda": 130_000}}
+# compile: auto compiles when the work reaches the break-even: the compile time (cold: nothing in
+# inductor's on-disk cache) over the time saved per unit of work, measured in the real loops
+# (docs/performance.md, "torch.compile"). Training: the run's images (CPU, small default, bf16: 105 s
+# compile, 88 -> 112 img/s in the training loop; CUDA: not measured side by side, an estimate that pays
+# at a 10% gain for EDM2 XS's 93 s compile on an H200). Sampling: images x network evaluations (CPU:
+# 49 s compile, 6.3 -> 9.5 img/s at NFE 35; H200, XS: 30 s, 45 -> 71 img/s).
+COMPILE_BREAK_EVEN = {"train": {"cpu": 45_000, "cuda": 1_000_000},
+                      "sample": {"cpu": 32_000, "cuda": 130_000}}
 
 
 def compile_wanted(setting, what: str, device, work: int) -> bool:
-    """A compile switch (true / false / "auto") for `work` ahead ("train": images; "sample": images x NFE)."""
+    """A compile switch (true / false / "auto") for `work` ("train": the run's images; "sample": images x NFE)."""
     if setting != "auto":
         return bool(setting)
     return work >= COMPILE_BREAK_EVEN[what].get(torch.device(device).type, float("inf"))

@@ -419,10 +419,10 @@ def _prepare_loop(s: Session, progress: bool) -> None:
     """DDP, compilation, the snapshot writer, the progress bar and the status window."""
     tc, d = s.cfg.train, s.d
     s.ddp = torch.nn.parallel.DistributedDataParallel(s.net) if d.world_size > 1 else None
-    ahead = tc.duration_nimg - s.nimg
-    compiled = compile_wanted(tc.compile, "train", d.device, ahead)
+    # auto decides on the whole run, not what is left: a resumed run computes as the uninterrupted one did
+    compiled = compile_wanted(tc.compile, "train", d.device, tc.duration_nimg)
     if compiled and tc.compile == "auto" and d.is_main:
-        s.log(f"train.compile=auto: compiling the network ({ahead:,} images to train >= "
+        s.log(f"train.compile=auto: compiling the network (a run of {tc.duration_nimg:,} images >= "
               f"{COMPILE_BREAK_EVEN['train'][d.device.type]:,}, where compiling pays on {d.device.type}; "
               f"train.compile=false turns it off)")
     s.model = maybe_compile(s.ddp or s.net, compiled, s.log, what="training")

@@ -11,7 +11,7 @@ from conftest import ROOT
 pytestmark = pytest.mark.slow
 
 
-@pytest.mark.parametrize("name", ["train", "sample", "reconstruct", "fid", "sweep", "sweep_scale"])
+@pytest.mark.parametrize("name", ["train", "sample", "reconstruct", "fid", "sweep_overhead", "sweep_scale"])
 def test_benchmark_smoke(name, tmp_path, fmnist):
     extra = ["--dataset-dir", str(fmnist["train"][0].parent)] if name.startswith("sweep") else []
     r = subprocess.run([sys.executable, "-m", f"benchmarks.{name}", "--smoke", "--device", "cpu", "--out",

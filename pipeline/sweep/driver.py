@@ -158,7 +158,7 @@ def run_sweep(sweep_file: str | Path, address: str | None = None, resume: bool =
                                         failure_config=tune.FailureConfig(max_failures=sweep.max_failures))
             tuner = tune.Tuner(trainable, param_space=point_space(todo) if algorithm.planned else tune_space(sweep),
                                tune_config=tune_config, run_config=run_config)
-            tuner.fit()
+            _fit_then_restore_signals(tuner)
         atomic_write_text(json.dumps({**read_json(state_file), "trials_ended_at": time.time()}), state_file)
         outcome = None
     except KeyboardInterrupt:                                # a Ctrl-C Ray did not take as its graceful stop
@@ -182,6 +182,22 @@ def run_sweep(sweep_file: str | Path, address: str | None = None, resume: bool =
         table_path = _close_interrupted(sweep, the_plan, exp_dir, out_dir, uri, parent)
         raise KeyboardInterrupt(f"sweep {sweep.name}: every MLflow run closed, the trials' results in {table_path}; "
                                 f"the same command with --resume finishes it") from None
+
+
+def _fit_then_restore_signals(tuner) -> None:
+    """tuner.fit(), then the SIGINT / SIGUSR1 handlers it replaced: Ray Tune installs its own (a graceful
+    stop) and leaves them, which would swallow a Ctrl-C during the evaluation and report after the trials."""
+    import signal
+    import threading
+    names = [n for n in ("SIGINT", "SIGUSR1") if hasattr(signal, n)]
+    main = threading.current_thread() is threading.main_thread()
+    before = {n: signal.getsignal(getattr(signal, n)) for n in names} if main else {}
+    try:
+        tuner.fit()
+    finally:
+        for n, handler in before.items():
+            if handler is not None:
+                signal.signal(getattr(signal, n), handler)
 
 
 def _finish(sweep: SweepConfig, base: C.Config, the_plan: dict, exp_dir: Path, out_dir: Path, uri: str,
