@@ -29,6 +29,7 @@ from pathlib import Path
 import yaml
 
 from benchmarks.common import parser, write
+from pipeline.sweep.results import PHASES         # trial.json's phases, as the sweep report sums them
 
 ROOT = Path(__file__).resolve().parents[1]
 TARGET_RATIO = 1.2                  # pipeline / bare at 32 trials (issue: sweeps at scale)
@@ -41,7 +42,6 @@ TINY = {"network.model_channels": 8, "network.channel_mult": [1, 2], "network.nu
 EMA_LENGTHS = [0.05, 0.10]
 LR_RANGE = [0.003, 0.03]
 MAX_CONCURRENT = 2
-PHASES = ("worker_start", "training", "validation", "evaluation", "tracking", "figures")
 
 
 def _workdir(d: Path, dataset_dir: str) -> None:

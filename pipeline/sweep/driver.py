@@ -73,8 +73,9 @@ def run_sweep(sweep_file: str | Path, address: str | None = None, resume: bool =
     if base.data.encoder == "vae" and sweep.scheduler.type != "none" and sweep.scheduler.metric == "val_loss":
         raise SweepError("scheduler.metric=val_loss is a loss on the reference images, which a latent run keeps as "
                          "pixels (for FID): use scheduler.metric=loss with data.encoder=vae")
+    uri = sweep_tracking_uri(base)
     try:
-        serve = wants_tracking_server(sweep, sweep_tracking_uri(base), address)
+        serve = wants_tracking_server(sweep, uri, address)
     except ValueError as err:
         raise SweepError(str(err)) from None
     if dry_run:
@@ -96,7 +97,6 @@ def run_sweep(sweep_file: str | Path, address: str | None = None, resume: bool =
     from ..tracking import RunLogger, run_tags
 
     make_private(exp_dir)
-    uri = sweep_tracking_uri(base)
     server = None
     if serve:                                                # many writers: one server in front of the sqlite file
         from ..tracking_server import TrackingServer
@@ -159,7 +159,7 @@ def run_sweep(sweep_file: str | Path, address: str | None = None, resume: bool =
             tuner = tune.Tuner(trainable, param_space=point_space(todo) if algorithm.planned else tune_space(sweep),
                                tune_config=tune_config, run_config=run_config)
             _fit_then_restore_signals(tuner)
-        atomic_write_text(json.dumps({**read_json(state_file), "trials_ended_at": time.time()}), state_file)
+        _stamp(state_file, trials_ended_at=time.time())
         outcome = None
     except KeyboardInterrupt:                                # a Ctrl-C Ray did not take as its graceful stop
         outcome = "KILLED"
@@ -174,7 +174,7 @@ def run_sweep(sweep_file: str | Path, address: str | None = None, resume: bool =
 
     try:
         result = _finish(sweep, base, the_plan, exp_dir, out_dir, uri, ref_cache, str(root), parent, watch, t0)
-        atomic_write_text(json.dumps({**read_json(state_file), "report_ended_at": time.time()}), state_file)
+        _stamp(state_file, report_ended_at=time.time())
         if server is not None:
             server.stop()
         return result
@@ -182,6 +182,11 @@ def run_sweep(sweep_file: str | Path, address: str | None = None, resume: bool =
         table_path = _close_interrupted(sweep, the_plan, exp_dir, out_dir, uri, parent)
         raise KeyboardInterrupt(f"sweep {sweep.name}: every MLflow run closed, the trials' results in {table_path}; "
                                 f"the same command with --resume finishes it") from None
+
+
+def _stamp(state_file: Path, **times) -> None:
+    """Merge the driver's times (epoch seconds) into sweep_state.json."""
+    atomic_write_text(json.dumps({**read_json(state_file), **times}), state_file)
 
 
 def _fit_then_restore_signals(tuner) -> None:

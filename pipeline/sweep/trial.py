@@ -133,7 +133,7 @@ def train_worker(job: dict) -> None:
 def trial_body(job: dict, report, device=None) -> None:
     """Train with a report at every snapshot, then on rank 0 the post-hoc EMA fan-out; every rank
     reports the final result (Ray Train wants the same number of reports from every worker). Where the
-    trial's time went is recorded in trial.json ("phases", seconds; see `timed_phases`)."""
+    trial's time went is recorded in trial.json ("phases", seconds: results.PHASES)."""
     t0 = time.perf_counter()
     import torch.distributed as dist
 
