@@ -56,7 +56,7 @@ def _cmd_dataset(args) -> None:
 
 def _cmd_import_nvidia(args) -> None:
     from .nvidia import import_files
-    written = import_files(args.files, args.out, kind=args.kind)
+    written = import_files(args.files, args.out, kind=args.kind, kimg=args.kimg, sigma_rel=args.sigma_rel)
     kinds = {p.name.split("-")[0] for p in written}
     if "ema" in kinds:
         print(f"models: `python -m stages.evaluate --models {args.out}` or `python -m pipeline sample --model "
@@ -251,6 +251,9 @@ def main(argv: list[str] | None = None) -> int:
                     "snapshots: phema-*.safetensors)")
     sp.add_argument("--kind", choices=["auto", "model", "snapshot"], default="auto",
                     help="auto: network-snapshot-* files are raw snapshots, others models (default: auto)")
+    sp.add_argument("--kimg", type=int, help="training time in thousands of images, for a file whose name does not "
+                    "carry it (EDM2 names its files <name>-<kimg>-<sigma_rel>.pkl)")
+    sp.add_argument("--sigma-rel", type=float, help="EMA length of a file whose name does not carry it")
     sp.set_defaults(func=_cmd_import_nvidia)
 
     sp = sub.add_parser("runs", help="load the runs of an MLflow experiment (or one sweep) into a table")

@@ -68,6 +68,16 @@ PosFloat = Annotated[float, AfterValidator(_positive)]
 PosInt = Annotated[int, AfterValidator(_positive)]
 NonNegFloat = Annotated[float, AfterValidator(_non_negative)]
 NonNegInt = Annotated[int, AfterValidator(_non_negative)]
+SEED_LIMIT = 1 << 63                   # torch's generators take seeds below 2^63 (signed 64-bit)
+
+
+def _seed(v: int) -> int:
+    if not 0 <= v < SEED_LIMIT:
+        raise ValueError("a seed must be in [0, 2^63)")
+    return v
+
+
+Seed = Annotated[int, AfterValidator(_seed)]
 
 
 def _device(v: str) -> str:
@@ -174,7 +184,7 @@ class DataConfig(_Section):
     max_images: Optional[PosInt] = None    # cap for quick runs; None = all
     reference_split: Optional[PosFloat] = None   # held out of training for the FID reference (fid.reference:
     #                                              held-out): a fraction < 1 or a count of images
-    split_seed: NonNegInt = 0              # which images are held out (a seeded permutation)
+    split_seed: Seed = 0                   # which images are held out (a seeded permutation)
     dataset_dir: str = off_key("data/encoded")   # where the encode stage writes the artifact + manifest
 
     @model_validator(mode="after")
@@ -189,18 +199,39 @@ class DataConfig(_Section):
         return self
 
 
+def _at_most(hi: int):
+    def check(v: int) -> int:
+        if v > hi:
+            raise ValueError(f"must be <= {hi}")
+        return v
+    return AfterValidator(check)
+
+
+def _balance(v: float) -> float:
+    if not 0.0 <= v <= 1.0:
+        raise ValueError("a blend weight t must be in [0, 1]")
+    return v
+
+
+Balance = Annotated[float, AfterValidator(_balance)]
+
+
 class NetworkConfig(_Section):
-    model_channels: PosInt = 32                          # C in method.md 4
-    channel_mult: list[PosInt] = Field(default_factory=lambda: [1, 2, 2])
-    num_blocks: PosInt = 2
+    model_channels: Annotated[PosInt, _at_most(1 << 16)] = 32     # C in method.md 4
+    channel_mult: Annotated[list[PosInt], Field(max_length=16)] = Field(default_factory=lambda: [1, 2, 2])
+    num_blocks: Annotated[PosInt, _at_most(64)] = 2
     attn_resolutions: list[PosInt] = Field(default_factory=lambda: [8])
     channels_per_head: PosInt = 32
+    # Heads per attention block: "exact" requires channels_per_head to divide each attention width;
+    # "floor" takes width // channels_per_head as EDM2's code does (imports of NVIDIA's networks).
+    # The same heads wherever both apply, so it is not part of the run key.
+    attention_heads: Literal["exact", "floor"] = off_key("exact")
     dropout: Annotated[float, AfterValidator(lambda v: _in_unit(v, "dropout"))] = 0.0
-    label_balance: float = 0.5                           # MP-sum t for the label embedding
-    concat_balance: float = 0.5                          # MP-concat t for U-Net skips
-    res_balance: float = 0.3                             # MP-sum t for residual / attention
+    label_balance: Balance = 0.5                         # MP-sum t for the label embedding
+    concat_balance: Balance = 0.5                        # MP-concat t for U-Net skips
+    res_balance: Balance = 0.3                           # MP-sum t for residual / attention
     clip_act: PosFloat = 256.0
-    logvar_channels: PosInt = 128                        # uncertainty head Fourier width
+    logvar_channels: Annotated[PosInt, _at_most(1 << 16)] = 128   # uncertainty head Fourier width
     label_dim: Optional[NonNegInt] = None                # None: the dataset's class count (0 if unlabelled)
 
     @model_validator(mode="after")
@@ -243,7 +274,7 @@ class TrainConfig(_Section):
     beta1: Annotated[float, AfterValidator(_unit_interval)] = 0.9
     beta2: Annotated[float, AfterValidator(_unit_interval)] = 0.99
     eps: PosFloat = 1e-8
-    seed: NonNegInt = 0
+    seed: Seed = 0
     label_dropout: Annotated[float, AfterValidator(_unit_interval)] = 0.0   # P(zero label): trains the unconditional guide
     checkpoint_nimg: PosInt = off_key(2**24)       # checkpoint interval in images
     status_nimg: PosInt = off_key(2**17)           # metric logging interval in images
@@ -252,6 +283,10 @@ class TrainConfig(_Section):
     device: Device = off_key("auto")       # auto | cpu | cuda | cuda:N
     max_nonfinite_steps: PosInt = off_key(10)      # consecutive non-finite losses before the run stops
     # Speed switches (issue: benchmarks). Each keeps the numerics within a tested tolerance.
+    # portable: each seed's noise drawn on the CPU in float64 (the same image on every device);
+    # nvidia: as EDM2's generate_images.py (a generator per seed on the sampling device, float32, class
+    # labels drawn from it): NVIDIA's images for NVIDIA's seeds, but they depend on the device type.
+    seeding: Literal["portable", "nvidia"] = "portable"
     amp: Literal["none", "bf16"] = "none"  # bf16 autocast of the network (GPU; also works on CPU)
     channels_last: bool = off_key(False)   # NHWC memory format for convolutions
     compile: CompileSwitch = off_key("auto")   # torch.compile the network (auto: when it pays, networks.COMPILE_BREAK_EVEN); falls back (with a warning) on failure
@@ -275,6 +310,10 @@ class EMAConfig(_Section):
             raise ValueError("ema.stds must list at least one tracked sigma_rel")
         if not self.targets:
             raise ValueError("ema.targets must list at least one sigma_rel")
+        named = [f"{x:.3f}" for x in self.stds]      # snapshot names carry 3 decimals
+        if len(set(named)) != len(named):
+            raise ValueError(f"ema.stds={self.stds}: each tracked sigma_rel once (two would write the same "
+                             f"snapshot file)")
         return self
 
 
@@ -293,12 +332,18 @@ class SamplerConfig(_Section):
     # Fields marked off_key here do not change the samples (records.sampler_record leaves them out).
     batch_size: PosInt = off_key(64)
     compile: CompileSwitch = off_key("auto")   # torch.compile the network for sampling (CUDA graphs on a GPU; auto: when it pays); falls back on failure
+    # portable: each seed's noise drawn on the CPU in float64 (the same image on every device);
+    # nvidia: as EDM2's generate_images.py (a generator per seed on the sampling device, float32, class
+    # labels drawn from it): NVIDIA's images for NVIDIA's seeds, but they depend on the device type.
+    seeding: Literal["portable", "nvidia"] = "portable"
     amp: Literal["none", "bf16"] = "none"  # bf16 autocast of the network's evaluations (the ODE stays float64/32)
 
     @model_validator(mode="after")
     def _check(self):
         if self.sigma_min >= self.sigma_max:
             raise ValueError(f"sampler.sigma_min={self.sigma_min} must be < sampler.sigma_max={self.sigma_max}")
+        if self.S_max < self.S_min:
+            raise ValueError(f"sampler.S_max={self.S_max} must be >= sampler.S_min={self.S_min} (churn between them)")
         return self
 
     @property
@@ -317,8 +362,8 @@ class FIDConfig(_Section):
     num_images: Annotated[int, AfterValidator(lambda v: _min(v, 2))] = 50000
     reference: str = "fashion-mnist-test"  # fashion-mnist-test | held-out (data.reference_split) | an encoded
     #                                        dataset folder | an image folder or zip (encoded on demand, cached)
-    ref_num_images: Optional[PosInt] = None  # None = the whole reference set
-    seed: NonNegInt = 0                    # generated image i uses seed `seed + i`
+    ref_num_images: Optional[Annotated[int, AfterValidator(lambda v: _min(v, 2))]] = None  # None: the whole set
+    seed: Seed = 0                         # generated image i uses seed `seed + i`
     seed_sets: PosInt = 1                  # K disjoint sets of num_images (set k: seeds seed + k*num_images + i);
     #                                        EDM/EDM2 report the minimum over 3 sets of 50,000 (method.md 8)
     batch_size: PosInt = 64
@@ -332,7 +377,18 @@ class FIDConfig(_Section):
     def _metrics(cls, v):
         if not v or v[0] != "fid" or len(set(v)) != len(v):
             raise ValueError("list fid first, then other metrics once each, e.g. [fid, precision_recall, fd_dinov2]")
+        from .metrics import METRICS          # the metric table (its module imports torch: loaded on use)
+        unknown = [m for m in v if m not in METRICS]
+        if unknown:
+            raise ValueError(f"unknown metric {unknown[0]!r}; known: {', '.join(METRICS)}")
         return v
+
+    @model_validator(mode="after")
+    def _check(self):
+        if self.seed + self.seed_sets * self.num_images > SEED_LIMIT:
+            raise ValueError(f"fid.seed={self.seed}: the seeds seed .. seed + seed_sets x num_images must stay "
+                             f"below 2^63")
+        return self
 
 
 class GuideSpec(_Section):
@@ -436,10 +492,16 @@ class Config(_Section):
                 raise ValueError(f"network.attn_resolutions[{i}]={r}: must be one of the U-Net "
                                  f"resolutions {sorted(per_level, reverse=True)}")
         for i, mult in enumerate(self.network.channel_mult):
-            width = self.network.model_channels * mult
-            if any((res >> i) == r for r in self.network.attn_resolutions) and width % self.network.channels_per_head:
-                raise ValueError(f"network.channels_per_head={self.network.channels_per_head}: must divide the "
-                                 f"width {width} of attention level {i}")
+            width, cph = self.network.model_channels * mult, self.network.channels_per_head
+            if not any((res >> i) == r for r in self.network.attn_resolutions):
+                continue
+            if self.network.attention_heads == "exact" and width % cph:
+                raise ValueError(f"network.channels_per_head={cph}: must divide the width {width} of attention level "
+                                 f"{i} (or set network.attention_heads=floor, EDM2's width // channels_per_head)")
+            heads = width // cph
+            if heads and width % heads:   # the attention's reshape needs whole heads
+                raise ValueError(f"network.channels_per_head={cph}: {heads} heads cannot split the width {width} of "
+                                 f"attention level {i} evenly")
         b = self.train.batch_size
         for name, value in (("ema.snapshot_nimg", self.ema.snapshot_nimg), ("train.checkpoint_nimg",
                             self.train.checkpoint_nimg), ("train.duration_nimg", self.train.duration_nimg)):
@@ -569,7 +631,9 @@ def _format_errors(err: ValidationError, raw: dict) -> str:
                 msg = msg[len(prefix):]
         if e["type"] == "extra_forbidden":
             msg = "unknown key"
-        if path:
+        if path and isinstance(e.get("input"), dict) and re.match(r"^[\w.\[\]]+=", msg):
+            lines.append(msg)                          # a section's own rule names its field already
+        elif path:
             lines.append(f"{path}={e.get('input')!r}: {msg}" if e["type"] != "extra_forbidden" else f"{path}: {msg}")
         else:
             lines.append(msg)
@@ -597,6 +661,8 @@ def load_config(path: str | Path = "params.yaml", overrides: dict[str, Any] | li
     raw = read_yaml(path, "config file")
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: expected a mapping of sections at the top level")
+    if not raw:
+        raise ConfigError(f"{path}: empty (no sections); start from the project's params.yaml")
     return resolve(raw, overrides)
 
 

@@ -107,6 +107,34 @@ class SeededNoise:
                             for g in self.gens]).to(self.device, dtype)
 
 
+class NvidiaSeeds:
+    """Per-seed noise as EDM2's generate_images.py draws it: a torch.Generator per image seeded with
+    seed mod 2^32, on the sampling device, drawing in the dtype asked for (the initial noise in float32,
+    then the class label, then the churn noise). The same seed gives NVIDIA's image on the same kind of
+    device, and other numbers on another (CUDA's generator is not the CPU's)."""
+
+    def __init__(self, seeds: Sequence[int], device="cpu"):
+        self.device = torch.device(device)
+        self.gens = [torch.Generator(self.device).manual_seed(int(s) % (1 << 32)) for s in seeds]
+
+    def randn(self, shape: Sequence[int], dtype=torch.float32) -> torch.Tensor:
+        return torch.stack([torch.randn(list(shape), generator=g, dtype=dtype, device=self.device)
+                            for g in self.gens])
+
+    def randint(self, high: int) -> torch.Tensor:
+        return torch.stack([torch.randint(high, size=[], generator=g, device=self.device) for g in self.gens])
+
+
+def class_labels(seeds: Sequence[int], label_dim: int, sampler_cfg, shape: Sequence[int], device="cpu") -> torch.Tensor:
+    """Each seed's class: (seed mod label_dim) with portable seeding; with nvidia seeding the label
+    EDM2's generate_images.py draws from the seed's generator after the initial noise."""
+    if getattr(sampler_cfg, "seeding", "portable") != "nvidia":
+        return torch.tensor([int(s) % label_dim for s in seeds])
+    rnd = NvidiaSeeds(seeds, device)
+    rnd.randn(shape)                                             # the initial noise comes first
+    return rnd.randint(label_dim).cpu()
+
+
 def sigma_steps(steps: int, sigma_min: float = 0.002, sigma_max: float = 80.0, rho: float = 7.0,
                 dtype=torch.float64, device="cpu") -> torch.Tensor:
     """t_i = (s_max^(1/rho) + i/(N-1) (s_min^(1/rho) - s_max^(1/rho)))^rho, i < N, and t_N = 0."""
@@ -120,12 +148,13 @@ def edm_sampler(denoise: Denoiser, noise: SeededNoise | torch.Tensor, shape: Seq
                 steps: int = 32, sigma_min: float = 0.002, sigma_max: float = 80.0, rho: float = 7.0,
                 churn: float = 0.0, S_min: float = 0.0, S_max: float = float("inf"), S_noise: float = 1.0,
                 solver: str = "heun", guide: Denoiser | None = None, guidance: float = 1.0,
-                dtype=torch.float64) -> torch.Tensor:
+                dtype=torch.float64, churn_noise: SeededNoise | NvidiaSeeds | None = None) -> torch.Tensor:
     """Generate samples by integrating the probability-flow ODE (with optional churn).
 
-    `denoise(x, sigma)` is D(x; sigma); `noise` is a SeededNoise (with `shape` per image) or an
-    initial N(0, I) tensor (then churn noise comes from torch's global RNG). With `guide` (a guiding
-    denoiser D_g) and guidance w: D_w = D_g + w (D - D_g).
+    `denoise(x, sigma)` is D(x; sigma); `noise` is a per-seed stream (SeededNoise, NvidiaSeeds; with
+    `shape` per image) or an initial N(0, I) tensor (then churn noise comes from `churn_noise`, a
+    per-seed stream, or torch's global RNG). With `guide` (a guiding denoiser D_g) and guidance w:
+    D_w = D_g + w (D - D_g).
     """
     if solver not in SOLVERS:
         raise ValueError(f"solver={solver!r}: must be one of {', '.join(SOLVERS)}")
@@ -137,11 +166,13 @@ def edm_sampler(denoise: Denoiser, noise: SeededNoise | torch.Tensor, shape: Seq
             d = g.lerp(d, guidance)                              # D_g + w (D - D_g)
         return d
 
-    if isinstance(noise, SeededNoise):
-        eps0 = noise.randn(shape, dtype=dtype)
-        fresh = lambda like: noise.randn(like.shape[1:], dtype=dtype)  # noqa: E731
+    if not isinstance(noise, torch.Tensor):
+        churn_noise, eps0 = noise, noise.randn(shape, dtype=dtype)
     else:
         eps0 = noise.to(dtype)
+    if churn_noise is not None:
+        fresh = lambda like: churn_noise.randn(like.shape[1:], dtype=dtype)  # noqa: E731
+    else:
         fresh = lambda like: torch.randn_like(like)  # noqa: E731
     t = sigma_steps(steps, sigma_min, sigma_max, rho, dtype=dtype, device=eps0.device)
     x = eps0 * t[0]                                              # x_0 = t_0 eps
@@ -162,11 +193,23 @@ def edm_sampler(denoise: Denoiser, noise: SeededNoise | torch.Tensor, shape: Seq
 
 def sample_images(net, seeds: Sequence[int], labels: torch.Tensor | None, sampler_cfg, device="cpu",
                   guide=None, guide_labels: torch.Tensor | None = None) -> torch.Tensor:
-    """Samples from a Precond network for one batch of per-image seeds (float32, data scale).
+    """Samples from a Precond network for one batch of per-image seeds (float32, data scale), seeded
+    as sampler_cfg.seeding says (portable or nvidia; with nvidia and labels None, the labels are drawn
+    from the seeds' generators as EDM2 does).
     `guide`: the guiding network D_g (used only where sampler_cfg.guidance != 1), fed `guide_labels`
     (default: the same labels; zeros make the same network its own unconditional guide)."""
-    noise = SeededNoise(seeds, device)
     shape = (net.img_channels, net.img_resolution, net.img_resolution)
+    nvidia = getattr(sampler_cfg, "seeding", "portable") == "nvidia"
+    # The ODE's dtype: float64 on the CPU, float32 on a GPU; EDM2's float32 everywhere with nvidia seeding.
+    dtype = torch.float64 if torch.device(device).type == "cpu" and not nvidia else torch.float32
+    if nvidia:                                  # EDM2's order: initial noise, class label, churn noise
+        noise = NvidiaSeeds(seeds, device)
+        eps0 = noise.randn(shape, dtype=torch.float32)
+        if net.label_dim:
+            drawn = torch.nn.functional.one_hot(noise.randint(net.label_dim), net.label_dim).float()
+            labels = drawn if labels is None else labels
+    else:
+        noise, eps0 = SeededNoise(seeds, device), None
     model = _sampling_model(net, sampler_cfg.compile is True, device)    # "auto" is decided by the caller
     amp = getattr(sampler_cfg, "amp", "none") == "bf16"        # network in bf16 autocast; the ODE is not
 
@@ -179,11 +222,10 @@ def sample_images(net, seeds: Sequence[int], labels: torch.Tensor | None, sample
     guide_fn = as_denoiser(guide, labels if guide_labels is None else guide_labels) if guide is not None else None
 
     s = sampler_cfg
-    return edm_sampler(denoise, noise, shape, steps=s.steps, sigma_min=s.sigma_min, sigma_max=s.sigma_max,
-                       rho=s.rho, churn=s.churn, S_min=s.S_min, S_max=s.S_max, S_noise=s.S_noise,
-                       solver=s.solver, guide=guide_fn, guidance=s.guidance,
-                       dtype=torch.float64 if torch.device(device).type == "cpu" else torch.float32
-                       ).to(torch.float32)
+    return edm_sampler(denoise, noise if eps0 is None else eps0, shape, steps=s.steps, sigma_min=s.sigma_min,
+                       sigma_max=s.sigma_max, rho=s.rho, churn=s.churn, S_min=s.S_min, S_max=s.S_max,
+                       S_noise=s.S_noise, solver=s.solver, guide=guide_fn, guidance=s.guidance, dtype=dtype,
+                       churn_noise=noise).to(torch.float32)
 
 
 def _sampling_model(net, compile_: bool, device):

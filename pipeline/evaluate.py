@@ -31,33 +31,12 @@ def load_model(path: str | Path, device="cpu"):
     the header). Nothing in the file can run code; a header that describes no network of this project,
     tensors of other names, shapes or types than that network's, and non-finite values are refused in
     one line naming the file and the field or tensor."""
-    from .config import ConfigError, resolve
     from .networks import build_network
-    from .phema import load_reconstruction
-    data = load_reconstruction(path)                     # format, offsets, finite values checked there
-    args, raw = data.get("net_args"), data.get("config")
-    if not isinstance(args, dict) or not args:
-        raise FIDError(f"{path}: carries no network build arguments (not written by the training stage)")
-    if not isinstance(raw, dict):
-        raise FIDError(f"{path}: its header's config is not a mapping ({str(raw)[:40]!r}): not a model of this "
-                       f"pipeline, or a damaged header")
-    try:
-        cfg = resolve({k: v for k, v in raw.items() if k != "preset"})
-        net = build_network(cfg, **args)
-    except ConfigError as err:
-        raise FIDError(f"{path}: its header's config is invalid ({str(err).splitlines()[0]})") from None
-    except (TypeError, ValueError, RuntimeError) as err:
-        raise FIDError(f"{path}: its header's net_args {args} do not build a network ({err})") from None
-    want, have = net.state_dict(), data["state"]
-    missing, extra = sorted(set(want) - set(have)), sorted(set(have) - set(want))
-    if missing or extra:
-        raise FIDError(f"{path}: its tensors do not match the network its header describes (missing "
-                       f"{missing[:3]}, unexpected {extra[:3]})")
-    for k, t in have.items():
-        if t.shape != want[k].shape or t.is_floating_point() != want[k].is_floating_point():
-            raise FIDError(f"{path}: tensor {k!r} is {list(t.shape)} {t.dtype}, the network its header describes "
-                           f"needs {list(want[k].shape)} {want[k].dtype}")
-    net.load_state_dict(have)
+    from .phema import load_reconstruction, network_of_header
+    data = load_reconstruction(path)      # format, header values, tensors against the network, finite values
+    cfg, args, _ = network_of_header(data, path, FIDError)
+    net = build_network(cfg, **args)
+    net.load_state_dict(data["state"])
     return net.eval().to(device), data
 
 
@@ -75,11 +54,12 @@ def check_unconditional_guide(meta: dict, path: str | Path) -> None:
 def generate(net, num_images: int, seed: int, sampler_cfg, batch_size: int, device="cpu", progress: bool = False,
              desc: str | None = None, guide=None, decoder=None):
     """num_images samples as N x H x W x C uint8; image i uses seed `seed + i` and, for a
-    conditional model, class (seed + i) % label_dim. `guide`: a guiding network, or "unconditional"
+    conditional model, class (seed + i) % label_dim (nvidia seeding: the class EDM2 draws, edm.class_labels).
+    `guide`: a guiding network, or "unconditional"
     (the same network with the zero label), used with weight sampler_cfg.guidance. Batches are
     sampler.batch_size images, halved whenever the GPU runs out of memory (the images do not change).
     `decoder`: samples -> uint8 pixels (latents.Decoder: a latent model's VAE); default the pixel one."""
-    from .edm import sample_images
+    from .edm import class_labels, sample_images
     from .latents import Decoder
     from .networks import compile_wanted
     decoder = decoder or Decoder({"encoder": "pixel"}, None)
@@ -102,7 +82,9 @@ def generate(net, num_images: int, seed: int, sampler_cfg, batch_size: int, devi
         batch = list(range(seed + i, seed + min(i + batch_size, num_images)))
         labels = None
         if net.label_dim:
-            labels = torch.nn.functional.one_hot(torch.tensor(batch) % net.label_dim, net.label_dim).float().to(device)
+            shape = (net.img_channels, net.img_resolution, net.img_resolution)
+            labels = torch.nn.functional.one_hot(class_labels(batch, net.label_dim, sampler_cfg, shape, device),
+                                                 net.label_dim).float().to(device)
         try:
             x = sample_images(net, batch, labels, sampler_cfg, device=device, guide=guide_net,
                               guide_labels=torch.zeros_like(labels) if unconditional else None)
@@ -414,7 +396,11 @@ def export_samples(model_file: str | Path, num_images: int, out: str | Path, sam
                       desc=f"sample {Path(model_file).name} NFE {sampler_cfg.nfe}", guide=guide_net,
                       decoder=decoder_for(meta, cfg, device) if cfg is not None else None)
     seeds = np.arange(seed, seed + num_images)
-    labels = seeds % net.label_dim if net.label_dim else np.full(num_images, -1)
+    labels = np.full(num_images, -1)
+    if net.label_dim:
+        from .edm import class_labels
+        shape = (net.img_channels, net.img_resolution, net.img_resolution)
+        labels = class_labels(seeds.tolist(), net.label_dim, sampler_cfg, shape, device).numpy()
     if out.suffix == ".npz":
         from .io import atomic_write
         return atomic_write(out, lambda f: np.savez(f, images=images, seeds=seeds, labels=labels))

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import Config, NetworkConfig
+from .errors import PipelineError
 
 # ----------------------------------------------------------------------------------------------
 # Magnitude-preserving primitives.
@@ -258,18 +259,87 @@ class Precond(nn.Module):
         return D_x
 
 
-def build_network(cfg: Config | NetworkConfig, img_resolution: int, img_channels: int, label_dim: int,
-                  sigma_data: float = 0.5) -> Precond:
-    """The denoiser described by a config; the single place where config fields become a model."""
+class NetworkSizeError(PipelineError, ValueError):
+    """A network too large to build here: refused before any memory is allocated."""
+
+
+# A hard ceiling far above EDM2-XXL (1.5 G parameters); below it, what the memory can hold decides.
+MAX_PARAMETERS = 20_000_000_000
+
+
+def _precond_kwargs(cfg: Config | NetworkConfig, sigma_data: float) -> dict:
     net = cfg.network if isinstance(cfg, Config) else cfg
     if isinstance(cfg, Config):
         sigma_data = cfg.loss.sigma_data
-    return Precond(img_resolution, img_channels, label_dim, sigma_data=sigma_data,
-                   logvar_channels=net.logvar_channels, model_channels=net.model_channels,
-                   channel_mult=list(net.channel_mult), num_blocks=net.num_blocks,
-                   attn_resolutions=list(net.attn_resolutions), channels_per_head=net.channels_per_head,
-                   dropout=net.dropout, label_balance=net.label_balance, concat_balance=net.concat_balance,
-                   res_balance=net.res_balance, clip_act=net.clip_act)
+    return dict(sigma_data=sigma_data, logvar_channels=net.logvar_channels, model_channels=net.model_channels,
+                channel_mult=list(net.channel_mult), num_blocks=net.num_blocks,
+                attn_resolutions=list(net.attn_resolutions), channels_per_head=net.channels_per_head,
+                dropout=net.dropout, label_balance=net.label_balance, concat_balance=net.concat_balance,
+                res_balance=net.res_balance, clip_act=net.clip_act)
+
+
+def network_shapes(cfg: Config | NetworkConfig, img_resolution: int, img_channels: int, label_dim: int,
+                   sigma_data: float = 0.5, copies: float = 1.0) -> dict[str, tuple[torch.Size, torch.dtype]]:
+    """{tensor name: (shape, dtype)} of the network a config describes, built on the meta device (no
+    memory); refused when `copies` float32 copies of it would not fit the memory available here."""
+    if img_resolution > 1 << 14 or img_channels > 1 << 12 or label_dim > 1 << 20:
+        raise NetworkSizeError(f"network of {img_resolution}x{img_resolution}x{img_channels} with {label_dim} "
+                               f"labels: beyond any size this project builds")
+    with torch.device("meta"):
+        net = Precond(img_resolution, img_channels, label_dim, **_precond_kwargs(cfg, sigma_data))
+    shapes = {k: (v.shape, v.dtype) for k, v in net.state_dict().items()}
+    n = sum(s.numel() for s, _ in shapes.values())
+    need, avail = int(n * 4 * copies), available_memory()
+    if n > MAX_PARAMETERS or need > avail:
+        raise NetworkSizeError(f"the network has {n / 1e6:,.0f}M parameters: {copies:g} float32 cop"
+                               f"{'y' if copies == 1 else 'ies'} need {need / 2**30:,.1f} GiB, "
+                               f"{avail / 2**30:,.1f} GiB are available (network.model_channels / num_blocks / "
+                               f"channel_mult too large?)")
+    return shapes
+
+
+def available_memory() -> int:
+    """Bytes this process may still allocate: Linux's MemAvailable, within a cgroup's memory limit."""
+    avail = 1 << 62
+    try:
+        with open("/proc/meminfo") as f:
+            avail = next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration, ValueError):
+        pass
+    for limit_file, usage_file in (("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
+                                   ("/sys/fs/cgroup/memory/memory.limit_in_bytes",
+                                    "/sys/fs/cgroup/memory/memory.usage_in_bytes")):
+        try:
+            limit, usage = (open(x).read().strip() for x in (limit_file, usage_file))
+            if limit.isdigit():
+                avail = min(avail, max(int(limit) - int(usage), 0))
+            break
+        except OSError:
+            continue
+    return avail
+
+
+def check_state(want: dict[str, tuple[torch.Size, torch.dtype]], have: dict[str, torch.Tensor | tuple],
+                where: str, error: type[Exception]) -> None:
+    """Tensors (or (shape, dtype) pairs) against the network they claim to be: the same names and shapes,
+    floating-point where the network's are; else `error` naming the first difference."""
+    missing, extra = sorted(set(want) - set(have)), sorted(set(have) - set(want))
+    if missing or extra:
+        raise error(f"{where}: its tensors do not match the network its header describes (missing {missing[:3]}, "
+                    f"unexpected {extra[:3]})")
+    for k, t in have.items():
+        shape, dtype = (t.shape, t.dtype) if isinstance(t, torch.Tensor) else t
+        if tuple(shape) != tuple(want[k][0]) or dtype.is_floating_point != want[k][1].is_floating_point:
+            raise error(f"{where}: tensor {k!r} is {list(shape)} {str(dtype).replace('torch.', '')}, the network "
+                        f"its header describes needs {list(want[k][0])} {str(want[k][1]).replace('torch.', '')}")
+
+
+def build_network(cfg: Config | NetworkConfig, img_resolution: int, img_channels: int, label_dim: int,
+                  sigma_data: float = 0.5, copies: float = 1.0) -> Precond:
+    """The denoiser described by a config; the single place where config fields become a model.
+    Its size is checked first (network_shapes): `copies` float32 copies must fit the memory."""
+    network_shapes(cfg, img_resolution, img_channels, label_dim, sigma_data, copies)
+    return Precond(img_resolution, img_channels, label_dim, **_precond_kwargs(cfg, sigma_data))
 
 
 def count_parameters(model: nn.Module) -> int:

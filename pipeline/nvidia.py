@@ -15,6 +15,7 @@ import collections
 import copyreg
 import hashlib
 import io
+import math
 import pickle
 import re
 from pathlib import Path
@@ -39,10 +40,33 @@ NAME_RE = re.compile(r"^(?P<prefix>.+)-(?P<kimg>\d+)-(?P<std>\d\.\d+)\.pkl$")
 SNAPSHOT_PREFIX = "network-snapshot"
 # Tensor names that differ between NVIDIA's network and this project's (same tensor, other name).
 RENAMED = {"unet.out_conv.weight": "unet.conv_out.weight"}
-# NVIDIA's init arguments this project's network takes, by name (Precond's and the U-Net's).
-PRECOND_ARGS = {"img_resolution", "img_channels", "label_dim", "sigma_data", "logvar_channels"}
-UNET_ARGS = {"model_channels", "channel_mult", "num_blocks", "attn_resolutions", "channels_per_head", "dropout",
-             "label_balance", "concat_balance", "res_balance", "clip_act"}
+
+# NVIDIA's persistence records only the keyword arguments that were passed (train_edm2.py passes
+# model_channels, dropout, use_fp16 and the data's resolution, channels and label_dim): every other
+# argument takes the default of NVIDIA's constructors, here as facts read from their code.
+NVIDIA_DEFAULTS_FROM = "NVlabs/edm2 training/networks_edm2.py at 4bf8162 (Autoguidance release, 2024)"
+NVIDIA_DEFAULTS = {
+    # Precond
+    "use_fp16": True, "sigma_data": 0.5, "logvar_channels": 128,
+    # UNet
+    "model_channels": 192, "channel_mult": [1, 2, 3, 4], "channel_mult_noise": None, "channel_mult_emb": None,
+    "num_blocks": 3, "attn_resolutions": [16, 8], "label_balance": 0.5, "concat_balance": 0.5,
+    # Block (head count = width // channels_per_head, floored)
+    "resample_filter": [1, 1], "channels_per_head": 64, "dropout": 0.0, "res_balance": 0.3, "attn_balance": 0.3,
+    "clip_act": 256,
+}
+REQUIRED_ARGS = ("img_resolution", "img_channels", "label_dim")     # Precond's positional arguments
+# The type of each recorded argument: a value of another type is refused by name (never coerced).
+ARG_KINDS = {"img_resolution": "pos_int", "img_channels": "pos_int", "label_dim": "int", "use_fp16": "bool",
+             "sigma_data": "pos_float", "logvar_channels": "pos_int", "model_channels": "pos_int",
+             "channel_mult": "pos_ints", "channel_mult_noise": "pos_int?", "channel_mult_emb": "pos_int?",
+             "num_blocks": "pos_int", "attn_resolutions": "ints", "label_balance": "float",
+             "concat_balance": "float", "resample_filter": "ints", "channels_per_head": "pos_int",
+             "dropout": "float", "res_balance": "float", "attn_balance": "float", "clip_act": "pos_float?"}
+# Recorded init arguments this project's network takes, by its config name.
+NETWORK_FIELDS = ("model_channels", "channel_mult", "num_blocks", "attn_resolutions", "channels_per_head",
+                  "dropout", "label_balance", "concat_balance", "res_balance", "clip_act", "logvar_channels")
+MAX_WALK_DEPTH = 64                  # module nesting of a real EDM2 file: 4 (Precond > UNet > dict > Block > conv)
 
 
 class NvidiaImportError(PipelineError, ValueError):
@@ -157,7 +181,7 @@ def read_pickle(path: str | Path) -> dict:
     except OSError as err:
         raise NvidiaImportError(f"{path}: cannot read ({err.strerror or err})") from None
     except (EOFError, pickle.UnpicklingError, ValueError, TypeError, AttributeError, IndexError, KeyError,
-            RuntimeError, MemoryError) as err:
+            RuntimeError, MemoryError, RecursionError) as err:
         raise NvidiaImportError(f"{path}: not a readable pickle, or truncated ({err.__class__.__name__}: "
                                 f"{str(err)[:120]})") from None
     if not isinstance(data, dict) or not isinstance(data.get("ema"), Persistent):
@@ -166,25 +190,45 @@ def read_pickle(path: str | Path) -> dict:
     return data
 
 
-def module_tensors(obj: Persistent | _Container, prefix: str = "") -> dict[str, torch.Tensor]:
+def module_tensors(obj: Persistent | _Container, prefix: str = "", _seen: set | None = None,
+                   _depth: int = 0) -> dict[str, torch.Tensor]:
     """The state dict of a recorded module tree: parameters and persistent buffers, children's by
-    dotted name (as torch.nn.Module.state_dict names them)."""
+    dotted name (as torch.nn.Module.state_dict names them). Each module is visited once: a module met
+    twice (shared, or its own ancestor) or nested deeper than any EDM2 file is refused, so a crafted
+    tree cannot make the walk exponential or endless."""
+    seen = set() if _seen is None else _seen
+    if id(obj) in seen:
+        raise NvidiaImportError(f"module {prefix.rstrip('.') or '<root>'} appears twice in the module tree "
+                                f"(shared or self-referencing): not a network as EDM2 writes it")
+    if _depth > MAX_WALK_DEPTH:
+        raise NvidiaImportError(f"module tree nested deeper than {MAX_WALK_DEPTH} levels at {prefix[:80]}...: "
+                                f"not a network as EDM2 writes it")
+    seen.add(id(obj))
     state = obj.state
     skip = state.get("_non_persistent_buffers_set") or set()
+    if not isinstance(skip, (set, frozenset, list, tuple)):
+        raise NvidiaImportError(f"{prefix}_non_persistent_buffers_set is a {type(skip).__name__}, not a set")
     out: dict[str, torch.Tensor] = {}
+    for group in ("_parameters", "_buffers", "_modules"):
+        if not isinstance(state.get(group) or {}, dict):
+            raise NvidiaImportError(f"{prefix or '<root>.'}{group} is a {type(state.get(group)).__name__}, "
+                                    f"not a mapping")
     for group in ("_parameters", "_buffers"):
         for k, v in (state.get(group) or {}).items():
             if v is None or (group == "_buffers" and k in skip):
                 continue
             if not isinstance(v, torch.Tensor):
                 raise NvidiaImportError(f"{prefix}{k} is a {type(v).__name__}, not a tensor")
-            out[prefix + k] = v.detach()
+            if not v.is_floating_point():
+                raise NvidiaImportError(f"tensor {prefix}{k} is {str(v.dtype).replace('torch.', '')}: EDM2's networks "
+                                        f"hold floating-point tensors only")
+            out[prefix + str(k)] = v.detach()
     for k, child in (state.get("_modules") or {}).items():
         if child is None:
             continue
         if not isinstance(child, (Persistent, _Container)):
             raise NvidiaImportError(f"{prefix}{k} is a {type(child).__name__}, not a module")
-        out.update(module_tensors(child, f"{prefix}{k}."))
+        out.update(module_tensors(child, f"{prefix}{k}.", seen, _depth + 1))
     return out
 
 
@@ -193,42 +237,88 @@ def _plain(v):
     return list(v) if isinstance(v, tuple) else v
 
 
-def network_args(ema: Persistent) -> tuple[dict, dict]:
-    """NVIDIA's recorded init arguments -> (this project's network overrides, build arguments).
-    Arguments whose value this project's network fixes are accepted at that value; any other is named."""
+def _typed(name: str, v: Any):
+    """A recorded init argument as the plain value its kind allows, or a refusal that names it."""
+    import numbers
+    kind = ARG_KINDS[name]
+    if kind.endswith("?"):
+        if v is None:
+            return None
+        kind = kind[:-1]
+    bad = NvidiaImportError(f"init argument {name}={v!r:.60} is not {_KIND_TEXT[kind]}")
+    is_int = isinstance(v, numbers.Integral) and not isinstance(v, bool)
+    if kind == "bool":
+        if isinstance(v, bool) or (is_int and v in (0, 1)):
+            return bool(v)
+        raise bad
+    if kind in ("int", "pos_int"):
+        if not is_int or (kind == "pos_int" and v <= 0) or v < 0:
+            raise bad
+        return int(v)
+    if kind in ("float", "pos_float"):
+        if isinstance(v, bool) or not isinstance(v, numbers.Real) or not math.isfinite(float(v)) \
+                or (kind == "pos_float" and v <= 0):
+            raise bad
+        return float(v)
+    if not isinstance(v, (list, tuple)) or len(v) > 64 or not all(
+            isinstance(x, numbers.Integral) and not isinstance(x, bool) and x >= (1 if kind == "pos_ints" else 0)
+            for x in v) or (kind == "pos_ints" and not v):
+        raise bad
+    return [int(x) for x in v]
+
+
+_KIND_TEXT = {"bool": "a boolean", "int": "an integer >= 0", "pos_int": "a positive integer",
+              "float": "a finite number", "pos_float": "a positive number",
+              "pos_ints": "a non-empty list of positive integers", "ints": "a list of integers >= 0"}
+
+
+def recorded_args(ema: Persistent) -> tuple[dict, list[str]]:
+    """The init arguments of the file's Precond: the recorded ones (typed) over NVIDIA's defaults, and
+    the names of those that were not recorded (taken from NVIDIA_DEFAULTS)."""
     if ema.class_name != "Precond":
         raise NvidiaImportError(f"'ema' is a {ema.class_name}, not EDM2's Precond")
-    unet = (ema.state.get("_modules") or {}).get("unet")
+    unet = (ema.state.get("_modules") or {}).get("unet") if isinstance(ema.state.get("_modules"), dict) else None
     if not isinstance(unet, Persistent) or unet.class_name != "UNet":
         raise NvidiaImportError("'ema' holds no EDM2 UNet under 'unet'")
     kw = ema.state.get("_init_kwargs")
     if not isinstance(kw, dict) or ema.state.get("_init_args") not in ((), [], None):
         raise NvidiaImportError("'ema' records no init keyword arguments (_init_kwargs), or positional ones")
-    kw = dict(kw)
-    mult = list(kw.get("channel_mult", (1, 2, 3, 4)))
-    fixed = {"use_fp16": None,                              # this project's autocast decides; recorded only
-             "channel_mult_noise": (None, mult[0]), "channel_mult_emb": (None, max(mult)),
-             "resample_filter": ([1, 1],), "attn_balance": (kw.get("res_balance", 0.3),)}
-    refused = []
-    for k, allowed in fixed.items():
-        if k in kw:
-            v = kw.pop(k)
-            if allowed is not None and _plain(v) not in allowed:
-                refused.append(f"{k}={v!r}")
-    unknown = sorted(set(kw) - PRECOND_ARGS - UNET_ARGS)
-    refused += [f"{k}={kw[k]!r}" for k in unknown]
-    if refused:
-        raise NvidiaImportError(f"init arguments this project's network cannot take: {', '.join(refused)}")
-    missing = sorted({"img_resolution", "img_channels"} - set(kw))
+    unknown = sorted(str(k) for k in kw if k not in ARG_KINDS)
+    if unknown:
+        raise NvidiaImportError(f"init arguments this project's network cannot take: "
+                                f"{', '.join(f'{k}={kw[k]!r:.40}' for k in unknown)}")
+    missing = [k for k in REQUIRED_ARGS if k not in kw]
     if missing:
-        raise NvidiaImportError(f"init arguments missing: {', '.join(missing)}")
-    over = {f"network.{k}": _plain(v) for k, v in kw.items() if k in UNET_ARGS}
-    if "logvar_channels" in kw:
-        over["network.logvar_channels"] = kw["logvar_channels"]
-    if "sigma_data" in kw:
-        over["loss.sigma_data"] = float(kw["sigma_data"])
-    args = {"img_resolution": int(kw["img_resolution"]), "img_channels": int(kw["img_channels"]),
-            "label_dim": int(kw.get("label_dim", 0))}
+        raise NvidiaImportError(f"init arguments missing: {', '.join(missing)} (EDM2's Precond requires them)")
+    typed = {k: _typed(k, v) for k, v in kw.items()}
+    defaulted = sorted(set(NVIDIA_DEFAULTS) - set(typed))
+    return {**NVIDIA_DEFAULTS, **typed}, defaulted
+
+
+def network_args(ema: Persistent) -> tuple[dict, dict]:
+    """NVIDIA's init arguments (recorded, else NVIDIA's defaults) -> (this project's config overrides,
+    build arguments). Values this project's network cannot represent are refused by name."""
+    kw, _ = recorded_args(ema)
+    mult = kw["channel_mult"]
+    representable = {   # argument -> (values this project's network computes the same with, what it means)
+        "channel_mult_noise": ((None, mult[0]), "the noise embedding is channel_mult[0] wide here"),
+        "channel_mult_emb": ((None, max(mult)), "the embedding is max(channel_mult) wide here"),
+        "resample_filter": (([1, 1],), "resampling is the [1, 1] box filter here"),
+        "attn_balance": ((kw["res_balance"],), "attention blends with res_balance here"),
+        "clip_act": (None, "activations are always clipped here (None = no clip cannot be represented)"),
+    }
+    refused = []
+    for k, (allowed, why) in representable.items():
+        v = kw[k]
+        if (allowed is None and v is None) or (allowed is not None and v not in allowed):
+            refused.append(f"{k}={v!r} ({why})")
+    if not 0 <= kw["dropout"] <= 1:
+        refused.append(f"dropout={kw['dropout']!r} (a probability)")
+    if refused:
+        raise NvidiaImportError(f"init arguments this project's network cannot take: {'; '.join(refused)}")
+    over = {f"network.{k}": kw[k] for k in NETWORK_FIELDS}
+    over.update({"network.attention_heads": "floor", "loss.sigma_data": kw["sigma_data"]})
+    args = {k: kw[k] for k in REQUIRED_ARGS}
     return over, args
 
 
@@ -263,74 +353,92 @@ def nimg_of_kimg(kimg: int, name: str) -> int:
     return nimg
 
 
-def import_files(paths: Sequence[str | Path], out_dir: str | Path, kind: str = "auto",
-                 log=print) -> list[Path]:
+def file_position(f: Path, kimg: int | None = None, sigma_rel: float | None = None) -> tuple[int, float, bool]:
+    """(nimg, sigma_rel, is a raw training snapshot) from NVIDIA's file name, or from --kimg / --sigma-rel
+    where the name does not carry them; a name and a flag that disagree are refused."""
+    from .phema import check_sigma_rel
+    m = NAME_RE.match(f.name)
+    if m is None and (kimg is None or sigma_rel is None):
+        raise NvidiaImportError(f"{f.name}: not named as EDM2 names its files (<name>-<kimg>-<sigma_rel>.pkl, e.g. "
+                                f"edm2-img512-xs-2147483-0.135.pkl): give --kimg and --sigma-rel, or rename it")
+    if m is not None:
+        for flag, given, named in (("--kimg", kimg, int(m["kimg"])), ("--sigma-rel", sigma_rel, float(m["std"]))):
+            if given is not None and given != named:
+                raise NvidiaImportError(f"{f.name}: its name says {flag[2:]} {named}, {flag} says {given}")
+        kimg, sigma_rel = int(m["kimg"]), float(m["std"])
+    if kimg <= 0:
+        raise NvidiaImportError(f"{f.name}: kimg {kimg}: a snapshot time must be > 0")
+    return (nimg_of_kimg(kimg, f.name), check_sigma_rel(float(sigma_rel), f"{f.name}: sigma_rel"),
+            m is not None and m["prefix"] == SNAPSHOT_PREFIX)
+
+
+def plan_import(f: Path, kind: str, kimg: int | None, sigma_rel: float | None) -> dict:
+    """One file read and checked against the network it describes; nothing written."""
+    from . import config as C
+    from .networks import NetworkSizeError, check_state, network_shapes
+    nimg, sigma_rel, named_snapshot = file_position(f, kimg, sigma_rel)
+    data = read_pickle(f)
+    over, args = network_args(data["ema"])
+    over.update(loss_args(data.get("loss_fn")))
+    encoder = encoder_kind(data)
+    over.update({"data.resolution": args["img_resolution"], "data.encoder": encoder,
+                 **({"data.channels": args["img_channels"]} if encoder == "pixel" else
+                    {"data.channels": 3, "data.vae_path": "stabilityai/sd-vae-ft-mse (not part of the file)"})})
+    try:
+        cfg = C.resolve({}, over)
+    except C.ConfigError as err:
+        raise NvidiaImportError(f"{f.name}: its init arguments build no network here ({str(err).splitlines()[0]})") \
+            from None
+    try:
+        want = network_shapes(cfg, **args, copies=2)    # sized first, built without memory (meta device)
+    except NetworkSizeError as err:
+        raise NvidiaImportError(f"{f.name}: {err}") from None
+    have = {RENAMED.get(k, k): v for k, v in module_tensors(data["ema"]).items()}
+    check_state(want, have, f.name, NvidiaImportError)
+    for k, t in have.items():
+        if not torch.isfinite(t).all():
+            raise NvidiaImportError(f"{f.name}: tensor {k} holds non-finite values")
+    return {"file": f, "snapshot": kind == "snapshot" or (kind == "auto" and named_snapshot), "nimg": nimg,
+            "sigma_rel": sigma_rel, "cfg": cfg, "args": args, "tensors": have,
+            "digest": hashlib.sha256(f.read_bytes()).hexdigest(),
+            "init_kwargs": data["ema"].state.get("_init_kwargs", {})}
+
+
+def import_files(paths: Sequence[str | Path], out_dir: str | Path, kind: str = "auto", log=print,
+                 kimg: int | None = None, sigma_rel: float | None = None) -> list[Path]:
     """NVIDIA's files (or folders of them) -> this project's safetensors in out_dir: models as
     `ema-<nimg>-<sigma_rel>.safetensors` (reconstruct's format: evaluate, sample), raw snapshots as
-    `phema-<nimg>-<sigma_rel>.safetensors` (the reconstruct stage's input). Every file is read and
-    checked before the first is written."""
-    from . import config as C
+    `phema-<nimg>-<sigma_rel>.safetensors` (the reconstruct stage's input). Arguments a file does not
+    record take NVIDIA's defaults (NVIDIA_DEFAULTS). Every file is read and checked before the first is
+    written."""
     from .io import check_writable, files_in, save_safetensors
-    from .networks import build_network
-    from .phema import (RECONSTRUCTION_FORMAT, SNAPSHOT_FORMAT, reconstruction_name, sigma_rel_to_gamma,
-                        check_sigma_rel, snapshot_name)
+    from .phema import RECONSTRUCTION_FORMAT, SNAPSHOT_FORMAT, reconstruction_name, sigma_rel_to_gamma, snapshot_name
     files = files_in(paths, lambda f: f.suffix == ".pkl", NvidiaImportError, ".pkl files")
+    if len(files) > 1 and (kimg is not None or sigma_rel is not None):
+        raise NvidiaImportError(f"--kimg / --sigma-rel name one file's position; {len(files)} files were given")
     out = Path(out_dir)
     check_writable(out, "--out")
-    plans = []
-    for f in files:
-        m = NAME_RE.match(f.name)
-        if not m:
-            raise NvidiaImportError(f"{f.name}: not named as EDM2 names its files (<name>-<kimg>-<sigma_rel>.pkl, "
-                                    f"e.g. edm2-img512-xs-2147483-0.135.pkl); rename it so the training time and EMA "
-                                    f"length are known")
-        as_snapshot = kind == "snapshot" or (kind == "auto" and m["prefix"] == SNAPSHOT_PREFIX)
-        nimg, sigma_rel = nimg_of_kimg(int(m["kimg"]), f.name), check_sigma_rel(float(m["std"]), f.name)
-        data = read_pickle(f)
-        over, args = network_args(data["ema"])
-        over.update(loss_args(data.get("loss_fn")))
-        encoder = encoder_kind(data)
-        over.update({"data.resolution": args["img_resolution"], "data.encoder": encoder,
-                     **({"data.channels": args["img_channels"]} if encoder == "pixel" else
-                        {"data.channels": 3, "data.vae_path": "stabilityai/sd-vae-ft-mse (not part of the file)"})})
-        try:
-            cfg = C.resolve({}, over)
-            net = build_network(cfg, **args)
-        except (C.ConfigError, TypeError, ValueError, RuntimeError) as err:
-            raise NvidiaImportError(f"{f.name}: its init arguments build no network here ({str(err).splitlines()[0]})") \
-                from None
-        have = {RENAMED.get(k, k): v for k, v in module_tensors(data["ema"]).items()}
-        want = net.state_dict()
-        missing, extra = sorted(set(want) - set(have)), sorted(set(have) - set(want))
-        if missing or extra:
-            raise NvidiaImportError(f"{f.name}: its tensors do not match the network its init arguments describe "
-                                    f"(missing {missing[:3]}, unexpected {extra[:3]})")
-        for k, t in have.items():
-            if tuple(t.shape) != tuple(want[k].shape):
-                raise NvidiaImportError(f"{f.name}: tensor {k} is {list(t.shape)}, the network needs {list(want[k].shape)}")
-            if t.is_floating_point() and not torch.isfinite(t).all():
-                raise NvidiaImportError(f"{f.name}: tensor {k} holds non-finite values")
-        digest = hashlib.sha256(f.read_bytes()).hexdigest()
-        plans.append((f, as_snapshot, nimg, sigma_rel, cfg, args, have, digest,
-                      data["ema"].state.get("_init_kwargs", {})))
-    snap_nimgs = sorted({p[2] for p in plans if p[1]})
+    plans = [plan_import(f, kind, kimg, sigma_rel) for f in files]
+    snap_nimgs = sorted({p["nimg"] for p in plans if p["snapshot"]})
     interval = min((b - a for a, b in zip(snap_nimgs, snap_nimgs[1:])), default=None)
     written = []
     out.mkdir(parents=True, exist_ok=True)
-    for f, as_snapshot, nimg, sigma_rel, cfg, args, tensors, digest, init_kwargs in plans:
-        source = {"imported_from": "nvidia-edm2", "source_file": f.name, "source_sha256": digest,
-                  "nvidia_init_kwargs": {k: _plain(v) for k, v in init_kwargs.items()}}
-        meta = {"config": cfg.to_dict(), "net_args": args, "model_key": cfg.run_key(), "nimg": nimg,
-                "sigma_rel": sigma_rel, "gamma": sigma_rel_to_gamma(sigma_rel), **source}
-        if as_snapshot:
-            dst = out / snapshot_name(nimg, sigma_rel)
-            save_safetensors({k: v.to(torch.float16) if v.is_floating_point() else v for k, v in tensors.items()},
+    for p in plans:
+        cfg, nimg, sigma_rel_, tensors = p["cfg"], p["nimg"], p["sigma_rel"], p["tensors"]
+        source = {"imported_from": "nvidia-edm2", "source_file": p["file"].name, "source_sha256": p["digest"],
+                  "nvidia_init_kwargs": {str(k): _plain(v) for k, v in p["init_kwargs"].items()},
+                  "nvidia_defaults_from": NVIDIA_DEFAULTS_FROM}
+        meta = {"config": cfg.to_dict(), "net_args": p["args"], "model_key": cfg.run_key(), "nimg": nimg,
+                "sigma_rel": sigma_rel_, "gamma": sigma_rel_to_gamma(sigma_rel_), **source}
+        if p["snapshot"]:
+            dst = out / snapshot_name(nimg, sigma_rel_)
+            save_safetensors({k: v.to(torch.float16) for k, v in tensors.items()},
                              {**meta, "format": SNAPSHOT_FORMAT, "dtype": "float16", "snapshot_nimg": interval}, dst)
         else:
-            dst = out / reconstruction_name(nimg, sigma_rel)
-            save_safetensors({k: v.to(torch.float32) if v.is_floating_point() else v for k, v in tensors.items()},
-                             {**meta, "format": RECONSTRUCTION_FORMAT, "sources": [f.name]}, dst)
-        log(f"{f.name} -> {dst} ({'snapshot' if as_snapshot else 'model'}, nimg {nimg}, sigma_rel {sigma_rel:.3f}, "
-            f"{sum(t.numel() for t in tensors.values()) / 1e6:.1f}M parameters)")
+            dst = out / reconstruction_name(nimg, sigma_rel_)
+            save_safetensors({k: v.to(torch.float32) for k, v in tensors.items()},
+                             {**meta, "format": RECONSTRUCTION_FORMAT, "sources": [p["file"].name]}, dst)
+        log(f"{p['file'].name} -> {dst} ({'snapshot' if p['snapshot'] else 'model'}, nimg {nimg}, sigma_rel "
+            f"{sigma_rel_:.3f}, {sum(t.numel() for t in tensors.values()) / 1e6:.1f}M parameters)")
         written.append(dst)
     return written

@@ -234,7 +234,32 @@ def _read_header(path: Path, what: str, fmt: str) -> tuple[dict, dict]:
     spans, meta = read_safetensors_header(path, what, PHEMAError)
     if meta.get("format") != fmt:
         raise PHEMAError(f"{path}: not a {what} of this pipeline (format {meta.get('format')!r})")
+    check_header_values(meta, path)
+    floats = {k: v for k, v in spans.items() if not v[2].is_floating_point}
+    if floats:
+        k, (_, _, dtype, _) = next(iter(floats.items()))
+        raise PHEMAError(f"{path}: tensor {k!r} is stored as {str(dtype).replace('torch.', '')}; a {what} holds "
+                         f"floating-point tensors only (a relabelled or damaged header)")
+    declared = meta.get("dtype")
+    if declared is not None:
+        wrong = [k for k, v in spans.items() if str(v[2]) != f"torch.{declared}"]
+        if wrong:
+            raise PHEMAError(f"{path}: tensor {wrong[0]!r} is stored as {str(spans[wrong[0]][2]).replace('torch.', '')}, "
+                             f"the header says {declared}")
     return spans, meta
+
+
+def check_header_values(meta: dict, path) -> None:
+    """A header's own values typed and in range: nimg a whole number > 0, sigma_rel a number in
+    (0, sqrt(1/12)), config and net_args mappings (what they describe: network_of_header)."""
+    nimg, sigma_rel = meta.get("nimg"), meta.get("sigma_rel")
+    if isinstance(nimg, bool) or not isinstance(nimg, int) or nimg <= 0:
+        raise PHEMAError(f"{path}: header nimg={nimg!r:.40} is not a whole number of images > 0")
+    if isinstance(sigma_rel, bool) or not isinstance(sigma_rel, (int, float)) or not 0 < sigma_rel < SIGMA_REL_MAX:
+        raise PHEMAError(f"{path}: header sigma_rel={sigma_rel!r:.40} is not a number in (0, {SIGMA_REL_MAX:.4f})")
+    for k in ("config", "net_args"):
+        if k in meta and not isinstance(meta[k], dict):
+            raise PHEMAError(f"{path}: header {k} is a {type(meta[k]).__name__}, not a mapping (a damaged header)")
 
 
 def _read_snapshot_header(info: SnapshotInfo) -> tuple[dict, dict]:
@@ -245,24 +270,58 @@ def _read_snapshot_header(info: SnapshotInfo) -> tuple[dict, dict]:
     return spans, meta
 
 
-def check_consistent(infos: Sequence[SnapshotInfo]) -> dict:
-    """All snapshots must come from one run configuration; returns the first one's metadata.
+NET_ARG_RANGES = {"img_resolution": 1, "img_channels": 1, "label_dim": 0}   # build argument -> its minimum
 
-    Reads only each file's safetensors header (no tensor data)."""
+
+def network_of_header(meta: dict, path, error: type[Exception] = PHEMAError):
+    """(config, build arguments, {tensor: (shape, dtype)}) of the network a header describes, sized and
+    checked without allocating it (networks.network_shapes); a header that describes none is refused."""
+    from .config import ConfigError, resolve
+    from .networks import NetworkSizeError, network_shapes
+    args, raw = meta.get("net_args"), meta.get("config")
+    if not isinstance(args, dict) or not args:
+        raise error(f"{path}: carries no network build arguments (not written by the training stage)")
+    if not isinstance(raw, dict):
+        raise error(f"{path}: its header's config is not a mapping ({str(raw)[:40]!r}): not a model of this "
+                    f"pipeline, or a damaged header")
+    if set(args) != set(NET_ARG_RANGES) or any(isinstance(v, bool) or not isinstance(v, int) or v < NET_ARG_RANGES[k]
+                                               for k, v in args.items()):
+        raise error(f"{path}: its header's net_args {str(args)[:120]} are not whole numbers for "
+                    f"{', '.join(NET_ARG_RANGES)}")
+    try:
+        cfg = resolve({k: v for k, v in raw.items() if k != "preset"})
+        shapes = network_shapes(cfg, **args)
+    except ConfigError as err:
+        raise error(f"{path}: its header's config is invalid ({str(err).splitlines()[0]})") from None
+    except NetworkSizeError as err:
+        raise error(f"{path}: {err}") from None
+    except (TypeError, ValueError, RuntimeError) as err:
+        raise error(f"{path}: its header's net_args {args} do not build a network ({str(err)[:120]})") from None
+    return cfg, args, shapes
+
+
+def check_consistent(infos: Sequence[SnapshotInfo]) -> dict:
+    """All snapshots must come from one run configuration, and hold the network their header describes;
+    returns the first one's metadata. Reads only each file's safetensors header (no tensor data)."""
+    from .networks import check_state
     first_meta, first_key, shapes, first_path = None, None, None, None
     for info in infos:
         spans, meta = _read_snapshot_header(info)
         key = meta.get("model_key")
-        layout = {k: tuple(v[3]) for k, v in spans.items()}
+        layout = {k: (tuple(v[3]), v[2]) for k, v in spans.items()}
         if first_meta is None:
             first_meta, first_key, shapes, first_path = meta, key, layout, info.path
+            if meta.get("net_args"):           # what the header claims, against what the file holds
+                check_state(network_of_header(meta, info.path)[2], layout, str(info.path), PHEMAError)
         elif key != first_key:
             raise PHEMAError(f"mixed configurations: {info.path.name} has model_key {key}, "
                              f"{first_path.name} has {first_key}; keep one run's snapshots per directory")
         elif layout != shapes:
             raise PHEMAError(f"mixed configurations: {info.path.name} and {first_path.name} hold "
-                             f"different parameter shapes")
+                             f"different parameter shapes or types")
     interval = (first_meta or {}).get("snapshot_nimg")
+    if interval is not None and (isinstance(interval, bool) or not isinstance(interval, int) or interval <= 0):
+        raise PHEMAError(f"{first_path}: header snapshot_nimg={interval!r:.40} is not a whole number > 0")
     if interval:
         nimgs = sorted({s.nimg for s in infos})
         expected = list(range(interval, nimgs[-1] + 1, interval))
@@ -553,8 +612,14 @@ def check_reconstruction(path: str | Path) -> dict:
 
 def load_reconstruction(path: str | Path) -> dict:
     """A reconstructed model: {'state': tensors, **metadata}; anything but this pipeline's
-    safetensors reconstruction (a pickled .pt included) is refused without being loaded."""
-    check_reconstruction(path)
+    safetensors reconstruction (a pickled .pt included) is refused without being loaded, and so is
+    one whose tensors are not the network its header describes (checked before reading them)."""
+    from .networks import check_state
+    meta = check_reconstruction(path)
+    if meta.get("net_args"):
+        spans, _ = read_safetensors_header(path, "reconstructed model", PHEMAError)
+        check_state(network_of_header(meta, path)[2], {k: (v[3], v[2]) for k, v in spans.items()}, str(path),
+                    PHEMAError)
     state, meta = load_safetensors(path, "reconstructed model", PHEMAError)
     return {**meta, "state": state}
 

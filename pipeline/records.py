@@ -84,7 +84,7 @@ class FIDRecord:
 
 # Sampler fields added after records existed: left out of the record at their defaults, so the records
 # (and eval_keys) of earlier evaluations stay valid.
-SAMPLER_LATER_DEFAULTS = {"S_min": 0.0, "S_max": float("inf"), "S_noise": 1.0}
+SAMPLER_LATER_DEFAULTS = {"S_min": 0.0, "S_max": float("inf"), "S_noise": 1.0, "seeding": "portable"}
 
 
 def sampler_record(s) -> dict:

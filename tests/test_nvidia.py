@@ -252,3 +252,205 @@ def test_imported_model_goes_through_the_evaluate_stage(tmp_path, nvidia_modules
                           "--samples", str(tmp_path / "samples")]) == 0
     [rec] = json.loads((tmp_path / "metrics/fid_records.json").read_text())
     assert rec["fid"] > 0 and rec["sigma_rel"] == 0.135 and rec["model_file"].endswith("ema-0000002048-0.135.safetensors")
+
+
+# ----------------------------------------------------------------------------------------------
+# Files exactly as NVIDIA's code writes them: only the arguments train_edm2.py passes are recorded
+# (model_channels, dropout, use_fp16 and the data's resolution, channels and label_dim); everything else
+# is NVIDIA's constructor default, which the import must apply.
+
+import nvidia_reference  # noqa: E402
+
+NVIDIA_STRUCTURE = {"channel_mult": [1, 2, 3, 4], "num_blocks": 3, "attn_resolutions": [16, 8],
+                    "channels_per_head": 64, "attention_heads": "floor"}     # NVIDIA's defaults, written out
+
+
+def nvidia_net(model_channels=40, res=16, channels=3, label_dim=10, seed=0):
+    """A network of NVIDIA's default layout (with 40 channels: no head at 16x16, one floored head of 80
+    channels at 8x8, two at the 2x2 bottleneck), random weights."""
+    torch.manual_seed(seed)
+    cfg = C.resolve({}, {"data.resolution": res, "data.channels": 3 if channels == 3 else 1,
+                         "network.model_channels": model_channels,
+                         **{f"network.{k}": v for k, v in NVIDIA_STRUCTURE.items()}})
+    net = build_network(cfg, res, channels, label_dim)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    return net
+
+
+def write_as_nvidia(path, net, ns, passed, encoder="StandardRGBEncoder", top=None):
+    """The pickle train_edm2.py + training_loop.py write: `passed` is all the init arguments it records."""
+    data = ns.EasyDict(ema=_nvidia_tree(net, ns.src, passed), encoder=_Persistent(encoder, {"init_kwargs": {}}, ns.src),
+                       **(top or {}))
+    with open(path, "wb") as f:
+        pickle.dump(data, f)
+    return path
+
+
+def _reference_output(src, recorded, model, label_dim, channels=3, res=16):
+    """The imported model's D(x; sigma) against NVIDIA's definition evaluated on the pickle's own tensors."""
+    from pipeline.nvidia import module_tensors, read_pickle
+    tensors = module_tensors(read_pickle(src)["ema"])
+    g = torch.Generator().manual_seed(1)
+    x, sigma = torch.randn(3, channels, res, res, generator=g) * 2, torch.tensor([0.02, 0.7, 30.0])
+    labels = torch.eye(label_dim)[torch.tensor([1, 7, 3])] if label_dim else None
+    with torch.no_grad():
+        want = nvidia_reference.denoiser(tensors, recorded, x, sigma, labels)
+        got = model(x, sigma, labels)
+    return got, want
+
+
+def test_released_model_as_nvidia_writes_it_gets_nvidias_defaults(tmp_path, nvidia_modules):
+    net = nvidia_net()
+    passed = {"img_resolution": 16, "img_channels": 3, "label_dim": 10, "model_channels": 40, "dropout": 0.0,
+              "use_fp16": True}
+    src = write_as_nvidia(tmp_path / "edm2-img16-xs-2147483-0.135.pkl", net, nvidia_modules, passed)
+    _forget("torch_utils.persistence", "dnnlib.util")
+    [dst] = import_files([src], tmp_path / "out", log=lambda *_: None)
+    from pipeline.evaluate import load_model
+    model, meta = load_model(dst)
+    assert meta["config"]["network"]["channel_mult"] == [1, 2, 3, 4] and meta["config"]["network"]["num_blocks"] == 3
+    assert meta["config"]["network"]["channels_per_head"] == 64 and meta["nvidia_init_kwargs"] == passed
+    assert "4bf8162" in meta["nvidia_defaults_from"]
+    got, want = _reference_output(src, passed, model, 10)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_channels_per_head_left_out_is_nvidias_64(tmp_path, nvidia_modules):
+    """Shapes do not show the head count: a file that records the layout but not channels_per_head must get
+    NVIDIA's 64, not this project's 32 (which imported silently with other heads before)."""
+    net = nvidia_net(model_channels=64)
+    passed = {"img_resolution": 16, "img_channels": 3, "label_dim": 10, "model_channels": 64,
+              "channel_mult": [1, 2, 3, 4], "num_blocks": 3, "attn_resolutions": [16, 8]}
+    src = write_as_nvidia(tmp_path / "edm2-img16-s-0000002-0.100.pkl", net, nvidia_modules, passed)
+    _forget("torch_utils.persistence", "dnnlib.util")
+    [dst] = import_files([src], tmp_path / "out", log=lambda *_: None)
+    from pipeline.evaluate import load_model
+    model, _ = load_model(dst)
+    got, want = _reference_output(src, passed, model, 10)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    from pipeline.nvidia import module_tensors, read_pickle
+    heads_32 = nvidia_reference.denoiser(module_tensors(read_pickle(src)["ema"]), {**passed, "channels_per_head": 32},
+                                         torch.ones(1, 3, 16, 16), torch.tensor([1.0]), torch.eye(10)[:1])
+    with torch.no_grad():
+        ours = model(torch.ones(1, 3, 16, 16), torch.tensor([1.0]), torch.eye(10)[:1])
+    assert (heads_32 - ours).abs().max() > 1e-5        # other heads show in the output (rounding is ~1e-7)
+
+
+def test_latent_snapshots_as_nvidia_writes_them_and_names_by_flag(tmp_path, nvidia_modules):
+    """Raw snapshots of a latent run (4 channels, unconditional, StabilityVAEEncoder, the loss recording only
+    P_mean/P_std) import with NVIDIA's defaults and reconstruct; a file named otherwise takes --kimg/--sigma-rel."""
+    folder = tmp_path / "nvidia"
+    folder.mkdir()
+    passed = {"img_resolution": 16, "img_channels": 4, "label_dim": 0, "model_channels": 40, "dropout": 0.0,
+              "use_fp16": True}
+    loss = _Persistent("EDM2Loss", {"P_mean": -0.4, "P_std": 1.0, "sigma_data": 0.5,
+                                    "_init_kwargs": {"P_mean": -0.4, "P_std": 1.0}}, nvidia_modules.src)
+    for i, kimg in enumerate((1, 2)):
+        for j, std in enumerate((0.050, 0.100)):
+            write_as_nvidia(folder / f"network-snapshot-{kimg:07d}-{std:.3f}.pkl", nvidia_net(channels=4, label_dim=0,
+                            seed=10 * i + j), nvidia_modules, passed, encoder="StabilityVAEEncoder", top={"loss_fn": loss})
+    other = write_as_nvidia(tmp_path / "my-export.pkl", nvidia_net(channels=4, label_dim=0, seed=5), nvidia_modules,
+                            passed, encoder="StabilityVAEEncoder")
+    _forget("torch_utils.persistence", "dnnlib.util")
+    written = import_files([folder], tmp_path / "snaps", log=lambda *_: None)
+    assert len(written) == 4
+    from pipeline.phema import check_reconstruction, reconstruct
+    reconstruct(tmp_path / "snaps", [0.07], out_dir=tmp_path / "ema")
+    meta = check_reconstruction(tmp_path / "ema" / "ema-0000002048-0.070.safetensors")
+    assert meta["config"]["data"]["encoder"] == "vae" and meta["config"]["network"]["channel_mult"] == [1, 2, 3, 4]
+    assert meta["config"]["loss"]["P_mean"] == -0.4
+    with pytest.raises(NvidiaImportError, match="give --kimg and --sigma-rel"):
+        import_files([other], tmp_path / "m", log=lambda *_: None)
+    [dst] = import_files([other], tmp_path / "m", kimg=3, sigma_rel=0.12, log=lambda *_: None)
+    assert dst.name == "ema-0000003072-0.120.safetensors"
+    from pipeline.evaluate import load_model
+    model, _ = load_model(dst)
+    got, want = _reference_output(other, passed, model, 0, channels=4)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    with pytest.raises(NvidiaImportError, match="its name says kimg 1, --kimg says 5"):
+        import_files([folder / "network-snapshot-0000001-0.050.pkl"], tmp_path / "n", kimg=5, log=lambda *_: None)
+
+
+@pytest.mark.parametrize("kwargs,needle", [
+    ({"channel_mult": []}, "channel_mult=[] is not a non-empty list of positive integers"),
+    ({"channel_mult": 3}, "channel_mult=3 is not a non-empty list"),
+    ({"sigma_data": "0.5"}, "sigma_data='0.5' is not a positive number"),
+    ({"use_fp16": {1, 2}}, "use_fp16={1, 2} is not a boolean"),
+    ({"img_resolution": 32.7}, "img_resolution=32.7 is not a positive integer"),
+    ({"img_resolution": "32"}, "img_resolution='32' is not a positive integer"),
+    ({"clip_act": None}, "clip_act=None (activations are always clipped here"),
+    ({"num_blocks": 10 ** 6}, "network.num_blocks=1000000: must be <= 64"),
+    ({"model_channels": 100000}, "network.model_channels=100000: must be <= 65536"),
+    ({"model_channels": 64000}, "float32 copy need"),
+])
+def test_recorded_arguments_are_typed_and_bounded(tmp_path, nvidia_modules, kwargs, needle):
+    import time
+    passed = {"img_resolution": 16, "img_channels": 3, "label_dim": 10, "model_channels": 40, **kwargs}
+    src = write_as_nvidia(tmp_path / "edm2-img16-xs-0000001-0.100.pkl", nvidia_net(), nvidia_modules, passed)
+    _forget("torch_utils.persistence", "dnnlib.util")
+    start = time.monotonic()
+    with pytest.raises(NvidiaImportError) as err:
+        import_files([src], tmp_path / "out", log=lambda *_: None)
+    assert needle in str(err.value) and "\n" not in str(err.value), str(err.value)
+    assert time.monotonic() - start < 30                  # refused before building anything large
+
+
+def _module_chain(ns, depth, shared=True):
+    """A pickle whose modules nest `depth` levels, each level holding the next twice (a DAG of 2^depth paths)."""
+    leaf = _Persistent("MPConv", {"_parameters": {"weight": torch.zeros(1)}, "_modules": {}}, ns.src)
+    node = leaf
+    for _ in range(depth):
+        node = _Persistent("Block", {"_parameters": {}, "_modules": {"a": node, "b": node if shared else leaf}}, ns.src)
+    return node
+
+
+@pytest.mark.parametrize("case,needle", [
+    ("shared-64-deep", "appears twice in the module tree"),
+    ("deep", "nested deeper than 64 levels"),
+    ("modules-a-list", "_modules is a list, not a mapping"),
+    ("parameters-a-string", "_parameters is a str, not a mapping"),
+    ("complex-tensor", "is complex64: EDM2's networks hold floating-point tensors only"),
+    ("int-tensor", "is int32"),
+    ("bool-tensor", "is bool"),
+])
+def test_crafted_module_trees_are_refused_quickly(tmp_path, nvidia_modules, case, needle):
+    import time
+
+    from pipeline.nvidia import module_tensors, read_pickle
+    ns = nvidia_modules
+    state = {"_parameters": {}, "_modules": {}}
+    if case == "shared-64-deep":
+        state["_modules"] = {"unet": _module_chain(ns, 40)}
+    elif case == "deep":
+        state["_modules"] = {"unet": _module_chain(ns, 80, shared=False)}
+    elif case == "modules-a-list":
+        state["_modules"] = {"unet": _Persistent("UNet", {"_modules": [1, 2]}, ns.src)}
+    elif case == "parameters-a-string":
+        state["_modules"] = {"unet": _Persistent("UNet", {"_parameters": "weights"}, ns.src)}
+    else:
+        dtype = {"complex-tensor": torch.complex64, "int-tensor": torch.int32, "bool-tensor": torch.bool}[case]
+        state["_parameters"] = {"w": torch.zeros(3, dtype=dtype)}
+    path = tmp_path / "edm2-img16-xs-0000001-0.100.pkl"
+    with open(path, "wb") as f:
+        pickle.dump(ns.EasyDict(ema=_Persistent("Precond", state, ns.src)), f)
+    _forget("torch_utils.persistence", "dnnlib.util")
+    start = time.monotonic()
+    with pytest.raises(NvidiaImportError, match=needle.replace("(", r"\(").replace(")", r"\)")):
+        module_tensors(read_pickle(path)["ema"])
+    assert time.monotonic() - start < 10
+
+
+def test_a_self_referencing_module_is_refused(tmp_path, nvidia_modules):
+    """A torch container (pickled by reference, state set after creation) can hold itself."""
+    from pipeline.nvidia import module_tensors, read_pickle
+    box = torch.nn.ModuleDict.__new__(torch.nn.ModuleDict)
+    box.__dict__.update({"_parameters": {}, "_buffers": {}, "_modules": {}})
+    box.__dict__["_modules"]["again"] = box
+    path = tmp_path / "loop.pkl"
+    with open(path, "wb") as f:
+        pickle.dump(nvidia_modules.EasyDict(ema=_Persistent("Precond", {"_modules": {"unet": box}}, nvidia_modules.src)), f)
+    _forget("torch_utils.persistence", "dnnlib.util")
+    with pytest.raises(NvidiaImportError, match="unet.again appears twice"):
+        module_tensors(read_pickle(path)["ema"])
