@@ -383,7 +383,7 @@ def test_latent_snapshots_as_nvidia_writes_them_and_names_by_flag(tmp_path, nvid
     ({"clip_act": None}, "clip_act=None (activations are always clipped here"),
     ({"num_blocks": 10 ** 6}, "network.num_blocks=1000000: must be <= 64"),
     ({"model_channels": 100000}, "network.model_channels=100000: must be <= 65536"),
-    ({"model_channels": 64000}, "float32 copy need"),
+    ({"model_channels": 64000}, "float32 copies need"),
 ])
 def test_recorded_arguments_are_typed_and_bounded(tmp_path, nvidia_modules, kwargs, needle):
     import time
