@@ -454,3 +454,31 @@ def test_a_self_referencing_module_is_refused(tmp_path, nvidia_modules):
     _forget("torch_utils.persistence", "dnnlib.util")
     with pytest.raises(NvidiaImportError, match="unet.again appears twice"):
         module_tensors(read_pickle(path)["ema"])
+
+
+@pytest.mark.parametrize("churn", [0.0, 40.0])
+def test_nvidia_seeding_reproduces_generate_images(churn):
+    """sampler.seeding=nvidia gives generate_images.py's images and class labels for the same seeds (its
+    definition restated in nvidia_reference, on the CPU); the default stays the portable float64 stream."""
+    from pipeline.edm import class_labels, sample_images
+    net = our_net().eval()
+    cfg = C.resolve({}, {"sampler.steps": 4, "sampler.churn": churn, "sampler.S_min": 0.05, "sampler.S_max": 50.0,
+                         "sampler.seeding": "nvidia"})
+    seeds = [0, 7, 2 ** 32 + 7, 123456]                    # seed mod 2^32, as NVIDIA seeds its generators
+
+    def denoise(x, t, labels):
+        return net(x, t.reshape(1).expand(x.shape[0]), labels)
+    with torch.no_grad():
+        want, want_labels = nvidia_reference.generate(denoise, seeds, (1, 16, 16), 10, steps=4, churn=churn,
+                                                      S_min=0.05, S_max=50.0)
+        got = sample_images(net, seeds, None, cfg.sampler)
+        labels = class_labels(seeds, 10, cfg.sampler, (1, 16, 16))
+        again = sample_images(net, seeds, torch.eye(10)[labels], cfg.sampler)   # labels given: the same stream
+    assert torch.equal(labels, want_labels) and torch.equal(got, again)
+    assert torch.equal(got[1], got[2])                     # 7 and 2^32 + 7 are one generator seed
+    if churn == 0:
+        assert torch.equal(got, want)
+    else:                                                  # t + gamma t vs t (1 + gamma): rounding apart
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    portable = sample_images(net, seeds, torch.eye(10)[labels], cfg.sampler.model_copy(update={"seeding": "portable"}))
+    assert (portable - got).abs().max() > 0.1              # another stream: other images
