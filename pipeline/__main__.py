@@ -169,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
     sub = p.add_subparsers(dest="command", required=True)
 
     from .cli import add_config_args as common
-    from .cli import positive_int
+    from .cli import positive_int, seed_int
 
     sp = sub.add_parser("config", help="validate a params file (or a preset) and print the resolved config")
     common(sp)
@@ -187,7 +187,7 @@ def main(argv: list[str] | None = None) -> int:
     sp.add_argument("--model", required=True, help="a reconstructed EMA model (ema-*.safetensors)")
     sp.add_argument("--num", type=positive_int, required=True, help="number of images")
     sp.add_argument("--out", required=True, help="a folder (one PNG per image, named by seed) or a .npz file")
-    sp.add_argument("--seed", type=int, default=0, help="image i uses seed SEED + i (default: 0)")
+    sp.add_argument("--seed", type=seed_int, default=0, help="image i uses seed SEED + i (default: 0)")
     sp.add_argument("--guide", help="guiding model: a model file (autoguidance) or `unconditional`")
     sp.add_argument("--guidance", type=float, help="guidance weight w (default: sampler.guidance; 1 = unguided)")
     sp.add_argument("--batch", type=positive_int, help="images per batch (default: sampler.batch_size)")

@@ -121,6 +121,18 @@ def _one_line(text: str) -> str:
     return " ".join(line.strip() for line in text.strip().splitlines() if line.strip())
 
 
+def seed_int(text: str) -> int:
+    """argparse type: a seed, 0 <= seed < 2^63 (what torch's generators take)."""
+    from .config import SEED_LIMIT
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if not 0 <= v < SEED_LIMIT:
+        raise argparse.ArgumentTypeError(f"{v}: a seed must be in [0, 2^63)")
+    return v
+
+
 def positive_int(text: str) -> int:
     """argparse type: an integer >= 1."""
     try:

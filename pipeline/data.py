@@ -159,9 +159,21 @@ class RawImages:
 LABELS_FILE = "dataset.json"           # EDM2's dataset layout: {"labels": [[relative path, class], ...] or null}
 
 
-def _decode_image(data: bytes | Path) -> np.ndarray:
+MAX_IMAGE_PIXELS = 1 << 26            # 8192 x 8192: far above any training image; more is a decompression bomb
+MAX_ENTRY_BYTES = 256 << 20            # one image file (a zip entry, uncompressed)
+
+
+class ImageTooLarge(DataError):
+    pass
+
+
+def _decode_image(data: bytes | Path, rel: str = "") -> np.ndarray:
     from PIL import Image
-    img = Image.open(io.BytesIO(data) if isinstance(data, bytes) else data)
+    img = Image.open(io.BytesIO(data) if isinstance(data, bytes) else data)   # reads the header only
+    w, h = img.size
+    if w * h > MAX_IMAGE_PIXELS:                            # before decoding: 13000 x 13000 would take GBs
+        raise ImageTooLarge(f"{rel}: {w} x {h} = {w * h:,} pixels, above the limit of {MAX_IMAGE_PIXELS:,} "
+                            f"(a decompression bomb, or an image to downscale first)")
     img.load()
     if img.mode in ("RGBA", "LA", "P"):                    # composite transparency on white
         img = img.convert("RGBA")
@@ -179,7 +191,7 @@ def read_image_folder(path: str | Path) -> RawImages:
     root = Path(path)
     if not root.is_dir():
         raise DataError(f"image folder {root} does not exist")
-    files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTS and p.is_file())
+    files = inside(root, sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTS and p.is_file()))
     labels_json = root / LABELS_FILE
     return _collect(((p.relative_to(root).as_posix(), p) for p in files), f"folder:{root}",
                     labels_json.read_bytes() if labels_json.is_file() else None)
@@ -194,9 +206,37 @@ def read_image_zip(path: str | Path) -> RawImages:
     except zipfile.BadZipFile:
         raise DataError(f"{p} is not a readable zip file") from None
     with zf:
+        check_zip_entries(zf, p)
         names = sorted(n for n in zf.namelist() if Path(n).suffix.lower() in IMAGE_EXTS)
         labels_json = zf.read(LABELS_FILE) if LABELS_FILE in zf.namelist() else None
         return _collect(((n, zf.read(n)) for n in names), f"zip:{p}", labels_json)
+
+
+def inside(root: Path, files: list[Path]) -> list[Path]:
+    """The files, each of which must lie inside `root` once links are followed: a symlink out of a data
+    folder is refused (it would read files the folder's owner did not put there)."""
+    top = root.resolve()
+    for f in files:
+        if not f.resolve().is_relative_to(top):
+            raise DataError(f"{f}: a link to {f.resolve()}, outside the data folder {root}; copy the file in instead")
+    return files
+
+
+def check_zip_entries(zf: zipfile.ZipFile, path: Path) -> None:
+    """Entry names that stay inside the archive (no `..`, no absolute names), each once, each of a size
+    an image can have: checked from the directory, before any entry is read."""
+    seen = set()
+    for info in zf.infolist():
+        name = info.filename
+        parts = name.replace("\\", "/").split("/")
+        if name.startswith(("/", "\\")) or ".." in parts or re.match(r"^[A-Za-z]:", name):
+            raise DataError(f"{path}: entry {name!r} points outside the archive; refused")
+        if name in seen:
+            raise DataError(f"{path}: entry {name!r} appears twice; refused (which one is the image?)")
+        seen.add(name)
+        if info.file_size > MAX_ENTRY_BYTES:
+            raise DataError(f"{path}: entry {name!r} unpacks to {info.file_size:,} bytes, above the limit of "
+                            f"{MAX_ENTRY_BYTES:,} for one file; refused")
 
 
 def read_labels_json(data: bytes, source: str) -> dict[str, int | None] | None:
@@ -229,8 +269,10 @@ def _collect(items: Iterator[tuple[str, bytes | Path]], source: str, labels_json
     images, rels, skipped = [], [], []
     for rel, data in items:
         try:
-            images.append(_decode_image(data))
+            images.append(_decode_image(data, f"{source}/{rel}"))
             rels.append(rel)
+        except ImageTooLarge:
+            raise
         except Exception:                                   # PIL raises many types for bad files
             skipped.append(rel)
     if not images:
@@ -615,13 +657,15 @@ def read_latent_source(path: str | Path, kind: str) -> RawImages | None:
     as a folder or zip: the stored posteriors (2C x h x w each) as they are; None when `path` holds none."""
     p = Path(path)
     if kind == "folder" and p.is_dir():
-        files = sorted(f.relative_to(p).as_posix() for f in p.rglob("*.npy") if LATENT_RE.search(f.relative_to(p).as_posix()))
+        files = sorted(f.relative_to(p).as_posix() for f in inside(p, list(p.rglob("*.npy")))
+                       if LATENT_RE.search(f.relative_to(p).as_posix()))
         if not files:
             return None
         read = lambda rel: (p / rel).read_bytes()
         labels_json = (p / LABELS_FILE).read_bytes() if (p / LABELS_FILE).is_file() else None
     elif kind == "zip" and p.is_file() and zipfile.is_zipfile(p):
         zf = zipfile.ZipFile(p)
+        check_zip_entries(zf, p)
         files = sorted(n for n in zf.namelist() if LATENT_RE.search(n))
         if not files:
             return None

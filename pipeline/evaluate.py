@@ -375,6 +375,30 @@ def evaluate_run(cfg, snapshot_dir: str | Path, out_dir: str | Path, ref_cache: 
 # ----------------------------------------------------------------------------------------------
 # Sample export (`python -m pipeline sample`).
 
+def check_sample_size(header: dict, num_images: int, seed: int, out: Path) -> None:
+    """Refuse, before any sampling, what cannot finish: seeds past 2^63, or images that would not fit
+    the memory (they are held until written) or the free disk under `out` (uncompressed size)."""
+    import shutil
+
+    from .config import SEED_LIMIT
+    from .networks import available_memory
+    if seed + num_images > SEED_LIMIT:
+        raise FIDError(f"--seed {seed} + --num {num_images}: the seeds must stay below 2^63")
+    args, data = header.get("net_args") or {}, (header.get("config") or {}).get("data") or {}
+    res, ch = int(args.get("img_resolution", 0) or 0), int(args.get("img_channels", 0) or 0)
+    if data.get("encoder") == "vae":
+        res, ch = res * 8, 3                            # decoded by the VAE: 8x the latent size, RGB
+    need = num_images * res * res * ch
+    folder = out if out.is_dir() else out.parent
+    while not folder.exists():
+        folder = folder.parent
+    free, avail = shutil.disk_usage(folder).free, available_memory()
+    if need > min(free, avail):
+        where = "free disk" if free < avail else "available memory"
+        raise FIDError(f"--num {num_images}: {num_images} images of {res}x{res}x{ch} need {need / 2**30:,.1f} GiB, "
+                       f"more than the {min(free, avail) / 2**30:,.1f} GiB of {where}; ask for fewer")
+
+
 def export_samples(model_file: str | Path, num_images: int, out: str | Path, sampler_cfg, seed: int = 0,
                    batch_size: int = 64, device="cpu", guide: str | Path | None = None, progress: bool = True,
                    cfg=None) -> Path:
@@ -388,8 +412,10 @@ def export_samples(model_file: str | Path, num_images: int, out: str | Path, sam
     from .phema import check_reconstruction
     out = Path(out)
     check_writable(out, "--out", folder=out.suffix != ".npz")
+    header = check_reconstruction(model_file)
+    check_sample_size(header, num_images, seed, out)
     if guide == "unconditional":
-        check_unconditional_guide(check_reconstruction(model_file), model_file)
+        check_unconditional_guide(header, model_file)
     net, meta = load_model(model_file, device)
     guide_net = guide if guide in (None, "unconditional") else load_model(guide, device)[0]
     images = generate(net, num_images, seed, sampler_cfg, batch_size, device, progress,

@@ -245,6 +245,8 @@ def read_safetensors_header(path: str | Path, what: str = "file", error: type[Ex
     if not isinstance(header, dict):
         raise error(f"{bad} (its header is not a mapping)")
     raw_meta = header.pop("__metadata__", None) or {}
+    if not isinstance(raw_meta, dict):
+        raise error(f"{bad} (its __metadata__ is a {type(raw_meta).__name__}, not a mapping of strings)")
     meta = {}
     for k, v in raw_meta.items():
         try:
@@ -253,6 +255,8 @@ def read_safetensors_header(path: str | Path, what: str = "file", error: type[Ex
             meta[k] = v
     start, spans = 8 + n, {}
     for name, info in header.items():
+        if not isinstance(info, dict):
+            raise error(f"{bad} (entry {name!r} is malformed)")
         try:
             dtype = SAFETENSORS_DTYPES[info["dtype"]]
             shape = [int(s) for s in info["shape"]]

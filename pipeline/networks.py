@@ -292,7 +292,7 @@ def network_shapes(cfg: Config | NetworkConfig, img_resolution: int, img_channel
     need, avail = int(n * 4 * copies), available_memory()
     if n > MAX_PARAMETERS or need > avail:
         raise NetworkSizeError(f"the network has {n / 1e6:,.0f}M parameters: {copies:g} float32 cop"
-                               f"{'y' if copies == 1 else 'ies'} need {need / 2**30:,.1f} GiB, "
+                               f"{'y needs' if copies == 1 else 'ies need'} {need / 2**30:,.1f} GiB, "
                                f"{avail / 2**30:,.1f} GiB are available (network.model_channels / num_blocks / "
                                f"channel_mult too large?)")
     return shapes

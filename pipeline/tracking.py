@@ -464,7 +464,8 @@ def load_runs(experiment: str, uri: str | None = None, sweep: str | None = None)
         params = [c for c in df.columns if c.startswith("param.")]
         varying = [c for c in params if df[c].astype(str).nunique() > 1 and not c.endswith("run_dir")]
         df = df.drop(columns=[c for c in params if c not in varying])     # keep what differs between runs
-        df = df.sort_values(["fid", "run_name", "sigma_rel"]).reset_index(drop=True)
+        order = [c for c in ("fid", "run_name", "sigma_rel") if c in df.columns]   # trainings alone have no sigma_rel
+        df = df.sort_values(order).reset_index(drop=True)
     return df
 
 

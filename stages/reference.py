@@ -7,6 +7,7 @@ import sys
 
 from pipeline import cli
 from pipeline.devices import pick_device
+from pipeline.io import check_writable
 from pipeline.metrics import check_metrics, references
 
 
@@ -18,6 +19,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def go():
         cfg = cli.config_from(args)
+        check_writable(args.out, "--out")          # a folder: before any feature is computed
         device = str(pick_device(args.device or cfg.fid.device, "--device" if args.device else "fid.device"))
         check_metrics(cfg)
         for ref in (g.ref for g in references(cfg, device, args.out)):   # every feature network of fid.metrics

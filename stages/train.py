@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 from pipeline import cli
-from pipeline.io import RunLock
+from pipeline.io import RunLock, check_writable
 from pipeline.training import TrainingError, list_checkpoints, load_latest_checkpoint, train
 from pipeline.workspace import link_run_dir
 
@@ -35,6 +35,8 @@ def main(argv: list[str] | None = None) -> int:
 
     def go():
         cfg = cli.config_from(args)
+        if args.metrics:                           # before any training: an unwritable file would lose the summary
+            check_writable(args.metrics, "--metrics", folder=False)
         if int(os.environ.get("RANK", "0")) == 0:
             link_run_dir(cfg)                      # in a DVC experiment copy: the project's run, by run key
         nproc = args.nproc_per_node or cfg.launcher.nproc_per_node
