@@ -32,6 +32,8 @@ def _other(v, name):
         return "euler" if v == "heun" else "heun"
     if name == "amp":
         return "bf16" if v == "none" else "none"
+    if name == "seeding":
+        return "nvidia" if v == "portable" else "portable"
     if v == "auto":                                   # a compile switch
         return True
     if isinstance(v, float) and math.isinf(v):
