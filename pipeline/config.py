@@ -157,7 +157,7 @@ class _Section(BaseModel):
         """`true`/`false` are not numbers and numbers are not switches: `-S train.batch_size=true` and
         `-S train.compile=1` are refused, not read as 1 and true."""
         ann = cls.model_fields[info.field_name].annotation
-        if ann is bool and not isinstance(v, bool):
+        if (ann is bool or ann == Optional[bool]) and not isinstance(v, bool) and not (ann != bool and v is None):
             raise ValueError("expected true or false")
         if ann == CompileSwitch and not isinstance(v, bool) and v != "auto":
             raise ValueError("expected true or false (or auto)")
@@ -666,6 +666,20 @@ def load_config(path: str | Path = "params.yaml", overrides: dict[str, Any] | li
     return resolve(raw, overrides)
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, refusing a key given twice in one mapping (plain YAML keeps the last silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if isinstance(key, (str, int, float, bool)) and key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key {key!r} appears twice in one mapping", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
 def read_yaml(path: str | Path, what: str) -> Any:
     """A YAML file's contents; a missing, unreadable, non-UTF-8 or malformed file is a ConfigError."""
     path = Path(path)
@@ -678,7 +692,7 @@ def read_yaml(path: str | Path, what: str) -> Any:
     except OSError as err:
         raise ConfigError(f"{path}: cannot be read ({err.strerror})") from None
     try:
-        return yaml.safe_load(text) or {}
+        return yaml.load(text, Loader=_UniqueKeyLoader) or {}
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""

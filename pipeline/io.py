@@ -317,19 +317,25 @@ class RunLock:
         self.what = what
         self.fd: int | None = None
 
-    def acquire(self) -> "RunLock":
+    def acquire(self, wait: bool = False, log=print) -> "RunLock":
+        """Take the lock; held by another process: refuse in one line, or with `wait` say so once and
+        block until the holder ends (queued DVC experiments of one training share its folder)."""
         import fcntl
         self.folder.mkdir(parents=True, exist_ok=True)
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as err:
-            os.close(fd)
             if err.errno not in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
+                os.close(fd)
                 raise
             holder = self.path.read_text(errors="replace").strip() or "another process"
-            raise RunLockedError(f"{self.what} {self.folder} is in use by {holder}; wait for it, stop it, or use "
-                                 f"another folder (one writer per run folder)") from None
+            if not wait:
+                os.close(fd)
+                raise RunLockedError(f"{self.what} {self.folder} is in use by {holder}; wait for it, stop it, or "
+                                     f"use another folder (one writer per run folder)") from None
+            log(f"{self.what} {self.folder} is in use by {holder}: waiting for it to finish")
+            fcntl.flock(fd, fcntl.LOCK_EX)
         os.ftruncate(fd, 0)
         os.write(fd, f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}\n"
                  .encode())

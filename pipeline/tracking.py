@@ -103,9 +103,50 @@ def client_for(uri: str, existing: bool = False):
         raise TrackingError(f"tracking server {uri} is unreachable ({why})")
     from mlflow.tracking import MlflowClient
     try:
+        init_store(uri)
         return MlflowClient(uri)
     except Exception as err:
         raise TrackingError(f"tracking URI {uri!r} cannot be used: {str(err).strip()[:200] or err!r}") from None
+
+
+_INITIALISED: set[str] = set()
+
+
+def init_store(uri: str) -> None:
+    """Create a new sqlite store's tables under a file lock: MLflow migrates a fresh database on first use,
+    and two processes doing it at once collide (`_alembic_tmp_experiments already exists`)."""
+    if not uri.startswith("sqlite:///") or uri in _INITIALISED:
+        return
+    import fcntl
+    path = Path(uri.split("?", 1)[0][len("sqlite:///"):])
+    if str(path) == ":memory:" or not path.parent.is_dir():
+        return
+    with open(path.with_name(path.name + ".init-lock"), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)                 # the others wait here while one migrates
+        try:
+            from mlflow.tracking import MlflowClient
+            MlflowClient(uri).search_experiments(max_results=1)
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+    _INITIALISED.add(uri)
+
+
+def ensure_experiment(uri: str, name: str, artifact_dir: str | Path) -> str | None:
+    """Make experiment `name` in an sqlite store, its artifacts in the local folder `artifact_dir`, so runs
+    log artifacts with or without a tracking server in front of the store. Returns the artifact location
+    of an existing experiment that only a server can serve (mlflow-artifacts:...), else None."""
+    if not uri.startswith("sqlite:///"):
+        return None                                      # a server or database of the user's: its own settings
+    client = client_for(uri)
+    exp = client.get_experiment_by_name(name)
+    if exp is None:
+        try:
+            client.create_experiment(name, artifact_location=Path(artifact_dir).resolve().as_uri())
+        except Exception:                                # made meanwhile by another process
+            pass
+        exp = client.get_experiment_by_name(name)
+    location = exp.artifact_location if exp is not None else ""
+    return location if location.startswith("mlflow-artifacts:") else None
 
 
 def _reachable(uri: str, timeout: float = 3.0) -> str | None:
@@ -154,6 +195,7 @@ class RunLogger:
         else:
             from mlflow.tracking import MlflowClient
             try:
+                init_store(self.uri)
                 self.client = MlflowClient(self.uri)
             except Exception as err:           # e.g. a file store MLflow 3 refuses, a missing DB driver
                 raise TrackingError(f"tracking URI {self.uri!r} cannot be used: "

@@ -255,7 +255,10 @@ def train(cfg: C.Config, stage: str | None = None, stop: StopFlag | None = None,
     from .io import check_writable
     check_writable(run_dir, "train.run_dir")
     d = init_distributed(cfg.train.device, device)
-    lock = RunLock(run_dir).acquire() if d.is_main else None
+    from .workspace import in_experiment_copy
+    # Queued DVC experiments with the same training share its folder: the later one waits, then resumes
+    # the finished run (nothing to train); elsewhere a second writer is refused.
+    lock = RunLock(run_dir).acquire(wait=in_experiment_copy()) if d.is_main else None
     try:
         return _train_locked(cfg, d, stage, stop, progress, report, max_steps, parent_run_id, run_name, validate,
                              mlflow_params)

@@ -4,6 +4,7 @@ wait for resources that never come."""
 from __future__ import annotations
 
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -36,6 +37,9 @@ def check_resources(sweep: SweepConfig, ray) -> tuple[float, str]:
     return want, ("cuda" if want > 0 else "cpu")
 
 
+OVERSUBSCRIBE = 4                  # --num-cpus: at most this many logical CPUs per core
+
+
 def check_plan(sweep: SweepConfig, storage: Path, reports: Path, address: str | None, num_cpus: int | None,
                trials: int) -> None:
     """Everything that can be checked before Ray starts and before any MLflow run is created (a dry
@@ -45,6 +49,12 @@ def check_plan(sweep: SweepConfig, storage: Path, reports: Path, address: str | 
     check_writable(reports, "sweep reports folder")
     if num_cpus is not None and num_cpus < 1:
         raise SweepError(f"--num-cpus {num_cpus}: must be >= 1")
+    cores = os.cpu_count() or 1
+    if num_cpus is not None and address is None and num_cpus > OVERSUBSCRIBE * cores:
+        raise SweepError(f"--num-cpus {num_cpus}: Ray's logical CPUs for this machine's {cores} cores; more than "
+                         f"{OVERSUBSCRIBE * cores} would run that many trial processes on them at once")
+    if address is not None and not re.fullmatch(r"auto|(ray://)?(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9_.-]+):\d{1,5}", address):
+        raise SweepError(f"--address {address!r}: expected host:port of a Ray head (or ray://host:port, or auto)")
     if address is None:                                      # a local instance: its CPUs and GPUs are known now
         cpus = num_cpus or os.cpu_count() or 1              # Ray's logical CPUs: more than the cores is allowed
         res = sweep.resources

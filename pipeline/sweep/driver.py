@@ -12,7 +12,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .. import config as C
-from ..io import atomic_write_text
+from ..io import RunLock, atomic_write_text
+from ..tracking import ensure_experiment
 from .algorithms import (SweepError, build_scheduler, read_json, read_stopped, search_algorithm,
                          tune_concurrency)
 from .cluster import PendingWatch, check_plan, check_resources, connect_ray, prepare_ray_env
@@ -51,12 +52,30 @@ def make_private(folder: Path) -> None:
 
 
 def _check_before_start(sweep: SweepConfig, exp_dir: Path, reports: Path, resume: bool) -> None:
-    """What a real start checks beyond the plan: results of an earlier sweep of the same name."""
-    if not resume and ((exp_dir / "sweep_state.json").is_file() or (reports / "results.csv").is_file()):
-        raise SweepError(f"sweep {sweep.name!r} already has results ({exp_dir if exp_dir.exists() else reports}): "
-                         f"continue it with --resume, or give the sweep file another `name:` to start a new one")
-    if resume and not exp_dir.is_dir():
-        raise SweepError(f"nothing to resume: no sweep {sweep.name!r} in {exp_dir.parent}")
+    """What a real start checks beyond the plan: an earlier sweep of the same name in the sweep storage.
+    Results under reports/ alone (an example committed with the repository) do not block: they are
+    replaced by this sweep's."""
+    if not resume and (exp_dir / "sweep_state.json").is_file():
+        raise SweepError(f"sweep {sweep.name!r} already has results ({exp_dir}): continue it with --resume, or give "
+                         f"the sweep file another `name:` to start a new one")
+    if not resume and (reports / "results.csv").is_file():
+        print(f"sweep: {reports} holds results of an earlier run of this sweep file (none in {exp_dir.parent}): "
+              f"they are replaced by this run's")
+
+
+class _NoRayRestoreHint:
+    """Ray Tune's own 'resume with Tuner.restore(...)' lines: this sweep resumes with --resume from its
+    own records, and Ray's saved state is never read (docs/sweeps.md)."""
+
+    @staticmethod
+    def filter(record) -> bool:
+        return "restore(" not in record.getMessage() and "Tuner.restore" not in record.getMessage()
+
+
+def _quiet_ray_restore_hints() -> None:
+    import logging
+    for name in ("ray.tune.tune", "ray.tune.tuner", "ray.tune.impl.tuner_internal", "ray.train.base_trainer"):
+        logging.getLogger(name).addFilter(_NoRayRestoreHint)
 
 
 def run_sweep(sweep_file: str | Path, address: str | None = None, resume: bool = False,
@@ -81,107 +100,126 @@ def run_sweep(sweep_file: str | Path, address: str | None = None, resume: bool =
     if dry_run:
         print_plan(the_plan)
         return the_plan
-    _check_before_start(sweep, exp_dir, out_dir, resume)
-    trials_dir = exp_dir / "trials"
-    todo, evaluated = remaining_trials(sweep, the_plan, trials_dir, read_stopped(exp_dir))
-    if resume:
-        print(f"sweep: resuming {exp_dir} from its own records: {len(todo) if isinstance(todo, list) else todo} "
-              f"trial(s) to run; finished and early-stopped trials are kept (Ray's saved state is not read)")
-    if todo:
-        prepare_ray_env(address)
-        # Ray first: a cluster that cannot be joined (down, wrong token) fails before any work or MLflow run.
-        ray = connect_ray(address, num_cpus, min_nodes)
-
-    from ..data import ensure_encoded
-    from ..metrics import check_metrics, references
-    from ..tracking import RunLogger, run_tags
-
+    if resume and not exp_dir.is_dir():
+        raise SweepError(f"nothing to resume: no sweep {sweep.name!r} in {exp_dir.parent}")
     make_private(exp_dir)
-    server = None
-    if serve:                                                # many writers: one server in front of the sqlite file
-        from ..tracking_server import TrackingServer
-        server = TrackingServer(uri, root / "mlartifacts")
-        print(f"sweep: MLflow server {server.start()} over {uri} for the trials (tracking_server; stopped at the end)")
-        atexit.register(server.stop)                          # however the sweep ends (a watchdog if it is killed)
-        uri = server.url
-
-    # Encoded data (on a fresh clone: encoded now, as the encode stage would) and the reference
-    # statistics once, before any trial, in the sweeps' own cache (never a DVC output).
-    ensure_encoded(base, log=lambda m: print(f"sweep: {m}"))
-    ref_cache = str(storage / "fid-ref")
-    check_metrics(base)
-    references(base, "cpu", ref_cache)                      # every metric of fid.metrics, read by the trials
-
-    # The MLflow parent run (and experiment) exist before trials start; a resumed sweep reuses it.
-    state_file = exp_dir / "sweep_state.json"
-    state = read_json(state_file) if resume else {}
-    parent = RunLogger(uri=uri, experiment=sweep.experiment)
-    parent_id = parent.start(state.get("parent_run_id"), run_name=f"sweep-{sweep.name}",
-                             tags={**run_tags("sweep"), "kind": "sweep", "sweep_file": str(sweep_file)},
-                             params={"sweep." + k: v for k, v in C.flatten(sweep.model_dump(mode="json")).items()},
-                             on_run_id=lambda rid: atomic_write_text(json.dumps({"parent_run_id": rid}), state_file))
-    attempt = int(state.get("attempts", 0)) + 1
-    # The driver's own times (epoch seconds) beside the trials' phases: benchmarks.sweep_overhead reads them.
-    atomic_write_text(json.dumps({"parent_run_id": parent_id, "attempts": attempt, "entered_at": entered,
-                                  "trials_started_at": time.time()}), state_file)
-
-    outcome = "FAILED"
-    t0 = time.time()
-    watch = PendingWatch(sweep.pending_timeout_s)
+    lock = RunLock(exp_dir, f"sweep {sweep.name!r}").acquire()   # one driver per sweep name at a time
     try:
+        _check_before_start(sweep, exp_dir, out_dir, resume)
+        trials_dir = exp_dir / "trials"
+        todo, evaluated = remaining_trials(sweep, the_plan, trials_dir, read_stopped(exp_dir))
+        if resume:
+            print(f"sweep: resuming {exp_dir} from its own records: {len(todo) if isinstance(todo, list) else todo} "
+                  f"trial(s) to run; finished and early-stopped trials are kept (Ray's saved state is not read)")
         if todo:
-            from ray import tune
-            gpus, device = check_resources(sweep, ray)
-            # One process: the trial's worker holds the resources. Several: the TorchTrainer's workers hold
-            # them, and the trial's own driver process (it only waits and relays reports) holds one CPU.
-            trial_resources = {"cpu": sweep.resources.cpus, "gpu": gpus} if sweep.resources.workers == 1 else {"cpu": 1}
-            trainable = tune.with_resources(
-                tune.with_parameters(run_trial, spec=TrialSpec(
-                    base, sweep, parent_id, uri, device, ref_cache, str(root),
-                    wants_trial_figures(sweep, the_plan["trials"]), created_at=time.time(),
-                    **({"body": trial_body} if trial_body else {}))),
-                trial_resources)
-            # max_t past the end: a scheduler ends trials that reach max_t, which would cut the EMA fan-out.
-            scheduler = build_scheduler(sweep, base.train.duration_nimg + 1, exp_dir)
-            algorithm = search_algorithm(sweep.algorithm)
-            search_alg = algorithm.searcher(sweep, evaluated) if algorithm.searcher else None
-            tune_config = tune.TuneConfig(num_samples=1 if algorithm.planned else todo,
-                                          scheduler=scheduler, search_alg=search_alg,
-                                          max_concurrent_trials=tune_concurrency(sweep),
-                                          # One process per trial: its worker (imports, MLflow client) serves the
-                                          # next trial; a trial leaves only caches behind (docs/sweeps.md).
-                                          reuse_actors=sweep.resources.workers == 1)
-            # Ray's own files go to a fresh folder per attempt; nothing of an earlier attempt is read.
-            stopper, hook = watch.tune_hooks()
-            run_config = tune.RunConfig(name=f"attempt-{attempt}", storage_path=str(exp_dir / "ray"), verbose=1,
-                                        stop=stopper, callbacks=[hook],
-                                        failure_config=tune.FailureConfig(max_failures=sweep.max_failures))
-            tuner = tune.Tuner(trainable, param_space=point_space(todo) if algorithm.planned else tune_space(sweep),
-                               tune_config=tune_config, run_config=run_config)
-            _fit_then_restore_signals(tuner)
-        _stamp(state_file, trials_ended_at=time.time())
-        outcome = None
-    except KeyboardInterrupt:                                # a Ctrl-C Ray did not take as its graceful stop
-        outcome = "KILLED"
-        table_path = _close_interrupted(sweep, the_plan, exp_dir, out_dir, uri, parent)
-        outcome = None                                       # closed there
-        raise KeyboardInterrupt(f"sweep {sweep.name}: every MLflow run closed, the trials so far in {table_path}; "
-                                f"the same command with --resume continues") from None
-    finally:
-        if outcome is not None:                              # no run of this sweep is left RUNNING
-            close_trial_runs(trials_dir, uri, {}, default="KILLED" if outcome == "KILLED" else "FAILED")
-            parent.end(outcome)
+            prepare_ray_env(address)
+            # Ray first: a cluster that cannot be joined (down, wrong token) fails before any work or MLflow run.
+            ray = connect_ray(address, num_cpus, min_nodes)
 
-    try:
-        result = _finish(sweep, base, the_plan, exp_dir, out_dir, uri, ref_cache, str(root), parent, watch, t0)
-        _stamp(state_file, report_ended_at=time.time())
-        if server is not None:
-            server.stop()
-        return result
-    except KeyboardInterrupt:                                # Ctrl-C after the trials (evaluation, the report)
-        table_path = _close_interrupted(sweep, the_plan, exp_dir, out_dir, uri, parent)
-        raise KeyboardInterrupt(f"sweep {sweep.name}: every MLflow run closed, the trials' results in {table_path}; "
-                                f"the same command with --resume finishes it") from None
+        from ..data import ensure_encoded
+        from ..metrics import check_metrics, references
+        from ..tracking import RunLogger, run_tags
+
+        _quiet_ray_restore_hints()
+        # The experiment's artifacts in a local folder, whether or not a server fronts the store: runs of
+        # sweeps with and without the server then all log artifacts (an experiment first made through a
+        # server keeps mlflow-artifacts:, which only a server can serve: then one is started).
+        needs_server = ensure_experiment(uri, sweep.experiment, root / "mlartifacts")
+        if needs_server and not serve:
+            if address is not None:
+                raise SweepError(f"MLflow experiment {sweep.experiment!r} keeps its artifacts behind a tracking server "
+                                 f"({needs_server}): give tracking.uri an MLflow server all nodes reach, or use another "
+                                 f"experiment")
+            print(f"sweep: experiment {sweep.experiment!r} keeps its artifacts at {needs_server}: starting this sweep's "
+                  f"MLflow server to serve them")
+            serve = True
+        server = None
+        if serve:                                                # many writers: one server in front of the sqlite file
+            from ..tracking_server import TrackingServer
+            server = TrackingServer(uri, root / "mlartifacts")
+            print(f"sweep: MLflow server {server.start()} over {uri} for the trials (tracking_server; stopped at the end)")
+            atexit.register(server.stop)                          # however the sweep ends (a watchdog if it is killed)
+            uri = server.url
+
+        # Encoded data (on a fresh clone: encoded now, as the encode stage would) and the reference
+        # statistics once, before any trial, in the sweeps' own cache (never a DVC output).
+        ensure_encoded(base, log=lambda m: print(f"sweep: {m}"))
+        ref_cache = str(storage / "fid-ref")
+        check_metrics(base)
+        references(base, "cpu", ref_cache)                      # every metric of fid.metrics, read by the trials
+
+        # The MLflow parent run (and experiment) exist before trials start; a resumed sweep reuses it.
+        state_file = exp_dir / "sweep_state.json"
+        state = read_json(state_file) if resume else {}
+        parent = RunLogger(uri=uri, experiment=sweep.experiment)
+        parent_id = parent.start(state.get("parent_run_id"), run_name=f"sweep-{sweep.name}",
+                                 tags={**run_tags("sweep"), "kind": "sweep", "sweep_file": str(sweep_file)},
+                                 params={"sweep." + k: v for k, v in C.flatten(sweep.model_dump(mode="json")).items()},
+                                 on_run_id=lambda rid: atomic_write_text(json.dumps({"parent_run_id": rid}), state_file))
+        attempt = int(state.get("attempts", 0)) + 1
+        # The driver's own times (epoch seconds) beside the trials' phases: benchmarks.sweep_overhead reads them.
+        atomic_write_text(json.dumps({"parent_run_id": parent_id, "attempts": attempt, "entered_at": entered,
+                                      "trials_started_at": time.time()}), state_file)
+
+        outcome = "FAILED"
+        t0 = time.time()
+        watch = PendingWatch(sweep.pending_timeout_s)
+        try:
+            if todo:
+                from ray import tune
+                gpus, device = check_resources(sweep, ray)
+                # One process: the trial's worker holds the resources. Several: the TorchTrainer's workers hold
+                # them, and the trial's own driver process (it only waits and relays reports) holds one CPU.
+                trial_resources = {"cpu": sweep.resources.cpus, "gpu": gpus} if sweep.resources.workers == 1 else {"cpu": 1}
+                trainable = tune.with_resources(
+                    tune.with_parameters(run_trial, spec=TrialSpec(
+                        base, sweep, parent_id, uri, device, ref_cache, str(root),
+                        wants_trial_figures(sweep, the_plan["trials"]), created_at=time.time(),
+                        **({"body": trial_body} if trial_body else {}))),
+                    trial_resources)
+                # max_t past the end: a scheduler ends trials that reach max_t, which would cut the EMA fan-out.
+                scheduler = build_scheduler(sweep, base.train.duration_nimg + 1, exp_dir)
+                algorithm = search_algorithm(sweep.algorithm)
+                search_alg = algorithm.searcher(sweep, evaluated) if algorithm.searcher else None
+                tune_config = tune.TuneConfig(num_samples=1 if algorithm.planned else todo,
+                                              scheduler=scheduler, search_alg=search_alg,
+                                              max_concurrent_trials=tune_concurrency(sweep),
+                                              # One process per trial: its worker (imports, MLflow client) serves the
+                                              # next trial; a trial leaves only caches behind (docs/sweeps.md).
+                                              reuse_actors=sweep.resources.workers == 1)
+                # Ray's own files go to a fresh folder per attempt; nothing of an earlier attempt is read.
+                stopper, hook = watch.tune_hooks()
+                run_config = tune.RunConfig(name=f"attempt-{attempt}", storage_path=str(exp_dir / "ray"), verbose=1,
+                                            stop=stopper, callbacks=[hook],
+                                            failure_config=tune.FailureConfig(max_failures=sweep.max_failures))
+                tuner = tune.Tuner(trainable, param_space=point_space(todo) if algorithm.planned else tune_space(sweep),
+                                   tune_config=tune_config, run_config=run_config)
+                _fit_then_restore_signals(tuner)
+            _stamp(state_file, trials_ended_at=time.time())
+            outcome = None
+        except KeyboardInterrupt:                                # a Ctrl-C Ray did not take as its graceful stop
+            outcome = "KILLED"
+            table_path = _close_interrupted(sweep, the_plan, exp_dir, out_dir, uri, parent)
+            outcome = None                                       # closed there
+            raise KeyboardInterrupt(f"sweep {sweep.name}: every MLflow run closed, the trials so far in {table_path}; "
+                                    f"the same command with --resume continues") from None
+        finally:
+            if outcome is not None:                              # no run of this sweep is left RUNNING
+                close_trial_runs(trials_dir, uri, {}, default="KILLED" if outcome == "KILLED" else "FAILED")
+                parent.end(outcome)
+
+        try:
+            result = _finish(sweep, base, the_plan, exp_dir, out_dir, uri, ref_cache, str(root), parent, watch, t0)
+            _stamp(state_file, report_ended_at=time.time())
+            if server is not None:
+                server.stop()
+            return result
+        except KeyboardInterrupt:                                # Ctrl-C after the trials (evaluation, the report)
+            table_path = _close_interrupted(sweep, the_plan, exp_dir, out_dir, uri, parent)
+            raise KeyboardInterrupt(f"sweep {sweep.name}: every MLflow run closed, the trials' results in {table_path}; "
+                                    f"the same command with --resume finishes it") from None
+    finally:
+        lock.release()
 
 
 def _stamp(state_file: Path, **times) -> None:
@@ -231,6 +269,11 @@ def _finish(sweep: SweepConfig, base: C.Config, the_plan: dict, exp_dir: Path, o
     interrupted = table.loc[table["status"] == "interrupted", "trial_id"].nunique() if len(table) else 0
     parent.end("FINISHED" if best and not interrupted else ("KILLED" if interrupted else "FAILED"))
     print_summary(table, best, sweep, table_path)
+    if best is None and not interrupted and len(table):      # nothing came out: not a success (exit 2)
+        errors = table.groupby("trial_id").first()
+        why = "; ".join(f"{t}: {r.get('status')}" + (f" ({str(r.get('stop_reason'))[:160]})" if r.get("stop_reason")
+                                                        else "") for t, r in errors.iterrows())
+        raise SweepError(f"sweep {sweep.name}: no trial finished ({why}); the table is {table_path}")
     return SweepResult(table, table_path, parent.run_id, best, out_dir)
 
 

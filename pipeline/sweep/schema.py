@@ -121,7 +121,7 @@ class SweepConfig(_Section):
     resources: ResourceSpec = Field(default_factory=ResourceSpec)
     max_failures: NonNegInt = 2                         # retries of a crashed trial (from its checkpoint)
     seed: NonNegInt = 0                                 # fixes every random draw (random search, Optuna/TPE)
-    experiment: str = "edm2-sweeps"                     # MLflow experiment (one parent run per sweep)
+    experiment: Annotated[str, Field(min_length=1)] = "edm2-sweeps"   # MLflow experiment (one parent run per sweep)
     storage: str = "runs/sweeps"                        # Ray results, trial run folders
     # A trial waiting this long in PENDING while none runs ends the sweep, naming what it waits for.
     pending_timeout_s: PosFloat = 600.0
