@@ -395,8 +395,9 @@ def check_sample_size(header: dict, num_images: int, seed: int, out: Path) -> No
     free, avail = shutil.disk_usage(folder).free, available_memory()
     if need > min(free, avail):
         where = "free disk" if free < avail else "available memory"
-        raise FIDError(f"--num {num_images}: {num_images} images of {res}x{res}x{ch} need {need / 2**30:,.1f} GiB, "
-                       f"more than the {min(free, avail) / 2**30:,.1f} GiB of {where}; ask for fewer")
+        raise FIDError(f"--num {num_images} --out {out}: {num_images} images of {res}x{res}x{ch} need "
+                       f"{need / 2**20:,.1f} MiB, more than the {min(free, avail) / 2**20:,.1f} MiB of {where}; "
+                       f"ask for fewer, or free space")
 
 
 def export_samples(model_file: str | Path, num_images: int, out: str | Path, sampler_cfg, seed: int = 0,

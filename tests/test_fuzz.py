@@ -13,6 +13,7 @@ import os
 import pickle
 import re
 import struct
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -261,3 +262,98 @@ def test_safetensors_headers_load_or_one_line(tmp_path_factory, header, meta, da
     assert_contract(code, err, f.name)
     assert code == 2 and not (d / "o.npz").exists()
     assert re.search(r"safetensors|tensor|header|format|truncated|not a|unreadable", err), err
+
+
+# ----------------------------------------------------------------------------------------------
+# NVIDIA imports: the init arguments a pickle records, drawn from every kind of value (and unknown
+# names), in a file built the way NVIDIA's persistence writes one; and data sources: zip archives whose
+# entry names, contents and dataset.json are drawn.
+
+NVIDIA_ARGS = ["img_resolution", "img_channels", "label_dim", "use_fp16", "sigma_data", "logvar_channels",
+               "model_channels", "channel_mult", "channel_mult_noise", "channel_mult_emb", "num_blocks",
+               "attn_resolutions", "label_balance", "concat_balance", "resample_filter", "channels_per_head",
+               "dropout", "res_balance", "attn_balance", "clip_act", "bogus"]
+
+
+@pytest.fixture(scope="module")
+def small_net():
+    from test_nvidia import our_net
+    return our_net()
+
+
+@given(st.dictionaries(st.sampled_from(NVIDIA_ARGS), st.one_of(values, st.integers(0, 70)), max_size=3),
+       st.sampled_from(["edm2-img16-xs-0000002-0.100.pkl", "network-snapshot-0000002-0.050.pkl", "odd.pkl"]))
+def test_nvidia_imports_or_one_line(tmp_path_factory, small_net, kwargs, name):
+    import sys
+    import types
+
+    from pipeline.nvidia import NvidiaImportError, import_files
+    from test_nvidia import write_nvidia_pickle
+    d = tmp_path_factory.mktemp("nv")
+    persistence, util = types.ModuleType("torch_utils.persistence"), types.ModuleType("dnnlib.util")
+
+    def _reconstruct_persistent_obj(meta):                 # never called: the reader maps this name
+        MARKER.write_text("ran")
+    _reconstruct_persistent_obj.__module__ = "torch_utils.persistence"
+    persistence._reconstruct_persistent_obj = _reconstruct_persistent_obj
+
+    class EasyDict(dict):
+        pass
+    EasyDict.__module__, EasyDict.__qualname__ = "dnnlib.util", "EasyDict"
+    util.EasyDict = EasyDict
+    saved = {k: sys.modules.get(k) for k in ("torch_utils", "torch_utils.persistence", "dnnlib", "dnnlib.util")}
+    sys.modules.update({"torch_utils": types.ModuleType("torch_utils"), "torch_utils.persistence": persistence,
+                        "dnnlib": types.ModuleType("dnnlib"), "dnnlib.util": util})
+    try:
+        ns = types.SimpleNamespace(src=f"open({str(MARKER)!r}, 'w').write('ran')\n", EasyDict=EasyDict)
+        try:
+            write_nvidia_pickle(d / name, small_net, ns, extra_kwargs=kwargs)
+        except (pickle.PicklingError, TypeError, AttributeError):
+            return                                         # a value pickle itself cannot write
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                sys.modules.pop(k, None)
+            else:
+                sys.modules[k] = v
+    try:
+        written = import_files([d / name], d / "out", log=lambda *_: None)
+    except NvidiaImportError as err:
+        assert len(str(err).splitlines()) == 1 and str(err).strip(), err
+        assert not (d / "out").exists() or not any((d / "out").iterdir())
+        return
+    assert len(written) == 1 and written[0].is_file()
+
+
+entry_names = st.one_of(st.sampled_from(["a/x.png", "b/y.png", "../e.png", "/abs/e.png", "a/../../e.png", "dataset.json",
+                                         "c:/w.png", "a\\..\\e.png", "x.txt"]),
+                        st.text(alphabet="ab/._", min_size=1, max_size=8).map(lambda s: s + ".png"))
+
+
+@given(st.lists(st.tuples(entry_names, st.sampled_from(["png", "bytes", "json", "empty"])), min_size=1, max_size=5))
+def test_zip_sources_read_or_one_line(tmp_path_factory, entries):
+    import warnings
+
+    from PIL import Image
+
+    from pipeline.data import DataError, read_image_zip
+    d = tmp_path_factory.mktemp("zip")
+    png = io.BytesIO()
+    Image.new("L", (8, 8), 128).save(png, format="PNG")
+    z = d / "d.zip"
+    with warnings.catch_warnings(), zipfile.ZipFile(z, "w") as zf:
+        warnings.simplefilter("ignore")
+        for name, kind in entries:
+            data = {"png": png.getvalue(), "bytes": os.urandom(20), "empty": b"",
+                    "json": json.dumps({"labels": [[name, 1]]}).encode()}[kind]
+            zf.writestr(name, data)
+    try:
+        raw = read_image_zip(z)
+    except DataError as err:
+        assert len(str(err).splitlines()) == 1 and str(err).strip(), err
+        return
+    assert raw.images                                      # read: then no entry was outside, doubled or too large
+    names = [n for n, _ in entries]
+    assert not any(n.startswith("/") or ".." in n.replace("\\", "/").split("/") for n in names)
+    assert len(set(names)) == len(names)
+

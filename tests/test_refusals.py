@@ -169,7 +169,7 @@ def test_snapshots_claiming_another_network_are_refused(tmp_path):
 @pytest.mark.parametrize("extra,needle", [
     (["--seed", str(2 ** 70)], "a seed must be in [0, 2^63)"),
     (["--seed", "-1"], "a seed must be in [0, 2^63)"),
-    (["--num", str(10 ** 11)], "images of 32x32x1 need"),
+    (["--num", str(10 ** 11)], "images of 32x32x1 need 97,656,250.0 MiB"),
 ])
 def test_sample_refuses_before_sampling(tmp_path, extra, needle):
     f = _model(tmp_path / "ema-0000000128-0.100.safetensors")
@@ -287,3 +287,24 @@ def test_training_refuses_a_network_too_large(tmp_path, monkeypatch):
     monkeypatch.setattr(networks, "available_memory", lambda: 1 << 20)
     with pytest.raises(networks.NetworkSizeError, match="float32 cop"):
         networks.build_network(C.load_config(ROOT / "params.yaml"), 32, 1, 10)
+
+
+@pytest.mark.parametrize("change,flags,needle", [
+    ({}, ["--num-cpus", "1000"], "--num-cpus 1000: Ray's logical CPUs"),
+    ({}, ["--address", "garbage"], "--address 'garbage': expected host:port"),
+    ({"experiment": ""}, [], "experiment=''"),
+    ({"tracking_server": "yes"}, [], "tracking_server='yes': expected true or false"),
+    ("name: again\n", [], "key 'name' appears twice in one mapping"),
+])
+def test_sweep_plans_refuse(tmp_path, monkeypatch, change, flags, needle):
+    import yaml
+    (tmp_path / "params.yaml").write_text((ROOT / "params.yaml").read_text())
+    text = (ROOT / "sweeps" / "tiny.yaml").read_text()
+    if isinstance(change, dict):
+        text = yaml.safe_dump({**yaml.safe_load(text), **change})
+    else:
+        text += change
+    (tmp_path / "s.yaml").write_text(text)
+    monkeypatch.chdir(tmp_path)
+    code, _, err = run_main("pipeline", "sweep", "s.yaml", "--dry-run", *flags)
+    _one_line(code, err, needle)
