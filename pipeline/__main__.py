@@ -25,6 +25,11 @@ def _cmd_info(args) -> None:
     print(f"network: {count_parameters(net) / 1e6:.3f}M parameters, {cfg.data.resolution}x{cfg.data.resolution}"
           f"x{cfg.data.channels}, label_dim={label_dim}")
     print(f"sampler: {cfg.sampler.solver}, {cfg.sampler.steps} steps, NFE {cfg.sampler.nfe}")
+    import torch
+
+    from .devices import cpu_limits
+    n = torch.get_num_threads()
+    print(f"cpu: {n} thread{'s' if n != 1 else ''} ({', '.join(f'{k} {v}' for k, v in cpu_limits().items())})")
 
 
 def _cmd_sweep(args) -> None:

@@ -86,6 +86,8 @@ def run(name: str, fn: Callable[[], int | None]) -> int:
     full disk, a file where a folder belongs) prints one line and exits 2; writes are atomic, so
     nothing is left half-written."""
     try:
+        from .devices import use_given_cpus
+        use_given_cpus()                             # torch's threads = the CPUs this job was given (said by the work)
         return fn() or 0
     except PipelineError as err:
         _close_progress_bars()

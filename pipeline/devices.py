@@ -29,3 +29,64 @@ def pick_device(choice: str = "auto", field: str = "device"):
             raise DeviceError(f"{field}={choice} but only {torch.cuda.device_count()} CUDA device(s) are visible "
                               f"(cuda:0 .. cuda:{torch.cuda.device_count() - 1})")
     return dev
+
+
+# ----------------------------------------------------------------------------------------------
+# The CPUs this process was given: torch's threads follow them (a job uses what it got, no more).
+
+def cpu_limits() -> dict[str, int]:
+    """Each limit on this process's CPUs that is set: the affinity mask (taskset, SLURM's binding),
+    the cgroup's CPU quota (containers, SLURM's cgroup plugin), SLURM_CPUS_PER_TASK, and a Ray trial's
+    CPUs (EDM2_TRIAL_CPUS, set by the sweep's trial)."""
+    import math
+    import os
+    out = {}
+    try:
+        out["affinity"] = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        out["cores"] = os.cpu_count() or 1
+    try:
+        quota, period = open("/sys/fs/cgroup/cpu.max").read().split()[:2]
+        if quota != "max":
+            out["cgroup quota"] = max(1, math.ceil(int(quota) / int(period)))
+    except (OSError, ValueError):
+        try:                                               # cgroup v1
+            quota = int(open("/sys/fs/cgroup/cpu/cpu.cfs_quota_us").read())
+            period = int(open("/sys/fs/cgroup/cpu/cpu.cfs_period_us").read())
+            if quota > 0:
+                out["cgroup quota"] = max(1, math.ceil(quota / period))
+        except (OSError, ValueError):
+            pass
+    for name, var in (("SLURM_CPUS_PER_TASK", "SLURM_CPUS_PER_TASK"), ("Ray trial", "EDM2_TRIAL_CPUS")):
+        try:
+            if os.environ.get(var):
+                out[name] = max(1, int(float(os.environ[var])))
+        except ValueError:
+            pass
+    return out
+
+
+_SAID: list[int] = []
+
+
+def use_given_cpus(log=None) -> int:
+    """torch's intra-op threads = the smallest CPU limit; with `log`, said once per process with where it
+    comes from, and one warning line when the machine is already busier than its CPUs. Returns the threads."""
+    import os
+
+    import torch
+    limits = cpu_limits()
+    n = min(limits.values())
+    if torch.get_num_threads() != n:
+        torch.set_num_threads(n)
+    if log is not None and not _SAID:
+        _SAID.append(n)
+        log(f"cpu: {n} thread{'s' if n != 1 else ''} ({', '.join(f'{k} {v}' for k, v in limits.items())})")
+        try:
+            load = os.getloadavg()[0]
+            if load > (os.cpu_count() or 1):
+                log(f"warning: the machine's load ({load:.1f}) is above its {os.cpu_count()} CPUs: other work competes "
+                    f"for them, so this run will be slower than its benchmarks")
+        except OSError:
+            pass
+    return n

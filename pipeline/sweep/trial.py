@@ -141,6 +141,9 @@ def trial_body(job: dict, report, device=None) -> None:
     from ..training import train
     cfg, spec = job["config"], job["spec"]
     trial_id, trial_dir = job["trial_id"], Path(job["trial_dir"])
+    from ..devices import use_given_cpus
+    os.environ["EDM2_TRIAL_CPUS"] = str(max(1, int(spec.sweep.resources.cpus)))   # Ray's CPUs for this process
+    use_given_cpus()
     phases = {"worker_start": time.perf_counter() - t0 if _WORKER_TRIALS[0] <= 1 else 0.0, "validation": 0.0}
     last = {}
     multi = dist.is_available() and dist.is_initialized()
