@@ -23,6 +23,7 @@ class JobEnv:
     cpus: int | None                   # CPUs on this node
     attempt: int                       # requeues so far
     tasks: int                         # tasks of the job (one per process)
+    cpus_per_task: int | None = None   # CPUs the scheduler gave each task (this process)
 
 
 def _slurm_env() -> JobEnv:
@@ -34,11 +35,19 @@ def _slurm_env() -> JobEnv:
         nodes = tuple(out.stdout.split() or [nodelist])
     return JobEnv("slurm", e.get("SLURM_JOB_ID"), int(e.get("SLURM_NODEID", "0")), nodes,
                   int(e.get("SLURM_CPUS_ON_NODE", "0")) or None, int(e.get("SLURM_RESTART_COUNT", "0")),
-                  int(e.get("SLURM_NTASKS", "1")))
+                  int(e.get("SLURM_NTASKS", "1")), _cpus_per_task())
+
+
+def _cpus_per_task() -> int | None:
+    """SLURM_CPUS_PER_TASK (also seen outside a job's own environment, e.g. exported by a wrapper script)."""
+    try:
+        return max(1, int(float(os.environ["SLURM_CPUS_PER_TASK"])))
+    except (KeyError, ValueError):
+        return None
 
 
 def _plain_env() -> JobEnv:
-    return JobEnv(None, None, 0, (), None, 0, 1)
+    return JobEnv(None, None, 0, (), None, 0, 1, _cpus_per_task())
 
 
 def _slurm_params(launcher) -> dict:

@@ -144,3 +144,25 @@ def positive_int(text: str) -> int:
     if v < 1:
         raise argparse.ArgumentTypeError(f"{v} must be >= 1")
     return v
+
+
+def torchrun_self(module: str, nproc: int, argv: list[str]) -> int:
+    """Re-launch `python -m module argv` under torchrun on this node (its own rendezvous), dropping
+    --nproc-per-node (torchrun takes it); each process then sees RANK / WORLD_SIZE / LOCAL_RANK."""
+    from torch.distributed.run import main as torchrun_main
+    rest, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a == "--nproc-per-node":
+            skip = True
+        elif not a.startswith("--nproc-per-node="):
+            rest.append(a)
+    try:
+        torchrun_main(["--standalone", f"--nproc-per-node={nproc}", "--module", module, *rest])
+    except SystemExit as e:
+        return int(e.code or 0)
+    except Exception as err:           # torchrun raises ChildFailedError with the ranks' errors
+        print(f"{module.rsplit('.', 1)[-1]}: torchrun failed: {err}", file=sys.stderr)
+        return 1
+    return 0

@@ -367,6 +367,7 @@ class FIDConfig(_Section):
     seed_sets: PosInt = 1                  # K disjoint sets of num_images (set k: seeds seed + k*num_images + i);
     #                                        EDM/EDM2 report the minimum over 3 sets of 50,000 (method.md 8)
     batch_size: PosInt = 64
+    shard_images: PosInt = 1024            # features written in finished shards of this many images (resume, ranks)
     mode: Literal["clean"] = "clean"
     device: Device = "auto"                # sampling and features (reference, evaluate): auto | cpu | cuda | cuda:N
     metrics: list[str] = Field(default_factory=lambda: ["fid"])   # metrics.METRICS names; fid first (+ KID)

@@ -830,12 +830,13 @@ class EncodedDataset(torch.utils.data.Dataset):
         x, lab = self.get([i])
         return x[0], (lab[0] if lab is not None else torch.zeros(0))
 
-    def uint8_images(self, n: int | None = None) -> np.ndarray:
-        """Pixel datasets: the first n images as N x H x W x C uint8 (for FID reference statistics)."""
+    def uint8_images(self, n: int | None = None, start: int = 0) -> np.ndarray:
+        """Pixel datasets: images start .. n-1 as N x H x W x C uint8 (read from the memory map: a slice
+        at a time, so the FID reference streams over a dataset of any size)."""
         if self.manifest["encoder"] != "pixel":
             raise DataError("FID reference images need a pixel dataset")
         n = len(self) if n is None else min(n, len(self))
-        return np.ascontiguousarray(self.images[:n].transpose(0, 2, 3, 1))
+        return np.ascontiguousarray(self.images[start:n].transpose(0, 2, 3, 1))
 
 
 class Prefetcher:

@@ -2,7 +2,9 @@
 visible, else the CPU), `cpu`, `cuda` (the current GPU) or `cuda:N` (GPU N of several)."""
 from __future__ import annotations
 
+import os
 import re
+from dataclasses import dataclass, field as _field
 
 from .errors import PipelineError
 
@@ -11,6 +13,47 @@ DEVICE_PATTERN = r"^(auto|cpu|cuda(:\d+)?)$"
 
 class DeviceError(PipelineError, RuntimeError):
     pass
+
+
+# ----------------------------------------------------------------------------------------------
+# Distributed context (torchrun sets the environment; one process without it).
+
+@dataclass
+class Dist:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: object = _field(default_factory=lambda: __import__("torch").device("cpu"))
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed(device_choice: str = "auto", device=None, field: str = "train.device") -> Dist:
+    """Ranks from torchrun's (or srun's, or Ray Train's) environment; one process without it.
+    `device` overrides the choice by LOCAL_RANK (Ray Train knows each worker's GPU)."""
+    import torch
+    import torch.distributed as dist
+    if dist.is_available() and dist.is_initialized():         # Ray Train's TorchTrainer set it up
+        world, rank = dist.get_world_size(), dist.get_rank()
+    else:
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        rank = int(os.environ.get("RANK", "0"))
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    if device is None:
+        device = pick_device(device_choice, field)
+        if device.type == "cuda" and device.index is not None and world > 1:
+            raise DeviceError(f"{field}={device_choice} picks one GPU, but this run has {world} processes "
+                              f"(each takes cuda:LOCAL_RANK): set {field}=cuda or auto")
+        if device.type == "cuda" and device.index is None:
+            device = torch.device("cuda", local)
+    use_cuda = device.type == "cuda"
+    if use_cuda:
+        torch.cuda.set_device(device)
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if use_cuda else "gloo")
+    return Dist(rank, world, local, device)
 
 
 def pick_device(choice: str = "auto", field: str = "device"):
@@ -36,8 +79,8 @@ def pick_device(choice: str = "auto", field: str = "device"):
 
 def cpu_limits() -> dict[str, int]:
     """Each limit on this process's CPUs that is set: the affinity mask (taskset, SLURM's binding),
-    the cgroup's CPU quota (containers, SLURM's cgroup plugin), SLURM_CPUS_PER_TASK, and a Ray trial's
-    CPUs (EDM2_TRIAL_CPUS, set by the sweep's trial)."""
+    the cgroup's CPU quota (containers, SLURM's cgroup plugin), a share per torchrun process on the node,
+    the scheduler's CPUs per task, and a Ray trial's CPUs (EDM2_TRIAL_CPUS, set by the sweep's trial)."""
     import math
     import os
     out = {}
@@ -57,12 +100,17 @@ def cpu_limits() -> dict[str, int]:
                 out["cgroup quota"] = max(1, math.ceil(quota / period))
         except (OSError, ValueError):
             pass
-    for name, var in (("SLURM_CPUS_PER_TASK", "SLURM_CPUS_PER_TASK"), ("Ray trial", "EDM2_TRIAL_CPUS")):
-        try:
-            if os.environ.get(var):
-                out[name] = max(1, int(float(os.environ[var])))
-        except ValueError:
-            pass
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1)
+    if local > 1:                                          # torchrun's processes on this node share its CPUs
+        out["per local rank"] = max(1, min(out.values()) // local)
+    from .backends import job_env                         # the scheduler's variables are read there only
+    if job_env().cpus_per_task:
+        out["cpus per task"] = job_env().cpus_per_task
+    try:
+        if os.environ.get("EDM2_TRIAL_CPUS"):
+            out["Ray trial"] = max(1, int(float(os.environ["EDM2_TRIAL_CPUS"])))
+    except ValueError:
+        pass
     return out
 
 

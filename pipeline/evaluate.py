@@ -52,61 +52,71 @@ def check_unconditional_guide(meta: dict, path: str | Path) -> None:
 
 
 def generate(net, num_images: int, seed: int, sampler_cfg, batch_size: int, device="cpu", progress: bool = False,
-             desc: str | None = None, guide=None, decoder=None):
-    """num_images samples as N x H x W x C uint8; image i uses seed `seed + i` and, for a
+             desc: str | None = None, guide=None, decoder=None) -> np.ndarray:
+    """num_images samples as one N x H x W x C uint8 array (small exports and tests; evaluations stream
+    through generate_batches instead)."""
+    return np.concatenate([b for _, b in generate_batches(net, num_images, seed, sampler_cfg, batch_size, device,
+                                                          progress, desc, guide, decoder)])
+
+
+def generate_batches(net, num_images: int, seed: int, sampler_cfg, batch_size: int, device="cpu",
+                     progress: bool = False, desc: str | None = None, guide=None, decoder=None,
+                     work: int | None = None):
+    """Yields (seeds, B x H x W x C uint8) batch by batch: image i uses seed `seed + i` and, for a
     conditional model, class (seed + i) % label_dim (nvidia seeding: the class EDM2 draws, edm.class_labels).
-    `guide`: a guiding network, or "unconditional"
-    (the same network with the zero label), used with weight sampler_cfg.guidance. Batches are
-    sampler.batch_size images, halved whenever the GPU runs out of memory (the images do not change).
-    `decoder`: samples -> uint8 pixels (latents.Decoder: a latent model's VAE); default the pixel one."""
+    Nothing but the current batch is held. `guide`: a guiding network, or "unconditional" (the same
+    network with the zero label), used with weight sampler_cfg.guidance. Batches are sampler.batch_size
+    images, halved whenever the GPU runs out of memory (the images do not change). `decoder`: samples ->
+    uint8 pixels (latents.Decoder: a latent model's VAE); default the pixel one. `work`: the images of the
+    whole job this call is part of (the compile decision), default num_images."""
     from .edm import class_labels, sample_images
     from .latents import Decoder
     from .networks import compile_wanted
     decoder = decoder or Decoder({"encoder": "pixel"}, None)
-    # compile: auto -> compiled when this call's images x NFE pass the break-even (a compiled network is
+    # compile: auto -> compiled when the job's images x NFE pass the break-even (a compiled network is
     # kept on `net`, so the same network's next call does not compile again)
     sampler_cfg = sampler_cfg.model_copy(update={
-        "compile": compile_wanted(sampler_cfg.compile, "sample", device, num_images * sampler_cfg.nfe)})
+        "compile": compile_wanted(sampler_cfg.compile, "sample", device, (work or num_images) * sampler_cfg.nfe)})
     net = net.eval().to(device)
     unconditional = isinstance(guide, str) and guide == "unconditional"
     if unconditional and not net.label_dim:
         raise FIDError("guide=unconditional needs a class-conditional model (this one has no labels)")
     guide_net = net if unconditional else (guide.eval().to(device) if guide is not None else None)
-    out = []
     bar = None
     if progress:
         from tqdm import tqdm
         bar = tqdm(total=num_images, desc=desc or f"sample NFE {sampler_cfg.nfe}", unit="img", mininterval=2.0)
     i = 0
-    while i < num_images:
-        batch = list(range(seed + i, seed + min(i + batch_size, num_images)))
-        labels = None
-        if net.label_dim:
-            shape = (net.img_channels, net.img_resolution, net.img_resolution)
-            labels = torch.nn.functional.one_hot(class_labels(batch, net.label_dim, sampler_cfg, shape, device),
-                                                 net.label_dim).float().to(device)
-        try:
-            x = sample_images(net, batch, labels, sampler_cfg, device=device, guide=guide_net,
-                              guide_labels=torch.zeros_like(labels) if unconditional else None)
-        except torch.cuda.OutOfMemoryError:
-            if batch_size == 1:
-                raise
-            batch_size = max(1, batch_size // 2)     # per-image seeds: the same images at any batch size
-            torch.cuda.empty_cache()
-            print(f"generate: out of GPU memory, sampling {batch_size} images per batch from here on")
-            continue
-        if not bool(torch.isfinite(x).all()):         # never quantise NaN into black images
-            bad = int((~torch.isfinite(x.flatten(1))).any(dim=1).sum())
-            raise FIDError(f"{desc or 'sampling'}: {bad} of {len(batch)} samples of seeds {batch[0]}-{batch[-1]} came "
-                           f"out non-finite (NaN/inf) at guidance {sampler_cfg.guidance}: the model or its guide "
-                           f"diverged; nothing was written")
-        out.append(decoder(x))
-        i += len(batch)
+    try:
+        while i < num_images:
+            batch = list(range(seed + i, seed + min(i + batch_size, num_images)))
+            labels = None
+            if net.label_dim:
+                shape = (net.img_channels, net.img_resolution, net.img_resolution)
+                labels = torch.nn.functional.one_hot(class_labels(batch, net.label_dim, sampler_cfg, shape, device),
+                                                     net.label_dim).float().to(device)
+            try:
+                x = sample_images(net, batch, labels, sampler_cfg, device=device, guide=guide_net,
+                                  guide_labels=torch.zeros_like(labels) if unconditional else None)
+            except torch.cuda.OutOfMemoryError:
+                if batch_size == 1:
+                    raise
+                batch_size = max(1, batch_size // 2)     # per-image seeds: the same images at any batch size
+                torch.cuda.empty_cache()
+                print(f"generate: out of GPU memory, sampling {batch_size} images per batch from here on")
+                continue
+            if not bool(torch.isfinite(x).all()):         # never quantise NaN into black images
+                bad = int((~torch.isfinite(x.flatten(1))).any(dim=1).sum())
+                raise FIDError(f"{desc or 'sampling'}: {bad} of {len(batch)} samples of seeds {batch[0]}-{batch[-1]} "
+                               f"came out non-finite (NaN/inf) at guidance {sampler_cfg.guidance}: the model or its "
+                               f"guide diverged; nothing was written")
+            yield batch, decoder(x)
+            i += len(batch)
+            if bar is not None:
+                bar.update(len(batch))
+    finally:
         if bar is not None:
-            bar.update(len(batch))
-    if bar is not None:
-        bar.close()
-    return np.concatenate(out)
+            bar.close()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -161,18 +171,28 @@ def _files(point: dict, models_dir: Path, T: int) -> tuple[Path, object]:
 
 def evaluate_points(points: Sequence[dict], models_dir: str | Path, cfg, refs: Sequence[tuple],
                     samples_dir=None, device="cpu", progress: bool = True, log=print,
-                    target_nimg: int | None = None) -> list[FIDRecord]:
+                    target_nimg: int | None = None, shards_dir: str | Path | None = None,
+                    ranks: tuple[int, int] = (0, 1), barrier=None) -> list[FIDRecord]:
     """One record per post-hoc point (EMA length, guide, guidance weight, steps) against one
     reference: fid.num_images samples (seeds fid.seed ...), features, FID with its bootstrap interval
     and KID, and every further metric of `refs` (metrics.references: feature groups, Inception first),
     all in the record's `metrics`; features are computed once per feature network.
     Points that are the same computation (no guide or w = 1: the unguided model) are sampled once;
-    their records carry `extra.same_as`. Each result is printed when known ("k of n")."""
+    their records carry `extra.same_as`. Each result is printed when known ("k of n").
+
+    Images stream into features batch by batch, in shards written to `shards_dir` (default: beside the
+    training run, `eval-shards/`) that a rerun reuses (pipeline/shards.py). `ranks` = (rank, world): under
+    torchrun each rank computes its shards, `barrier` joins them, and rank 0 alone measures and returns
+    the records (the others return [])."""
     from .phema import check_reconstruction
     from .images import save_image_grid
     models_dir = Path(models_dir)
     f = cfg.fid
-    from .metrics import combine_sets, measure_images
+    from .fid import array_features
+    from .metrics import combine_sets, group_key, measure_features
+    from .shards import computation_key, file_digest, set_features, write_key_file
+    rank, world = ranks
+    shards_root = Path(shards_dir) if shards_dir is not None else Path(cfg.train.run_dir).parent / "eval-shards"
     feat, ref = refs[0].extractor, refs[0].ref
     steps_axis = len({q["steps"] for q in points}) > 1
     if target_nimg is None:
@@ -214,19 +234,40 @@ def evaluate_points(points: Sequence[dict], models_dir: str | Path, cfg, refs: S
             tag = (f"point {k}/{len(keys)} ({main.name}" + (f", w {p['guidance']:g} guide "
                    f"{_guide_label(p['guide'])}" if guide is not None else "") + ")")
             sets = []
+            decoder = decoder_for(data, cfg, device, decoders)
+            extract = {group_key(g): (lambda imgs, g=g: array_features(imgs, g.extractor, f.batch_size)) for g in refs}
+            plain = guide is None and p["steps"] == cfg.sampler.steps
+            grid_name = f"samples-{main.stem}" + ("" if plain else f"-{_slug(p, guide)}") + ".png"
             for k_set in range(f.seed_sets):                 # disjoint seed sets (method.md 8)
                 set_tag = tag + (f" set {k_set + 1}/{f.seed_sets}" if f.seed_sets > 1 else "")
-                images = generate(net, f.num_images, f.seed + k_set * f.num_images, sampler, cfg.sampler.batch_size,
-                                  device, progress, desc=f"{set_tag}: sample NFE {sampler.nfe}", guide=guide_obj,
-                                  decoder=decoder_for(data, cfg, device, decoders))
-                m = measure_images(images, refs, f.num_images, f.batch_size, progress, set_tag)
-                if k_set == 0:
-                    plain = guide is None and p["steps"] == cfg.sampler.steps
-                    grid_name = f"samples-{main.stem}" + ("" if plain else f"-{_slug(p, guide)}") + ".png"
-                    if samples_dir is not None:
-                        save_image_grid(images[:64], Path(samples_dir) / grid_name)
-                sets.append(m)
+                seed0 = f.seed + k_set * f.num_images
+                parts = {"format": 1, "model": file_digest(main), "sampler": sampler_record(sampler),
+                         "guide": file_digest(guide) if isinstance(guide, Path) else guide,
+                         "decoder": [(data.get("config") or {}).get("data", {}).get(k) for k in
+                                     ("encoder", "latent_convention")] + [cfg.data.vae_path],
+                         "features": sorted(extract), "seed": seed0, "num_images": f.num_images,
+                         "shard_images": f.shard_images}
+                folder = shards_root / computation_key(parts)
+                if rank == 0:
+                    write_key_file(folder, {**parts, "model_file": str(main), "set": k_set})
+
+                def batches(lo, hi, seed0=seed0):
+                    return generate_batches(net, hi - lo, seed0 + lo, sampler, cfg.sampler.batch_size, device,
+                                            guide=guide_obj, decoder=decoder, work=f.num_images)
+                feats, grid = set_features(folder, f.num_images, f.shard_images, batches, extract, rank, world,
+                                           progress and rank == 0, f"{set_tag}: sample NFE {sampler.nfe} + features",
+                                           barrier)
+                if rank != 0:
+                    continue
+                sets.append(measure_features(feats, refs, f.num_images))
+                if k_set == 0 and samples_dir is not None and grid is not None:
+                    save_image_grid(grid, Path(samples_dir) / grid_name)
+            if rank != 0:
+                results[key] = None
+                continue
             results[key] = (combine_sets(sets), data, grid_name)
+        if rank != 0:
+            continue
         m, data, grid_name = results[key]
         fid_, kid_ = m["fid"], m.get("kid") or {}
         rec = FIDRecord(
@@ -270,7 +311,8 @@ def _slug(point: dict, guide) -> str:
 
 
 def evaluate_models(model_files: Sequence[str | Path], cfg, refs: Sequence[tuple], samples_dir=None,
-                    device="cpu", progress: bool = True, log=print) -> list[FIDRecord]:
+                    device="cpu", progress: bool = True, log=print, shards_dir=None, ranks=(0, 1),
+                    barrier=None) -> list[FIDRecord]:
     """One record per model file at the sampler's settings, unguided (evaluate_points over them)."""
     from .phema import check_reconstruction
     records = []
@@ -281,7 +323,8 @@ def evaluate_models(model_files: Sequence[str | Path], cfg, refs: Sequence[tuple
         for T in sorted({m["nimg"] for m in metas}):
             points = [{"sigma_rel": m["sigma_rel"], "guide": "none", "guidance": 1.0, "steps": cfg.sampler.steps}
                       for m in metas if m["nimg"] == T]
-            records += evaluate_points(points, folder, cfg, refs, samples_dir, device, progress, log, target_nimg=T)
+            records += evaluate_points(points, folder, cfg, refs, samples_dir, device, progress, log, target_nimg=T,
+                                       shards_dir=shards_dir, ranks=ranks, barrier=barrier)
     check_comparable([r.to_dict() for r in records])
     return records
 
@@ -367,7 +410,8 @@ def evaluate_run(cfg, snapshot_dir: str | Path, out_dir: str | Path, ref_cache: 
             return records
     refs = references(cfg, str(device), ref_cache, progress)
     records = [r.to_dict() for r in evaluate_points(points, out_dir / "ema", cfg, refs, out_dir / "samples",
-                                                     device, progress, log=None, target_nimg=T)]
+                                                     device, progress, log=None, target_nimg=T,
+                                                     shards_dir=out_dir / "eval-shards")]
     atomic_write_text(json.dumps(records, indent=2), records_file)
     return records
 
@@ -376,27 +420,22 @@ def evaluate_run(cfg, snapshot_dir: str | Path, out_dir: str | Path, ref_cache: 
 # Sample export (`python -m pipeline sample`).
 
 def check_sample_size(header: dict, num_images: int, seed: int, out: Path) -> None:
-    """Refuse, before any sampling, what cannot finish: seeds past 2^63, or images that would not fit
-    the memory (they are held until written) or the free disk under `out` (uncompressed size)."""
+    """Refuse, before any sampling, what cannot finish: seeds past 2^63, or images that would not fit the
+    free disk under `out` (uncompressed size; they are streamed there batch by batch, never all in memory)."""
     import shutil
 
     from .config import SEED_LIMIT
-    from .networks import available_memory
     if seed + num_images > SEED_LIMIT:
         raise FIDError(f"--seed {seed} + --num {num_images}: the seeds must stay below 2^63")
-    args, data = header.get("net_args") or {}, (header.get("config") or {}).get("data") or {}
-    res, ch = int(args.get("img_resolution", 0) or 0), int(args.get("img_channels", 0) or 0)
-    if data.get("encoder") == "vae":
-        res, ch = res * 8, 3                            # decoded by the VAE: 8x the latent size, RGB
+    res, _, ch = decoded_shape(header)
     need = num_images * res * res * ch
     folder = out if out.is_dir() else out.parent
     while not folder.exists():
         folder = folder.parent
-    free, avail = shutil.disk_usage(folder).free, available_memory()
-    if need > min(free, avail):
-        where = "free disk" if free < avail else "available memory"
+    free = shutil.disk_usage(folder).free
+    if need > free:
         raise FIDError(f"--num {num_images} --out {out}: {num_images} images of {res}x{res}x{ch} need "
-                       f"{need / 2**20:,.1f} MiB, more than the {min(free, avail) / 2**20:,.1f} MiB of {where}; "
+                       f"{need / 2**20:,.1f} MiB, more than the {free / 2**20:,.1f} MiB of free disk; "
                        f"ask for fewer, or free space")
 
 
@@ -419,19 +458,47 @@ def export_samples(model_file: str | Path, num_images: int, out: str | Path, sam
         check_unconditional_guide(header, model_file)
     net, meta = load_model(model_file, device)
     guide_net = guide if guide in (None, "unconditional") else load_model(guide, device)[0]
-    images = generate(net, num_images, seed, sampler_cfg, batch_size, device, progress,
-                      desc=f"sample {Path(model_file).name} NFE {sampler_cfg.nfe}", guide=guide_net,
-                      decoder=decoder_for(meta, cfg, device) if cfg is not None else None)
+    batches = generate_batches(net, num_images, seed, sampler_cfg, batch_size, device, progress,
+                               desc=f"sample {Path(model_file).name} NFE {sampler_cfg.nfe}", guide=guide_net,
+                               decoder=decoder_for(meta, cfg, device) if cfg is not None else None)
     seeds = np.arange(seed, seed + num_images)
     labels = np.full(num_images, -1)
     if net.label_dim:
         from .edm import class_labels
         shape = (net.img_channels, net.img_resolution, net.img_resolution)
         labels = class_labels(seeds.tolist(), net.label_dim, sampler_cfg, shape, device).numpy()
-    if out.suffix == ".npz":
+    if out.suffix == ".npz":                       # streamed into the archive batch by batch
         from .io import atomic_write
-        return atomic_write(out, lambda f: np.savez(f, images=images, seeds=seeds, labels=labels))
+        shape = (num_images, *decoded_shape(meta))
+        return atomic_write(out, lambda f: _write_npz_stream(f, batches, shape, seeds, labels))
     out.mkdir(parents=True, exist_ok=True)
-    for im, s in zip(images, seeds):
-        Image.fromarray(im[..., 0] if im.shape[2] == 1 else im).save(out / f"{s:06d}.png")
+    for batch_seeds, images in batches:
+        for im, s in zip(images, batch_seeds):
+            Image.fromarray(im[..., 0] if im.shape[2] == 1 else im).save(out / f"{s:06d}.png")
     return out
+
+
+def decoded_shape(meta: dict) -> tuple[int, int, int]:
+    """H x W x C of a model's decoded samples (a VAE model's: 8x its latent size, RGB)."""
+    args, data = meta.get("net_args") or {}, (meta.get("config") or {}).get("data") or {}
+    res, ch = int(args.get("img_resolution", 0) or 0), int(args.get("img_channels", 0) or 0)
+    return (res * 8, res * 8, 3) if data.get("encoder") == "vae" else (res, res, ch)
+
+
+def _write_npz_stream(f, batches, shape, seeds, labels) -> None:
+    """An .npz (zip of .npy) whose `images` array is written batch by batch: np.load reads it as savez's."""
+    import zipfile
+    with zipfile.ZipFile(f, "w", zipfile.ZIP_STORED, allowZip64=True) as zf:
+        with zf.open("images.npy", "w", force_zip64=True) as npy:
+            np.lib.format.write_array_header_1_0(npy, {"descr": "|u1", "fortran_order": False, "shape": shape})
+            written = 0
+            for _, images in batches:
+                if tuple(images.shape[1:]) != tuple(shape[1:]):
+                    raise FIDError(f"decoded images are {images.shape[1:]}, expected {shape[1:]}")
+                npy.write(np.ascontiguousarray(images, dtype=np.uint8).tobytes())
+                written += len(images)
+            if written != shape[0]:
+                raise FIDError(f"{written} images written, {shape[0]} expected")
+        for name, arr in (("seeds", seeds), ("labels", labels)):
+            with zf.open(f"{name}.npy", "w") as g:
+                np.lib.format.write_array(g, np.asarray(arr), allow_pickle=False)

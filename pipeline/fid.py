@@ -188,10 +188,57 @@ def _encoded_reference(cfg, path: Path, ref_cache: Path) -> Path:
 REF_FEATURES_KEPT = 5000           # reference features stored beside mu/Sigma for KID (subsets of <= 1000)
 
 
+REF_CHUNK_IMAGES = 1024            # reference images read and turned into features at a time
+
+
+def streamed_statistics(dataset, feat: FeatureNet, n: int, batch_size: int = 32, progress: bool = False,
+                        ranks: tuple[int, int] = (0, 1), reduce=None):
+    """(mu, unbiased Sigma, the first REF_FEATURES_KEPT features as float32) of a dataset's first n images,
+    streamed: chunks of REF_CHUNK_IMAGES images into features, running sums of the features and of their
+    outer products in float64; under torchrun chunk i belongs to rank i mod world and `reduce` (a sum over
+    ranks) joins the sums exactly. Memory: the D x D sums and the kept features, whatever n is."""
+    rank, world = ranks
+    s1, s2, count, kept, d = None, None, 0, None, None
+    chunks = [(lo, min(lo + REF_CHUNK_IMAGES, n)) for lo in range(0, n, REF_CHUNK_IMAGES)]
+    bar = None
+    if progress:
+        from tqdm import tqdm
+        bar = tqdm(total=n, desc=f"reference ({n} img)", unit="img", mininterval=2.0)
+    for i, (lo, hi) in enumerate(chunks):
+        if i % world != rank:
+            continue
+        f = array_features(dataset.uint8_images(hi, start=lo), feat, batch_size)
+        if s1 is None:
+            d = f.shape[1]
+            s1, s2, kept = np.zeros(d), np.zeros((d, d)), np.zeros((min(n, REF_FEATURES_KEPT), d), np.float32)
+        s1 += f.sum(axis=0)
+        s2 += f.T @ f
+        count += len(f)
+        if lo < REF_FEATURES_KEPT:
+            kept[lo:min(hi, REF_FEATURES_KEPT)] = f[:REF_FEATURES_KEPT - lo]
+        if bar is not None:
+            bar.update((hi - lo) * world)
+    if bar is not None:
+        bar.close()
+    if world > 1:                                   # every rank had at least one chunk only if n is large
+        d = int(reduce(np.array([float(d or 0)]), "max")[0])
+        if s1 is None:
+            s1, s2, kept = np.zeros(d), np.zeros((d, d)), np.zeros((min(n, REF_FEATURES_KEPT), d), np.float32)
+        s1, s2 = reduce(s1), reduce(s2)
+        count = int(reduce(np.array([float(count)]))[0])
+        kept = reduce(kept.astype(np.float64)).astype(np.float32)
+    if count < 2:
+        raise FIDError(f"reference statistics need at least 2 images, got {count}")
+    mu = s1 / count
+    sigma = (s2 - count * np.outer(mu, mu)) / (count - 1)
+    return mu, (sigma + sigma.T) / 2, kept
+
+
 def reference_stats(dataset, feat: FeatureNet, n: int | None, cache_dir: str | Path, batch_size: int = 32,
-                    progress: bool = True) -> dict:
-    """mu/Sigma (and up to REF_FEATURES_KEPT features, for KID) of a pixel dataset's first n images;
-    computed once, then read from the cache. An unreadable or older cache file is recomputed."""
+                    progress: bool = True, ranks: tuple[int, int] = (0, 1), reduce=None) -> dict:
+    """mu/Sigma (and up to REF_FEATURES_KEPT features, for KID) of a pixel dataset's first n images,
+    streamed (streamed_statistics); computed once, then read from the cache. An unreadable or older
+    cache file is recomputed. Under torchrun every rank computes its share; rank 0 writes the cache."""
     n = len(dataset) if n is None else min(n, len(dataset))
     key = hashlib.sha256(f"{dataset.manifest['sha256']}|{feat.sha256}|{n}".encode()).hexdigest()[:16]
     path = Path(cache_dir) / f"ref-{key}.npz"
@@ -207,9 +254,9 @@ def reference_stats(dataset, feat: FeatureNet, n: int | None, cache_dir: str | P
         except Exception as err:                   # truncated, foreign or without features: compute it again
             print(f"note: reference statistics {path} are unreadable or incomplete ({err.__class__.__name__}); "
                   f"recomputing", flush=True)
-    feats = array_features(dataset.uint8_images(n), feat, batch_size, progress=progress, desc=f"reference ({n} img)")
-    mu, sigma = statistics(feats)
-    kept = feats[:REF_FEATURES_KEPT].astype(np.float32)
+    mu, sigma, kept = streamed_statistics(dataset, feat, n, batch_size, progress, ranks, reduce)
+    if ranks[0] != 0:
+        return {"mu": mu, "sigma": sigma, "features": kept, **ident, "path": str(path), "cached": False}
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write(path, lambda f: np.savez(f, mu=mu, sigma=sigma, features=kept))
     atomic_write_text(json.dumps(ident, indent=2), path.with_suffix(".json"))

@@ -130,9 +130,11 @@ class FeatureGroup:
     metrics: list
 
 
-def references(cfg, device, ref_cache: str | Path, progress: bool = True) -> list[FeatureGroup]:
+def references(cfg, device, ref_cache: str | Path, progress: bool = True, ranks: tuple[int, int] = (0, 1),
+               reduce=None) -> list[FeatureGroup]:
     """The feature groups of cfg.fid.metrics (Inception, with FID, first), each network loaded once and
-    its reference computed once, then read from the cache (keyed by the network's hash)."""
+    its reference computed once (streamed; under torchrun spread over the ranks, joined by `reduce`),
+    then read from the cache (keyed by the network's hash)."""
     from .data import EncodedDataset
     from .fid import reference_dataset_dir, reference_stats
     dataset = EncodedDataset(reference_dataset_dir(cfg, ref_cache))
@@ -142,22 +144,34 @@ def references(cfg, device, ref_cache: str | Path, progress: bool = True) -> lis
         if m.features not in groups:
             ex = FEATURES[m.features](cfg, device)
             groups[m.features] = FeatureGroup(ex, reference_stats(dataset, ex, cfg.fid.ref_num_images, ref_cache,
-                                                                  cfg.fid.batch_size, progress=progress), [])
+                                                                  cfg.fid.batch_size, progress, ranks, reduce), [])
         groups[m.features].metrics.append(m)
     return list(groups.values())
 
 
+def group_key(g: FeatureGroup) -> str:
+    """A feature network's name in feature shards (its weights' hash)."""
+    return g.extractor.sha256[:16]
+
+
 def measure_images(images: np.ndarray, groups: list[FeatureGroup], n: int, batch_size: int, progress: bool = False,
                    desc: str = "") -> dict:
-    """Every metric of `groups` on one set of generated images: features once per network, then each
-    metric's entries ({name: entry}, FID first), each with the network it was measured on."""
+    """Every metric of `groups` on one set of generated images held in memory (small sets; evaluations
+    stream through shards.set_features and measure_features)."""
     from .fid import array_features
+    feats = {group_key(g): array_features(images, g.extractor, batch_size, progress=progress,
+                                          desc=f"{desc}: {g.extractor.name} features" if desc else "features")
+             for g in groups}
+    return measure_features(feats, groups, n)
+
+
+def measure_features(feats: dict[str, np.ndarray], groups: list[FeatureGroup], n: int) -> dict:
+    """Each metric's entries ({name: entry}, FID first) from one image set's features per network
+    (group_key -> N x D), each entry naming the network it was measured on."""
     out = {}
     for g in groups:
-        feats = array_features(images, g.extractor, batch_size, progress=progress,
-                               desc=f"{desc}: {g.extractor.name} features" if desc else "features")
         for m in g.metrics:
-            for name, e in m.measure(feats, g.ref, n).items():
+            for name, e in m.measure(feats[group_key(g)], g.ref, n).items():
                 out[name] = {**e, "feature_net": g.extractor.name, "feature_net_sha256": g.extractor.sha256}
     return out
 

@@ -27,6 +27,7 @@ from .data import EncodedDataset, Prefetcher
 from .edm import edm2_loss, learning_rate, sample_images, sample_sigma
 from .io import (RunLock, atomic_torch_save, atomic_write_text, load_torch_file, read_jsonl,
                  remove_stale_temps)
+from .devices import Dist, init_distributed  # noqa: F401 (the training loop's ranks)
 from .networks import COMPILE_BREAK_EVEN, build_network, compile_wanted, maybe_compile
 from .phema import PowerFunctionEMA, snapshot_meta, write_snapshots
 from .errors import PipelineError
@@ -37,46 +38,6 @@ CHECKPOINT_FIELDS = ("nimg", "net", "optimizer", "ema", "run_key", "config")
 
 class TrainingError(PipelineError, RuntimeError):
     pass
-
-
-# ----------------------------------------------------------------------------------------------
-# Distributed context (torchrun sets the environment; one process without it).
-
-@dataclass
-class Dist:
-    rank: int = 0
-    world_size: int = 1
-    local_rank: int = 0
-    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-
-def init_distributed(device_choice: str = "auto", device: torch.device | None = None) -> Dist:
-    """Ranks from torchrun's (or srun's, or Ray Train's) environment; one process without it.
-    `device` overrides the choice by LOCAL_RANK (Ray Train knows each worker's GPU)."""
-    if dist.is_available() and dist.is_initialized():         # Ray Train's TorchTrainer set it up
-        world, rank = dist.get_world_size(), dist.get_rank()
-    else:
-        world = int(os.environ.get("WORLD_SIZE", "1"))
-        rank = int(os.environ.get("RANK", "0"))
-    local = int(os.environ.get("LOCAL_RANK", "0"))
-    if device is None:
-        from .devices import pick_device
-        device = pick_device(device_choice, "train.device")
-        if device.type == "cuda" and device.index is not None and world > 1:
-            raise TrainingError(f"train.device={device_choice} picks one GPU, but this run has {world} processes "
-                                f"(each takes cuda:LOCAL_RANK): set train.device=cuda or auto")
-        if device.type == "cuda" and device.index is None:
-            device = torch.device("cuda", local)
-    use_cuda = device.type == "cuda"
-    if use_cuda:
-        torch.cuda.set_device(device)
-    if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if use_cuda else "gloo")
-    return Dist(rank, world, local, device)
 
 
 def _seed(*parts: int) -> int:

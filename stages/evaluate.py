@@ -10,17 +10,18 @@ metrics/fid_records.json (full records) and a sample grid per model.
 """
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
 from pipeline import cli
-from pipeline.devices import pick_device
 from pipeline.evaluate import evaluate_models, evaluate_points, grid_points, write_metrics
 from pipeline.fid import FIDError
 from pipeline.io import check_writable
 from pipeline.metrics import check_metrics, references
 from pipeline.phema import check_reconstruction, refuse_legacy
 from pipeline.records import computed, is_grid
+from pipeline.shards import eval_ranks
 from pipeline.report import curve_label, plot_fid_vs_ema
 
 
@@ -32,15 +33,25 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--samples", default="reports/samples", help="sample grid folder (default: reports/samples)")
     p.add_argument("--device", help="torch device for sampling and features: auto, cpu, cuda, cuda:N "
                    "(default: fid.device of the params)")
+    p.add_argument("--shards", default="runs/eval-shards", help="feature shards of unfinished and finished sets "
+                   "(a rerun computes only the missing ones; default: runs/eval-shards)")
+    p.add_argument("--nproc-per-node", type=cli.positive_int, help="processes on this node, each sampling its "
+                   "share of the seeds (default: launcher.nproc_per_node; under torchrun/srun: its ranks)")
     args = p.parse_args(argv)
 
     def go():
         cfg = cli.config_from(args)
-        for folder, flag in ((args.metrics, "--metrics"), (args.samples, "--samples"), (args.ref_cache, "--ref-cache")):
+        nproc = args.nproc_per_node or cfg.launcher.nproc_per_node
+        if nproc > 1 and "LOCAL_RANK" not in os.environ:
+            return cli.torchrun_self("stages.evaluate", nproc, argv if argv is not None else sys.argv[1:])
+        for folder, flag in ((args.metrics, "--metrics"), (args.samples, "--samples"), (args.ref_cache, "--ref-cache"),
+                             (args.shards, "--shards")):
             check_writable(folder, flag)                   # before any compute
-        device = str(pick_device(args.device or cfg.fid.device, "--device" if args.device else "fid.device"))
+        rank, world, device, barrier, reduce = eval_ranks(args.device or cfg.fid.device,
+                                                          "--device" if args.device else "fid.device")
         check_metrics(cfg)
-        print(f"evaluate: sampling and features on {device}")
+        if rank == 0:
+            print(f"evaluate: sampling and features on {device}" + (f", {world} processes" if world > 1 else ""))
         if Path(args.models).is_dir():
             refuse_legacy(Path(args.models), "models folder")
         files = sorted(Path(args.models).glob("ema-*.safetensors"))
@@ -48,11 +59,16 @@ def main(argv: list[str] | None = None) -> int:
             raise FIDError(f"no reconstructed models (ema-*.safetensors) in {args.models}: run the reconstruct stage")
         for f in files:                            # every model's header before any compute
             check_reconstruction(f)
-        refs = references(cfg, device, args.ref_cache)      # every metric of fid.metrics, FID first
+        # every metric of fid.metrics, FID first; missing statistics computed by all ranks together
+        refs = references(cfg, device, args.ref_cache, progress=rank == 0, ranks=(rank, world), reduce=reduce)
         if cfg.evaluate.grid is not None:          # the post-hoc grid (its models are checked first)
-            recs = evaluate_points(grid_points(cfg), args.models, cfg, refs, args.samples, device)
+            recs = evaluate_points(grid_points(cfg), args.models, cfg, refs, args.samples, device,
+                                   shards_dir=args.shards, ranks=(rank, world), barrier=barrier)
         else:                                      # every model in the folder, unguided
-            recs = evaluate_models(files, cfg, refs, args.samples, device)
+            recs = evaluate_models(files, cfg, refs, args.samples, device, shards_dir=args.shards,
+                                   ranks=(rank, world), barrier=barrier)
+        if rank != 0:
+            return 0                               # rank 0 measures and writes
         records = [r.to_dict() for r in recs]
         metrics = write_metrics(records, args.metrics)
         _log_to_mlflow(cfg, records, args.samples, metrics)

@@ -45,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
                                 f"--executor slurm`); without SLURM start `torchrun --nnodes {cfg.launcher.nnodes} "
                                 f"--node-rank R --master-addr HOST ... -m stages.train` on every node (docs/scaling.md)")
         if nproc > 1 and "LOCAL_RANK" not in os.environ:
-            return _torchrun(nproc, argv if argv is not None else sys.argv[1:])
+            return cli.torchrun_self("stages.train", nproc, argv if argv is not None else sys.argv[1:])
         if args.on_mismatch == "archive" and int(os.environ.get("RANK", "0")) == 0:
             _archive_if_mismatched(cfg)
         res = train(cfg, stage=args.stage, progress=not args.no_progress)
@@ -85,28 +85,6 @@ def _archive_if_mismatched(cfg) -> None:
         aside = run_dir.with_name(f"{run_dir.name}.{time.strftime('%Y%m%d-%H%M%S')}")
         shutil.move(str(run_dir), aside)
     print(f"train: {run_dir} held another configuration; moved it to {aside} ({reason})")
-
-
-def _torchrun(nproc: int, argv: list[str]) -> int:
-    """Re-launch this stage under torchrun on this node (its own rendezvous; no process management here)."""
-    from torch.distributed.run import main as torchrun_main
-    rest, skip = [], False
-    for a in argv:                     # drop --nproc-per-node N / --nproc-per-node=N: torchrun takes it
-        if skip:
-            skip = False
-        elif a == "--nproc-per-node":
-            skip = True
-        elif not a.startswith("--nproc-per-node="):
-            rest.append(a)
-    cmd = ["--standalone", f"--nproc-per-node={nproc}", "--module", "stages.train", *rest]
-    try:
-        torchrun_main(cmd)
-    except SystemExit as e:
-        return int(e.code or 0)
-    except Exception as err:           # torchrun raises ChildFailedError with the ranks' errors
-        print(f"train: torchrun failed: {err}", file=sys.stderr)
-        return 1
-    return 0
 
 
 if __name__ == "__main__":
