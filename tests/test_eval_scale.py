@@ -1,0 +1,156 @@
+"""Issue #34: evaluation at the paper's scale. Reference statistics streamed (equal to the in-memory ones),
+1, 2 and 3 evaluation processes giving the same records, a SIGKILLed evaluation resuming from its
+shards to the identical record, shards never reused across a changed sampler, peak memory flat in
+fid.num_images, and `pipeline sample` streaming its .npz."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from conftest import ROOT
+
+ENV = {**os.environ, "PYTHONPATH": str(ROOT)}
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory, fmnist):
+    """Params for a tiny evaluation (16 images in shards of 4, 64 reference images) and two random models."""
+    from pipeline import config as C
+    from pipeline.io import save_safetensors
+    from pipeline.networks import build_network
+    from pipeline.phema import RECONSTRUCTION_FORMAT
+    d = tmp_path_factory.mktemp("evalscale")
+    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
+    raw["data"]["dataset_dir"] = str(fmnist["train"][0].parent)
+    raw["network"].update(model_channels=16, channel_mult=[1, 2], num_blocks=1, attn_resolutions=[16],
+                          channels_per_head=16)
+    raw["sampler"].update(steps=2, batch_size=4)
+    raw["fid"].update(num_images=16, ref_num_images=64, batch_size=8, shard_images=4)
+    raw["tracking"]["enabled"] = False
+    (d / "params.yaml").write_text(yaml.safe_dump(raw))
+    cfg = C.load_config(d / "params.yaml")
+    torch.manual_seed(0)
+    args = {"img_resolution": 32, "img_channels": 1, "label_dim": 10}
+    for s in (0.05, 0.1):
+        net = build_network(cfg, **args)
+        with torch.no_grad():
+            for p in net.parameters():
+                p.add_(torch.randn_like(p) * 0.1)
+        save_safetensors(net.state_dict(), {"format": RECONSTRUCTION_FORMAT, "config": cfg.to_dict(), "net_args": args,
+                                            "nimg": 128, "sigma_rel": s, "gamma": 1.0},
+                         d / "models" / f"ema-0000000128-{s:.3f}.safetensors")
+    return d
+
+
+def evaluate(project, tag, *extra, popen=False):
+    cmd = [sys.executable, "-m", "stages.evaluate", "--params", str(project / "params.yaml"), "--models",
+           str(project / "models"), "--metrics", str(project / f"m-{tag}"), "--samples", str(project / f"s-{tag}"),
+           "--shards", str(project / f"sh-{tag}"), "--ref-cache", str(project / f"ref-{tag}"), *extra]
+    if popen:
+        return subprocess.Popen(cmd, cwd=project, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    r = subprocess.run(cmd, cwd=project, env=ENV, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    return json.loads((project / f"m-{tag}" / "fid_records.json").read_text())
+
+
+def test_streamed_reference_statistics_equal_the_in_memory_ones(fmnist, monkeypatch):
+    from pipeline import fid
+    from pipeline.data import EncodedDataset
+    ds = EncodedDataset(fmnist["test"][0])
+    net = fid.load_feature_net("auto", "cpu")
+    feats = fid.array_features(ds.uint8_images(40), net, 8)
+    mu, sigma = fid.statistics(feats)
+    monkeypatch.setattr(fid, "REF_CHUNK_IMAGES", 16)          # three chunks: 16 + 16 + 8
+    monkeypatch.setattr(fid, "REF_FEATURES_KEPT", 20)
+    mu2, sigma2, kept = fid.streamed_statistics(ds, net, 40, 8)
+    np.testing.assert_allclose(mu2, mu, rtol=0, atol=1e-12)
+    np.testing.assert_allclose(sigma2, sigma, rtol=1e-9, atol=1e-12)
+    np.testing.assert_array_equal(kept, feats[:20].astype(np.float32))
+
+
+@pytest.mark.slow
+def test_one_two_and_three_processes_give_the_same_records(project):
+    recs = {n: evaluate(project, f"p{n}", *(["--nproc-per-node", str(n)] if n > 1 else [])) for n in (1, 2, 3)}
+    for n in (2, 3):
+        for a, b in zip(recs[1], recs[n]):
+            assert a["seeds"] == b["seeds"] == [0, 15] and a["num_images"] == b["num_images"] == 16
+            assert a["model_file"] == b["model_file"] and a["sampler"] == b["sampler"]
+            assert abs(a["fid"] - b["fid"]) <= 1e-6 * a["fid"], (n, a["fid"], b["fid"])   # float rounding only
+            assert abs(a["kid"] - b["kid"]) <= 1e-6 * abs(a["kid"]) + 1e-9
+    shards = sorted((project / "sh-p3").glob("*/shard-*.npz"))
+    assert len(shards) == 2 * 4                              # 2 models x 16 images / 4 per shard, by 3 ranks
+    assert (project / "s-p3" / "samples-ema-0000000128-0.050.png").is_file()
+
+
+@pytest.mark.slow
+def test_a_killed_evaluation_resumes_to_the_identical_record(project):
+    whole = evaluate(project, "whole")
+    p = evaluate(project, "killed", popen=True)
+    shards = project / "sh-killed"
+    deadline = time.time() + 300
+    while time.time() < deadline and p.poll() is None and len(list(shards.glob("*/shard-*.npz"))) < 3:
+        time.sleep(0.05)
+    assert p.poll() is None, "the evaluation ended before it could be killed: " + (p.stdout.read() or "")[-2000:]
+    os.kill(p.pid, signal.SIGKILL)
+    p.wait()
+    done = len(list(shards.glob("*/shard-*.npz")))
+    assert 0 < done < 8 and not (project / "m-killed" / "fid_records.json").exists()
+    mtimes = {f: f.stat().st_mtime_ns for f in shards.glob("*/shard-*.npz")}
+    again = evaluate(project, "killed")
+    assert [r["fid"] for r in again] == [r["fid"] for r in whole]                  # bit for bit
+    assert [r["metrics"] for r in again] == [r["metrics"] for r in whole]
+    assert all(f.stat().st_mtime_ns == t for f, t in mtimes.items())              # finished shards were read
+    assert not list(shards.glob("*/.*.tmp"))
+
+
+@pytest.mark.slow
+def test_a_changed_sampler_never_reuses_a_shard(project):
+    evaluate(project, "keyed")
+    before = {p.name for p in (project / "sh-keyed").iterdir()}
+    evaluate(project, "keyed", "-S", "sampler.steps=3")
+    after = {p.name for p in (project / "sh-keyed").iterdir()}
+    assert len(before) == 2 and len(after) == 4 and before < after
+    info = json.loads((project / "sh-keyed" / sorted(after - before)[0] / "computation.json").read_text())
+    assert info["sampler"]["steps"] == 3
+
+
+def _peak_rss_mb(project, tag, num_images):
+    code = ("import resource, sys; from stages.evaluate import main; rc = main(sys.argv[1:]); "
+            "print('PEAK', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024); sys.exit(rc)")
+    r = subprocess.run([sys.executable, "-c", code, "--params", str(project / "params.yaml"), "--models",
+                        str(project / "models"), "--metrics", str(project / f"m-{tag}"), "--samples",
+                        str(project / f"s-{tag}"), "--shards", str(project / f"sh-{tag}"), "--ref-cache",
+                        str(project / "ref-mem"), "-S", f"fid.num_images={num_images}", "-S", "fid.shard_images=16"],
+                       cwd=project, env=ENV, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stderr[-2000:]
+    return float(r.stdout.split("PEAK")[-1])
+
+
+@pytest.mark.slow
+def test_peak_memory_does_not_grow_with_the_number_of_images(project):
+    _peak_rss_mb(project, "warm", 8)                         # the reference statistics once, cached
+    small, large = _peak_rss_mb(project, "mem-a", 32), _peak_rss_mb(project, "mem-b", 128)
+    print(f"peak RSS: 32 images {small:.0f} MB, 128 images {large:.0f} MB")
+    assert large <= small * 1.10, (small, large)
+
+
+def test_sample_npz_is_streamed_and_reads_as_savez(project, tmp_path):
+    from pipeline import config as C
+    from pipeline.evaluate import export_samples, generate
+    from pipeline.evaluate import load_model
+    cfg = C.load_config(project / "params.yaml")
+    model = project / "models" / "ema-0000000128-0.050.safetensors"
+    out = export_samples(model, 6, tmp_path / "x.npz", cfg.sampler, seed=3, batch_size=4, progress=False, cfg=cfg)
+    with np.load(out, allow_pickle=False) as z:
+        assert z["images"].shape == (6, 32, 32, 1) and list(z["seeds"]) == list(range(3, 9))
+        want = generate(load_model(model)[0], 6, 3, cfg.sampler, 6)
+        np.testing.assert_array_equal(z["images"], want)
+        assert list(z["labels"]) == [s % 10 for s in range(3, 9)]
