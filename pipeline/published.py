@@ -3,14 +3,18 @@ Diffusion Models", tables 2-3 and its released configurations), shown beside a r
 when the run's preset and measurement protocol are the paper's. Verify against the paper before
 relying on a value.
 
-The paper's protocol: 50,000 generated images, the minimum FID over three seed sets, the whole
-training set as reference, at the EMA length best for that metric (fid.seed_sets = 3,
-fid.num_images = 50000).
+The paper's protocol: 50,000 generated images, the minimum FID over three seed sets, EDM2's legacy
+Inception features against NVIDIA's published reference statistics of the whole training set, the
+sampler of EDM2's presets, at the EMA length best for that metric (the img512/img64 presets set it).
 """
 from __future__ import annotations
 
 PAPER = "EDM2 (Karras et al. 2024)"
 PROTOCOL = {"num_images": 50000, "seed_sets": 3}
+# What else a number depends on: EDM2's feature protocol, NVIDIA's published reference statistics for the
+# preset's dataset, and the sampler of EDM2's generate_images presets (32 Heun steps, EDM's schedule).
+PAPER_MODE = "legacy"
+PAPER_SAMPLER = {"steps": 32, "solver": "heun", "sigma_min": 0.002, "sigma_max": 80.0, "rho": 7.0, "churn": 0.0}
 
 # preset -> metric -> (value, sigma_rel[, guidance w]); unguided unless a w is given.
 PUBLISHED: dict[str, dict[str, tuple]] = {
@@ -31,14 +35,38 @@ def protocol_matches(record: dict) -> bool:
     return record.get("num_images") == PROTOCOL["num_images"] and record.get("seed_sets", 1) == PROTOCOL["seed_sets"]
 
 
+def protocol_differences(preset: str, record: dict) -> list[str]:
+    """What in a record is not the paper's protocol for `preset` ("fid.mode is clean, the paper's legacy")."""
+    dataset = preset.split("-")[0]                       # img512 / img64: NVIDIA's dataset-refs/<dataset>.pkl
+    out = []
+    if record.get("mode") != PAPER_MODE:
+        out.append(f"fid.mode is {record.get('mode')}, the paper's {PAPER_MODE}")
+    if record.get("ref_num_images") or not str(record.get("reference", "")).startswith(dataset):
+        out.append(f"the reference is {record.get('reference')}, the paper's NVIDIA's {dataset}.pkl")
+    if record.get("num_images") != PROTOCOL["num_images"]:
+        out.append(f"fid.num_images is {record.get('num_images')}, the paper's {PROTOCOL['num_images']}")
+    if record.get("seed_sets", 1) != PROTOCOL["seed_sets"]:
+        out.append(f"fid.seed_sets is {record.get('seed_sets', 1)}, the paper's {PROTOCOL['seed_sets']}")
+    s = record.get("sampler") or {}
+    for k, v in PAPER_SAMPLER.items():
+        if k in s and s[k] != v:
+            out.append(f"sampler.{k} is {s[k]}, the paper's {v}")
+    return out
+
+
 def paper_lines(preset: str | None, records: list[dict]) -> list[str]:
     """'paper: 3.53 at sigma_rel 0.135 ...; this run: ...' for FID, FD-DINOv2 (when measured) and guided
-    FID (when the run has guided points), only when the preset has published numbers and the records
-    were measured with the paper's protocol; else nothing (no comparison across protocols)."""
+    FID (when the run has guided points), only when the preset has published numbers and the records were
+    measured with the paper's whole protocol (feature mode, NVIDIA's reference, 50,000 images x 3 seed sets,
+    the sampler); with another protocol one line saying what differs, and no numbers side by side."""
     entry = PUBLISHED.get(preset or "")
     from .records import record_metrics
-    if not entry or not records or not all(protocol_matches(r) for r in records):
+    if not entry or not records:
         return []
+    differ = sorted({d for r in records for d in protocol_differences(preset, r)})
+    if differ:                                       # two protocols side by side would mislead: say why not
+        return [f"paper ({PAPER}, {preset}): not compared, the protocol differs: {'; '.join(differ[:4])}"
+                f"{' ...' if len(differ) > 4 else ''}"]
     both = f"both: min over {PROTOCOL['seed_sets']} seed sets of {PROTOCOL['num_images']:,} images"
     plain = [r for r in records if (r.get("sampler") or {}).get("guidance", 1.0) == 1.0 and r.get("fid_min") is not None]
     guided = [r for r in records if (r.get("sampler") or {}).get("guidance", 1.0) != 1.0 and r.get("fid_min") is not None]

@@ -207,11 +207,16 @@ def to_row(r: dict) -> dict:
     return row
 
 
+def reference_text(r: dict) -> str:
+    """'500 reference' or, for published statistics (no image count in the file), their file name."""
+    return f"{r['ref_num_images']} reference" if r.get("ref_num_images") else f"{r.get('reference')} (published)"
+
+
 def result_line(r: dict) -> str:
     lo, hi = r.get("fid_ci95") or (float("nan"), float("nan"))
     kid_part = f", KID {r['kid'] * 1e3:.2f}e-3 +- {r['kid_std'] * 1e3:.2f}e-3" if r.get("kid") is not None else ""
     return (f"{point_label(r)}: FID {r['fid']:.2f} +- {r.get('fid_se') or float('nan'):.2f} "
-            f"(95% {lo:.1f}-{hi:.1f}){kid_part}  [{r['num_images']} images vs {r['ref_num_images']} reference, "
+            f"(95% {lo:.1f}-{hi:.1f}){kid_part}  [{r['num_images']} images vs {reference_text(r)}, "
             f"NFE {r['sampler']['nfe']}{' bf16' if r['sampler'].get('amp') == 'bf16' else ''}, {r['feature_net']}"
             f"{'; ' + protocol_text(r) if r.get('seed_sets', 1) > 1 else ''}]" + _others_text(r))
 

@@ -154,3 +154,102 @@ def test_sample_npz_is_streamed_and_reads_as_savez(project, tmp_path):
         want = generate(load_model(model)[0], 6, 3, cfg.sampler, 6)
         np.testing.assert_array_equal(z["images"], want)
         assert list(z["labels"]) == [s % 10 for s in range(3, 9)]
+
+
+# ----------------------------------------------------------------------------------------------
+# The paper's protocol: legacy features, NVIDIA's reference statistics.
+
+def test_tf1_resize_is_tensorflow_1s_definition():
+    """The legacy resize against TensorFlow 1's resize_bilinear stated directly (output pixel j reads the
+    input at j * in / out, bilinear, the far edge clamped), in float64: equal to float32 rounding."""
+    from pipeline.fid import tf1_resize_bilinear
+
+    def tf1(x, size=299):
+        def axis(n_in):
+            src = np.arange(size) * (n_in / size)
+            i0 = np.minimum(np.floor(src).astype(int), n_in - 1)
+            return i0, np.minimum(i0 + 1, n_in - 1), src - i0
+        (h0, h1, wh), (w0, w1, ww) = axis(x.shape[2]), axis(x.shape[3])
+        rows = x[:, :, h0] * (1 - wh)[:, None] + x[:, :, h1] * wh[:, None]
+        return rows[:, :, :, w0] * (1 - ww) + rows[:, :, :, w1] * ww
+    for h, w in ((32, 32), (512, 384), (64, 300)):
+        x = torch.rand(2, 3, h, w) * 255
+        np.testing.assert_allclose(tf1_resize_bilinear(x).double().numpy(), tf1(x.double().numpy()), atol=2e-2)
+
+
+@pytest.mark.skipif(not Path("/tmp/inception-2015-12-05.pt").is_file(),
+                    reason="clean-fid's copy of NVIDIA's inception-2015-12-05 detector is not on disk (no network here)")
+def test_fid_helper_carries_the_detectors_weights():
+    import warnings
+
+    from pipeline.fid import fid_helper_weights
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ours = torch.jit.load(str(fid_helper_weights())).net.layers.state_dict()
+        theirs = torch.jit.load("/tmp/inception-2015-12-05.pt").layers.state_dict()
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
+
+
+def _nvidia_refs(path, d=2048, seed=0, crafted=False):
+    """dataset-refs/<name>.pkl as calculate_metrics.py writes it: a pickled {metric: {mu, sigma}}."""
+    import pickle
+    rng = np.random.default_rng(seed)
+    a = rng.normal(size=(d, d)) / d
+    doc = {"fid": {"mu": rng.normal(size=d), "sigma": a @ a.T + np.eye(d) * 0.01}}
+    if crafted:
+        class Payload:
+            def __reduce__(self):
+                return (os.system, (f"touch {path}.RAN",))
+        doc["fid"]["extra"] = Payload()
+    path.write_bytes(pickle.dumps(doc))
+    return doc
+
+
+@pytest.mark.slow
+def test_nvidias_reference_statistics_and_the_legacy_protocol(project, tmp_path):
+    from pipeline import config as C
+    from pipeline.fid import FIDError, frechet_distance
+    refs = tmp_path / "dataset-refs"
+    refs.mkdir()
+    doc = _nvidia_refs(refs / "img512.pkl")
+    np.savez(refs / "edm.npz", mu=doc["fid"]["mu"], sigma=doc["fid"]["sigma"])
+    legacy = ["-S", "fid.mode=legacy", "-S", "fid.metrics=[fid]"]        # published files hold no images
+    recs = evaluate(project, "nvref", "-S", f"fid.reference={refs / 'img512.pkl'}", *legacy)
+    npz = evaluate(project, "edmref", "-S", f"fid.reference={refs / 'edm.npz'}", *legacy)
+    for r, name in ((recs[0], "img512.pkl"), (npz[0], "edm.npz")):
+        assert r["reference"] == name and r["mode"] == "legacy" and r["ref_num_images"] == 0 and r["kid"] is None
+        assert len(r["reference_sha256"]) == 64
+    assert [r["fid"] for r in recs] == pytest.approx([r["fid"] for r in npz], rel=1e-12)
+    # the legacy features themselves: the stored shards hold them; FID from them and the file's mu/sigma
+    shard = sorted((project / "sh-nvref").glob("*/shard-*.npz"))
+    assert shard and recs[0]["fid"] > 0
+    clean = evaluate(project, "cleanref")
+    assert clean[0]["mode"] == "clean" and abs(clean[0]["fid"] - recs[0]["fid"]) > 1e-3
+    # a clean run against NVIDIA's file, a crafted file, a missing file: one line each, nothing run
+    bad = _nvidia_refs(refs / "crafted.pkl", crafted=True)
+    for over, needle in ((["-S", f"fid.reference={refs / 'img512.pkl'}", "-S", "fid.metrics=[fid]"],
+                          "set fid.mode=legacy"),
+                         (["-S", f"fid.reference={refs / 'img512.pkl'}", "-S", "fid.mode=legacy"],
+                          "precision_recall, which needs the reference images"),
+                         (["-S", f"fid.reference={refs / 'crafted.pkl'}", *legacy], "posix.system"),
+                         (["-S", f"fid.reference={refs / 'absent.pkl'}", *legacy],
+                          "nvlabs-fi-cdn.nvidia.com/edm2/dataset-refs")):
+        r = subprocess.run([sys.executable, "-m", "stages.evaluate", "--params", str(project / "params.yaml"),
+                            "--models", str(project / "models"), "--metrics", str(tmp_path / "m"), "--shards",
+                            str(tmp_path / "sh"), "--samples", str(tmp_path / "s"), *over],
+                           cwd=project, env=ENV, capture_output=True, text=True, timeout=300)
+        err = [x for x in r.stderr.splitlines() if x.strip() and "%|" not in x]
+        assert r.returncode == 2 and len(err) == 1 and needle in err[0], r.stderr
+    assert not (refs / "crafted.pkl.RAN").exists() and bad
+    # the img512 presets resolve the paper's protocol
+    cfg = C.resolve({"preset": "img512-xs"})
+    assert (cfg.fid.num_images, cfg.fid.seed_sets, cfg.fid.mode, cfg.sampler.steps) == (50000, 3, "legacy", 32)
+    assert cfg.fid.reference == "dataset-refs/img512.pkl"
+    with pytest.raises(FIDError, match="symmetric"):
+        from pipeline.fid import read_reference_file
+        d = _nvidia_refs(refs / "asym.pkl", d=4)
+        d["fid"]["sigma"][0, 1] += 1
+        import pickle
+        (refs / "asym.pkl").write_bytes(pickle.dumps(d))
+        read_reference_file(refs / "asym.pkl", "inception")
+    assert frechet_distance(doc["fid"]["mu"], doc["fid"]["sigma"], doc["fid"]["mu"], doc["fid"]["sigma"]) < 1e-6

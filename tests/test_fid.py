@@ -444,7 +444,8 @@ def test_metrics_as_equals_fd_dinov2_precision_recall_features_once_per_network(
 
 def test_published_table_appears_only_for_the_papers_preset_and_protocol():
     from pipeline.published import PUBLISHED, paper_lines
-    rec = {"num_images": 50000, "seed_sets": 3, "sampler": {"guidance": 1.0}, "sigma_rel": 0.12, "fid": 3.9,
+    rec = {"num_images": 50000, "seed_sets": 3, "sampler": {"guidance": 1.0, "steps": 32, "solver": "heun"},
+           "sigma_rel": 0.12, "fid": 3.9, "mode": "legacy", "reference": "img512.pkl", "ref_num_images": 0,
            "fid_min": 3.71, "extra": {"metrics": {"fd_dinov2": {"value": 110.0, "min": 105.5}}}}
     guided = {**rec, "sampler": {"guidance": 1.4}, "guide": "unconditional", "fid_min": 3.1, "sigma_rel": 0.05}
     lines = paper_lines("img512-xs", [rec, guided])
@@ -452,7 +453,11 @@ def test_published_table_appears_only_for_the_papers_preset_and_protocol():
     assert "FD-DINOv2 103.39 at sigma_rel 0.200" in lines[1] and "105.50" in lines[1]
     assert "2.91 at sigma_rel 0.045, w 1.4" in lines[2] and "3.10 at sigma_rel 0.050, w 1.4" in lines[2]
     assert all("min over 3 seed sets" in line for line in lines)
-    assert paper_lines("img512-xs", [{**rec, "seed_sets": 1, "fid_min": None}]) == []       # other protocol
-    assert paper_lines("img512-xs", [{**rec, "num_images": 10000}]) == []
+    for change, why in (({"seed_sets": 1, "fid_min": None}, "fid.seed_sets is 1, the paper's 3"),
+                        ({"num_images": 10000}, "fid.num_images is 10000"), ({"mode": "clean"}, "fid.mode is clean"),
+                        ({"reference": "imagenet-val", "ref_num_images": 5000}, "the reference is imagenet-val"),
+                        ({"sampler": {"guidance": 1.0, "steps": 18}}, "sampler.steps is 18, the paper's 32")):
+        [line] = paper_lines("img512-xs", [{**rec, **change}])      # another protocol: why, and no numbers
+        assert "not compared" in line and why in line and "3.53" not in line, line
     assert paper_lines("fmnist-small", [rec]) == [] and paper_lines(None, [rec]) == []    # no published number
     assert all(0 < v[1] < 0.2887 for e in PUBLISHED.values() for v in e.values())          # valid EMA lengths
