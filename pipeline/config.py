@@ -426,6 +426,7 @@ class GridConfig(_Section):
     guidance: list[NonNegFloat] = Field(default_factory=lambda: [1.0])  # w >= 0; 1 = unguided, 0 = the guide alone
     guide: list[Any] = Field(default_factory=lambda: ["none"])    # none | unconditional | GuideSpec mapping
     steps: list[Annotated[int, AfterValidator(lambda v: _min(v, 2))]] = Field(default_factory=list)  # empty: sampler.steps
+    nimg: list[PosInt] = Field(default_factory=list)     # training lengths (snapshot times); empty: the final one
 
     @field_validator("guide")
     @classmethod
@@ -509,6 +510,12 @@ class Config(_Section):
                             self.train.checkpoint_nimg), ("train.duration_nimg", self.train.duration_nimg)):
             if value % b:   # snapshot and checkpoint times must fall on step boundaries
                 raise ValueError(f"{name}={value}: must be a multiple of train.batch_size={b}")
+        grid = self.evaluate.grid
+        for i, n in enumerate(grid.nimg if grid is not None else []):
+            if n % self.ema.snapshot_nimg or n > self.train.duration_nimg:
+                raise ValueError(f"evaluate.grid.nimg[{i}]={n}: a training length is a snapshot time: a multiple of "
+                                 f"ema.snapshot_nimg={self.ema.snapshot_nimg} up to train.duration_nimg="
+                                 f"{self.train.duration_nimg}")
         if self.ema.target_nimg is not None and self.ema.target_nimg % self.ema.snapshot_nimg:
             raise ValueError(f"ema.target_nimg={self.ema.target_nimg}: must be a multiple of ema.snapshot_nimg="
                              f"{self.ema.snapshot_nimg} (a snapshot time)")

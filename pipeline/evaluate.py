@@ -130,8 +130,9 @@ def grid_points(cfg) -> list[dict]:
     weights = g.guidance if g is not None else [cfg.sampler.guidance]
     guides = g.guide if g is not None else ["none"]
     steps = g.steps if g is not None and g.steps else [cfg.sampler.steps]
-    return [{"sigma_rel": float(s), "guide": gd, "guidance": float(w), "steps": int(n)}
-            for s in sigma for gd in guides for w in weights for n in steps]
+    lengths = g.nimg if g is not None and g.nimg else [None]          # None: the final training time
+    return [{"sigma_rel": float(s), "guide": gd, "guidance": float(w), "steps": int(n), "nimg": t}
+            for t in lengths for s in sigma for gd in guides for w in weights for n in steps]
 
 
 def reconstruction_targets(cfg) -> list:
@@ -140,10 +141,12 @@ def reconstruction_targets(cfg) -> list:
     from .config import GuideSpec
     out = []
     for p in grid_points(cfg):
-        out.append(p["sigma_rel"])
+        t = p.get("nimg")                                   # a training length of the grid, else the final time
+        out.append((t, p["sigma_rel"]) if t is not None else p["sigma_rel"])
         g = p["guide"]
         if isinstance(g, GuideSpec) and g.file is None:
             nimg, s = g.target(p["sigma_rel"])
+            nimg = nimg if nimg is not None else t
             out.append((nimg, s) if nimg is not None else s)
     return list(dict.fromkeys(out))
 
@@ -156,6 +159,7 @@ def _files(point: dict, models_dir: Path, T: int) -> tuple[Path, object]:
     """(main model file, guide: None | "unconditional" | model file) of one point."""
     from .config import GuideSpec
     from .phema import reconstruction_name
+    T = point.get("nimg") or T                          # a point at an earlier training length
     main = models_dir / reconstruction_name(T, point["sigma_rel"])
     g = point["guide"]
     if g == "none" or point["guidance"] == 1.0:
@@ -195,6 +199,7 @@ def evaluate_points(points: Sequence[dict], models_dir: str | Path, cfg, refs: S
     shards_root = Path(shards_dir) if shards_dir is not None else Path(cfg.train.run_dir).parent / "eval-shards"
     feat, ref = refs[0].extractor, refs[0].ref
     steps_axis = len({q["steps"] for q in points}) > 1
+    nimg_axis = any(q.get("nimg") for q in points)       # training length as a post-hoc axis
     if target_nimg is None:
         summary = models_dir / "reconstruct.json"
         target_nimg = json.loads(summary.read_text())["target_nimg"] if summary.is_file() else max(
@@ -280,7 +285,7 @@ def evaluate_points(points: Sequence[dict], models_dir: str | Path, cfg, refs: S
             bootstrap=fid_["bootstrap"], guide=_guide_label(p["guide"]),
             metrics={name: {k: v for k, v in e.items() if k != "bootstrap"} for name, e in m.items()},
             extra={"guide_file": str(guide) if isinstance(guide, Path) else None, "samples": grid_name,
-                   **({"steps_axis": True} if steps_axis else {})})
+                   **({"steps_axis": True} if steps_axis else {}), **({"nimg_axis": True} if nimg_axis else {})})
         if key in first_key:
             rec.extra["same_as"] = first_key[key]          # the same computation as an earlier point
         else:

@@ -132,6 +132,8 @@ def point_label(r: dict) -> str:
     text = f"sigma_rel {r['sigma_rel']:.3f}"
     if s.get("guidance", 1.0) != 1.0 or r.get("guide", "none") != "none":
         text += f", w {s.get('guidance', 1.0):g} guide {r.get('guide', 'none')}"
+    if (r.get("extra") or {}).get("nimg_axis"):
+        text += f", nimg {r.get('nimg')}"
     return text
 
 
@@ -144,6 +146,8 @@ def point_key(r: dict) -> str:
         key += f"_w{s['guidance']:g}_{r.get('guide', 'none').replace(' ', '-')}"
     if (r.get("extra") or {}).get("steps_axis"):
         key += f"_n{s['steps']}"
+    if (r.get("extra") or {}).get("nimg_axis"):
+        key += f"_t{r.get('nimg')}"
     return key
 
 

@@ -107,6 +107,8 @@ def curve_label(r: dict) -> str:
         parts.append(f"w {r['sampler']['guidance']:g}, {r['guide']}")
     if (r.get("extra") or {}).get("steps_axis"):
         parts.append(f"{r['sampler']['steps']} steps")
+    if (r.get("extra") or {}).get("nimg_axis"):                  # EDM2's figure: one curve per training length
+        parts.append(f"{r['nimg']:,} images")
     return "; ".join(parts) or "unguided"
 
 
@@ -238,8 +240,10 @@ def write_run_report(cfg_dict: dict, records: Sequence[dict], out_dir: str | Pat
     grid = is_grid(recs)
     distinct = computed(recs)
     if recs:
+        lengths = " at several training lengths" if any((r.get("extra") or {}).get("nimg_axis") for r in recs) else ""
         paths["fid"] = plot_fid_vs_ema([{**r, "label": curve_label(r) if grid else ""} for r in distinct],
-                                       figs / "fid_vs_ema.png", f"FID vs EMA length ({recs[0]['num_images']} images)")
+                                       figs / "fid_vs_ema.png",
+                                       f"FID vs EMA length{lengths} ({recs[0]['num_images']} images)")
         if grid:
             paths["grid"] = plot_guidance_grid(recs, figs / "fid_grid.png")
     if training_rows:

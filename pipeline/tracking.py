@@ -373,14 +373,15 @@ def log_ema_run(logger, parent_run_id: str | None, record: dict, grid: Path | No
     guided = s["guidance"] != 1.0 and guide != "none"
     extra = record.get("extra") or {}
     run_id = child.start(run_name=f"ema-{tag}-nfe{s['nfe']}-n{record['num_images']}"
-                                  + (f"-w{s['guidance']:g}-{guide.replace(' ', '-')}" if guided else ""),
+                                  + (f"-w{s['guidance']:g}-{guide.replace(' ', '-')}" if guided else "")
+                                  + (f"-t{record.get('nimg')}" if extra.get("nimg_axis") else ""),
                          parent_run_id=parent_run_id,
                          tags={"ema_sigma_rel": tag, "kind": "ema", "eval_key": key, "feature_net": record["feature_net"],
                                "reference": record["reference"], "model_file": record["model_file"],
                                **({"same_as": extra["same_as"]} if extra.get("same_as") else {})},
                          params={"sigma_rel": record["sigma_rel"], "guide": guide, "num_images": record["num_images"],
                                  "ref_num_images": record["ref_num_images"], "nfe": s["nfe"], "steps": s["steps"],
-                                 "churn": s["churn"], "guidance": s["guidance"],
+                                 "churn": s["churn"], "guidance": s["guidance"], "nimg": record.get("nimg"),
                                  "seeds": f"{record['seeds'][0]}-{record['seeds'][1]}",
                                  "bootstrap_resamples": (record.get("bootstrap") or {}).get("resamples")})
     row = to_row(record)                                     # every metric: <name>, _se, _lo, _hi

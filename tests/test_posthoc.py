@@ -81,3 +81,42 @@ def test_grid_config_is_checked_before_any_work():
         C.resolve({}, {"evaluate.grid": {"sigma_rel": [0.3]}})
     with pytest.raises(C.ConfigError, match="label_dropout"):
         C.resolve({}, {"train.label_dropout": 1.0})
+
+
+def test_training_length_is_a_post_hoc_axis(tmp_path, fmnist):
+    """evaluate.grid.nimg: EMA lengths at several training lengths from one training (EDM2's figure: FID
+    over EMA length, one curve per training length), through reconstruct, evaluate, the report and MLflow."""
+    from mlflow.tracking import MlflowClient
+
+    from stages.evaluate import main as evaluate_main
+    from stages.reconstruct import main as reconstruct_main
+    from stages.report import main as report_main
+    params = tiny_params(tmp_path, fmnist, evaluate={"grid": {"sigma_rel": [0.05, 0.1], "nimg": [64, 128]}})
+    cfg = C.load_config(params)
+    res = train(cfg, progress=False)
+    common = ["--params", str(params)]
+    assert reconstruct_main([*common, "--out", str(tmp_path / "models")]) == 0
+    assert sorted(p.name for p in (tmp_path / "models").glob("ema-*.safetensors")) == [
+        "ema-0000000064-0.050.safetensors", "ema-0000000064-0.100.safetensors",
+        "ema-0000000128-0.050.safetensors", "ema-0000000128-0.100.safetensors"]
+    assert evaluate_main([*common, "--models", str(tmp_path / "models"), "--ref-cache", str(tmp_path / "ref"),
+                          "--metrics", str(tmp_path / "metrics"), "--samples", str(tmp_path / "samples"),
+                          "--shards", str(tmp_path / "shards")]) == 0
+    records = json.loads((tmp_path / "metrics/fid_records.json").read_text())
+    assert {(r["nimg"], r["sigma_rel"]) for r in records} == {(t, s) for t in (64, 128) for s in (0.05, 0.1)}
+    assert len({r["fid"] for r in records}) == 4 and all(r["fid_ci95"] for r in records)
+    points = json.loads((tmp_path / "metrics/fid_points.json").read_text())
+    assert {"ema_0.050_t64", "ema_0.100_t128"} <= set(points["fid"])
+    assert report_main([*common, "--metrics", str(tmp_path / "metrics"), "--models", str(tmp_path / "models"),
+                        "--samples", str(tmp_path / "samples"), "--out", str(tmp_path / "reports")]) == 0
+    html = (tmp_path / "reports/report.html").read_text()
+    assert "nimg 64" in html and "nimg 128" in html                       # a row per (training length, EMA length)
+    assert (tmp_path / "reports/figures/fid_vs_ema.png").stat().st_size > 10_000     # one curve per training length
+    assert (tmp_path / "metrics/fid_vs_ema.png").stat().st_size > 10_000
+    client = MlflowClient(cfg.tracking.uri)
+    kids = client.search_runs([client.get_run(res.mlflow_run_id).info.experiment_id],
+                              f"tags.mlflow.parentRunId = '{res.mlflow_run_id}'")
+    assert {(int(k.data.params["nimg"]), float(k.data.params["sigma_rel"])) for k in kids} == \
+        {(t, s) for t in (64, 128) for s in (0.05, 0.1)}
+    with pytest.raises(C.ConfigError, match=r"evaluate.grid.nimg\[0\]=40: a training length is a snapshot time"):
+        C.resolve(cfg.to_dict(), {"evaluate.grid.nimg": [40]})
