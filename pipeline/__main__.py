@@ -217,12 +217,13 @@ def main(argv: list[str] | None = None) -> int:
                     "lengths, images to train and generate) and exit")
     sp.set_defaults(func=_cmd_sweep)
 
-    sp = sub.add_parser("submit", help="run training, a sweep or a command on SLURM (submitit) or locally",
+    sp = sub.add_parser("submit", help="run training, an evaluation, a sweep or a command on SLURM (submitit) or locally",
                         description="Examples: submit train -S train.ref_lr=0.005 | submit sweep sweeps/lr.yaml | "
                                     "submit cmd --wait -- dvc repro")
     common(sp)
-    sp.add_argument("kind", choices=["train", "sweep", "cmd"])
-    sp.add_argument("target", nargs="*", help="sweep: the sweep file; cmd: the command (after --)")
+    sp.add_argument("kind", choices=["train", "evaluate", "sweep", "cmd"])
+    sp.add_argument("target", nargs="*", help="sweep: the sweep file; cmd: the command (after --); evaluate: the "
+                    "stage's flags (after --, e.g. -- --models models/nvidia)")
     sp.add_argument("--executor", choices=["slurm", "local"], help="default: launcher.executor")
     for flag, key, typ in (("--partition", "partition", str), ("--gpus", "gpus_per_node", int),
                            ("--cpus", "cpus_per_task", int), ("--mem-gb", "mem_gb", float),
@@ -278,7 +279,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if rest:
         if args.command != "submit":
-            p.error("`--` is only used by `submit cmd -- <command>`")
+            p.error("`--` is only used by `submit cmd -- <command>` and `submit evaluate -- <stage flags>`")
         args.target = list(args.target) + rest
     from .cli import run
     return run(args.command, lambda: args.func(args))

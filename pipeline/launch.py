@@ -195,6 +195,30 @@ class CommandJob:
         return r.returncode
 
 
+class EvaluateJob:
+    """The evaluate stage in every task of the job (one task per GPU: the ranks come from the scheduler,
+    each sampling its share of the seeds); preempted or timed out, it is requeued and resumes from its
+    finished feature shards."""
+
+    def __init__(self, params: str, overrides: Sequence[str] = (), stage_args: Sequence[str] = (),
+                 cwd: str | None = None):
+        self.params, self.overrides, self.stage_args = params, list(overrides), list(stage_args)
+        self.cwd = cwd or os.getcwd()
+
+    def __call__(self) -> int:
+        os.chdir(self.cwd)
+        _export_distributed_env()
+        from stages.evaluate import main
+        rc = main(["--params", self.params, *[x for o in self.overrides for x in ("-S", o)], *self.stage_args])
+        if rc != 0:
+            raise LaunchError(f"the evaluate stage exited with {rc} (its one-line reason is in the job's stderr)")
+        return rc
+
+    def checkpoint(self, *args, **kwargs):
+        import submitit
+        return submitit.helpers.DelayedSubmission(EvaluateJob(self.params, self.overrides, self.stage_args, self.cwd))
+
+
 def _export_distributed_env() -> None:
     """Multi-task jobs: MASTER_ADDR/PORT, RANK, WORLD_SIZE, LOCAL_RANK from the scheduler's variables."""
     if job_env().tasks > 1 and "RANK" not in os.environ:
@@ -245,12 +269,15 @@ def make_executor(launcher: C.LauncherConfig, folder: Path, executor: str | None
 def submit(kind: str, target: Sequence[str], params_file: str = "params.yaml", overrides: Sequence[str] = (),
            executor: str | None = None, folder: str | Path | None = None, launcher_overrides: dict | None = None,
            ) -> Submitted:
-    """kind: 'train' (target unused), 'sweep' (target[0] = sweep file) or 'cmd' (target = the command)."""
+    """kind: 'train' (target unused), 'evaluate' (target: the evaluate stage's flags), 'sweep' (target[0] =
+    sweep file) or 'cmd' (target = the command)."""
     lo = {f"launcher.{k}": v for k, v in (launcher_overrides or {}).items() if v is not None}
     cfg = C.load_config(params_file, [*overrides, *(f"{k}={v}" for k, v in lo.items())]) \
         if Path(params_file).is_file() else C.resolve({}, lo)
     if kind == "train":
         fn, name = TrainJob(params_file, overrides), "edm2-train"
+    elif kind == "evaluate":                               # target: the stage's own flags (after --)
+        fn, name = EvaluateJob(params_file, overrides, target), "edm2-evaluate"
     elif kind == "sweep":
         if len(target) != 1:
             raise LaunchError(f"submit sweep takes one sweep file, e.g. submit sweep sweeps/lr.yaml "

@@ -253,3 +253,18 @@ def test_nvidias_reference_statistics_and_the_legacy_protocol(project, tmp_path)
         (refs / "asym.pkl").write_bytes(pickle.dumps(d))
         read_reference_file(refs / "asym.pkl", "inception")
     assert frechet_distance(doc["fid"]["mu"], doc["fid"]["sigma"], doc["fid"]["mu"], doc["fid"]["sigma"]) < 1e-6
+
+
+@pytest.mark.slow
+def test_submit_evaluate_runs_the_stage_as_a_job(project):
+    """`python -m pipeline submit evaluate` (submitit's local executor here; SLURM in docs/gpu-cluster.md) runs the
+    evaluate stage with its flags after --; its records equal the stage run directly."""
+    direct = evaluate(project, "direct")
+    r = subprocess.run([sys.executable, "-m", "pipeline", "submit", "evaluate", "--params", str(project / "params.yaml"),
+                        "--executor", "local", "--wait", "--folder", str(project / "jobs"), "--",
+                        "--models", str(project / "models"), "--metrics", str(project / "m-job"), "--samples",
+                        str(project / "s-job"), "--shards", str(project / "sh-job"), "--ref-cache",
+                        str(project / "ref-direct")], cwd=project, env=ENV, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    job = json.loads((project / "m-job" / "fid_records.json").read_text())
+    assert [x["fid"] for x in job] == [x["fid"] for x in direct]
