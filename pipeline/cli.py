@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from typing import Callable
 
@@ -85,6 +86,8 @@ def run(name: str, fn: Callable[[], int | None]) -> int:
     """Run a command. A project error (PipelineError) or an operating-system error (a read-only or
     full disk, a file where a folder belongs) prints one line and exits 2; writes are atomic, so
     nothing is left half-written."""
+    if os.environ.get("EDM2_PARSE_ONLY") == "1":         # docs' commands checked to parse (tests), nothing run
+        return 0
     try:
         from .devices import use_given_cpus
         use_given_cpus()                             # torch's threads = the CPUs this job was given (said by the work)

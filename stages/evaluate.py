@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 from pipeline import cli
+from pipeline.devices import use_given_cpus
 from pipeline.evaluate import evaluate_models, evaluate_points, grid_points, write_metrics
 from pipeline.fid import FIDError
 from pipeline.io import check_writable
@@ -50,6 +51,8 @@ def main(argv: list[str] | None = None) -> int:
         rank, world, device, barrier, reduce = eval_ranks(args.device or cfg.fid.device,
                                                           "--device" if args.device else "fid.device")
         check_metrics(cfg)
+        if rank == 0:
+            use_given_cpus(log=print)               # "cpu: N threads (...)", and a busy-machine warning
         if rank == 0:
             print(f"evaluate: sampling and features on {device}" + (f", {world} processes" if world > 1 else ""))
         if Path(args.models).is_dir():

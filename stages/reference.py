@@ -7,6 +7,7 @@ import os
 import sys
 
 from pipeline import cli
+from pipeline.devices import use_given_cpus
 from pipeline.io import check_writable
 from pipeline.metrics import check_metrics, references
 from pipeline.shards import eval_ranks
@@ -29,6 +30,8 @@ def main(argv: list[str] | None = None) -> int:
         rank, world, device, _, reduce = eval_ranks(args.device or cfg.fid.device,
                                                     "--device" if args.device else "fid.device")
         check_metrics(cfg)
+        if rank == 0:
+            use_given_cpus(log=print)
         groups = references(cfg, device, args.out, progress=rank == 0, ranks=(rank, world), reduce=reduce)
         if rank != 0:
             return 0

@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 from pipeline import cli
+from pipeline.devices import use_given_cpus
 from pipeline.io import RunLock, check_writable
 from pipeline.training import TrainingError, list_checkpoints, load_latest_checkpoint, train
 from pipeline.workspace import link_run_dir
@@ -46,6 +47,8 @@ def main(argv: list[str] | None = None) -> int:
                                 f"--node-rank R --master-addr HOST ... -m stages.train` on every node (docs/scaling.md)")
         if nproc > 1 and "LOCAL_RANK" not in os.environ:
             return cli.torchrun_self("stages.train", nproc, argv if argv is not None else sys.argv[1:])
+        if int(os.environ.get("RANK", "0")) == 0:
+            use_given_cpus(log=print)               # "cpu: N threads (...)", and a busy-machine warning
         if args.on_mismatch == "archive" and int(os.environ.get("RANK", "0")) == 0:
             _archive_if_mismatched(cfg)
         res = train(cfg, stage=args.stage, progress=not args.no_progress)

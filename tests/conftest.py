@@ -134,7 +134,7 @@ def slurm_cluster():
 # The unit tier (`make test-unit`, under 2 minutes on 2 cores): pure tests, no subprocess, no Ray,
 # no server, no encoded dataset. A test in these modules is `unit` unless it is `slow`, marked
 # `integration`, or asks for a fixture that builds real data or services.
-UNIT_MODULES = {"test_config", "test_refusals", "test_threads", "test_data", "test_edm", "test_networks", "test_nvidia", "test_phema", "test_speedups",
+UNIT_MODULES = {"test_config", "test_refusals", "test_threads", "test_docs_commands", "test_data", "test_edm", "test_networks", "test_nvidia", "test_phema", "test_speedups",
                 "test_tracking", "test_fuzz", "test_failures", "test_gpu", "test_sweep_tables", "test_tables", "test_sweep_scale"}
 HEAVY_FIXTURES = {"fmnist", "tiny", "tiny_sweep", "slurm_cluster", "plain", "plain_dir"}
 
