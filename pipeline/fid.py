@@ -220,7 +220,8 @@ def streamed_statistics(dataset, feat: FeatureNet, n: int, batch_size: int = 32,
     """(mu, unbiased Sigma, the first REF_FEATURES_KEPT features as float32) of a dataset's first n images,
     streamed: chunks of REF_CHUNK_IMAGES images into features, running sums of the features and of their
     outer products in float64; under torchrun chunk i belongs to rank i mod world and `reduce` (a sum over
-    ranks) joins the sums exactly. Memory: the D x D sums and the kept features, whatever n is."""
+    ranks) joins the sums exactly. Memory: one batch of pixels, a chunk's features, the D x D sums and the
+    kept features, whatever n is."""
     rank, world = ranks
     s1, s2, count, kept, d = None, None, 0, None, None
     chunks = [(lo, min(lo + REF_CHUNK_IMAGES, n)) for lo in range(0, n, REF_CHUNK_IMAGES)]
@@ -231,7 +232,8 @@ def streamed_statistics(dataset, feat: FeatureNet, n: int, batch_size: int = 32,
     for i, (lo, hi) in enumerate(chunks):
         if i % world != rank:
             continue
-        f = array_features(dataset.uint8_images(hi, start=lo), feat, batch_size)
+        f = np.concatenate([array_features(dataset.uint8_images(min(b + batch_size, hi), start=b), feat, batch_size)
+                            for b in range(lo, hi, batch_size)])          # one batch of pixels in memory at a time
         if s1 is None:
             d = f.shape[1]
             s1, s2, kept = np.zeros(d), np.zeros((d, d)), np.zeros((min(n, REF_FEATURES_KEPT), d), np.float32)

@@ -121,7 +121,11 @@ def init_store(uri: str) -> None:
     path = Path(uri.split("?", 1)[0][len("sqlite:///"):])
     if str(path) == ":memory:" or not path.parent.is_dir():
         return
-    with open(path.with_name(path.name + ".init-lock"), "a") as lock:
+    import hashlib
+    import tempfile
+    # The lock lives outside the project (nothing new beside the database in a repository's status).
+    name = f"edm2-mlflow-init-{hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:16]}.lock"
+    with open(Path(tempfile.gettempdir()) / name, "a") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)                 # the others wait here while one migrates
         try:
             from mlflow.tracking import MlflowClient

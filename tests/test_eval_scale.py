@@ -268,3 +268,20 @@ def test_submit_evaluate_runs_the_stage_as_a_job(project):
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     job = json.loads((project / "m-job" / "fid_records.json").read_text())
     assert [x["fid"] for x in job] == [x["fid"] for x in direct]
+
+
+@pytest.mark.slow
+def test_reference_stage_memory_does_not_grow_with_its_images(project):
+    """The reference statistics stream (a batch of pixels at a time, running sums): peak RSS of the
+    reference stage for 128 and 512 reference images (4x) within 10 %."""
+    def peak(n):
+        code = ("import resource, sys; from stages.reference import main; rc = main(sys.argv[1:]); "
+                "print('PEAK', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024); sys.exit(rc)")
+        r = subprocess.run([sys.executable, "-c", code, "--params", str(project / "params.yaml"), "--out",
+                            str(project / f"refmem-{n}"), "-S", f"fid.ref_num_images={n}", "-S", "fid.metrics=[fid]"],
+                           cwd=project, env=ENV, capture_output=True, text=True, timeout=900)
+        assert r.returncode == 0, r.stderr[-2000:]
+        return float(r.stdout.split("PEAK")[-1])
+    small, large = peak(128), peak(512)
+    print(f"reference peak RSS: 128 images {small:.0f} MB, 512 images {large:.0f} MB")
+    assert large <= small * 1.10, (small, large)
