@@ -80,7 +80,8 @@ def pick_device(choice: str = "auto", field: str = "device"):
 def cpu_limits() -> dict[str, int]:
     """Each limit on this process's CPUs that is set: the affinity mask (taskset, SLURM's binding),
     the cgroup's CPU quota (containers, SLURM's cgroup plugin), a share per torchrun process on the node,
-    the scheduler's CPUs per task, and a Ray trial's CPUs (EDM2_TRIAL_CPUS, set by the sweep's trial)."""
+    the scheduler's CPUs per task, a Ray trial's CPUs (EDM2_TRIAL_CPUS, set by the sweep's trial), and
+    OMP_NUM_THREADS when set."""
     import math
     import os
     out = {}
@@ -106,11 +107,12 @@ def cpu_limits() -> dict[str, int]:
     from .backends import job_env                         # the scheduler's variables are read there only
     if job_env().cpus_per_task:
         out["cpus per task"] = job_env().cpus_per_task
-    try:
-        if os.environ.get("EDM2_TRIAL_CPUS"):
-            out["Ray trial"] = max(1, int(float(os.environ["EDM2_TRIAL_CPUS"])))
-    except ValueError:
-        pass
+    for name, var in (("Ray trial", "EDM2_TRIAL_CPUS"), ("OMP_NUM_THREADS", "OMP_NUM_THREADS")):
+        try:                                               # a thread count set by the user or torchrun is a limit too
+            if os.environ.get(var):
+                out[name] = max(1, int(float(os.environ[var])))
+        except ValueError:
+            pass
     return out
 
 
