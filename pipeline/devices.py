@@ -83,7 +83,6 @@ def cpu_limits() -> dict[str, int]:
     the scheduler's CPUs per task, a Ray trial's CPUs (EDM2_TRIAL_CPUS, set by the sweep's trial), and
     OMP_NUM_THREADS when set."""
     import math
-    import os
     out = {}
     try:
         out["affinity"] = len(os.sched_getaffinity(0))
@@ -105,8 +104,9 @@ def cpu_limits() -> dict[str, int]:
     if local > 1:                                          # torchrun's processes on this node share its CPUs
         out["per local rank"] = max(1, min(out.values()) // local)
     from .backends import job_env                         # the scheduler's variables are read there only
-    if job_env().cpus_per_task:
-        out["cpus per task"] = job_env().cpus_per_task
+    per_task = job_env().cpus_per_task
+    if per_task:
+        out["cpus per task"] = per_task
     for name, var in (("Ray trial", "EDM2_TRIAL_CPUS"), ("OMP_NUM_THREADS", "OMP_NUM_THREADS")):
         try:                                               # a thread count set by the user or torchrun is a limit too
             if os.environ.get(var):
@@ -122,8 +122,6 @@ _SAID: list[int] = []
 def use_given_cpus(log=None) -> int:
     """torch's intra-op threads = the smallest CPU limit; with `log`, said once per process with where it
     comes from, and one warning line when the machine is already busier than its CPUs. Returns the threads."""
-    import os
-
     import torch
     limits = cpu_limits()
     n = min(limits.values())

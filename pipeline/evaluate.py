@@ -32,9 +32,10 @@ def load_model(path: str | Path, device="cpu"):
     tensors of other names, shapes or types than that network's, and non-finite values are refused in
     one line naming the file and the field or tensor."""
     from .networks import build_network
-    from .phema import load_reconstruction, network_of_header
-    data = load_reconstruction(path)      # format, header values, tensors against the network, finite values
-    cfg, args, _ = network_of_header(data, path, FIDError)
+    from .phema import load_checked_reconstruction, network_of_header
+    # format, header values, tensors against the network, finite values; the header's network checked once
+    data, network = load_checked_reconstruction(path, FIDError)
+    cfg, args = network if network is not None else network_of_header(data, path, FIDError)[:2]
     net = build_network(cfg, **args)
     net.load_state_dict(data["state"])
     return net.eval().to(device), data

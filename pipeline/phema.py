@@ -614,14 +614,22 @@ def load_reconstruction(path: str | Path) -> dict:
     """A reconstructed model: {'state': tensors, **metadata}; anything but this pipeline's
     safetensors reconstruction (a pickled .pt included) is refused without being loaded, and so is
     one whose tensors are not the network its header describes (checked before reading them)."""
+    return load_checked_reconstruction(path)[0]
+
+
+def load_checked_reconstruction(path: str | Path, error: type[Exception] = PHEMAError):
+    """(load_reconstruction's dict, (config, build arguments) of the network its header describes, or None
+    for a header without net_args): the header's network is sized and checked against the tensors once."""
     from .networks import check_state
     meta = check_reconstruction(path)
+    network = None
     if meta.get("net_args"):
         spans, _ = read_safetensors_header(path, "reconstructed model", PHEMAError)
-        check_state(network_of_header(meta, path)[2], {k: (v[3], v[2]) for k, v in spans.items()}, str(path),
-                    PHEMAError)
+        cfg, args, shapes = network_of_header(meta, path, error)
+        check_state(shapes, {k: (v[3], v[2]) for k, v in spans.items()}, str(path), PHEMAError)
+        network = (cfg, args)
     state, meta = load_safetensors(path, "reconstructed model", PHEMAError)
-    return {**meta, "state": state}
+    return {**meta, "state": state}, network
 
 
 def convert_legacy(paths: Sequence[str | Path]) -> list[tuple[Path, Path]]:

@@ -128,14 +128,6 @@ def write_key_file(folder: Path, parts: dict) -> None:
     atomic_write_text(json.dumps(parts, indent=2, sort_keys=True, default=str), folder / "computation.json")
 
 
-def remove_folders(folders: Sequence[Path]) -> None:
-    """Shards of finished records (their numbers are in the records now)."""
-    import shutil
-    for f in folders:
-        if f.is_dir() and all(p.name.startswith(("shard-", "computation.json", ".")) for p in f.iterdir()):
-            shutil.rmtree(f, ignore_errors=True)
-
-
 def eval_ranks(device_choice: str, field: str):
     """(rank, world, device, barrier, reduce) of an evaluation or reference process: one process, or a
     torchrun/srun rank in its process group (gloo on CPUs, NCCL on GPUs, each rank on cuda:LOCAL_RANK).
