@@ -31,7 +31,7 @@ def main(argv=None) -> None:
     from ray.tune.search import BasicVariantGenerator
 
     from pipeline import config as C
-    from pipeline.data import ensure_encoded
+    from pipeline.data.encode import ensure_encoded
     from pipeline.metrics import references
     work = Path(args.workdir).resolve()
     base = C.load_config(work / "params.yaml", {**json.loads(args.overrides), "tracking.enabled": False})

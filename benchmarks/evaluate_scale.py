@@ -30,10 +30,10 @@ def make_project(d: Path, smoke: bool) -> Path:
     import torch
 
     from pipeline import config as C
-    from pipeline.data import encode_dataset
+    from pipeline.data.encode import encode_dataset
     from pipeline.io import save_safetensors
     from pipeline.networks import build_network
-    from pipeline.phema import RECONSTRUCTION_FORMAT
+    from pipeline.snapshots import RECONSTRUCTION_FORMAT
     raw = yaml.safe_load((ROOT / "params.yaml").read_text())
     raw["data"]["dataset_dir"] = str(d / "data")
     raw["sampler"].update(steps=4 if smoke else 8, batch_size=32)

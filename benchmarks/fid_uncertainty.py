@@ -10,7 +10,7 @@ from pathlib import Path
 
 from benchmarks.common import parser, write
 from pipeline import config as C
-from pipeline.data import EncodedDataset
+from pipeline.data.encoded import EncodedDataset
 from pipeline.evaluate import generate, load_model
 from pipeline.fid import array_features, load_feature_net, measure, reference_dataset_dir, reference_stats
 

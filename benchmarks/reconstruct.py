@@ -15,8 +15,9 @@ from pathlib import Path
 import torch
 
 from benchmarks.common import parser, write
-from pipeline import phema
-from pipeline.phema import PowerFunctionEMA, reconstruct
+from pipeline import reconstruction, snapshots
+from pipeline.phema import PowerFunctionEMA
+from pipeline.reconstruction import reconstruct
 
 
 def drop_page_cache() -> bool:
@@ -69,7 +70,7 @@ def main(argv=None):
             return time.perf_counter() - t
 
         figures.update(snapshots=len(files), targets=args.targets, bytes=total,
-                       group=args.group or phema.default_group(phema.scan_snapshots(d)[0]))
+                       group=args.group or reconstruction.default_group(snapshots.scan_snapshots(d)[0]))
         repeats = 1 if args.smoke else args.repeats
         for cache in ("cold", "warm"):
             if cache == "cold" and not drop_page_cache():

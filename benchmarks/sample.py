@@ -1,7 +1,6 @@
 """Sampling throughput (images/s) at NFE 35 (18 Heun steps) and NFE 63 (32 steps)."""
 from __future__ import annotations
 
-import itertools
 
 import torch
 

@@ -41,7 +41,7 @@ def stub_trial(job: dict, report) -> None:
     from pipeline.io import atomic_write_text
     from pipeline.records import FIDRecord
     from pipeline.sweep.trial import write_trial_state
-    from pipeline.tracking import RunLogger, log_ema_runs, run_tags
+    from pipeline.tracking.logger import RunLogger, log_ema_runs, run_tags
     cfg, spec, trial_dir = job["config"], job["spec"], Path(job["trial_dir"])
     run_dir = trial_dir / "run"
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -86,7 +86,7 @@ def run(trials: int, workdir: Path, concurrent: int = 2) -> dict:
     from pipeline.sweep.driver import run_sweep
     from pipeline.sweep.results import results_table, write_results
     from pipeline.sweep.schema import load_sweep
-    from pipeline.sweep.space import plan
+    from pipeline.sweep.plan import plan
     sweep = {"name": f"scale{trials}", "search": {"train.ref_lr": {"loguniform": [0.001, 0.1]}},
              "algorithm": "random", "num_samples": trials, "ema_lengths": EMA_LENGTHS, "max_concurrent": concurrent,
              "experiment": "sweep-scale", "storage": "runs/sweeps"}

@@ -1,7 +1,6 @@
 """`python -m pipeline <command>`: the project's command line (each stage also has its own CLI)."""
 from __future__ import annotations
 
-import argparse
 import sys
 
 import yaml
@@ -39,7 +38,7 @@ def _cmd_sweep(args) -> None:
 
 
 def _cmd_convert(args) -> int:
-    from .phema import convert_legacy
+    from .snapshots import convert_legacy
     if not args.trust:
         print("convert: loading a pickled .pt file can run code; this command reads it only with "
               "torch.load(weights_only=True), but give --trust to say you know where the files come from",
@@ -52,7 +51,7 @@ def _cmd_convert(args) -> int:
 
 def _cmd_dataset(args) -> None:
     from .cli import config_from
-    from .data import write_edm2_dataset
+    from .data.encode import write_edm2_dataset
     cfg = config_from(args)
     r = write_edm2_dataset(cfg, args.out, args.split)
     print(f"{r['count']} images ({cfg.data.resolution}x{cfg.data.resolution}, {cfg.data.channels} channel(s), "
@@ -89,7 +88,8 @@ def _cmd_submit(args) -> int:
 def _cmd_runs(args) -> int:
     from pathlib import Path
 
-    from .tracking import load_runs, tracking_uri
+    from .tracking.runs import load_runs
+    from .tracking.store import tracking_uri
     cfg = C.load_config(args.params) if Path(args.params).is_file() else None
     if args.out:
         from .io import check_writable
@@ -138,7 +138,7 @@ def _model_sampler(args, cfg):
     """(sampler settings, what to say): the model's recorded ones (its header's config) when they differ
     from the params in anything but the guidance weight and no sampler value was given on the command
     line; the params' otherwise."""
-    from .phema import check_reconstruction
+    from .snapshots import check_reconstruction
     from .records import sampler_record
     recorded_cfg = check_reconstruction(args.model).get("config")
     recorded = recorded_cfg.get("sampler") if isinstance(recorded_cfg, dict) else None   # a foreign header: params

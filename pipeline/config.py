@@ -20,7 +20,7 @@ from .devices import DEVICE_PATTERN
 from .errors import PipelineError
 from .backends import BACKENDS as _BACKENDS
 from .options import NOISE_LAWS as _NOISE_LAWS, SOLVERS as _SOLVERS
-from .sources import SOURCES as _SOURCES
+from .data.sources import SOURCES as _SOURCES
 
 SIGMA_REL_MAX = math.sqrt(1.0 / 12.0)  # method.md 6: sigma_rel < sqrt(1/12) ~= 0.2887
 PRESETS_FILE = Path(__file__).with_name("presets.yaml")
@@ -180,7 +180,7 @@ class DataConfig(_Section):
     encoder: Literal["pixel", "vae"] = "pixel"
     vae_path: Optional[str] = None         # local diffusers AutoencoderKL folder; never downloaded
     latent_convention: Literal["edm2", "data-stats"] = "edm2"   # VAE latents: EDM2's exactly, or per-dataset
-    #                                                             statistics (pipeline/latents.py, method.md 7)
+    #                                                             statistics (pipeline/data/latents.py, method.md 7)
     max_images: Optional[PosInt] = None    # cap for quick runs; None = all
     reference_split: Optional[PosFloat] = None   # held out of training for the FID reference (fid.reference:
     #                                              held-out): a fraction < 1 or a count of images

@@ -11,6 +11,11 @@ class PipelineError(Exception):
     """A bad input, file or environment; the message says what and where, in one line."""
 
 
+
+class SweepError(PipelineError, ValueError):
+    """A sweep that cannot run or continue as asked (its file, its resources, its results)."""
+
+
 def one_line_os_error(err: OSError) -> str:
     """'<path>: <reason>' for read-only folders, full disks, a file where a folder belongs."""
     where = err.filename if err.filename is not None else ""

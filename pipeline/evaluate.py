@@ -32,7 +32,7 @@ def load_model(path: str | Path, device="cpu"):
     tensors of other names, shapes or types than that network's, and non-finite values are refused in
     one line naming the file and the field or tensor."""
     from .networks import build_network
-    from .phema import load_checked_reconstruction, network_of_header
+    from .snapshots import load_checked_reconstruction, network_of_header
     # format, header values, tensors against the network, finite values; the header's network checked once
     data, network = load_checked_reconstruction(path, FIDError)
     cfg, args = network if network is not None else network_of_header(data, path, FIDError)[:2]
@@ -71,7 +71,7 @@ def generate_batches(net, num_images: int, seed: int, sampler_cfg, batch_size: i
     uint8 pixels (latents.Decoder: a latent model's VAE); default the pixel one. `work`: the images of the
     whole job this call is part of (the compile decision), default num_images."""
     from .edm import class_labels, sample_images
-    from .latents import Decoder
+    from .data.latents import Decoder
     from .networks import compile_wanted
     decoder = decoder or Decoder({"encoder": "pixel"}, None)
     # compile: auto -> compiled when the job's images x NFE pass the break-even (a compiled network is
@@ -123,7 +123,7 @@ def generate_batches(net, num_images: int, seed: int, sampler_cfg, batch_size: i
 # ----------------------------------------------------------------------------------------------
 # The evaluation.
 
-def grid_points(cfg) -> list[dict]:
+def evaluation_points(cfg) -> list[dict]:
     """The post-hoc points of cfg.evaluate.grid, every combination of its axes (default: ema.targets
     at the sampler's settings, unguided). guide none, or w = 1, is the unguided model (method.md 5)."""
     g = cfg.evaluate.grid
@@ -141,7 +141,7 @@ def reconstruction_targets(cfg) -> list:
     time, and each guide that is a reconstruction of the run ((nimg, sigma_rel), or sigma_rel)."""
     from .config import GuideSpec
     out = []
-    for p in grid_points(cfg):
+    for p in evaluation_points(cfg):
         t = p.get("nimg")                                   # a training length of the grid, else the final time
         out.append((t, p["sigma_rel"]) if t is not None else p["sigma_rel"])
         g = p["guide"]
@@ -159,7 +159,7 @@ def _guide_label(guide) -> str:
 def _files(point: dict, models_dir: Path, T: int) -> tuple[Path, object]:
     """(main model file, guide: None | "unconditional" | model file) of one point."""
     from .config import GuideSpec
-    from .phema import reconstruction_name
+    from .reconstruction import reconstruction_name
     T = point.get("nimg") or T                          # a point at an earlier training length
     main = models_dir / reconstruction_name(T, point["sigma_rel"])
     g = point["guide"]
@@ -189,7 +189,7 @@ def evaluate_points(points: Sequence[dict], models_dir: str | Path, cfg, refs: S
     training run, `eval-shards/`) that a rerun reuses (pipeline/shards.py). `ranks` = (rank, world): under
     torchrun each rank computes its shards, `barrier` joins them, and rank 0 alone measures and returns
     the records (the others return [])."""
-    from .phema import check_reconstruction
+    from .snapshots import check_reconstruction
     from .images import save_image_grid
     models_dir = Path(models_dir)
     f = cfg.fid
@@ -302,7 +302,7 @@ def decoder_for(model_meta: dict, cfg, device, cache: dict | None = None):
     """How a model's samples become pixels: its header's data settings (a VAE latent model decodes with
     the VAE of data.vae_path and its convention). `cache`: decoders by those settings, so the models of
     one evaluation load the VAE once."""
-    from .latents import Decoder
+    from .data.latents import Decoder
     data = (model_meta.get("config") or {}).get("data") or {}
     key = (data.get("encoder"), data.get("latent_convention"))
     cache = {} if cache is None else cache
@@ -320,7 +320,7 @@ def evaluate_models(model_files: Sequence[str | Path], cfg, refs: Sequence[tuple
                     device="cpu", progress: bool = True, log=print, shards_dir=None, ranks=(0, 1),
                     barrier=None) -> list[FIDRecord]:
     """One record per model file at the sampler's settings, unguided (evaluate_points over them)."""
-    from .phema import check_reconstruction
+    from .snapshots import check_reconstruction
     records = []
     folders: dict = {}
     for path in model_files:
@@ -386,12 +386,12 @@ def evaluate_run(cfg, snapshot_dir: str | Path, out_dir: str | Path, ref_cache: 
     guides (cfg.evaluate.grid, default ema.targets) into out_dir/ema in one pass, then evaluate every
     point against the reference (cached in ref_cache). Records are kept in out_dir/fid_records.json; a
     second call with the same points and settings reuses them (what a retried sweep trial needs)."""
-    from .phema import reconstruct
+    from .reconstruction import reconstruct
     from .metrics import metric_names, references
     from .records import SAMPLER_AXES
     out_dir = Path(out_dir)
     summary = reconstruct(snapshot_dir, reconstruction_targets(cfg), out_dir=out_dir / "ema")
-    points = grid_points(cfg)
+    points = evaluation_points(cfg)
     T = summary["target_nimg"]
     records_file = out_dir / "fid_records.json"
 
@@ -455,7 +455,7 @@ def export_samples(model_file: str | Path, num_images: int, out: str | Path, sam
     from PIL import Image
 
     from .io import check_writable
-    from .phema import check_reconstruction
+    from .snapshots import check_reconstruction
     out = Path(out)
     check_writable(out, "--out", folder=out.suffix != ".npz")
     header = check_reconstruction(model_file)

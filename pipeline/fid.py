@@ -173,7 +173,7 @@ def reference_dataset_dir(cfg, ref_cache: str | Path = "data/fid-ref") -> str:
     by the content hash of its files and the encoding settings, so it is encoded once)."""
     ref, d = cfg.fid.reference, cfg.data
     if ref == "fashion-mnist-test":
-        from .sources import SOURCES
+        from .data.sources import SOURCES
         if "test" not in SOURCES[d.source].splits:
             raise FIDError(f"fid.reference=fashion-mnist-test, but data.source={d.source}: set data.reference_split "
                            f"and fid.reference=held-out, or fid.reference to an image folder or zip")
@@ -193,8 +193,9 @@ def reference_dataset_dir(cfg, ref_cache: str | Path = "data/fid-ref") -> str:
 
 
 def _encoded_reference(cfg, path: Path, ref_cache: Path) -> Path:
-    from .data import encode_dataset, sha256_files
-    from .latents import pixel_resolution
+    from .data.encode import encode_dataset
+    from .data.manifest import sha256_files
+    from .data.latents import pixel_resolution
     res = pixel_resolution(cfg.data)                   # a latent run's reference is pixels at the VAE's size
     channels = cfg.data.channels if cfg.data.encoder == "pixel" else 3
     files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]

@@ -8,10 +8,12 @@ values. A refused file is reported in one line and never executed.
 """
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
 import re
+import shutil
 import socket
 import struct
 import tempfile
@@ -97,6 +99,23 @@ class _WriteErrors:
 
     def flush(self):
         return self.f.flush()
+
+
+@contextlib.contextmanager
+def published_folder(out: Path, replace: bool = False):
+    """A folder written whole or not at all: yields a temp folder beside `out`, renamed to `out` when
+    the block ends (an existing `out` replaced only with `replace`); removed if the block raises."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        yield tmp
+        tmp.chmod(0o755)
+        if replace and out.is_dir():
+            shutil.rmtree(out)
+        tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 def atomic_torch_save(obj: Any, path: str | Path) -> Path:
@@ -358,6 +377,15 @@ class RunLock:
 # The metrics log (JSON lines): appends are all-or-nothing, a torn last line is dropped on read.
 
 _write = os.write                                    # the one write call of append_line (tests inject a full disk)
+
+
+def read_json(path: Path) -> dict:
+    """A small JSON object from `path`, or {} when it is missing or unreadable."""
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
 
 
 def append_line(path: str | Path, line: str) -> None:

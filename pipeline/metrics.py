@@ -136,7 +136,7 @@ def references(cfg, device, ref_cache: str | Path, progress: bool = True, ranks:
     """The feature groups of cfg.fid.metrics (Inception, with FID, first), each network loaded once and
     its reference computed once (streamed; under torchrun spread over the ranks, joined by `reduce`),
     then read from the cache (keyed by the network's hash)."""
-    from .data import EncodedDataset
+    from .data.encoded import EncodedDataset
     from .fid import is_reference_file, read_reference_file, reference_dataset_dir, reference_stats
     published = is_reference_file(cfg.fid.reference)
     check_reference_protocol(cfg)

@@ -12,7 +12,6 @@ snapshot (the source file's name and sha256 in its header). Anything else is ref
 from __future__ import annotations
 
 import collections
-import copyreg
 import hashlib
 import io
 import math
@@ -412,7 +411,9 @@ def import_files(paths: Sequence[str | Path], out_dir: str | Path, kind: str = "
     record take NVIDIA's defaults (NVIDIA_DEFAULTS). Every file is read and checked before the first is
     written."""
     from .io import check_writable, files_in, save_safetensors
-    from .phema import RECONSTRUCTION_FORMAT, SNAPSHOT_FORMAT, reconstruction_name, sigma_rel_to_gamma, snapshot_name
+    from .phema import SNAPSHOT_FORMAT, sigma_rel_to_gamma, snapshot_name
+    from .reconstruction import reconstruction_name
+    from .snapshots import RECONSTRUCTION_FORMAT
     files = files_in(paths, lambda f: f.suffix == ".pkl", NvidiaImportError, ".pkl files")
     if len(files) > 1 and (kimg is not None or sigma_rel is not None):
         raise NvidiaImportError(f"--kimg / --sigma-rel name one file's position; {len(files)} files were given")

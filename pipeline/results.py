@@ -17,7 +17,7 @@ def results_lines(cfg, metrics_dir: str | Path = "metrics", report: str | Path =
     from .published import paper_lines
     from .records import computed, point_label, protocol_text, read_records, result_line
     from .stats import ranking
-    from .tracking import tracking_uri
+    from .tracking.store import tracking_uri
     m = Path(metrics_dir)
     rec_file = m / "fid_records.json"
     if not rec_file.is_file():

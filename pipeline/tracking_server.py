@@ -15,7 +15,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from .tracking import TrackingError, _reachable
+from .tracking.store import TrackingError, _reachable
 
 START_TIMEOUT_S = 120.0
 

@@ -23,7 +23,7 @@ import torch
 import torch.distributed as dist
 
 from . import config as C
-from .data import EncodedDataset, Prefetcher
+from .data.encoded import EncodedDataset, Prefetcher
 from .edm import edm2_loss, learning_rate, sample_images, sample_sigma
 from .io import (RunLock, atomic_torch_save, atomic_write_text, load_torch_file, read_jsonl,
                  remove_stale_temps)
@@ -348,7 +348,7 @@ def _start_tracking(s: Session, stage, parent_run_id, run_name, mlflow_params=No
     """The run folder's config.yaml and the MLflow run (the same one across resumes). Its params: every
     config field, or `mlflow_params` (a sweep trial: its searched values and run key; the full config is
     the config.yaml artifact)."""
-    from .tracking import RunLogger, run_tags
+    from .tracking.logger import RunLogger, run_tags
     cfg, run_dir = s.cfg, s.run_dir
     run_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(C.yaml_dump(cfg), run_dir / "config.yaml")
@@ -534,7 +534,7 @@ def write_summary(run_dir: Path, cfg: C.Config, status: str, nimg: int, train_se
     """train_summary.json, computed from the run's whole metrics history (never from this call alone,
     so a rerun or a resume after a kill keeps the final loss and the speed). keep_existing: leave a
     complete summary as it is (a finished run rerun changes nothing)."""
-    from .tracking import git_revision
+    from .provenance import git_revision
     path = run_dir / "train_summary.json"
     if keep_existing and path.is_file():
         try:
@@ -639,7 +639,7 @@ def _log_window(logger, window: dict, nimg: int, lr: float, d: Dist) -> None:
 def _log_samples(net, ema, cfg, args, run_dir: Path, nimg: int, logger, d: Dist, count: int = 36) -> None:
     """A sample grid from the longest tracked EMA, saved in the run folder and logged to MLflow (a latent
     run's samples decoded by its VAE)."""
-    from .latents import Decoder
+    from .data.latents import Decoder
     from .images import save_image_grid
     sampler = cfg.sampler.model_copy(update={"steps": min(cfg.sampler.steps, 18)})
     probe = build_network(cfg, **args).to(d.device)

@@ -9,7 +9,8 @@ import sys
 from pathlib import Path
 
 from pipeline import cli
-from pipeline.data import DataError, dataset_splits, encode_dataset
+from pipeline.data.encode import dataset_splits, encode_dataset
+from pipeline.data.pixels import DataError
 
 
 def main(argv: list[str] | None = None) -> int:

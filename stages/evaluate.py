@@ -16,11 +16,11 @@ from pathlib import Path
 
 from pipeline import cli
 from pipeline.devices import use_given_cpus
-from pipeline.evaluate import evaluate_models, evaluate_points, grid_points, write_metrics
+from pipeline.evaluate import evaluate_models, evaluate_points, evaluation_points, write_metrics
 from pipeline.fid import FIDError
 from pipeline.io import check_writable
 from pipeline.metrics import check_metrics, references
-from pipeline.phema import check_reconstruction, refuse_legacy
+from pipeline.snapshots import check_reconstruction, refuse_legacy
 from pipeline.records import computed, is_grid
 from pipeline.shards import eval_ranks
 from pipeline.report import curve_label, plot_fid_vs_ema
@@ -65,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
         # every metric of fid.metrics, FID first; missing statistics computed by all ranks together
         refs = references(cfg, device, args.ref_cache, progress=rank == 0, ranks=(rank, world), reduce=reduce)
         if cfg.evaluate.grid is not None:          # the post-hoc grid (its models are checked first)
-            recs = evaluate_points(grid_points(cfg), args.models, cfg, refs, args.samples, device,
+            recs = evaluate_points(evaluation_points(cfg), args.models, cfg, refs, args.samples, device,
                                    shards_dir=args.shards, ranks=(rank, world), barrier=barrier)
         else:                                      # every model in the folder, unguided
             recs = evaluate_models(files, cfg, refs, args.samples, device, shards_dir=args.shards,
@@ -91,7 +91,7 @@ def _log_to_mlflow(cfg, records, samples_dir, metrics) -> None:
     """One child run per evaluation (keyed by its whole record) under the training run, and the
     training run's best FID / EMA length / KID, so MLflow's tables sort runs by them."""
     import json
-    from pipeline.tracking import attach, log_ema_runs
+    from pipeline.tracking.logger import attach, log_ema_runs
     summary = Path(cfg.train.run_dir) / "train_summary.json"
     run_id = json.loads(summary.read_text()).get("mlflow_run_id") if summary.is_file() else None
     if run_id:

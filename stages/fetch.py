@@ -7,7 +7,7 @@ from __future__ import annotations
 import sys
 
 from pipeline import cli
-from pipeline.data import fetch_fashion_mnist
+from pipeline.data.readers import fetch_fashion_mnist
 
 
 def main(argv: list[str] | None = None) -> int:

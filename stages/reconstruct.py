@@ -13,7 +13,7 @@ from pathlib import Path
 from pipeline import cli
 from pipeline.config import load_config
 from pipeline.evaluate import reconstruction_targets
-from pipeline.phema import reconstruct
+from pipeline.reconstruction import reconstruct
 from pipeline.report import plot_ema_reconstruction
 
 

@@ -45,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
                                  args.samples, Path(args.models) / "ema_profiles.png")
         print(f"report: {paths['html']} (self-contained), {paths['md']}")
         if summary and summary.get("mlflow_run_id"):            # the same figures in the MLflow UI
-            from pipeline.tracking import attach
+            from pipeline.tracking.logger import attach
             logger = attach(cfg, summary["mlflow_run_id"])
             for key in ("html", "md"):
                 logger.log_artifact(paths[key], "report")

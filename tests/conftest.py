@@ -17,7 +17,7 @@ def root() -> Path:
 def fmnist(tmp_path_factory):
     """Fashion-MNIST encoded once per session with the default config (train + test splits)."""
     from pipeline import config as C
-    from pipeline.data import encode_dataset
+    from pipeline.data.encode import encode_dataset
     out = tmp_path_factory.mktemp("fmnist")
     cfg = C.load_config(ROOT / "params.yaml")
     cache = ROOT / "data" / "raw"              # reuse a fetched .deb across runs

@@ -9,9 +9,11 @@ from PIL import Image
 
 from conftest import ROOT
 from pipeline import config as C
-from pipeline.data import FMNIST_FILES
-from pipeline.data import (DataError, EncodedDataset, decode_pixels, encode_dataset, encode_pixels, find_fashion_mnist,
-                           read_idx, FMNIST_FILES)
+from pipeline.data.readers import FMNIST_FILES
+from pipeline.data.encode import encode_dataset
+from pipeline.data.encoded import EncodedDataset
+from pipeline.data.pixels import DataError, decode_pixels, encode_pixels
+from pipeline.data.readers import find_fashion_mnist, read_idx
 
 
 def test_fashion_mnist_counts_labels_and_stable_hash(fmnist, root, tmp_path):
@@ -197,7 +199,7 @@ def test_dataset_json_that_disagrees_with_the_images_is_one_line(tmp_path, label
 def test_write_edm2_dataset_round_trip(tmp_path):
     """Any source -> EDM2's layout (folder and zip) -> encoded: the same pixels and labels as encoding the
     source directly, and the layout EDM2's tool writes."""
-    from pipeline.data import write_edm2_dataset
+    from pipeline.data.encode import write_edm2_dataset
     src = tmp_path / "imgs"
     _write_images(src, [("cats/a.png", (40, 30), "RGB"), ("cats/b.png", (64, 64), "L"), ("dogs/c.jpg", (50, 70), "RGB")])
     cfg = C.resolve({"data": {"source": "folder", "path": str(src), "resolution": 16, "channels": 3,
@@ -222,7 +224,7 @@ def test_adm_center_crop_halves_with_a_box_filter_then_bicubic():
     """A 200x100 image to 16: box-halved while the short side >= 32 (200x100 -> 100x50 -> 50x25), bicubic to
     a short side of 16 (32x16), then the central 16x16 square."""
     from PIL import Image as I
-    from pipeline.data import to_resolution
+    from pipeline.data.pixels import to_resolution
     img = np.random.default_rng(0).integers(0, 255, (100, 200, 3), dtype=np.uint8)
     pil = I.fromarray(img).resize((100, 50), I.BOX).resize((50, 25), I.BOX).resize((32, 16), I.BICUBIC)
     want = np.asarray(pil)[:, 8:24]
@@ -230,7 +232,7 @@ def test_adm_center_crop_halves_with_a_box_filter_then_bicubic():
 
 
 def test_reference_split_is_held_out_of_training_deterministically(tmp_path):
-    from pipeline.data import dataset_splits
+    from pipeline.data.encode import dataset_splits
     src = tmp_path / "imgs"
     _write_images(src, [(f"c{i % 2}/{'x' * (i + 1)}.png", (16, 16), "RGB") for i in range(10)])   # distinct pixels
     base = {"source": "folder", "path": str(src), "resolution": 16, "channels": 3}
@@ -290,7 +292,7 @@ def test_edm2_latent_convention_follows_the_formulas_exactly(tmp_path):
     """encode -> draw -> decode against EDM2's convention written out here: pixels / 255 into the encoder,
     mean and std stored in float32, z = mean + std * eps, z * scale + bias with scale = 0.5 / raw_std and
     bias = -raw_mean * scale, decode (x - bias) / scale then clamp(0, 1) * 255 to uint8."""
-    from pipeline.latents import Decoder
+    from pipeline.data.latents import Decoder
     vae = _tiny_vae(tmp_path)
     _write_images(tmp_path / "imgs", [(f"c{i % 2}/{'x' * (i + 1)}.png", (16, 16), "RGB") for i in range(4)])
     cfg = C.resolve({"data": {"source": "folder", "path": str(tmp_path / "imgs"), "resolution": 8, "channels": 4,

@@ -26,7 +26,7 @@ def project(tmp_path_factory, fmnist):
     from pipeline import config as C
     from pipeline.io import save_safetensors
     from pipeline.networks import build_network
-    from pipeline.phema import RECONSTRUCTION_FORMAT
+    from pipeline.snapshots import RECONSTRUCTION_FORMAT
     d = tmp_path_factory.mktemp("evalscale")
     raw = yaml.safe_load((ROOT / "params.yaml").read_text())
     raw["data"]["dataset_dir"] = str(fmnist["train"][0].parent)
@@ -63,7 +63,7 @@ def evaluate(project, tag, *extra, popen=False):
 
 def test_streamed_reference_statistics_equal_the_in_memory_ones(fmnist, monkeypatch):
     from pipeline import fid
-    from pipeline.data import EncodedDataset
+    from pipeline.data.encoded import EncodedDataset
     ds = EncodedDataset(fmnist["test"][0])
     net = fid.load_feature_net("auto", "cpu")
     feats = fid.array_features(ds.uint8_images(40), net, 8)

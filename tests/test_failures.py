@@ -298,7 +298,7 @@ def _bad_sources(tmp_path, tiny):
     """Files for the cases below: broken manifests, a corrupt records file, a metrics log with garbage."""
     import numpy as np
 
-    from pipeline.data import sha256_files
+    from pipeline.data.manifest import sha256_files
     enc = Path(C.load_config(tiny["params"]).data.dataset_dir)
     out = {}
     for kind in ("empty", "nosha", "notutf8", "objdtype"):
@@ -533,7 +533,8 @@ def test_stages_killed_mid_way_leave_whole_outputs_and_rerun_to_the_same_result(
 def test_existing_folders_and_special_files_are_left_as_they_are(tmp_path, fmnist):
     import stat
 
-    from pipeline.data import DataError, encode_dataset
+    from pipeline.data.encode import encode_dataset
+    from pipeline.data.pixels import DataError
     from pipeline.sweep.driver import make_private
     with pytest.raises(pio.PipelineError, match="not a regular file"):
         pio.atomic_write_text("x", "/dev/null")                  # never renamed over a device

@@ -12,7 +12,7 @@ from PIL import Image
 
 from pipeline import config as C
 from test_gpu import DEVICES
-from pipeline.data import EncodedDataset
+from pipeline.data.encoded import EncodedDataset
 from pipeline.evaluate import generate
 from pipeline.records import RecordError, check_comparable
 from pipeline.fid import (CLEANFID_WEIGHTS, FIDError, array_features, fid_from_features,
@@ -159,7 +159,8 @@ def _params_and_models(fmnist, tmp_path, root, **fid):
     import yaml
 
     from pipeline.networks import build_network
-    from pipeline.phema import PowerFunctionEMA, reconstruct, snapshot_meta
+    from pipeline.phema import PowerFunctionEMA, snapshot_meta
+    from pipeline.reconstruction import reconstruct
     raw = yaml.safe_load((root / "params.yaml").read_text())
     raw["data"]["dataset_dir"] = str(fmnist["train"][0].parent)
     raw["fid"].update({"num_images": 4, "ref_num_images": 8, "batch_size": 8, **fid})

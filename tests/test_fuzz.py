@@ -192,7 +192,7 @@ def test_command_lines_never_trace_back(tmp_path_factory, monkeypatch, cmd_args,
 
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory):
-    from pipeline.data import MANIFEST_FORMAT, sha256_files
+    from pipeline.data.manifest import MANIFEST_FORMAT, sha256_files
     d = tmp_path_factory.mktemp("ds") / "train"
     d.mkdir()
     np.save(d / "images.npy", np.random.default_rng(0).integers(0, 255, (4, 1, 32, 32), dtype=np.uint8))
@@ -209,7 +209,8 @@ def dataset(tmp_path_factory):
                 max_size=3),
        st.one_of(st.none(), st.binary(max_size=40), st.sampled_from([b"[]", b"null", b"\xff\xfe{", PICKLE])))
 def test_dataset_manifests_load_or_one_line(dataset, mutations, raw_bytes):
-    from pipeline.data import DataError, EncodedDataset
+    from pipeline.data.encoded import EncodedDataset
+    from pipeline.data.pixels import DataError
     d, manifest = dataset
     m = dict(manifest)
     for k, v in mutations:
@@ -242,7 +243,8 @@ tensor_entry = st.fixed_dictionaries({
                        max_size=3),
        st.integers(0, 700), st.integers(-16, 16), st.sampled_from(["header", "pickle", "garbage"]))
 def test_safetensors_headers_load_or_one_line(tmp_path_factory, header, meta, data_len, length_skew, kind):
-    from pipeline.phema import PHEMAError, load_reconstruction
+    from pipeline.phema import PHEMAError
+    from pipeline.snapshots import load_reconstruction
     d = tmp_path_factory.mktemp("st")
     f = d / "ema-0000000128-0.100.safetensors"
     if kind == "pickle":
@@ -336,7 +338,8 @@ def test_zip_sources_read_or_one_line(tmp_path_factory, entries):
 
     from PIL import Image
 
-    from pipeline.data import DataError, read_image_zip
+    from pipeline.data.pixels import DataError
+    from pipeline.data.readers import read_image_zip
     d = tmp_path_factory.mktemp("zip")
     png = io.BytesIO()
     Image.new("L", (8, 8), 128).save(png, format="PNG")

@@ -194,7 +194,7 @@ def test_acceptance_steps_import_without_the_cluster_stack():
             "try:\n    import ray\nexcept ModuleNotFoundError:\n    pass\nelse:\n    sys.exit('not blocked')\n"
             "import benchmarks.train, benchmarks.sample, benchmarks.matmul_peak, benchmarks.common\n"
             "import pipeline.config, pipeline.networks, pipeline.edm, pipeline.fid, pipeline.training\n"
-            "import pipeline.evaluate, pipeline.phema, pipeline.data, pipeline.io, pipeline.devices\n"
+            "import pipeline.evaluate, pipeline.phema, pipeline.data.encoded, pipeline.io, pipeline.devices\n"
             "sys.path.insert(0, 'tests')\n"
             "import test_gpu\n"
             "test_gpu.inception('cpu')\n"

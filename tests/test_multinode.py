@@ -90,7 +90,7 @@ def bridge_mlflow(cluster2, tmp_path_factory):
                          stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://{HOST_IP}:{port}"
     try:
-        from pipeline.tracking import _reachable
+        from pipeline.tracking.store import _reachable
         for _ in range(120):
             if _reachable(url, timeout=2) is None:
                 break

@@ -9,7 +9,6 @@ import pickle
 import subprocess
 import sys
 import types
-from pathlib import Path
 
 import pytest
 import torch
@@ -148,7 +147,8 @@ def test_raw_snapshots_import_and_reconstruct(tmp_path, nvidia_modules):
     written = import_files([folder], out, log=lambda *_: None)
     assert sorted(p.name for p in written)[:2] == ["phema-0000001024-0.050.safetensors",
                                                     "phema-0000001024-0.100.safetensors"]
-    from pipeline.phema import check_reconstruction, reconstruct
+    from pipeline.reconstruction import reconstruct
+    from pipeline.snapshots import check_reconstruction
     summary = reconstruct(out, [0.07], out_dir=tmp_path / "ema")
     meta = check_reconstruction(tmp_path / "ema" / "ema-0000003072-0.070.safetensors")
     assert meta["config"]["loss"]["P_mean"] == -0.4 and meta["config"]["loss"]["P_std"] == 1.0   # how it was trained
@@ -356,7 +356,8 @@ def test_latent_snapshots_as_nvidia_writes_them_and_names_by_flag(tmp_path, nvid
     _forget("torch_utils.persistence", "dnnlib.util")
     written = import_files([folder], tmp_path / "snaps", log=lambda *_: None)
     assert len(written) == 4
-    from pipeline.phema import check_reconstruction, reconstruct
+    from pipeline.reconstruction import reconstruct
+    from pipeline.snapshots import check_reconstruction
     reconstruct(tmp_path / "snaps", [0.07], out_dir=tmp_path / "ema")
     meta = check_reconstruction(tmp_path / "ema" / "ema-0000002048-0.070.safetensors")
     assert meta["config"]["data"]["encoder"] == "vae" and meta["config"]["network"]["channel_mult"] == [1, 2, 3, 4]

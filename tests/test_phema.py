@@ -10,12 +10,13 @@ import pytest
 import torch
 
 from pipeline import config as C
-from pipeline import phema
+from pipeline import phema, reconstruction, snapshots
 from pipeline.config import LossConfig
 from pipeline.edm import edm2_loss
 from pipeline.networks import Precond
-from pipeline.phema import (PHEMAError, PowerFunctionEMA, gamma_to_sigma_rel, load_reconstruction, reconstruct,
-                            sigma_rel_to_gamma, snapshot_meta, snapshot_name, solve_weights)
+from pipeline.phema import PHEMAError, PowerFunctionEMA, gamma_to_sigma_rel, sigma_rel_to_gamma, snapshot_meta, snapshot_name, solve_weights
+from pipeline.reconstruction import reconstruct
+from pipeline.snapshots import load_reconstruction
 from stages.reconstruct import main as reconstruct_cli
 from pipeline.io import read_safetensors_header
 from safetensors.torch import load_file
@@ -136,11 +137,11 @@ def test_stream_combine_equals_an_in_memory_sum(tmp_path):
     """Reading snapshots chunk by chunk at the byte ranges of their safetensors headers gives
     sum_i X_ij theta_i, across group and chunk boundaries."""
     make_snapshots(tmp_path / "s")
-    infos = phema.scan_snapshots(tmp_path / "s")
+    infos = snapshots.scan_snapshots(tmp_path / "s")
     X = np.random.default_rng(0).normal(size=(len(infos), 3))
     states = [load_file(i.path) for i in infos]
     for group, chunk in ((3, 1000), (None, 1 << 16)):
-        got = phema.stream_combine(infos, X, group=group, chunk_elems=chunk)
+        got = reconstruction.stream_combine(infos, X, group=group, chunk_elems=chunk)
         for j in range(X.shape[1]):
             for key in ("weight", "bias"):
                 want = sum(X[i, j] * s[key].double() for i, s in enumerate(states))
@@ -175,8 +176,8 @@ def test_targets_at_several_times_in_one_pass_equal_separate_reconstructions(tmp
     streaming pass; each equals its own reconstruction, which uses only the snapshots up to its time."""
     make_snapshots(tmp_path / "s")
     passes = []
-    real = phema.stream_combine
-    monkeypatch.setattr(phema, "stream_combine", lambda *a, **k: passes.append(1) or real(*a, **k))
+    real = reconstruction.stream_combine
+    monkeypatch.setattr(reconstruction, "stream_combine", lambda *a, **k: passes.append(1) or real(*a, **k))
     both = reconstruct(tmp_path / "s", [(400, 0.05), 0.10, 0.15], out_dir=tmp_path / "one")
     assert len(passes) == 1
     assert [t["file"] for t in both["targets"]] == ["ema-0000000400-0.050.safetensors",
@@ -269,7 +270,7 @@ def test_memory_bounded_by_targets_plus_two_models(tmp_path):
     # A fresh process that only reconstructs, so its peak RSS is the reconstruction's.
     script = textwrap.dedent("""
         import gc, sys
-        from pipeline.phema import reconstruct
+        from pipeline.reconstruction import reconstruct
         def kib(field):
             return next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith(field)) * 1024
         gc.collect()

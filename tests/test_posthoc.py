@@ -7,7 +7,7 @@ import pytest
 
 from conftest import tiny_params
 from pipeline import config as C
-from pipeline import phema
+from pipeline import reconstruction
 from pipeline.training import train
 
 pytestmark = pytest.mark.slow
@@ -24,8 +24,8 @@ def test_grid_of_guides_and_weights_from_one_training(tmp_path, fmnist, monkeypa
     cfg = C.load_config(params)
     res = train(cfg, progress=False)
     passes = []
-    real = phema.stream_combine
-    monkeypatch.setattr(phema, "stream_combine", lambda *a, **k: passes.append(1) or real(*a, **k))
+    real = reconstruction.stream_combine
+    monkeypatch.setattr(reconstruction, "stream_combine", lambda *a, **k: passes.append(1) or real(*a, **k))
     common = ["--params", str(params)]
     assert reconstruct_main([*common, "--out", str(tmp_path / "models")]) == 0
     assert len(passes) == 1                                     # main models and the guide: one pass
@@ -67,7 +67,7 @@ def test_grid_of_guides_and_weights_from_one_training(tmp_path, fmnist, monkeypa
     got = {(float(k.data.params["sigma_rel"]), k.data.params["guide"], float(k.data.params["guidance"])) for k in kids}
     assert got == axes
     assert sum("same_as" in k.data.tags for k in kids) == 4
-    from pipeline.tracking import load_runs                  # `python -m pipeline runs`: one row per point
+    from pipeline.tracking.runs import load_runs
     df = load_runs(cfg.tracking.experiment, cfg.tracking.uri)
     assert len(df) == 8 and set(zip(df["sigma_rel"], df["guide"], df["guidance"])) == axes
 

@@ -75,7 +75,7 @@ def _model(path: Path, cfg=None, **header):
     """A reconstructed model file as the reconstruct stage writes it (a small network)."""
     from pipeline.io import save_safetensors
     from pipeline.networks import build_network
-    from pipeline.phema import RECONSTRUCTION_FORMAT
+    from pipeline.snapshots import RECONSTRUCTION_FORMAT
     cfg = cfg or C.resolve({}, {"network.model_channels": 8, "network.channel_mult": [1, 2], "network.num_blocks": 1,
                                 "network.attn_resolutions": [16], "network.channels_per_head": 8})
     args = {"img_resolution": 32, "img_channels": 1, "label_dim": 10}
@@ -143,7 +143,8 @@ def _snapshots(folder: Path):
 
 
 def test_snapshot_relabelled_f16_to_i16_is_refused(tmp_path):
-    from pipeline.phema import PHEMAError, reconstruct
+    from pipeline.phema import PHEMAError
+    from pipeline.reconstruction import reconstruct
     _snapshots(tmp_path / "s")
     _relabel(tmp_path / "s" / "phema-0000000128-0.100.safetensors", "unet.out_gain", "I16")
     with pytest.raises(PHEMAError, match="stored as int16; a post-hoc EMA snapshot holds floating-point tensors only"):
@@ -153,7 +154,8 @@ def test_snapshot_relabelled_f16_to_i16_is_refused(tmp_path):
 
 def test_snapshots_claiming_another_network_are_refused(tmp_path):
     from pipeline.io import load_safetensors, save_safetensors
-    from pipeline.phema import PHEMAError, reconstruct
+    from pipeline.phema import PHEMAError
+    from pipeline.reconstruction import reconstruct
     cfg = _snapshots(tmp_path / "s")
     other = C.resolve(cfg.to_dict(), {"network.model_channels": 16}).to_dict()
     for f in sorted((tmp_path / "s").glob("phema-*")):
@@ -203,7 +205,7 @@ def test_outputs_are_checked_before_training_and_reference(tmp_path):
 def test_runs_of_an_experiment_with_training_runs_only(tmp_path):
     import mlflow
 
-    from pipeline.tracking import load_runs
+    from pipeline.tracking.runs import load_runs
     uri = f"sqlite:///{tmp_path / 'm.db'}"
     client = mlflow.MlflowClient(uri)
     exp = client.create_experiment("only-training", artifact_location=str(tmp_path / "art"))
@@ -223,7 +225,8 @@ def _png(path_or_buf, size, mode="L"):
 
 
 def test_decompression_bomb_is_refused_before_decoding(tmp_path):
-    from pipeline.data import DataError, read_image_folder
+    from pipeline.data.pixels import DataError
+    from pipeline.data.readers import read_image_folder
     d = tmp_path / "imgs"
     d.mkdir()
     _png(d / "ok.png", (8, 8))
@@ -242,7 +245,8 @@ def test_zip_entries_are_checked_before_reading(tmp_path, names, needle):
     import io as _io
     import warnings
 
-    from pipeline.data import DataError, read_image_zip
+    from pipeline.data.pixels import DataError
+    from pipeline.data.readers import read_image_zip
     buf = _io.BytesIO()
     _png(buf, (8, 8))
     z = tmp_path / "d.zip"
@@ -255,7 +259,8 @@ def test_zip_entries_are_checked_before_reading(tmp_path, names, needle):
 
 
 def test_zip_entry_that_unpacks_too_large_is_refused_unread(tmp_path):
-    from pipeline.data import MAX_ENTRY_BYTES, DataError, read_image_zip
+    from pipeline.data.pixels import DataError
+    from pipeline.data.readers import MAX_ENTRY_BYTES, read_image_zip
     z = tmp_path / "d.zip"
     with zipfile.ZipFile(z, "w", zipfile.ZIP_DEFLATED) as zf, zf.open("a/big.png", "w", force_zip64=True) as f:
         block = b"\0" * (1 << 20)
@@ -267,7 +272,8 @@ def test_zip_entry_that_unpacks_too_large_is_refused_unread(tmp_path):
 
 
 def test_symlink_out_of_the_data_folder_is_refused(tmp_path):
-    from pipeline.data import DataError, read_image_folder
+    from pipeline.data.pixels import DataError
+    from pipeline.data.readers import read_image_folder
     outside = tmp_path / "private.png"
     _png(outside, (8, 8))
     d = tmp_path / "imgs" / "cls"

@@ -18,7 +18,8 @@ import torch
 from conftest import ROOT, tiny_params
 from pipeline import config as C
 from pipeline import io as pio
-from pipeline.phema import PowerFunctionEMA, reconstruct, snapshot_meta
+from pipeline.phema import PowerFunctionEMA, snapshot_meta
+from pipeline.reconstruction import reconstruct
 from pipeline.training import CHECKPOINT_FORMAT, train
 
 ENV = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
@@ -311,7 +312,7 @@ def test_bad_files_and_environment_exit_2_in_one_line_and_change_nothing(tmp_pat
 
 
 def test_truncated_reference_cache_is_recomputed(tmp_path, fmnist, capsys):
-    from pipeline.data import EncodedDataset
+    from pipeline.data.encoded import EncodedDataset
     from pipeline.fid import load_feature_net, reference_stats
     ds = EncodedDataset(fmnist["test"][0])
     feat = load_feature_net("fid-helper")

@@ -6,7 +6,7 @@ import torch
 
 from conftest import tiny_params
 from pipeline import config as C
-from pipeline.data import Prefetcher
+from pipeline.data.encoded import Prefetcher
 from pipeline.edm import sample_images
 from pipeline.networks import build_network
 from pipeline.training import SnapshotWriter, train

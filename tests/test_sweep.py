@@ -146,7 +146,7 @@ def test_tiny_sweep_survives_a_killed_worker(tiny_sweep):
 
 @pytest.mark.slow
 def test_dataframe_loader_one_row_per_trial_and_ema_length(tiny_sweep):
-    from pipeline.tracking import load_runs
+    from pipeline.tracking.runs import load_runs
     d = tiny_sweep["dir"]
     df = load_runs("edm2-sweeps", f"sqlite:///{d / 'mlflow.db'}", sweep="tiny")
     table = pd.read_csv(d / "reports/sweeps/tiny/results.csv")
@@ -410,7 +410,7 @@ def test_ctrl_c_during_the_final_report_closes_everything_and_resume_writes_it(t
     assert sent and p.returncode == 130, out[-3000:]
     assert "Traceback" not in out and "the same command with --resume finishes it" in out, out[-3000:]
     url = re.search(r"sweep: MLflow server (http://127\.0\.0\.1:\d+) over sqlite:", out).group(1)
-    from pipeline.tracking import _reachable
+    from pipeline.tracking.store import _reachable
     assert _reachable(url, timeout=1) is not None              # stopped with the sweep
     _, runs = mlflow_runs(tmp_path)
     assert runs and not [x.info.run_name for x in runs if x.info.status == "RUNNING"]
@@ -471,7 +471,7 @@ def test_sweep_over_the_noise_law_itself_and_a_private_store(tmp_path, fmnist, m
     for trial in (tmp_path / "runs/sweeps/law/trials").iterdir():     # each trial trained with its own law
         cfg = yaml.safe_load((trial / "run" / "config.yaml").read_text())
         assert cfg["loss"]["noise"] in ("lognormal", "loguniform")
-    from pipeline.sweep.space import plan
+    from pipeline.sweep.plan import plan
     monkeypatch.chdir(tmp_path)
     drawn = plan(*load_sweep(sweep_file))["points"]          # what --dry-run shows is what ran
     per_trial = table.groupby("trial_id")["loss.noise"].first().sort_values().tolist()
@@ -493,7 +493,7 @@ def test_sweep_over_the_noise_law_itself_and_a_private_store(tmp_path, fmnist, m
 
 def test_the_same_sweep_file_draws_the_same_values(tmp_path, fmnist, monkeypatch, capsys):
     from pipeline.sweep import run_sweep
-    from pipeline.sweep.space import plan
+    from pipeline.sweep.plan import plan
     f = _sweep_file(tmp_path, fmnist, algorithm="random", num_samples=5, seed=7,
                     search={"train.ref_lr": {"loguniform": [0.001, 0.1]}, "loss.P_std": {"uniform": [0.8, 2.0]},
                             "loss.noise": {"choice": ["lognormal", "loguniform"]}})

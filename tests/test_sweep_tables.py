@@ -10,7 +10,7 @@ from conftest import ROOT
 from pipeline.config import ConfigError
 from pipeline.sweep import algorithms as A
 from pipeline.sweep.schema import AxisSpec, SweepConfig
-from pipeline.sweep.space import AXIS_KINDS, draw_points, grid_points, plan
+from pipeline.sweep.space import AXIS_KINDS, draw_points, grid_trial_points
 
 DOC = (ROOT / "docs" / "sweeps.md")
 
@@ -48,7 +48,7 @@ def test_random_points_are_the_seeds_and_grid_points_every_combination():
                                                "loss.P_mean": {"choice": [-0.4, -0.8]}}})
     assert draw_points(s) == draw_points(s) and len({p["train.ref_lr"] for p in draw_points(s)}) == 4
     g = SweepConfig.model_validate({"name": "x", "search": {"a.b": {"grid": [1, 2]}, "c.d": {"grid": [3, 4, 5]}}})
-    assert len(grid_points(g)) == 6 and {tuple(p.values()) for p in grid_points(g)} == {(a, c) for a in (1, 2)
+    assert len(grid_trial_points(g)) == 6 and {tuple(p.values()) for p in grid_trial_points(g)} == {(a, c) for a in (1, 2)
                                                                                        for c in (3, 4, 5)}
 
 

@@ -27,7 +27,7 @@ def _sweep(tmp_path, name, **fields):
 def test_sweeps_tell_the_truth(tmp_path, fmnist, monkeypatch, capfd):
     from mlflow.tracking import MlflowClient
 
-    from pipeline.sweep.algorithms import SweepError
+    from pipeline.errors import SweepError
     from pipeline.sweep.driver import run_sweep
     from pipeline.tracking_server import TrackingServer
     tiny_params(tmp_path, fmnist)
@@ -77,7 +77,7 @@ def test_a_new_sqlite_store_opened_by_several_processes_at_once(tmp_path):
     script = textwrap.dedent(f"""
         import sys, time
         sys.path.insert(0, {str(ROOT)!r})
-        from pipeline.tracking import RunLogger
+        from pipeline.tracking.logger import RunLogger
         t = float(sys.argv[1])
         while time.time() < t:
             time.sleep(0.001)

@@ -129,8 +129,10 @@ def test_every_data_source_is_a_config_choice_read_through_its_entry(tmp_path):
     import numpy as np
     from PIL import Image
 
-    from pipeline.data import DataError, dataset_splits, load_source
-    from pipeline.sources import SOURCES
+    from pipeline.data.encode import dataset_splits
+    from pipeline.data.pixels import DataError
+    from pipeline.data.readers import load_source
+    from pipeline.data.sources import SOURCES
     assert set(SOURCES) == set(C.DataConfig.model_fields["source"].annotation.__args__)
     folder = tmp_path / "imgs" / "cat"
     folder.mkdir(parents=True)

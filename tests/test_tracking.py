@@ -1,7 +1,7 @@
 """MLflow run logger: resume into the same run, one watermark per sink, offline fallback."""
 import json
 
-from pipeline.tracking import RunLogger
+from pipeline.tracking.logger import RunLogger
 
 
 def test_kill_between_jsonl_and_mlflow_writes_loses_no_step(tmp_path):
@@ -28,7 +28,8 @@ def test_kill_between_jsonl_and_mlflow_writes_loses_no_step(tmp_path):
 def test_pipeline_runs_lists_a_training_without_evaluations(tmp_path):
     """A finished training whose evaluation has not run (e.g. submitted to SLURM) is a row of its own:
     no FID, its final loss and cost; an evaluated one gives one row per EMA length."""
-    from pipeline.tracking import load_runs, log_ema_run
+    from pipeline.tracking.logger import log_ema_run
+    from pipeline.tracking.runs import load_runs
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     plain = RunLogger(uri=uri, experiment="t", quiet=True)
     plain.start(run_name="train-a", tags={"run_key": "a"}, params={"train.ref_lr": 0.01})
@@ -53,7 +54,7 @@ def test_dvc_experiment_copies_use_the_projects_mlflow_and_run_stores(tmp_path, 
     """Inside <project>/.dvc/tmp/exps/<copy>: the default and relative sqlite stores are the project's; the
     copy's train.run_dir links to the project's run of the same run key, else to runs/keyed/<key>."""
     from pipeline import config as C
-    from pipeline.tracking import tracking_uri
+    from pipeline.tracking.store import tracking_uri
     from pipeline.workspace import link_run_dir, project_root
     copy = tmp_path / ".dvc" / "tmp" / "exps" / "tmpabc"
     copy.mkdir(parents=True)

@@ -9,7 +9,7 @@ import time
 import pytest
 
 from pipeline.sweep.schema import SERVER_ABOVE_WRITERS, SweepConfig, wants_tracking_server
-from pipeline.tracking import _reachable
+from pipeline.tracking.store import _reachable
 
 
 def sweep_of(**changes) -> SweepConfig:

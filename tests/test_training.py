@@ -127,7 +127,7 @@ def test_nonfinite_loss_stops_with_a_clear_error(tmp_path, fmnist):
 
 
 def test_dataset_manifest_mismatch_is_refused(tmp_path, fmnist):
-    from pipeline.data import DataError
+    from pipeline.data.pixels import DataError
     params = tiny_params(tmp_path, fmnist, tracking={"enabled": False})
     cfg = C.load_config(params, ["data.channels=3"])
     with pytest.raises(DataError, match="data.channels: config 3, dataset 1"):

@@ -15,7 +15,7 @@ Where things are:
   driver.py      run_sweep: plan -> Ray -> Tune -> results, --resume
   results.py     the results table, figures, summary, MLflow statuses
 """
-from .algorithms import SweepError
+from ..errors import SweepError
 from .driver import SweepResult, run_sweep
 from .schema import SweepConfig, load_sweep
 

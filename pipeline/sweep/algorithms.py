@@ -17,13 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from ..errors import PipelineError
-from ..io import atomic_write_text
-from .space import draw_points, grid_points, split_config
-
-
-class SweepError(PipelineError, ValueError):
-    pass
+from ..io import atomic_write_text, read_json
+from .space import draw_points, grid_trial_points, split_config
 
 
 @dataclass(frozen=True)
@@ -54,7 +49,7 @@ def _optuna(sweep, evaluated: list[tuple[dict, float]]):
 RANGES = ("choice", "uniform", "loguniform")
 SEARCH_ALGORITHMS: dict[str, SearchAlgorithm] = {
     "grid": SearchAlgorithm("the grid", ("grid",), True, "exactly: the plan is every combination",
-                            grid_points),
+                            grid_trial_points),
     "random": SearchAlgorithm("random search", RANGES, True, "exactly: values drawn from sweep.seed before the "
                               "sweep", draw_points),
     "optuna": SearchAlgorithm("Optuna", RANGES, False, "seeded TPE: the same proposals for the same order of "
@@ -112,15 +107,6 @@ def read_stopped(exp_dir: Path) -> dict:
     for name in ("asha_stopped.json", STOPPED):
         out.update(read_json(exp_dir / name))
     return out
-
-
-def read_json(path: Path) -> dict:
-    """A small JSON object from `path`, or {} when it is missing or unreadable."""
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return {}
-    return data if isinstance(data, dict) else {}
 
 
 def tune_concurrency(sweep) -> int | None:

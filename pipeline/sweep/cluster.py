@@ -9,7 +9,7 @@ import sys
 import time
 from pathlib import Path
 
-from .algorithms import SweepError
+from ..errors import SweepError
 from .schema import SweepConfig
 from .space import split_config
 

@@ -12,14 +12,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .. import config as C
-from ..io import RunLock, atomic_write_text
-from ..tracking import ensure_experiment
-from .algorithms import (SweepError, build_scheduler, read_json, read_stopped, search_algorithm,
-                         tune_concurrency)
+from ..errors import SweepError
+from ..io import RunLock, atomic_write_text, read_json
+from ..tracking.store import ensure_experiment
+from .algorithms import build_scheduler, read_stopped, search_algorithm, tune_concurrency
 from .cluster import PendingWatch, check_plan, check_resources, connect_ray, prepare_ray_env
 from .results import close_trial_runs, print_summary, results_table, write_results, write_table
 from .schema import SweepConfig, load_sweep, wants_tracking_server, wants_trial_figures
-from .space import plan, point_space, print_plan, trial_name, tune_space
+from .plan import plan, print_plan
+from .space import point_space, trial_name, tune_space
 from .trial import FINAL, TrialSpec, read_trial_state, run_trial, trial_status, write_trial_state
 
 
@@ -34,7 +35,7 @@ class SweepResult:
 
 def sweep_tracking_uri(base: C.Config) -> str:
     """The base config's tracking URI; a local sqlite file gets a busy timeout for parallel trials."""
-    from ..tracking import tracking_uri
+    from ..tracking.store import tracking_uri
     uri = tracking_uri(base)
     if uri.startswith("sqlite:") and "timeout=" not in uri:
         uri += ("&" if "?" in uri else "?") + "timeout=60"
@@ -116,9 +117,9 @@ def run_sweep(sweep_file: str | Path, address: str | None = None, resume: bool =
             # Ray first: a cluster that cannot be joined (down, wrong token) fails before any work or MLflow run.
             ray = connect_ray(address, num_cpus, min_nodes)
 
-        from ..data import ensure_encoded
+        from ..data.encode import ensure_encoded
         from ..metrics import check_metrics, references
-        from ..tracking import RunLogger, run_tags
+        from ..tracking.logger import RunLogger, run_tags
 
         _quiet_ray_restore_hints()
         # The experiment's artifacts in a local folder, whether or not a server fronts the store: runs of

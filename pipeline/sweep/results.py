@@ -8,7 +8,8 @@ import sys
 from pathlib import Path
 
 from ..io import atomic_write_text
-from .algorithms import read_json, scheduler_entry, search_algorithm
+from ..io import read_json
+from .algorithms import scheduler_entry, search_algorithm
 from .schema import SweepConfig
 from .space import searched_range, trial_name
 from .trial import read_trial_state, trial_nodes, trial_status
@@ -21,7 +22,7 @@ def close_trial_runs(trials_dir: Path, uri: str, status_by_trial: dict, default:
     it). `default`: the status for runs still RUNNING when the sweep itself failed or was stopped."""
     if not trials_dir.is_dir():
         return
-    from ..tracking import TrackingError, client_for
+    from ..tracking.store import TrackingError, client_for
     try:
         client = client_for(uri)
     except TrackingError as err:                            # bookkeeping must not hide the results

@@ -17,7 +17,8 @@ from pathlib import Path
 
 from .. import config as C
 from ..io import atomic_write_text
-from .algorithms import SweepError, read_json
+from ..errors import SweepError
+from ..io import read_json
 from .schema import SweepConfig, ValidationSpec, sweep_overrides, wants_validation
 from .space import split_config
 
@@ -137,7 +138,7 @@ def trial_body(job: dict, report, device=None) -> None:
     t0 = time.perf_counter()
     import torch.distributed as dist
 
-    from ..tracking import seconds_spent
+    from ..tracking.store import seconds_spent
     from ..training import train
     cfg, spec = job["config"], job["spec"]
     trial_id, trial_dir = job["trial_id"], Path(job["trial_dir"])
@@ -208,7 +209,8 @@ def fan_out(cfg: C.Config, res, trial_dir: Path, ref_cache: str, device=None, fi
     skips the per-trial figures (large sweeps: the sweep report draws the best trials). `phases`, when
     given, gets the seconds of evaluation, figures and tracking (MLflow) added."""
     from ..evaluate import evaluate_run
-    from ..tracking import RunLogger, log_ema_runs, seconds_spent
+    from ..tracking.logger import RunLogger, log_ema_runs
+    from ..tracking.store import seconds_spent
     phases = {} if phases is None else phases
     device = str(device) if device is not None else cfg.train.device     # TrialSpec.config set cpu or cuda
     t0 = time.perf_counter()
@@ -252,7 +254,7 @@ def make_validator(cfg: C.Config, spec: ValidationSpec, device=None):
     the FID reference set, the same images, levels and noise for every trial."""
     import torch
 
-    from ..data import EncodedDataset
+    from ..data.encoded import EncodedDataset
     from ..devices import pick_device
     from ..edm import validation_loss
     from ..fid import reference_dataset_dir

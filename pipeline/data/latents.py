@@ -1,4 +1,5 @@
-"""Latent conventions (method.md 7): how pixels enter the VAE, how its posterior is scaled for the
+"""VAE latents (method.md 7): the optional encoder (a local diffusers AutoencoderKL, never
+downloaded) and the latent conventions: how pixels enter the VAE, how its posterior is scaled for the
 network, and how samples come back to pixels. A convention is an entry of CONVENTIONS.
 
 - `edm2`: EDM2's convention exactly (its StabilityVAEEncoder, facts in NVIDIA-FORMATS): pixels / 255
@@ -18,10 +19,60 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .manifest import read_manifest
+from .pixels import DataError, decode_pixels
+
+
+def load_vae(vae_path: str | Path):
+    try:
+        from diffusers import AutoencoderKL
+    except ImportError:
+        raise DataError("data.encoder=vae needs diffusers: pip install 'edm2-pipeline[vae]'") from None
+    p = Path(vae_path)
+    if not p.is_dir():
+        raise DataError(f"data.vae_path={vae_path}: no such folder (a local diffusers AutoencoderKL; "
+                        f"nothing is downloaded)")
+    return AutoencoderKL.from_pretrained(p, local_files_only=True).eval()
+
+
+def vae_downsampling(vae) -> int:
+    """Pixel-to-latent size ratio of an AutoencoderKL (8 for Stable Diffusion's VAE)."""
+    return 2 ** (len(vae.config.block_out_channels) - 1)
+
+
+@torch.no_grad()
+def encode_latents(pixels: np.ndarray, vae, batch_size: int = 32, progress: bool = False,
+                   convention: str = "edm2"):
+    """Pixels (N x 3 x H x W uint8) -> the VAE posterior's [mean, std] (N x 2C x h x w; float32 for the
+    edm2 convention, as EDM2 stores them, float16 for data-stats), plus per-channel statistics of the
+    latents (what data-stats scales by; recorded for both)."""
+    out = []
+    rng = range(0, len(pixels), batch_size)
+    if progress:
+        from tqdm import tqdm
+        rng = tqdm(rng, desc="vae encode", unit="batch")
+    dtype = torch.float32 if convention == "edm2" else torch.float16
+    for i in rng:
+        dist = vae.encode(vae_input(torch.from_numpy(pixels[i:i + batch_size]), convention)).latent_dist
+        out.append(torch.cat([dist.mean, dist.std], dim=1).to(dtype).numpy())
+    return np.concatenate(out), latent_statistics(np.concatenate(out))
+
+
+def latent_statistics(arr: np.ndarray) -> dict:
+    c = arr.shape[1] // 2
+    mean = arr[:, :c].astype(np.float64)
+    std = arr[:, c:].astype(np.float64)
+    ch_mean = mean.mean(axis=(0, 2, 3))
+    ch_std = np.sqrt((mean ** 2 + std ** 2).mean(axis=(0, 2, 3)) - ch_mean ** 2)
+    return {"mean": ch_mean.tolist(), "std": ch_std.tolist()}
+
 # EDM2's fixed constants for Stable Diffusion's VAE (sd-vae-ft-mse), 4 latent channels.
 EDM2_RAW_MEAN = (5.81, 3.25, 0.12, -2.15)
+
 EDM2_RAW_STD = (4.17, 4.62, 3.71, 3.28)
+
 FINAL_MEAN, FINAL_STD = 0.0, 0.5
+
 CONVENTIONS = ("edm2", "data-stats")
 
 
@@ -89,7 +140,6 @@ class Decoder:
         self.vae = None
         if model_data.get("encoder") != "vae":
             return
-        from .data import DataError, load_vae, read_manifest
         if not vae_path:
             raise DataError("this model was trained on VAE latents: set data.vae_path to the VAE that decodes them")
         self.convention = model_data.get("latent_convention") or "data-stats"
@@ -101,6 +151,6 @@ class Decoder:
 
     def __call__(self, x: torch.Tensor) -> np.ndarray:
         if self.vae is None:
-            from .data import decode_pixels
             return decode_pixels(x).permute(0, 2, 3, 1).cpu().numpy()
         return decode(x, self.vae, self.convention, self.scale, self.bias).permute(0, 2, 3, 1).cpu().numpy()
+

@@ -1,9 +1,10 @@
 """The data sources as a small table (method.md 7), read by the config schema (`data.source`) and by
-the encode stage (data.load_source). An entry says which splits the source has itself (more come
-from `data.reference_split`), whether it needs `data.path`, whether it may hold NVIDIA's latent
-files, and which reader of data.py reads a split into RawImages. Adding one: the reader in data.py,
-an entry here, a test in tests/test_tables.py and its line in docs/data.md. Nothing is imported here:
-the schema reads the names, and a stage's code dependencies stay its own.
+the encode stage (data/readers.load_source). An entry says which splits the source has itself (more
+come from `data.reference_split`), whether it needs `data.path`, whether it may hold NVIDIA's latent
+files, and which entry of data/readers.READERS reads a split into RawImages. Adding one: the reader
+and its READERS entry in data/readers.py, an entry here, a test in tests/ and its line in
+docs/data.md. Nothing is imported here: the schema reads the names, and a stage's code dependencies
+stay its own.
 """
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ class Source:
     splits: tuple[str, ...]              # the splits the source has itself: train (training), test (a reference)
     needs_path: bool                     # data.path must be given
     latents: bool                        # data.encoder=vae may find NVIDIA's stored latents there
-    reader: str                          # its reader in data.py: (cfg.data, split, cache_dir) -> RawImages
+    reader: str                          # its entry in data/readers.READERS: (cfg.data, split, cache_dir) -> RawImages
     doc: str
 
 

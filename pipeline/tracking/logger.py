@@ -1,168 +1,27 @@
-"""Run identity and MLflow tracking helpers."""
+"""One MLflow run as the pipeline writes it: identity (explicit run ids, so a resumed job continues
+its run), params, tags and metrics, failure-tolerant (an unreachable store queues the metrics in the
+run folder and replays them later), and the nested EMA-reconstruction runs under a training.
+"""
 from __future__ import annotations
 
-import functools
 import json
 import os
 import socket
-import subprocess
 import sys
 import time
 from pathlib import Path
 
-from .errors import PipelineError
-from .io import append_line, read_jsonl
-
-# Seconds this process spent talking to MLflow (client creation + every call through RunLogger._call):
-# a sweep trial records its share (trial.json "phases"), so the sweep's own overhead is visible.
-_SPENT = [0.0]
-
-
-def seconds_spent() -> float:
-    return _SPENT[0]
-
-
-class TrackingError(PipelineError):
-    """The tracking URI cannot work at all (unknown scheme, a database that cannot be created)."""
-
-
-@functools.lru_cache(maxsize=None)
-def git_revision(cwd: str | None = None) -> str:
-    """The project's git revision (with '-dirty' when the tree has changes), or 'unknown'."""
-    cwd = cwd or str(Path.cwd())
-    try:
-        rev = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True,
-                             timeout=10).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=cwd,
-                               capture_output=True, text=True, timeout=10).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-    return (rev + ("-dirty" if dirty else "")) if rev else "unknown"
-
-
-# ----------------------------------------------------------------------------------------------
-# MLflow: tracking URI, experiments, runs with explicit ids (resumable, nestable), failure-tolerant.
-
-
-def tracking_uri(cfg=None) -> str:
-    """cfg.tracking.uri, else $MLFLOW_TRACKING_URI, else a sqlite file in the project folder. A relative
-    sqlite path is the project's too, also from DVC's experiment copies (workspace.py): queued
-    experiments log to the same store as `dvc repro`."""
-    from .workspace import shared_path
-    uri = (cfg.tracking.uri if cfg is not None else None) or os.environ.get("MLFLOW_TRACKING_URI")
-    if not uri:
-        return f"sqlite:///{shared_path('mlflow.db')}"
-    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):   # relative to the project
-        path, _, query = uri[len("sqlite:///"):].partition("?")
-        if path and path != ":memory:":
-            return f"sqlite:///{shared_path(path)}" + (f"?{query}" if query else "")
-    return uri
-
-
-KNOWN_SCHEMES = ("sqlite", "http", "https", "file", "postgresql", "mysql", "mssql", "databricks")
-
-
-def check_uri(uri: str) -> None:
-    """Fail early, in one line, on a URI that can never work; an unreachable server is not checked
-    here (training carries on without it, see RunLogger)."""
-    scheme = uri.split(":", 1)[0].split("+", 1)[0].lower() if ":" in uri else ""
-    if scheme not in KNOWN_SCHEMES:
-        raise TrackingError(f"tracking URI {uri!r}: unknown scheme {scheme or '(none)'!r}; use sqlite:///<file>, "
-                            f"http(s)://<server> or a database URI (set tracking.uri or MLFLOW_TRACKING_URI)")
-    if scheme == "sqlite":
-        path = uri.split("?", 1)[0][len("sqlite:///"):] if uri.startswith("sqlite:///") else ""
-        if path and path != ":memory:":
-            folder = Path(path).parent
-            if not folder.is_dir():
-                raise TrackingError(f"tracking URI {uri!r}: folder {folder} does not exist (the sqlite file "
-                                    f"cannot be created)")
-            if not os.access(folder, os.W_OK) or (Path(path).exists() and not os.access(path, os.W_OK)):
-                raise TrackingError(f"tracking URI {uri!r}: {path} is not writable")
-
-
-def bound_requests() -> None:
-    """MLflow's HTTP client retries with back-off for minutes by default: a few quick tries instead, so a
-    closed port or a dead server is one line within seconds (a user's own settings win)."""
-    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
-    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
-
-
-def client_for(uri: str, existing: bool = False):
-    """An MlflowClient for reading (`pipeline runs`, a sweep's bookkeeping), with the URI checked and a
-    server's reachability tested first: any failure is a TrackingError in one line. existing=True: an
-    sqlite file must already exist (reading never creates a database)."""
-    check_uri(uri)
-    if existing and uri.startswith("sqlite:///"):
-        path = Path(uri.split("?", 1)[0][len("sqlite:///"):])
-        if not path.is_file():
-            raise TrackingError(f"no MLflow database at {path} (nothing was logged there yet; give --uri or "
-                                f"set tracking.uri)")
-    bound_requests()
-    why = _reachable(uri)
-    if why:
-        raise TrackingError(f"tracking server {uri} is unreachable ({why})")
-    from mlflow.tracking import MlflowClient
-    try:
-        init_store(uri)
-        return MlflowClient(uri)
-    except Exception as err:
-        raise TrackingError(f"tracking URI {uri!r} cannot be used: {str(err).strip()[:200] or err!r}") from None
-
-
-_INITIALISED: set[str] = set()
-
-
-def init_store(uri: str) -> None:
-    """Create a new sqlite store's tables under a file lock: MLflow migrates a fresh database on first use,
-    and two processes doing it at once collide (`_alembic_tmp_experiments already exists`)."""
-    if not uri.startswith("sqlite:///") or uri in _INITIALISED:
-        return
-    import fcntl
-    path = Path(uri.split("?", 1)[0][len("sqlite:///"):])
-    if str(path) == ":memory:" or not path.parent.is_dir():
-        return
-    import hashlib
-    import tempfile
-    # The lock lives outside the project (nothing new beside the database in a repository's status).
-    name = f"edm2-mlflow-init-{hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:16]}.lock"
-    with open(Path(tempfile.gettempdir()) / name, "a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)                 # the others wait here while one migrates
-        try:
-            from mlflow.tracking import MlflowClient
-            MlflowClient(uri).search_experiments(max_results=1)
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
-    _INITIALISED.add(uri)
-
-
-def ensure_experiment(uri: str, name: str, artifact_dir: str | Path) -> str | None:
-    """Make experiment `name` in an sqlite store, its artifacts in the local folder `artifact_dir`, so runs
-    log artifacts with or without a tracking server in front of the store. Returns the artifact location
-    of an existing experiment that only a server can serve (mlflow-artifacts:...), else None."""
-    if not uri.startswith("sqlite:///"):
-        return None                                      # a server or database of the user's: its own settings
-    client = client_for(uri)
-    exp = client.get_experiment_by_name(name)
-    if exp is None:
-        try:
-            client.create_experiment(name, artifact_location=Path(artifact_dir).resolve().as_uri())
-        except Exception:                                # made meanwhile by another process
-            pass
-        exp = client.get_experiment_by_name(name)
-    location = exp.artifact_location if exp is not None else ""
-    return location if location.startswith("mlflow-artifacts:") else None
-
-
-def _reachable(uri: str, timeout: float = 3.0) -> str | None:
-    """None when the tracking backend answers, else why not (one line)."""
-    if uri.startswith(("http://", "https://")):
-        import urllib.request
-        try:
-            with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout) as r:
-                return None if r.status == 200 else f"HTTP {r.status}"
-        except Exception as err:                   # refused, timeout, DNS: all mean unreachable
-            return f"{err.__class__.__name__}: {err}"
-    return None
+from ..io import append_line, read_jsonl
+from ..provenance import git_revision
+from .store import (
+    _SPENT,
+    TrackingError,
+    _reachable,
+    bound_requests,
+    check_uri,
+    init_store,
+    tracking_uri,
+)
 
 
 class RunLogger:
@@ -363,7 +222,7 @@ def log_ema_run(logger, parent_run_id: str | None, record: dict, grid: Path | No
     image count, seeds, reference, feature net) get a new one beside it."""
     if logger.client is None or parent_run_id is None:
         return None
-    from .records import eval_key, record_metrics, to_row
+    from ..records import eval_key, record_metrics, to_row
     key = record.get("eval_key") or eval_key(record)
     tag = f"{record['sigma_rel']:.3f}"
     exp_id = logger.experiment_id()
@@ -424,100 +283,9 @@ def run_tags(stage: str | None = None) -> dict:
         tags["dvc_stage"] = stage
     if os.environ.get("DVC_EXP_NAME"):
         tags["dvc_experiment"] = os.environ["DVC_EXP_NAME"]
-    from .backends import job_env
+    from ..backends import job_env
     env = job_env()
     if env.scheduler and env.job_id:                        # e.g. slurm_job_id
         tags[f"{env.scheduler}_job_id"] = env.job_id
     return tags
 
-
-# ----------------------------------------------------------------------------------------------
-# Reading results back: MLflow -> pandas.
-
-def load_runs(experiment: str, uri: str | None = None, sweep: str | None = None):
-    """One row per (training run or trial) x post-hoc point, from MLflow: the run's swept/config
-    params, the EMA length, guide and guidance weight, its FID and FID record fields, and the cost
-    (seconds, GPU-seconds). A training run without evaluations yet has one row (no FID, its final loss).
-
-    `sweep`: a sweep name (parent run `sweep-<name>`) or a parent run id to restrict to one sweep.
-    """
-    import pandas as pd
-    client = client_for(uri or tracking_uri(), existing=True)
-    try:
-        exp = client.get_experiment_by_name(experiment)
-    except Exception as err:                        # a database that is not MLflow's, a server error
-        raise TrackingError(f"tracking URI {client.tracking_uri!r}: {err.__class__.__name__}: "
-                            f"{str(err).strip().splitlines()[0][:160] if str(err).strip() else ''}") from None
-    if exp is None:
-        raise TrackingError(f"no MLflow experiment {experiment!r} at {client.tracking_uri}")
-    runs = []
-    token = None
-    while True:
-        page = client.search_runs([exp.experiment_id], max_results=1000, page_token=token)
-        runs.extend(page)
-        token = page.token
-        if not token:
-            break
-    by_id = {r.info.run_id: r for r in runs}
-    sweep_ids = None
-    if sweep:
-        sweep_ids = {r.info.run_id for r in runs if r.info.run_id == sweep or r.info.run_name == f"sweep-{sweep}"}
-        if not sweep_ids:
-            raise TrackingError(f"no sweep {sweep!r} in experiment {experiment!r}")
-    rows = []
-    for r in runs:
-        if r.data.tags.get("kind") != "ema":
-            continue
-        train = by_id.get(r.data.tags.get("mlflow.parentRunId"))
-        if train is None:
-            continue
-        parent_id = train.data.tags.get("mlflow.parentRunId")
-        if sweep_ids is not None and parent_id not in sweep_ids:
-            continue
-        parent = by_id.get(parent_id)
-        seconds = train.data.metrics.get("train_seconds")
-        gpus = float(train.data.tags.get("gpus", "0") or 0)
-        row = {"sweep": parent.info.run_name if parent else None, "run_id": train.info.run_id,
-               "run_name": train.info.run_name, "status": train.info.status,
-               "sigma_rel": float(r.data.params.get("sigma_rel", "nan")),
-               "guide": r.data.params.get("guide", "none"), "guidance": float(r.data.params.get("guidance", 1.0)),
-               "same_as": r.data.tags.get("same_as"), "fid": None, "fid_se": None, "kid": None,
-               **r.data.metrics,                                  # every metric the record had: fid, kid, precision ...
-               "num_images": int(r.data.params.get("num_images", 0)), "nfe": int(r.data.params.get("nfe", 0)),
-               "ref_num_images": int(r.data.params.get("ref_num_images", 0)), "seeds": r.data.params.get("seeds"),
-               "feature_net": r.data.tags.get("feature_net"), "reference": r.data.tags.get("reference"),
-               "train_seconds": seconds, "gpu_seconds": seconds * gpus if seconds is not None else None}
-        row.update({f"param.{k}": _parse(v) for k, v in train.data.params.items()})
-        rows.append(row)
-    evaluated = {row["run_id"] for row in rows}
-    for train in runs:                                 # trainings without evaluations (e.g. a SLURM job): one row each
-        tags = train.data.tags
-        if "run_key" not in tags or tags.get("kind") in ("ema", "sweep") or train.info.run_id in evaluated:
-            continue
-        parent_id = tags.get("mlflow.parentRunId")
-        if sweep_ids is not None and parent_id not in sweep_ids:
-            continue
-        parent = by_id.get(parent_id)
-        seconds = train.data.metrics.get("train_seconds")
-        row = {"sweep": parent.info.run_name if parent else None, "run_id": train.info.run_id,
-               "run_name": train.info.run_name, "status": train.info.status, "fid": None,
-               "final_loss": train.data.metrics.get("final_loss"), "train_seconds": seconds,
-               "gpu_seconds": seconds * float(tags.get("gpus", "0") or 0) if seconds is not None else None,
-               "evaluated": False}
-        row.update({f"param.{k}": _parse(v) for k, v in train.data.params.items()})
-        rows.append(row)
-    df = pd.DataFrame(rows)
-    if len(df):
-        params = [c for c in df.columns if c.startswith("param.")]
-        varying = [c for c in params if df[c].astype(str).nunique() > 1 and not c.endswith("run_dir")]
-        df = df.drop(columns=[c for c in params if c not in varying])     # keep what differs between runs
-        order = [c for c in ("fid", "run_name", "sigma_rel") if c in df.columns]   # trainings alone have no sigma_rel
-        df = df.sort_values(order).reset_index(drop=True)
-    return df
-
-
-def _parse(v: str):
-    try:
-        return json.loads(v)
-    except (ValueError, TypeError):
-        return v
