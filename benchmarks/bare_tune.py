@@ -49,13 +49,13 @@ def main(argv=None) -> None:
         first = "pipeline.training" not in sys.modules         # a fresh worker (not one Ray reused)
         from pipeline.evaluate import evaluate_run
         from pipeline.sweep.trial import process_started_at      # measured the way the pipeline measures it
-        from pipeline.training import train
+        from pipeline.training import TrainHooks, train
         worker_start = time.time() - max(process_started_at() or entered, fit_at) if first else 0.0
         os.chdir(work)
         trial_dir = work / "bare" / tune.get_context().get_trial_id()
         cfg = C.resolve(base_dict, {"train.ref_lr": config["lr"], "train.run_dir": str(trial_dir / "run")})
         t1 = time.perf_counter()
-        train(cfg, progress=False)
+        train(cfg, TrainHooks(progress=False))
         t2 = time.perf_counter()
         records = evaluate_run(cfg, trial_dir / "run" / "snapshots", trial_dir, ref_cache, "cpu")
         t3 = time.perf_counter()

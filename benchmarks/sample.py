@@ -23,7 +23,7 @@ def main(argv=None):
     args = p.parse_args(argv)
     import time
 
-    from pipeline.networks import maybe_compile
+    from pipeline.devices import maybe_compile
     gpu = args.device.startswith("cuda")
     modes = args.modes or (["eager", "cudagraph" if gpu else "compile"] if args.compile else ["eager"])
     runs = []

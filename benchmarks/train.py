@@ -10,7 +10,8 @@ from torch.utils.flop_counter import FlopCounterMode
 from benchmarks.common import parser, peak_flops, sync, timed, write
 from pipeline import config as C
 from pipeline.edm import edm2_loss
-from pipeline.networks import build_network, count_parameters, maybe_compile
+from pipeline.devices import maybe_compile
+from pipeline.networks import build_network, count_parameters
 
 SHAPES = {"small": ({}, 32, 1, 10), "xs64": ({"preset": "img64-xs"}, 64, 3, 1000)}
 

@@ -235,7 +235,7 @@ def _sampling_model(net, compile_: bool, device):
         return net
     compiled = net.__dict__.get("_sampling_compiled")
     if compiled is None:
-        from .networks import maybe_compile
+        from .devices import maybe_compile
         mode = "reduce-overhead" if torch.device(device).type == "cuda" else None
         compiled = maybe_compile(net, True, what="sampling", mode=mode)
         object.__setattr__(net, "_sampling_compiled", compiled)   # not a submodule: not in state_dict

@@ -16,6 +16,11 @@ class SweepError(PipelineError, ValueError):
     """A sweep that cannot run or continue as asked (its file, its resources, its results)."""
 
 
+
+class TrainingError(PipelineError, RuntimeError):
+    """A training run that cannot start or continue (its folder, a checkpoint, a diverged loss)."""
+
+
 def one_line_os_error(err: OSError) -> str:
     """'<path>: <reason>' for read-only folders, full disks, a file where a folder belongs."""
     where = err.filename if err.filename is not None else ""

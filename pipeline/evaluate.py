@@ -72,7 +72,7 @@ def generate_batches(net, num_images: int, seed: int, sampler_cfg, batch_size: i
     whole job this call is part of (the compile decision), default num_images."""
     from .edm import class_labels, sample_images
     from .data.latents import Decoder
-    from .networks import compile_wanted
+    from .devices import compile_wanted
     decoder = decoder or Decoder({"encoder": "pixel"}, None)
     # compile: auto -> compiled when the job's images x NFE pass the break-even (a compiled network is
     # kept on `net`, so the same network's next call does not compile again)

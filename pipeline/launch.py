@@ -48,11 +48,11 @@ class TrainJob:
         import socket
         print(f"edm2 task {os.environ.get('RANK', '0')}/{os.environ.get('WORLD_SIZE', '1')} on {socket.gethostname()}",
               flush=True)
-        from .training import StopFlag, train
+        from .training import StopFlag, TrainHooks, train
         submitit_usr2 = signal.getsignal(signal.SIGUSR2)     # submitit's checkpoint-and-requeue handler
         stop = StopFlag().install()                          # training stops at a step boundary instead
         cfg = C.load_config(self.params, self.overrides)
-        res = train(cfg, stage="slurm", stop=stop, progress=False)
+        res = train(cfg, TrainHooks(stage="slurm", stop=stop, progress=False))
         rank = int(os.environ.get("RANK", "0"))
         if res.status == "stopped" and stop.signal == signal.SIGUSR2 and rank == 0 and callable(submitit_usr2):
             submitit_usr2(signal.SIGUSR2, None)              # -> self.checkpoint() -> requeue -> exit

@@ -4,6 +4,8 @@ tests/test_tables.py, its line in docs/method.md. Torch is imported inside the f
 schema loads without it.
 
 - NOISE_LAWS (method.md 2): `loss.noise` -> how training draws its noise levels sigma.
+- METRIC_NAMES (method.md 8): `metrics.names` -> the entries of metrics.METRICS (the table itself
+  imports torch; tests/test_tables.py checks the two agree).
 - SOLVERS (method.md 5): `sampler.solver` -> its network evaluations per step count and whether it
   applies the second-order correction. Every sampler field reaches the FID record (records.sampler_record).
 """
@@ -45,3 +47,6 @@ SOLVERS: dict[str, Solver] = {
     "heun": Solver(nfe=lambda steps: 2 * steps - 1, second_order=True),    # EDM Algorithm 2
     "euler": Solver(nfe=lambda steps: steps, second_order=False),
 }
+
+
+METRIC_NAMES = ("fid", "fd_dinov2", "precision_recall")    # metrics.METRICS, in its order

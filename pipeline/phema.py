@@ -19,9 +19,7 @@ import torch
 
 from .config import SIGMA_REL_MAX
 from .errors import PipelineError
-from .io import (
-    save_safetensors,
-)
+from .io import save_safetensors
 
 SNAPSHOT_FORMAT = "edm2-pipeline/phema-snapshot/1"
 

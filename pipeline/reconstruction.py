@@ -13,21 +13,10 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from .io import (
-    atomic_write_text,
-    save_safetensors,
-)
+from .io import atomic_write_text, save_safetensors
 from .phema import PHEMAError, check_sigma_rel, sigma_rel_to_gamma, solve_weights
-from .snapshots import (
-    RECONSTRUCTION_FORMAT,
-    SnapshotInfo,
-    _read_header,
-    _read_snapshot_header,
-    check_consistent,
-    refuse_legacy,
-    scan_snapshots,
-    sources_digest,
-)
+from .snapshots import (RECONSTRUCTION_FORMAT, SnapshotInfo, _read_header, _read_snapshot_header, check_consistent,
+                        refuse_legacy, scan_snapshots, sources_digest)
 
 
 def reconstruct(snapshot_dir: str | Path, targets: Sequence[float | tuple[int, float]], target_nimg: int | None = None,

@@ -12,11 +12,7 @@ from pathlib import Path
 from typing import Sequence
 
 from .config import SIGMA_REL_MAX
-from .io import (
-    load_safetensors,
-    read_safetensors_header,
-    save_safetensors,
-)
+from .io import load_safetensors, read_safetensors_header, save_safetensors
 from .phema import SNAPSHOT_FORMAT, SNAPSHOT_RE, PHEMAError, snapshot_name
 
 RECONSTRUCTION_FORMAT = "edm2-pipeline/phema-reconstruction/1"

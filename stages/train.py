@@ -16,7 +16,9 @@ from pathlib import Path
 from pipeline import cli
 from pipeline.devices import use_given_cpus
 from pipeline.io import RunLock, check_writable
-from pipeline.training import TrainingError, list_checkpoints, load_latest_checkpoint, train
+from pipeline.checkpoints import list_checkpoints, load_latest_checkpoint
+from pipeline.errors import TrainingError
+from pipeline.training import TrainHooks, train
 from pipeline.workspace import link_run_dir
 
 EXIT_STOPPED = 75          # EX_TEMPFAIL: stopped on request, rerun to resume
@@ -51,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
             use_given_cpus(log=print)               # "cpu: N threads (...)", and a busy-machine warning
         if args.on_mismatch == "archive" and int(os.environ.get("RANK", "0")) == 0:
             _archive_if_mismatched(cfg)
-        res = train(cfg, stage=args.stage, progress=not args.no_progress)
+        res = train(cfg, TrainHooks(stage=args.stage, progress=not args.no_progress))
         if args.metrics and int(os.environ.get("RANK", "0")) == 0:
             _write_metrics(Path(cfg.train.run_dir) / "train_summary.json", Path(args.metrics))
         return 0 if res.status == "finished" else EXIT_STOPPED

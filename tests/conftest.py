@@ -52,7 +52,7 @@ def final_state(params):
     import torch
 
     from pipeline import config as C
-    from pipeline.training import list_checkpoints
+    from pipeline.checkpoints import list_checkpoints
     return torch.load(list_checkpoints(Path(C.load_config(params).train.run_dir))[-1], weights_only=True)
 
 
@@ -87,7 +87,7 @@ def interrupt_at_first_checkpoint(jobs: dict, timeout: float = 300) -> dict:
     import time
 
     from pipeline import config as C
-    from pipeline.training import list_checkpoints
+    from pipeline.checkpoints import list_checkpoints
     run_ids, t = {}, time.time()
     while len(run_ids) < len(jobs) and time.time() - t < timeout:
         for name, (s, params, command) in jobs.items():

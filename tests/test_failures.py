@@ -181,7 +181,7 @@ def test_a_failed_background_snapshot_write_stops_the_loop(tmp_path, fmnist, mon
     params = tiny_params(tmp_path, fmnist, tracking={"enabled": False},
                          train={"async_snapshots": True, "checkpoint_nimg": 128})
     with pytest.raises(OSError, match="No space left"):
-        training.train(C.load_config(params), progress=False)
+        training.train(C.load_config(params), training.TrainHooks(progress=False))
     assert len(calls) == 1                      # the first failed write ended training: no second one queued
     steps = [json.loads(x)["step"] for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert max(steps) <= 64                     # stopped within a snapshot interval or two, not at the end

@@ -29,7 +29,7 @@ from conftest import (ROOT, assert_close_states, assert_same_training, final_sta
                       tiny_params)
 from pipeline import config as C
 from pipeline.launch import submit, wait
-from pipeline.training import train
+from pipeline.training import TrainHooks, train
 
 pytestmark = pytest.mark.slow
 NET, BRIDGE, PREFIX = "10.213.78", "br-edm2t", "edm2t-"
@@ -135,7 +135,7 @@ def test_ddp_across_nodes_and_tasks_equals_one_process_and_resumes_after_requeue
                                  stderr=subprocess.STDOUT, text=True) for rank, node in enumerate(("n1", "n2"))]
     # The reference: one process, here, while the jobs requeue and finish.
     one = tiny_params(tmp_path / "1", fmnist, train=TRAIN, tracking={"enabled": False})
-    assert train(C.load_config(one), progress=False).nimg == TRAIN["duration_nimg"]
+    assert train(C.load_config(one), TrainHooks(progress=False)).nimg == TRAIN["duration_nimg"]
     results = {name: wait(s) for name, s in jobs.items()}
     for proc in launched:
         out = proc.communicate(timeout=600)[0]

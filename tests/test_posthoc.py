@@ -8,7 +8,7 @@ import pytest
 from conftest import tiny_params
 from pipeline import config as C
 from pipeline import reconstruction
-from pipeline.training import train
+from pipeline.training import TrainHooks, train
 
 pytestmark = pytest.mark.slow
 
@@ -22,7 +22,7 @@ def test_grid_of_guides_and_weights_from_one_training(tmp_path, fmnist, monkeypa
     from stages.reconstruct import main as reconstruct_main
     params = tiny_params(tmp_path, fmnist, evaluate={"grid": GRID}, train={"label_dropout": 0.1})
     cfg = C.load_config(params)
-    res = train(cfg, progress=False)
+    res = train(cfg, TrainHooks(progress=False))
     passes = []
     real = reconstruction.stream_combine
     monkeypatch.setattr(reconstruction, "stream_combine", lambda *a, **k: passes.append(1) or real(*a, **k))
@@ -93,7 +93,7 @@ def test_training_length_is_a_post_hoc_axis(tmp_path, fmnist):
     from stages.report import main as report_main
     params = tiny_params(tmp_path, fmnist, evaluate={"grid": {"sigma_rel": [0.05, 0.1], "nimg": [64, 128]}})
     cfg = C.load_config(params)
-    res = train(cfg, progress=False)
+    res = train(cfg, TrainHooks(progress=False))
     common = ["--params", str(params)]
     assert reconstruct_main([*common, "--out", str(tmp_path / "models")]) == 0
     assert sorted(p.name for p in (tmp_path / "models").glob("ema-*.safetensors")) == [

@@ -7,7 +7,7 @@ import pytest
 from chromium_helpers import chromium_or_skip, render
 from conftest import tiny_params
 from pipeline import config as C
-from pipeline.training import train
+from pipeline.training import TrainHooks, train
 
 pytestmark = pytest.mark.slow
 
@@ -21,7 +21,7 @@ def test_tiny_run_report_renders_offline_in_chromium(tmp_path, fmnist):
     chromium = chromium_or_skip()
     params = tiny_params(tmp_path, fmnist, train={"duration_nimg": 64})
     cfg = C.load_config(params)
-    res = train(cfg, progress=False)
+    res = train(cfg, TrainHooks(progress=False))
     common = ["--params", str(params)]
     assert reconstruct_main([*common, "--out", str(tmp_path / "models")]) == 0
     assert evaluate_main([*common, "--models", str(tmp_path / "models"), "--ref-cache", str(tmp_path / "ref"),

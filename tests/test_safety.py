@@ -20,7 +20,8 @@ from pipeline import config as C
 from pipeline import io as pio
 from pipeline.phema import PowerFunctionEMA, snapshot_meta
 from pipeline.reconstruction import reconstruct
-from pipeline.training import CHECKPOINT_FORMAT, train
+from pipeline.checkpoints import CHECKPOINT_FORMAT
+from pipeline.training import TrainHooks, train
 
 ENV = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
 
@@ -193,14 +194,14 @@ def test_disk_full_during_the_metrics_append_then_resume(tmp_path, fmnist, monke
         return real(fd, data)
     monkeypatch.setattr(pio, "_write", full_disk)
     with pytest.raises(OSError, match="No space left"):
-        train(C.load_config(params), progress=False)
+        train(C.load_config(params), TrainHooks(progress=False))
     text = metrics.read_text()
     assert text.endswith("\n") and len(text.splitlines()) == 3       # cut back to whole lines
     monkeypatch.undo()
     # A torn last line from a kill (not a caught error) is dropped at resume, with a note.
     with open(metrics, "a") as f:
         f.write('{"step": 99999, "lo')
-    res = train(C.load_config(params), progress=False)
+    res = train(C.load_config(params), TrainHooks(progress=False))
     assert res.status == "finished" and "dropped an unreadable last line" in capsys.readouterr().err
     steps = [json.loads(line)["step"] for line in metrics.read_text().splitlines()]
     assert steps == list(range(16, 129, 16))
@@ -236,13 +237,13 @@ def test_tracking_server_down_for_part_of_a_run_then_resume_logs_every_step_once
     with served_mlflow(backend, port) as url:
         params = tiny_params(tmp_path, fmnist, tracking={"uri": url},
                              train={"duration_nimg": 160, "checkpoint_nimg": 32, "status_nimg": 16})
-        res = train(C.load_config(params), progress=False, max_steps=3)       # server up: steps 16..48
+        res = train(C.load_config(params), TrainHooks(progress=False, max_steps=3))       # server up: steps 16..48
         assert res.status == "stopped"
     run_id = (tmp_path / "run" / "mlflow_run_id").read_text().strip()
-    res = train(C.load_config(params), progress=False, max_steps=4)           # server down: jsonl only
+    res = train(C.load_config(params), TrainHooks(progress=False, max_steps=4))           # server down: jsonl only
     assert res.status == "stopped"
     with served_mlflow(backend, port) as url2:
-        assert train(C.load_config(params), progress=False).status == "finished"
+        assert train(C.load_config(params), TrainHooks(progress=False)).status == "finished"
         steps = [json.loads(line)["step"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
         hist = MlflowClient(url2).get_metric_history(run_id, "loss")
         assert sorted(m.step for m in hist) == steps == list(range(16, 161, 16))

@@ -9,7 +9,7 @@ from pipeline import config as C
 from pipeline.data.encoded import Prefetcher
 from pipeline.edm import sample_images
 from pipeline.networks import build_network
-from pipeline.training import SnapshotWriter, train
+from pipeline.training import SnapshotWriter, TrainHooks, train
 from safetensors.torch import load_file
 
 STEPS = {"duration_nimg": 96, "checkpoint_nimg": 96, "status_nimg": 16, "amp": "none"}   # float32 is "plain"
@@ -17,7 +17,7 @@ STEPS = {"duration_nimg": 96, "checkpoint_nimg": 96, "status_nimg": 16, "amp": "
 
 def losses(tmp_path, fmnist, name, **switches):
     params = tiny_params(tmp_path / name, fmnist, tracking={"enabled": False}, train={**STEPS, **switches})
-    train(C.load_config(params), progress=False)
+    train(C.load_config(params), TrainHooks(progress=False))
     return logged_losses(tmp_path / name / "run")
 
 

@@ -445,8 +445,8 @@ def test_trial_spanning_two_workers_through_ray_train(tmp_path, fmnist):
     # The same configuration trained by one process gives the same EMA (DDP is exact up to float sums).
     (run_dir,) = (tmp_path / "runs/sweeps/ddp/trials").glob("*/run")
     cfg = C.load_config(run_dir / "config.yaml", {"train.run_dir": str(tmp_path / "single"), "tracking.enabled": False})
-    from pipeline.training import train
-    train(cfg, progress=False)
+    from pipeline.training import TrainHooks, train
+    train(cfg, TrainHooks(progress=False))
     name = sorted(p.name for p in (run_dir / "snapshots").glob("phema-*.safetensors"))[-1]
     a = load_file(run_dir / "snapshots" / name)
     b = load_file(tmp_path / "single" / "snapshots" / name)

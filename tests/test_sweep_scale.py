@@ -112,7 +112,7 @@ def test_the_report_says_where_the_trials_time_went():
 
 def test_compile_auto_compiles_from_the_break_even_and_the_switch_refuses_numbers():
     from pipeline.config import resolve
-    from pipeline.networks import COMPILE_BREAK_EVEN, compile_wanted
+    from pipeline.devices import COMPILE_BREAK_EVEN, compile_wanted
     assert resolve().train.compile == "auto" and resolve().sampler.compile == "auto"
     be = COMPILE_BREAK_EVEN["train"]["cpu"]
     assert compile_wanted("auto", "train", "cpu", be) and not compile_wanted("auto", "train", "cpu", be - 1)

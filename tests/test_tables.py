@@ -113,6 +113,10 @@ def test_precision_recall_equal_the_definition_computed_by_brute_force():
 def test_every_metric_names_its_entries_features_and_docs():
     import numpy as np
 
+    from pipeline.options import METRIC_NAMES
+    from pipeline.metrics import METRICS as _TABLE
+    assert tuple(_TABLE) == METRIC_NAMES, "options.METRIC_NAMES (what the schema accepts) must list metrics.METRICS"
+
     from pipeline.metrics import FEATURES, METRICS, combine_sets
     for name, m in METRICS.items():
         assert m.features in FEATURES and m.names

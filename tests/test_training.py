@@ -12,7 +12,10 @@ import torch
 from conftest import ROOT, assert_close_states, assert_same_training, final_state, tiny_params
 from pipeline import config as C
 from pipeline.io import atomic_torch_save
-from pipeline.training import TrainingError, batch_indices, list_checkpoints, train
+from pipeline.batches import batch_indices
+from pipeline.checkpoints import list_checkpoints
+from pipeline.errors import TrainingError
+from pipeline.training import TrainHooks, train
 
 ENV = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
 
@@ -95,24 +98,24 @@ def test_sigkill_at_a_random_step_then_resume_is_bitwise_identical(tmp_path, fmn
 
 def test_checkpoint_of_another_configuration_is_refused(tmp_path, fmnist):
     params = tiny_params(tmp_path, fmnist, tracking={"enabled": False}, train={"duration_nimg": 32})
-    train(C.load_config(params), progress=False)
+    train(C.load_config(params), TrainHooks(progress=False))
     other = C.load_config(params, ["train.ref_lr=0.02", "loss.P_std=1.2"])
     with pytest.raises(TrainingError, match=r"loss.P_std: checkpoint 1.6, config 1.2; train.ref_lr: checkpoint 0.01"):
-        train(other, progress=False)
+        train(other, TrainHooks(progress=False))
     # Extending the duration is not a different configuration: it resumes.
     longer = C.load_config(params, ["train.duration_nimg=48"])
-    assert train(longer, progress=False).nimg == 48
+    assert train(longer, TrainHooks(progress=False)).nimg == 48
 
 
 def test_corrupt_checkpoint_falls_back_to_the_previous_one(tmp_path, fmnist, capsys):
     params = tiny_params(tmp_path, fmnist, tracking={"enabled": False}, train={"duration_nimg": 64})
     cfg = C.load_config(params)
-    train(cfg, progress=False, max_steps=4)                             # checkpoints at 32 and 64
+    train(cfg, TrainHooks(progress=False, max_steps=4))                             # checkpoints at 32 and 64
     ckpts = list_checkpoints(tmp_path / "run")
     assert [c.name for c in ckpts] == ["checkpoint-0000000032.pt", "checkpoint-0000000064.pt"]
     ckpts[-1].write_bytes(ckpts[-1].read_bytes()[:1000])              # truncated
     capsys.readouterr()
-    res = train(C.load_config(params, ["train.duration_nimg=80"]), progress=False)
+    res = train(C.load_config(params, ["train.duration_nimg=80"]), TrainHooks(progress=False))
     out = capsys.readouterr().out
     assert "checkpoint-0000000064.pt is unreadable" in out and "falling back" in out
     assert "resuming from" in out and "at nimg=32" in out and res.nimg == 80
@@ -123,7 +126,7 @@ def test_nonfinite_loss_stops_with_a_clear_error(tmp_path, fmnist):
     params = tiny_params(tmp_path, fmnist, tracking={"enabled": False}, loss={"P_mean": 60.0, "P_std": 0.01},
                          train={"max_nonfinite_steps": 3})
     with pytest.raises(TrainingError, match="loss was non-finite for 3 consecutive steps"):
-        train(C.load_config(params), progress=False)
+        train(C.load_config(params), TrainHooks(progress=False))
 
 
 def test_dataset_manifest_mismatch_is_refused(tmp_path, fmnist):
@@ -131,7 +134,7 @@ def test_dataset_manifest_mismatch_is_refused(tmp_path, fmnist):
     params = tiny_params(tmp_path, fmnist, tracking={"enabled": False})
     cfg = C.load_config(params, ["data.channels=3"])
     with pytest.raises(DataError, match="data.channels: config 3, dataset 1"):
-        train(cfg, progress=False)
+        train(cfg, TrainHooks(progress=False))
 
 
 def test_disk_full_while_writing_keeps_the_old_file(tmp_path, monkeypatch):
@@ -151,7 +154,7 @@ def test_disk_full_while_writing_keeps_the_old_file(tmp_path, monkeypatch):
 def test_unreachable_tracking_server_warns_once_and_trains(tmp_path, fmnist, capsys):
     params = tiny_params(tmp_path, fmnist, tracking={"uri": "http://127.0.0.1:9"}, train={"duration_nimg": 48})
     t = time.time()
-    res = train(C.load_config(params), progress=False)
+    res = train(C.load_config(params), TrainHooks(progress=False))
     err = capsys.readouterr().err
     assert res.status == "finished" and res.nimg == 48 and time.time() - t < 120
     assert err.count("MLflow logging off") == 1 and "unreachable" in err
@@ -165,7 +168,7 @@ def test_label_dropout_is_seeded_and_changes_training(tmp_path, fmnist):
     states = {}
     for name, rate in (("a", 0.5), ("b", 0.5), ("c", 0.0)):
         params = tiny_params(tmp_path / name, fmnist, train={"label_dropout": rate, "duration_nimg": 64})
-        assert train(C.load_config(params), progress=False).status == "finished"
+        assert train(C.load_config(params), TrainHooks(progress=False)).status == "finished"
         states[name] = final_state(params)["net"]
     for k in states["a"]:
         assert torch.equal(states["a"][k], states["b"][k]), k
@@ -185,7 +188,7 @@ def test_the_stop_line_prints_the_last_loss_before_any_status_line(tmp_path, fmn
     """Stopped before the first status window closes: the stop line gives the last step's loss, not None."""
     from pipeline.training import train
     params = tiny_params(tmp_path, fmnist, train={"status_nimg": 128})
-    res = train(C.load_config(params), progress=False, max_steps=1)
+    res = train(C.load_config(params), TrainHooks(progress=False, max_steps=1))
     out = capsys.readouterr().out
     line = [x for x in out.splitlines() if x.startswith("stopped at nimg=16/")]
     assert res.status == "stopped" and line and "loss None" not in line[0]

@@ -10,7 +10,7 @@ from typing import Annotated, Any, Optional
 from pydantic import AfterValidator, Field, ValidationError, field_validator, model_validator
 
 from ..config import (Config, ConfigError, GridConfig, NonNegFloat, NonNegInt, PosFloat, PosInt, SigmaRel, _Section,
-                      _format_errors, _min, load_config, read_yaml)
+                      at_least, format_errors, load_config, read_yaml)
 from .algorithms import SCHEDULERS, SEARCH_ALGORITHMS, scheduler_entry
 from .space import AXIS_KINDS
 
@@ -64,7 +64,7 @@ class SchedulerSpec(_Section):
     # not depend on a trial's own noise law or learning rate; loss / weighted_mse are the training losses.
     metric: Annotated[str, _one_of({"val_loss": 0, "loss": 0, "weighted_mse": 0}, "scheduler metric")] = "val_loss"
     grace_period_nimg: PosInt = 4096                    # ASHA: no stop before this many images
-    reduction_factor: Annotated[float, AfterValidator(lambda v: _min(v, 2))] = 2.0
+    reduction_factor: Annotated[float, AfterValidator(lambda v: at_least(v, 2))] = 2.0
     # A stopped trial's FID from its last snapshots (post-hoc: no retraining), so the searched axis is
     # ranked by FID for every trial; off: stopped trials keep only the loss they were stopped on.
     evaluate_stopped: bool = False
@@ -220,7 +220,7 @@ def load_sweep(path: str | Path) -> tuple[SweepConfig, Config]:
     try:
         sweep = SweepConfig.model_validate(raw)
     except ValidationError as err:
-        raise ConfigError(_format_errors(err, raw).replace("\n", f"\n{path.name}: ")) from None
+        raise ConfigError(format_errors(err, raw).replace("\n", f"\n{path.name}: ")) from None
     base_path = Path(sweep.base) if Path(sweep.base).is_absolute() else (Path.cwd() / sweep.base)
     overrides = sweep_overrides(sweep)
     base = load_config(base_path, overrides)

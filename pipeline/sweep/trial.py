@@ -139,7 +139,7 @@ def trial_body(job: dict, report, device=None) -> None:
     import torch.distributed as dist
 
     from ..tracking.store import seconds_spent
-    from ..training import train
+    from ..training import TrainHooks, train
     cfg, spec = job["config"], job["spec"]
     trial_id, trial_dir = job["trial_id"], Path(job["trial_dir"])
     from ..devices import use_given_cpus
@@ -165,8 +165,9 @@ def trial_body(job: dict, report, device=None) -> None:
     # MLflow params: what the sweep varies and the run key, not ~100 fields with paths (config.yaml has them all).
     logged = {**job.get("values", {}), "run_key": cfg.run_key()}
     t_train, tracked = time.perf_counter(), seconds_spent()
-    res = train(cfg, stage="sweep", progress=False, report=on_snapshot, parent_run_id=spec.parent_run_id,
-                run_name=f"trial-{trial_id}", device=device, validate=validate, mlflow_params=logged)
+    hooks = TrainHooks(stage="sweep", progress=False, report=on_snapshot, validate=validate,
+                       parent_run_id=spec.parent_run_id, run_name=f"trial-{trial_id}", mlflow_params=logged)
+    res = train(cfg, hooks, device=device)
     phases["tracking"] = seconds_spent() - tracked
     phases["training"] = time.perf_counter() - t_train - phases["tracking"] - phases["validation"]
     if res.status != "finished":

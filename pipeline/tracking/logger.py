@@ -13,15 +13,7 @@ from pathlib import Path
 
 from ..io import append_line, read_jsonl
 from ..provenance import git_revision
-from .store import (
-    _SPENT,
-    TrackingError,
-    _reachable,
-    bound_requests,
-    check_uri,
-    init_store,
-    tracking_uri,
-)
+from .store import _SPENT, TrackingError, _reachable, bound_requests, check_uri, init_store, tracking_uri
 
 
 class RunLogger:

@@ -1,173 +1,24 @@
-"""One typed configuration schema for params.yaml and presets (sweep files: pipeline/sweep/schema.py).
-
-Every stage, sweep trial and launcher builds its settings through `load_config` / `resolve`, so a
-wrong value fails here, at load time, before any GPU time is spent, with one line naming the field,
-the value and the rule (for example `ema.targets[2]=0.31: sigma_rel must be in (0, 0.2887)`).
+"""The sections of params.yaml as typed models (method.md cites each field's equation): data,
+network, loss, train, ema, sampler, metrics, evaluate, tracking, launcher; `Config` checks what
+spans sections and gives the run key (every value that changes what a training computes).
 """
 from __future__ import annotations
 
-import copy
 import hashlib
-import re
 import json
-import math
 from pathlib import Path
-from typing import Annotated, Any, Literal, Optional, Union
+from typing import Annotated, Any, Literal, Optional
 
-import yaml
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
-from .devices import DEVICE_PATTERN
-from .errors import PipelineError
-from .backends import BACKENDS as _BACKENDS
-from .options import NOISE_LAWS as _NOISE_LAWS, SOLVERS as _SOLVERS
-from .data.sources import SOURCES as _SOURCES
+from pydantic import AfterValidator, BaseModel, Field, field_validator, model_validator
 
-SIGMA_REL_MAX = math.sqrt(1.0 / 12.0)  # method.md 6: sigma_rel < sqrt(1/12) ~= 0.2887
-PRESETS_FILE = Path(__file__).with_name("presets.yaml")
-
-
-# A torch.compile switch: true, false, or "auto" (compile when the run's work passes the measured
-# break-even, networks.COMPILE_BREAK_EVEN).
-CompileSwitch = Union[bool, Literal["auto"]]
-
-
-class ConfigError(PipelineError, ValueError):
-    """A configuration value broke a rule; the message is one line per broken rule."""
-
-
-# ----------------------------------------------------------------------------------------------
-# Reusable value rules. Each raises ValueError with the rule only; the field path and value are
-# added by `_format_errors`, so every message has the same `field=value: rule` shape.
-
-def _sigma_rel(v: float) -> float:
-    if not (0.0 < v < SIGMA_REL_MAX):
-        raise ValueError(f"sigma_rel must be in (0, {SIGMA_REL_MAX:.4f})")
-    return v
-
-
-def _positive(v):
-    if not v > 0:
-        raise ValueError("must be > 0")
-    return v
-
-
-def _non_negative(v):
-    if not v >= 0:
-        raise ValueError("must be >= 0")
-    return v
-
-
-def _power_of_two(v: int) -> int:
-    if v < 4 or (v & (v - 1)) != 0:
-        raise ValueError("must be a power of two >= 4")
-    return v
-
-
-SigmaRel = Annotated[float, AfterValidator(_sigma_rel)]
-PosFloat = Annotated[float, AfterValidator(_positive)]
-PosInt = Annotated[int, AfterValidator(_positive)]
-NonNegFloat = Annotated[float, AfterValidator(_non_negative)]
-NonNegInt = Annotated[int, AfterValidator(_non_negative)]
-SEED_LIMIT = 1 << 63                   # torch's generators take seeds below 2^63 (signed 64-bit)
-
-
-def _seed(v: int) -> int:
-    if not 0 <= v < SEED_LIMIT:
-        raise ValueError("a seed must be in [0, 2^63)")
-    return v
-
-
-Seed = Annotated[int, AfterValidator(_seed)]
-
-
-def _device(v: str) -> str:
-    if not re.match(DEVICE_PATTERN, v):
-        raise ValueError("expected auto, cpu, cuda or cuda:N (GPU N of several)")
-    return v
-
-
-Device = Annotated[str, AfterValidator(_device)]     # resolved by devices.pick_device
-
-
-def _not_nan(v: float) -> float:
-    if math.isnan(v):
-        raise ValueError("must be a number (not NaN)")
-    return v
-
-
-def _unit_interval(v: float) -> float:
-    if not (0.0 <= v < 1.0):
-        raise ValueError("must be in [0, 1)")
-    return v
-
-
-# Fields marked NOT_IN_KEY do not change what a training run computes (paths, devices, logging
-# intervals, evaluation settings, bit-identical speed switches): Config.run_key() leaves them out,
-# so changing one resumes the same run instead of archiving it.
-NOT_IN_KEY = {"run_key": False}
-
-
-def off_key(*default: Any, **kw) -> Any:
-    """A field that is not part of the run key (see NOT_IN_KEY): off_key(value) or off_key(default_factory=f)."""
-    return Field(*default, json_schema_extra=NOT_IN_KEY, **kw)
-
-
-def _takes_numbers_only(annotation) -> bool:
-    """True for int/float fields (bare, Annotated, Optional, Literal of numbers): pydantic would turn a
-    YAML `true` into 1 there."""
-    import types
-    from typing import Union, get_args, get_origin
-    origin, args = get_origin(annotation), get_args(annotation)
-    if annotation in (int, float):
-        return True
-    if origin is Annotated:
-        return _takes_numbers_only(args[0])
-    if origin in (Union, types.UnionType):
-        kinds = [a for a in args if a is not type(None)]
-        return bool(kinds) and all(_takes_numbers_only(a) for a in kinds)
-    if origin is Literal:
-        return all(isinstance(a, (int, float)) and not isinstance(a, bool) for a in args)
-    return False
-
-
-def _element_type(annotation):
-    """The element type of list[...] / tuple[...] (also inside Optional/Annotated), else None."""
-    import types
-    from typing import Union, get_args, get_origin
-    origin, args = get_origin(annotation), get_args(annotation)
-    if origin is Annotated:
-        return _element_type(args[0])
-    if origin in (Union, types.UnionType):
-        for a in args:
-            if _element_type(a) is not None:
-                return _element_type(a)
-    if origin in (list, tuple) and args:
-        return args[0]
-    return None
-
-
-class _Section(BaseModel):
-    # allow_inf_nan=False: NaN and infinities are refused at load time (a float field that may be
-    # infinite says so itself), not found after ten steps of non-finite losses.
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
-
-    @field_validator("*", mode="before")
-    @classmethod
-    def _no_booleans_as_numbers(cls, v, info):
-        """`true`/`false` are not numbers and numbers are not switches: `-S train.batch_size=true` and
-        `-S train.compile=1` are refused, not read as 1 and true."""
-        ann = cls.model_fields[info.field_name].annotation
-        if (ann is bool or ann == Optional[bool]) and not isinstance(v, bool) and not (ann != bool and v is None):
-            raise ValueError("expected true or false")
-        if ann == CompileSwitch and not isinstance(v, bool) and v != "auto":
-            raise ValueError("expected true or false (or auto)")
-        if isinstance(v, bool) and _takes_numbers_only(ann):
-            raise ValueError("expected a number, got a boolean (true/false)")
-        elem = _element_type(ann)
-        if isinstance(v, (list, tuple)) and elem is not None and _takes_numbers_only(elem) \
-                and any(isinstance(x, bool) for x in v):
-            raise ValueError("expected numbers, got a boolean (true/false)")
-        return v
+from ..backends import BACKENDS as _BACKENDS
+from ..data.sources import SOURCES as _SOURCES
+from ..options import METRIC_NAMES
+from ..options import NOISE_LAWS as _NOISE_LAWS
+from ..options import SOLVERS as _SOLVERS
+from .fields import (SEED_LIMIT, Balance, CompileSwitch, Device, NonNegFloat, NonNegInt, PosFloat, PosInt, Seed,
+                     SigmaRel, _at_most, _in_unit, at_least, _not_nan, _power_of_two, _Section, _unit_interval, flatten,
+                     off_key)
 
 
 class DataConfig(_Section):
@@ -199,23 +50,6 @@ class DataConfig(_Section):
         return self
 
 
-def _at_most(hi: int):
-    def check(v: int) -> int:
-        if v > hi:
-            raise ValueError(f"must be <= {hi}")
-        return v
-    return AfterValidator(check)
-
-
-def _balance(v: float) -> float:
-    if not 0.0 <= v <= 1.0:
-        raise ValueError("a blend weight t must be in [0, 1]")
-    return v
-
-
-Balance = Annotated[float, AfterValidator(_balance)]
-
-
 class NetworkConfig(_Section):
     model_channels: Annotated[PosInt, _at_most(1 << 16)] = 32     # C in method.md 4
     channel_mult: Annotated[list[PosInt], Field(max_length=16)] = Field(default_factory=lambda: [1, 2, 2])
@@ -239,11 +73,6 @@ class NetworkConfig(_Section):
         if not self.channel_mult:
             raise ValueError("network.channel_mult must not be empty")
         return self
-
-
-def _in_unit(v: float, name: str) -> float:
-    return _unit_interval(v)
-
 
 NOISE_LAWS = tuple(_NOISE_LAWS)              # noise-level laws of training: the table in options.py
 
@@ -289,7 +118,7 @@ class TrainConfig(_Section):
     seeding: Literal["portable", "nvidia"] = "portable"
     amp: Literal["none", "bf16"] = "none"  # bf16 autocast of the network (GPU; also works on CPU)
     channels_last: bool = off_key(False)   # NHWC memory format for convolutions
-    compile: CompileSwitch = off_key("auto")   # torch.compile the network (auto: when it pays, networks.COMPILE_BREAK_EVEN); falls back (with a warning) on failure
+    compile: CompileSwitch = off_key("auto")   # torch.compile the network (auto: when it pays, devices.COMPILE_BREAK_EVEN); falls back (with a warning) on failure
     fused_adam: bool = off_key(False)      # fused Adam kernel (foreach otherwise)
     # bit-identical to the plain path (tested), so not part of the run key:
     async_snapshots: bool = off_key(False)  # write EMA snapshots in a background thread (in order; drained before checkpoints)
@@ -319,7 +148,7 @@ class EMAConfig(_Section):
 
 class SamplerConfig(_Section):
     """EDM Algorithm 2 (method.md 5)."""
-    steps: Annotated[int, AfterValidator(lambda v: _min(v, 2))] = 32
+    steps: Annotated[int, AfterValidator(lambda v: at_least(v, 2))] = 32
     rho: PosFloat = 7.0
     sigma_min: PosFloat = 0.002
     sigma_max: PosFloat = 80.0
@@ -351,19 +180,13 @@ class SamplerConfig(_Section):
         return _SOLVERS[self.solver].nfe(self.steps)
 
 
-def _min(v: int, lo: int) -> int:
-    if v < lo:
-        raise ValueError(f"must be >= {lo}")
-    return v
-
-
 class FIDConfig(_Section):
     feature_net: Literal["auto", "clean-fid", "fid-helper"] = "auto"
-    num_images: Annotated[int, AfterValidator(lambda v: _min(v, 2))] = 50000
+    num_images: Annotated[int, AfterValidator(lambda v: at_least(v, 2))] = 50000
     reference: str = "fashion-mnist-test"  # fashion-mnist-test | held-out (data.reference_split) | an encoded
     #                                        dataset folder | an image folder or zip (encoded on demand, cached) |
     #                                        NVIDIA's statistics (.pkl: dataset-refs/img512.pkl; EDM's .npz)
-    ref_num_images: Optional[Annotated[int, AfterValidator(lambda v: _min(v, 2))]] = None  # None: the whole set
+    ref_num_images: Optional[Annotated[int, AfterValidator(lambda v: at_least(v, 2))]] = None  # None: the whole set
     seed: Seed = 0                         # generated image i uses seed `seed + i`
     seed_sets: PosInt = 1                  # K disjoint sets of num_images (set k: seeds seed + k*num_images + i);
     #                                        EDM/EDM2 report the minimum over 3 sets of 50,000 (method.md 8)
@@ -379,10 +202,9 @@ class FIDConfig(_Section):
     def _metrics(cls, v):
         if not v or v[0] != "fid" or len(set(v)) != len(v):
             raise ValueError("list fid first, then other metrics once each, e.g. [fid, precision_recall, fd_dinov2]")
-        from .metrics import METRICS          # the metric table (its module imports torch: loaded on use)
-        unknown = [m for m in v if m not in METRICS]
+        unknown = [m for m in v if m not in METRIC_NAMES]
         if unknown:
-            raise ValueError(f"unknown metric {unknown[0]!r}; known: {', '.join(METRICS)}")
+            raise ValueError(f"unknown metric {unknown[0]!r}; known: {', '.join(METRIC_NAMES)}")
         return v
 
     @model_validator(mode="after")
@@ -425,7 +247,7 @@ class GridConfig(_Section):
     sigma_rel: list[SigmaRel] = Field(default_factory=list)        # empty: ema.targets
     guidance: list[NonNegFloat] = Field(default_factory=lambda: [1.0])  # w >= 0; 1 = unguided, 0 = the guide alone
     guide: list[Any] = Field(default_factory=lambda: ["none"])    # none | unconditional | GuideSpec mapping
-    steps: list[Annotated[int, AfterValidator(lambda v: _min(v, 2))]] = Field(default_factory=list)  # empty: sampler.steps
+    steps: list[Annotated[int, AfterValidator(lambda v: at_least(v, 2))]] = Field(default_factory=list)  # empty: sampler.steps
     nimg: list[PosInt] = Field(default_factory=list)     # training lengths (snapshot times); empty: the final one
 
     @field_validator("guide")
@@ -558,170 +380,3 @@ def key_values(model: BaseModel) -> dict:
         out[name] = key_values(v) if isinstance(v, BaseModel) else (v if not isinstance(v, tuple) else list(v))
     return out
 
-
-# ----------------------------------------------------------------------------------------------
-# Loading, overrides, presets.
-
-def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, dict):
-            out.update(flatten(v, key + "."))
-        else:
-            out[key] = v
-    return out
-
-
-def set_dotted(d: dict, key: str, value: Any) -> None:
-    """Set `a.b.c` in a nested dict; unknown keys are caught later by the schema (extra=forbid)."""
-    parts = key.split(".")
-    node = d
-    for p in parts[:-1]:
-        nxt = node.setdefault(p, {})
-        if not isinstance(nxt, dict):
-            raise ConfigError(f"{key}: '{p}' is a value, not a section")
-        node = nxt
-    node[parts[-1]] = value
-
-
-def parse_override(text: str) -> tuple[str, Any]:
-    """`train.ref_lr=0.01` -> ('train.ref_lr', 0.01); the value is parsed as YAML."""
-    if "=" not in text:
-        raise ConfigError(f"override '{text}': expected key=value")
-    key, raw = text.split("=", 1)
-    try:
-        return key.strip(), yaml.safe_load(raw) if raw.strip() else None
-    except yaml.YAMLError as err:
-        reason = str(getattr(err, "problem", None) or err.__class__.__name__)
-        raise ConfigError(f"override '{text}': the value is not valid YAML ({reason})") from None
-
-
-def presets(internal: bool = False) -> dict[str, dict]:
-    """The presets by name; entries whose name starts with '_' only serve as `base:` of others."""
-    with open(PRESETS_FILE) as f:
-        table = yaml.safe_load(f)
-    return table if internal else {k: v for k, v in table.items() if not k.startswith("_")}
-
-
-def preset(name: str) -> dict:
-    """A preset's values, with `base:` presets merged underneath (deep merge)."""
-    if name not in presets():
-        raise ConfigError(f"preset={name!r}: unknown preset; choose one of {', '.join(sorted(presets()))}")
-    return _merged(name, presets(internal=True))
-
-
-def _merged(name: str, table: dict) -> dict:
-    entry = dict(table[name])
-    base = entry.pop("base", None)
-    return _deep_merge(_merged(base, table), entry) if base else entry
-
-
-def _deep_merge(base: dict, over: dict) -> dict:
-    out = copy.deepcopy(base)
-    for k, v in over.items():
-        if isinstance(v, dict) and isinstance(out.get(k), dict):
-            out[k] = _deep_merge(out[k], v)
-        else:
-            out[k] = copy.deepcopy(v)
-    return out
-
-
-def _format_errors(err: ValidationError, raw: dict) -> str:
-    lines = []
-    for e in err.errors():
-        loc = e["loc"]
-        path = ""
-        for part in loc:
-            path += f"[{part}]" if isinstance(part, int) else (f".{part}" if path else str(part))
-        msg = e["msg"]
-        for prefix in ("Value error, ", "Assertion failed, "):
-            if msg.startswith(prefix):
-                msg = msg[len(prefix):]
-        if e["type"] == "extra_forbidden":
-            msg = "unknown key"
-        if path and isinstance(e.get("input"), dict) and re.match(r"^[\w.\[\]]+=", msg):
-            lines.append(msg)                          # a section's own rule names its field already
-        elif path:
-            lines.append(f"{path}={e.get('input')!r}: {msg}" if e["type"] != "extra_forbidden" else f"{path}: {msg}")
-        else:
-            lines.append(msg)
-    return "\n".join(lines)
-
-
-def resolve(raw: dict | None = None, overrides: dict[str, Any] | list[str] | None = None) -> Config:
-    """Build a validated Config from a raw mapping, its preset and dotted overrides."""
-    raw = copy.deepcopy(raw or {})
-    if isinstance(overrides, list):
-        overrides = dict(parse_override(o) for o in overrides)
-    for k, v in (overrides or {}).items():
-        set_dotted(raw, k, v)
-    if raw.get("preset") is not None and not isinstance(raw["preset"], str):
-        raise ConfigError(f"preset={raw['preset']!r}: expected a preset name, one of {', '.join(sorted(presets()))}")
-    if raw.get("preset"):
-        raw = _deep_merge(preset(raw["preset"]), raw)
-    try:
-        return Config.model_validate(raw)
-    except ValidationError as err:
-        raise ConfigError(_format_errors(err, raw)) from None
-
-
-def load_config(path: str | Path = "params.yaml", overrides: dict[str, Any] | list[str] | None = None) -> Config:
-    raw = read_yaml(path, "config file")
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: expected a mapping of sections at the top level")
-    if not raw:
-        raise ConfigError(f"{path}: empty (no sections); start from the project's params.yaml")
-    return resolve(raw, overrides)
-
-
-class _UniqueKeyLoader(yaml.SafeLoader):
-    """YAML's safe loader, refusing a key given twice in one mapping (plain YAML keeps the last silently)."""
-
-    def construct_mapping(self, node, deep=False):
-        seen = set()
-        for key_node, _ in node.value:
-            key = self.construct_object(key_node, deep=deep)
-            if isinstance(key, (str, int, float, bool)) and key in seen:
-                raise yaml.constructor.ConstructorError(
-                    None, None, f"key {key!r} appears twice in one mapping", key_node.start_mark)
-            seen.add(key)
-        return super().construct_mapping(node, deep=deep)
-
-
-def read_yaml(path: str | Path, what: str) -> Any:
-    """A YAML file's contents; a missing, unreadable, non-UTF-8 or malformed file is a ConfigError."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"{what} {path} does not exist")
-    try:
-        text = path.read_bytes().decode("utf-8")
-    except UnicodeDecodeError as err:
-        raise ConfigError(f"{path}: not UTF-8 text (byte {err.object[err.start]:#04x} at offset {err.start})") from None
-    except OSError as err:
-        raise ConfigError(f"{path}: cannot be read ({err.strerror})") from None
-    try:
-        return yaml.load(text, Loader=_UniqueKeyLoader) or {}
-    except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
-        reason = getattr(err, "problem", None) or err.__class__.__name__
-        raise ConfigError(f"{path}: not valid YAML{where} ({reason})") from None
-
-
-def yaml_dump(cfg: Config) -> str:
-    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)
-
-
-def json_dump(obj) -> str:
-    return json.dumps(obj, indent=2, default=str)
-
-
-def diff(a: Config | dict, b: Config | dict, sections: tuple[str, ...] | None = None) -> dict[str, tuple]:
-    """Fields whose values differ between two configs: {dotted key: (a, b)}."""
-    fa = flatten(a.to_dict() if isinstance(a, Config) else a)
-    fb = flatten(b.to_dict() if isinstance(b, Config) else b)
-    keys = sorted(set(fa) | set(fb))
-    if sections is not None:
-        keys = [k for k in keys if k.split(".")[0] in sections]
-    return {k: (fa.get(k), fb.get(k)) for k in keys if fa.get(k) != fb.get(k)}

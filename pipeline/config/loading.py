@@ -1,0 +1,161 @@
+"""params.yaml -> Config: YAML read strictly (duplicate keys refused), presets merged, `-S key=value`
+overrides applied, every error in one line; and the config written back (YAML, JSON, differences).
+"""
+from __future__ import annotations
+
+import copy
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import ValidationError
+
+from .fields import ConfigError, flatten, set_dotted
+from .schema import Config
+
+PRESETS_FILE = Path(__file__).parents[1] / "presets.yaml"
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """`train.ref_lr=0.01` -> ('train.ref_lr', 0.01); the value is parsed as YAML."""
+    if "=" not in text:
+        raise ConfigError(f"override '{text}': expected key=value")
+    key, raw = text.split("=", 1)
+    try:
+        return key.strip(), yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as err:
+        reason = str(getattr(err, "problem", None) or err.__class__.__name__)
+        raise ConfigError(f"override '{text}': the value is not valid YAML ({reason})") from None
+
+
+def presets(internal: bool = False) -> dict[str, dict]:
+    """The presets by name; entries whose name starts with '_' only serve as `base:` of others."""
+    with open(PRESETS_FILE) as f:
+        table = yaml.safe_load(f)
+    return table if internal else {k: v for k, v in table.items() if not k.startswith("_")}
+
+
+def preset(name: str) -> dict:
+    """A preset's values, with `base:` presets merged underneath (deep merge)."""
+    if name not in presets():
+        raise ConfigError(f"preset={name!r}: unknown preset; choose one of {', '.join(sorted(presets()))}")
+    return _merged(name, presets(internal=True))
+
+
+def _merged(name: str, table: dict) -> dict:
+    entry = dict(table[name])
+    base = entry.pop("base", None)
+    return _deep_merge(_merged(base, table), entry) if base else entry
+
+
+def _deep_merge(base: dict, over: dict) -> dict:
+    out = copy.deepcopy(base)
+    for k, v in over.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = _deep_merge(out[k], v)
+        else:
+            out[k] = copy.deepcopy(v)
+    return out
+
+
+def format_errors(err: ValidationError, raw: dict) -> str:
+    lines = []
+    for e in err.errors():
+        loc = e["loc"]
+        path = ""
+        for part in loc:
+            path += f"[{part}]" if isinstance(part, int) else (f".{part}" if path else str(part))
+        msg = e["msg"]
+        for prefix in ("Value error, ", "Assertion failed, "):
+            if msg.startswith(prefix):
+                msg = msg[len(prefix):]
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key"
+        if path and isinstance(e.get("input"), dict) and re.match(r"^[\w.\[\]]+=", msg):
+            lines.append(msg)                          # a section's own rule names its field already
+        elif path:
+            lines.append(f"{path}={e.get('input')!r}: {msg}" if e["type"] != "extra_forbidden" else f"{path}: {msg}")
+        else:
+            lines.append(msg)
+    return "\n".join(lines)
+
+
+def resolve(raw: dict | None = None, overrides: dict[str, Any] | list[str] | None = None) -> Config:
+    """Build a validated Config from a raw mapping, its preset and dotted overrides."""
+    raw = copy.deepcopy(raw or {})
+    if isinstance(overrides, list):
+        overrides = dict(parse_override(o) for o in overrides)
+    for k, v in (overrides or {}).items():
+        set_dotted(raw, k, v)
+    if raw.get("preset") is not None and not isinstance(raw["preset"], str):
+        raise ConfigError(f"preset={raw['preset']!r}: expected a preset name, one of {', '.join(sorted(presets()))}")
+    if raw.get("preset"):
+        raw = _deep_merge(preset(raw["preset"]), raw)
+    try:
+        return Config.model_validate(raw)
+    except ValidationError as err:
+        raise ConfigError(format_errors(err, raw)) from None
+
+
+def load_config(path: str | Path = "params.yaml", overrides: dict[str, Any] | list[str] | None = None) -> Config:
+    raw = read_yaml(path, "config file")
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping of sections at the top level")
+    if not raw:
+        raise ConfigError(f"{path}: empty (no sections); start from the project's params.yaml")
+    return resolve(raw, overrides)
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, refusing a key given twice in one mapping (plain YAML keeps the last silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if isinstance(key, (str, int, float, bool)) and key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key {key!r} appears twice in one mapping", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
+def read_yaml(path: str | Path, what: str) -> Any:
+    """A YAML file's contents; a missing, unreadable, non-UTF-8 or malformed file is a ConfigError."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{what} {path} does not exist")
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {err.object[err.start]:#04x} at offset {err.start})") from None
+    except OSError as err:
+        raise ConfigError(f"{path}: cannot be read ({err.strerror})") from None
+    try:
+        return yaml.load(text, Loader=_UniqueKeyLoader) or {}
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        reason = getattr(err, "problem", None) or err.__class__.__name__
+        raise ConfigError(f"{path}: not valid YAML{where} ({reason})") from None
+
+
+def yaml_dump(cfg: Config) -> str:
+    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)
+
+
+def json_dump(obj) -> str:
+    return json.dumps(obj, indent=2, default=str)
+
+
+def diff(a: Config | dict, b: Config | dict, sections: tuple[str, ...] | None = None) -> dict[str, tuple]:
+    """Fields whose values differ between two configs: {dotted key: (a, b)}."""
+    fa = flatten(a.to_dict() if isinstance(a, Config) else a)
+    fb = flatten(b.to_dict() if isinstance(b, Config) else b)
+    keys = sorted(set(fa) | set(fb))
+    if sections is not None:
+        keys = [k for k in keys if k.split(".")[0] in sections]
+    return {k: (fa.get(k), fb.get(k)) for k in keys if fa.get(k) != fb.get(k)}
+
