@@ -1,5 +1,5 @@
 """The evaluation at scale: images/s and peak memory of the evaluate stage at 1 and 2 processes for two
-`fid.num_images` (4x apart), each a fresh process tree (peak RSS of the largest process, the reference
+`metrics.num_images` (4x apart), each a fresh process tree (peak RSS of the largest process, the reference
 statistics cached beforehand so only the evaluation is measured), and the projection for the paper's
 protocol (3 x 50,000 images per EMA length) from this machine's rate and from the GPU sampling rate
 measured on an H200 (reports/bench/gpu-h200-2026-11-30: XS, NFE 63, eager, 25.5 img/s).
@@ -37,7 +37,7 @@ def make_project(d: Path, smoke: bool) -> Path:
     raw = yaml.safe_load((ROOT / "params.yaml").read_text())
     raw["data"]["dataset_dir"] = str(d / "data")
     raw["sampler"].update(steps=4 if smoke else 8, batch_size=32)
-    raw["fid"].update(ref_num_images=256, batch_size=32, shard_images=64, metrics=["fid"])
+    raw["metrics"].update(ref_num_images=256, batch_size=32, shard_images=64, names=["fid"])
     raw["tracking"]["enabled"] = False
     (d / "params.yaml").write_text(yaml.safe_dump(raw))
     cfg = C.load_config(d / "params.yaml")
@@ -58,7 +58,7 @@ def run(d: Path, params: Path, tag: str, num_images: int, nproc: int) -> dict:
             "resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024); sys.exit(rc)")
     cmd = [sys.executable, "-c", code, "--params", str(params), "--models", str(d / "models"), "--metrics",
            str(d / f"m-{tag}"), "--samples", str(d / f"s-{tag}"), "--shards", str(d / f"sh-{tag}"), "--ref-cache",
-           str(d / "ref"), "-S", f"fid.num_images={num_images}"] + (["--nproc-per-node", str(nproc)] if nproc > 1 else [])
+           str(d / "ref"), "-S", f"metrics.num_images={num_images}"] + (["--nproc-per-node", str(nproc)] if nproc > 1 else [])
     t = time.perf_counter()
     r = subprocess.run(cmd, cwd=d, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
     seconds = time.perf_counter() - t
@@ -73,7 +73,7 @@ def run(d: Path, params: Path, tag: str, num_images: int, nproc: int) -> dict:
 
 def main(argv=None) -> int:
     p = parser(__doc__)
-    p.add_argument("--sizes", type=int, nargs=2, default=[64, 256], help="two fid.num_images (default 64 256)")
+    p.add_argument("--sizes", type=int, nargs=2, default=[64, 256], help="two metrics.num_images (default 64 256)")
     args = p.parse_args(argv)
     sizes = [16, 64] if args.smoke else args.sizes
     with tempfile.TemporaryDirectory(prefix="evalscale-") as tmp:
@@ -89,7 +89,7 @@ def main(argv=None) -> int:
         "peak_memory_ratio_largest_over_smallest": {f"{k}_process{'es' if k > 1 else ''}": round(v, 3)
                                                     for k, v in flat.items()},
         "note": "peak RSS of the largest process of each run; the generated features (8 KiB per image) are the only "
-                "part that grows with fid.num_images",
+                "part that grows with metrics.num_images",
         "projection_paper_protocol": {
             "images": PAPER_IMAGES,
             "this_cpu_hours_per_ema_length": round(PAPER_IMAGES / best / 3600, 1),

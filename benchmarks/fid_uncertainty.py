@@ -1,5 +1,5 @@
 """FID uncertainty on a trained model: the half-sampling bootstrap standard error of FID at several
-numbers of generated images (the same seeds the evaluate stage uses: image i has seed fid.seed + i),
+numbers of generated images (the same seeds the evaluate stage uses: image i has seed metrics.seed + i),
 and what the statistics cost next to generating and measuring the images.
 
 Generates max(--sizes) images once; the FID at n uses the first n of them."""
@@ -11,7 +11,7 @@ from pathlib import Path
 from benchmarks.common import parser, write
 from pipeline import config as C
 from pipeline.data.encoded import EncodedDataset
-from pipeline.evaluate import generate, load_model
+from pipeline.generation import generate, load_model
 from pipeline.fid import array_features, load_feature_net, measure, reference_dataset_dir, reference_stats
 
 
@@ -29,16 +29,16 @@ def main(argv=None):
         import json
         best = json.loads(Path("metrics/fid.json").read_text())["sigma_rel"]
         model = next(str(f) for f in sorted(Path("models/ema").glob("ema-*.safetensors")) if f"-{best:.3f}." in f.name)
-    feat = load_feature_net(cfg.fid.feature_net, args.device)
-    ref = reference_stats(EncodedDataset(reference_dataset_dir(cfg)), feat, cfg.fid.ref_num_images, args.ref_cache,
-                          cfg.fid.batch_size, progress=False)
+    feat = load_feature_net(cfg.metrics.feature_net, args.device)
+    ref = reference_stats(EncodedDataset(reference_dataset_dir(cfg)), feat, cfg.metrics.ref_num_images, args.ref_cache,
+                          cfg.metrics.batch_size, progress=False)
     net, meta = load_model(model, args.device)
     sampler = cfg.sampler.model_copy(update={"steps": 2}) if args.smoke else cfg.sampler
     t = time.perf_counter()
-    images = generate(net, max(sizes), cfg.fid.seed, sampler, cfg.sampler.batch_size, args.device, progress=True)
+    images = generate(net, max(sizes), cfg.metrics.seed, sampler, cfg.sampler.batch_size, args.device, progress=True)
     t_gen = time.perf_counter() - t
     t = time.perf_counter()
-    feats = array_features(images, feat, cfg.fid.batch_size, progress=True)
+    feats = array_features(images, feat, cfg.metrics.batch_size, progress=True)
     t_feat = time.perf_counter() - t
     from pipeline.stats import ReferenceStats
     t = time.perf_counter()

@@ -37,8 +37,8 @@ TINY = {"network.model_channels": 8, "network.channel_mult": [1, 2], "network.nu
         "network.attn_resolutions": [], "network.channels_per_head": 8,
         "train.batch_size": 16, "train.duration_nimg": 64, "train.checkpoint_nimg": 32, "train.status_nimg": 16,
         "train.rampup_nimg": 32, "train.sample_nimg": None, "train.amp": "none", "ema.snapshot_nimg": 32,
-        "sampler.steps": 4, "sampler.amp": "none", "fid.num_images": 4, "fid.ref_num_images": 8,
-        "fid.metrics": ["fid"]}
+        "sampler.steps": 4, "sampler.amp": "none", "metrics.num_images": 4, "metrics.ref_num_images": 8,
+        "metrics.names": ["fid"]}
 EMA_LENGTHS = [0.05, 0.10]
 LR_RANGE = [0.003, 0.03]
 MAX_CONCURRENT = 2

@@ -142,7 +142,7 @@ def project(workdir: Path, dataset_dir: str | None = None) -> Path:
     raw["tracking"]["uri"] = f"sqlite:///{workdir / 'mlflow.db'}"
     raw["data"]["dataset_dir"] = str(Path(dataset_dir or ROOT / raw["data"]["dataset_dir"]).resolve())
     raw["data"]["path"] = str((ROOT / raw["data"]["path"]).resolve())
-    raw["fid"].update(num_images=4, ref_num_images=8)
+    raw["metrics"].update(num_images=4, ref_num_images=8)
     (workdir / "params.yaml").write_text(yaml.safe_dump(raw))
     return workdir
 

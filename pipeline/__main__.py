@@ -6,6 +6,7 @@ import sys
 import yaml
 
 from . import config as C
+from .cli import add_config_args, positive_int, seed_int
 
 
 def _cmd_config(args) -> None:
@@ -113,7 +114,7 @@ def _cmd_runs(args) -> int:
 
 def _cmd_sample(args) -> int:
     from .devices import pick_device
-    from .evaluate import export_samples
+    from .generation import export_samples
     # --guidance goes through the schema like any value (NaN, negative weights refused there)
     cfg = C.load_config(args.params, args.set + ([f"sampler.guidance={args.guidance!r}"]
                                                  if args.guidance is not None else []))
@@ -124,7 +125,7 @@ def _cmd_sample(args) -> int:
     sampler, note = _model_sampler(args, cfg)
     if args.guide is None and sampler.guidance != 1:
         raise C.ConfigError(f"guidance {sampler.guidance} needs --guide (a model file or unconditional)")
-    device = pick_device(args.device or cfg.fid.device, "--device" if args.device else "fid.device")
+    device = pick_device(args.device or cfg.metrics.device, "--device" if args.device else "metrics.device")
     out = export_samples(args.model, args.num, args.out, sampler, args.seed, args.batch or sampler.batch_size,
                          device, args.guide, progress=True, cfg=cfg)
     if note:                                       # after the work: an error stays the one line it is
@@ -168,27 +169,24 @@ def _cmd_results(args) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    from .cli import ArgumentParser
-    p = ArgumentParser(prog="python -m pipeline", description=__doc__)
-    sub = p.add_subparsers(dest="command", required=True)
-
-    from .cli import add_config_args as common
-    from .cli import positive_int, seed_int
-
+def _add_config(sub) -> None:
     sp = sub.add_parser("config", help="validate a params file (or a preset) and print the resolved config")
-    common(sp)
+    add_config_args(sp)
     sp.add_argument("--preset", help=f"print a preset instead: {', '.join(sorted(C.presets()))}")
     sp.set_defaults(func=_cmd_config)
 
+
+def _add_info(sub) -> None:
     sp = sub.add_parser("info", help="validate the config and describe the network it builds")
-    common(sp)
+    add_config_args(sp)
     sp.set_defaults(func=_cmd_info)
 
+
+def _add_sample(sub) -> None:
     sp = sub.add_parser("sample", help="write N samples of a reconstructed model (PNG folder or .npz), "
                         "optionally guided", description="Example: python -m pipeline sample --model "
                         "models/ema/ema-0000030720-0.040.safetensors --num 1000 --out samples.npz")
-    common(sp)
+    add_config_args(sp)
     sp.add_argument("--model", required=True, help="a reconstructed EMA model (ema-*.safetensors)")
     sp.add_argument("--num", type=positive_int, required=True, help="number of images")
     sp.add_argument("--out", required=True, help="a folder (one PNG per image, named by seed) or a .npz file")
@@ -196,16 +194,20 @@ def main(argv: list[str] | None = None) -> int:
     sp.add_argument("--guide", help="guiding model: a model file (autoguidance) or `unconditional`")
     sp.add_argument("--guidance", type=float, help="guidance weight w (default: sampler.guidance; 1 = unguided)")
     sp.add_argument("--batch", type=positive_int, help="images per batch (default: sampler.batch_size)")
-    sp.add_argument("--device", help="auto, cpu, cuda or cuda:N (default: fid.device)")
+    sp.add_argument("--device", help="auto, cpu, cuda or cuda:N (default: metrics.device)")
     sp.set_defaults(func=_cmd_sample)
 
+
+def _add_results(sub) -> None:
     sp = sub.add_parser("results", help="the main job's results: FID per EMA length with its interval, the best "
                         "and what is not distinguishable from it, and where to look next")
-    common(sp)
+    add_config_args(sp)
     sp.add_argument("--metrics", default="metrics", help="metrics folder (default: metrics)")
     sp.add_argument("--report", default="reports/report.html", help="the run report (default: reports/report.html)")
     sp.set_defaults(func=_cmd_results)
 
+
+def _add_sweep(sub) -> None:
     sp = sub.add_parser("sweep", help="run a Ray Tune sweep from sweeps/<name>.yaml")
     sp.add_argument("file", help="sweep definition (YAML), e.g. sweeps/lr.yaml")
     sp.add_argument("--address", help="join a running Ray cluster (host:port); one not on loopback needs token "
@@ -217,10 +219,12 @@ def main(argv: list[str] | None = None) -> int:
                     "lengths, images to train and generate) and exit")
     sp.set_defaults(func=_cmd_sweep)
 
+
+def _add_submit(sub) -> None:
     sp = sub.add_parser("submit", help="run training, an evaluation, a sweep or a command on SLURM (submitit) or locally",
                         description="Examples: submit train -S train.ref_lr=0.005 | submit sweep sweeps/lr.yaml | "
                                     "submit cmd --wait -- dvc repro")
-    common(sp)
+    add_config_args(sp)
     sp.add_argument("kind", choices=["train", "evaluate", "sweep", "cmd"])
     sp.add_argument("target", nargs="*", help="sweep: the sweep file; cmd: the command (after --); evaluate: the "
                     "stage's flags (after --, e.g. -- --models models/nvidia)")
@@ -236,19 +240,25 @@ def main(argv: list[str] | None = None) -> int:
                     "(what a DVC stage that runs on SLURM needs)")
     sp.set_defaults(func=_cmd_submit)
 
+
+def _add_convert(sub) -> None:
     sp = sub.add_parser("convert", help="convert pickled .pt snapshots / EMA models of earlier versions to "
                         "safetensors (needs --trust)")
     sp.add_argument("paths", nargs="+", help="snapshot or model folders, or single .pt files")
     sp.add_argument("--trust", action="store_true", help="you trust where these files come from")
     sp.set_defaults(func=_cmd_convert)
 
+
+def _add_dataset(sub) -> None:
     sp = sub.add_parser("dataset", help="write the params' data source in EDM2's dataset layout (PNG shards + "
                         "dataset.json; a folder, or a .zip), at data.resolution / data.resize / data.channels")
     sp.add_argument("--out", required=True, help="a new folder, or a file ending in .zip")
     sp.add_argument("--split", default="train", help="train, or test for fashion-mnist (default: train)")
-    common(sp)
+    add_config_args(sp)
     sp.set_defaults(func=_cmd_dataset)
 
+
+def _add_import_nvidia(sub) -> None:
     sp = sub.add_parser("import-nvidia", help="NVIDIA EDM2's released models and raw post-hoc EMA snapshots (.pkl) -> "
                         "this project's safetensors, read without running any code in them")
     sp.add_argument("files", nargs="+", help="network pickles (edm2-img512-xs-2147483-0.135.pkl, "
@@ -262,6 +272,8 @@ def main(argv: list[str] | None = None) -> int:
     sp.add_argument("--sigma-rel", type=float, help="EMA length of a file whose name does not carry it")
     sp.set_defaults(func=_cmd_import_nvidia)
 
+
+def _add_runs(sub) -> None:
     sp = sub.add_parser("runs", help="load the runs of an MLflow experiment (or one sweep) into a table")
     sp.add_argument("--experiment", help="MLflow experiment (default: the main job's, tracking.experiment of "
                     "--params; with --sweep: edm2-sweeps)")
@@ -271,6 +283,22 @@ def main(argv: list[str] | None = None) -> int:
     sp.add_argument("--out", help="write the table as CSV (.csv) or Parquet (.parquet)")
     sp.set_defaults(func=_cmd_runs)
 
+
+COMMANDS = [_add_config, _add_info, _add_sample, _add_results, _add_sweep, _add_submit, _add_convert, _add_dataset, _add_import_nvidia, _add_runs]   # in the order --help lists them
+
+
+def build_parser():
+    """`python -m pipeline`'s parser: one sub-command per entry of COMMANDS."""
+    from .cli import ArgumentParser
+    p = ArgumentParser(prog="python -m pipeline", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+    for add in COMMANDS:
+        add(sub)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
     rest = []
     if "--" in argv:                      # `submit cmd ... -- <command>`: everything after -- is the command
@@ -283,6 +311,7 @@ def main(argv: list[str] | None = None) -> int:
         args.target = list(args.target) + rest
     from .cli import run
     return run(args.command, lambda: args.func(args))
+
 
 
 if __name__ == "__main__":

@@ -1,9 +1,9 @@
 """The launcher backends as a small table, and the one adapter through which a running job reads its
 place in the allocation (job id, node, nodes, CPUs, attempt, tasks): nothing else reads a
-scheduler's environment variables. Each backend says whether it is available here, how submitit's
-executor is set up for it, how to watch a job, and which submit flags only it uses. Adding one: an
-entry here (and submitit's cluster for it), its test in tests/test_tables.py, its line in
-docs/scaling.md. Only the standard library: the config schema reads the names.
+scheduler's environment variables. Each backend says whether it is available here, how to tell a job
+it started, how to watch a job, and which submit flags only it uses; its launcher (how jobs are
+submitted) is its LAUNCHERS entry in launchers.py. Adding one: an entry here and there, its test in
+tests/, its line in docs/scaling.md. Only the standard library: the config schema reads the names.
 """
 from __future__ import annotations
 
@@ -50,23 +50,9 @@ def _plain_env() -> JobEnv:
     return JobEnv(None, None, 0, (), None, 0, 1, _cpus_per_task())
 
 
-def _slurm_params(launcher) -> dict:
-    gpus = launcher.gpus_per_node
-    params = dict(slurm_partition=launcher.partition, slurm_account=launcher.account, slurm_qos=launcher.qos,
-                  tasks_per_node=max(1, launcher.nproc_per_node), cpus_per_task=launcher.cpus_per_task,
-                  slurm_array_parallelism=launcher.array_parallelism, slurm_signal_delay_s=120)
-    if gpus:
-        params["gpus_per_node"] = gpus
-    if launcher.mem_gb:
-        params["mem_gb"] = launcher.mem_gb
-    return {k: v for k, v in params.items() if v is not None}
-
-
 @dataclass(frozen=True)
 class Backend:
-    cluster: str                                   # submitit's cluster name
     available: object                              # () -> None, or why not (one line)
-    params: object                                 # launcher config -> submitit parameters beyond the common ones
     in_job: object                                 # () -> True inside a job this backend started
     env: object                                    # () -> JobEnv
     watch: object                                  # job id -> shell commands to watch / cancel it
@@ -78,11 +64,11 @@ SLURM_ONLY_FLAGS = {"partition": "--partition", "gpus_per_node": "--gpus", "cpus
                     "nproc_per_node": "--tasks-per-node", "array_parallelism": "--array-parallelism"}
 
 BACKENDS: dict[str, Backend] = {
-    "slurm": Backend("slurm", lambda: None if shutil.which("sbatch") else
+    "slurm": Backend(lambda: None if shutil.which("sbatch") else
                      "SLURM is not available on this machine (no `sbatch` on PATH); use --executor local to run the "
-                     "same job here", _slurm_params, lambda: "SLURM_JOB_ID" in os.environ, _slurm_env,
+                     "same job here", lambda: "SLURM_JOB_ID" in os.environ, _slurm_env,
                      lambda job_id: f"squeue -j {job_id}; scancel {job_id}", SLURM_ONLY_FLAGS),
-    "local": Backend("local", lambda: None, lambda launcher: {}, lambda: False, _plain_env, lambda job_id: "", {}),
+    "local": Backend(lambda: None, lambda: False, _plain_env, lambda job_id: "", {}),
 }
 
 

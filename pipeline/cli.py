@@ -67,7 +67,7 @@ def params_diff_line(path, cfg, limit: int = 8) -> str | None:
     if raw is None:
         return None
     try:
-        before = resolve(raw)
+        before = resolve(raw, where=None)
     except ConfigError:                          # the committed file is invalid (or older): no comparison
         return None
     changed = {k: v for k, v in diff(before, cfg).items() if k != "preset"}

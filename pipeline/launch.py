@@ -8,7 +8,8 @@ requeued job resumes from the newest checkpoint on disk. Either way the run cont
 same nimg, to the same parameters, in the same MLflow run.
 
 The backends (SLURM, local) are a table in backends.py, with the one adapter through which a
-running job reads its allocation.
+running job reads its allocation; the launchers that submit to them (and the only imports of
+submitit) are in launchers.py.
 """
 from __future__ import annotations
 
@@ -16,21 +17,15 @@ import os
 import signal
 import subprocess
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
 from . import config as C
 from .backends import BACKENDS, job_env
-from .errors import PipelineError
+from .launchers import (JobFailedError, LaunchError, SubmititJob, export_distributed_env, job_folder,  # noqa: F401
+                        launcher_for, requeue)
 
 
-class LaunchError(PipelineError, RuntimeError):
-    pass
-
-
-class JobFailedError(LaunchError):
-    """A submitted job ran and failed (not a bad input)."""
 
 
 # ----------------------------------------------------------------------------------------------
@@ -70,8 +65,7 @@ class TrainJob:
     def checkpoint(self, *args, **kwargs):
         """Called by submitit on preemption/time-out: the training checkpoint is already on disk
         (written at the step boundary), so requeue the same job; it resumes from that checkpoint."""
-        import submitit
-        return submitit.helpers.DelayedSubmission(TrainJob(self.params, self.overrides, self.cwd))
+        return requeue(TrainJob(self.params, self.overrides, self.cwd))
 
 
 class SweepJob:
@@ -99,9 +93,8 @@ class SweepJob:
             raise LaunchError("a multi-node sweep needs a Ray token: submit it with `python -m pipeline submit sweep`")
         head_ip = node_address(nodes[0])
         port = self.port or 30000 + int(job_id) % 20000      # per job: two sweeps can share a node
-        import submitit
         attempt = env.attempt
-        done = Path(submitit.JobEnvironment().paths.folder) / f"{job_id}_ray_{attempt}.done"   # head -> workers
+        done = job_folder() / f"{job_id}_ray_{attempt}.done"   # head -> workers
         if node_id != 0:
             wait_for_port(head_ip, port, 180)
         ray_node = start_ray_node(node_address(nodes[node_id]), head_ip, port, cpus, head=node_id == 0,
@@ -215,55 +208,19 @@ class EvaluateJob:
         return rc
 
     def checkpoint(self, *args, **kwargs):
-        import submitit
-        return submitit.helpers.DelayedSubmission(EvaluateJob(self.params, self.overrides, self.stage_args, self.cwd))
+        return requeue(EvaluateJob(self.params, self.overrides, self.stage_args, self.cwd))
 
 
 def _export_distributed_env() -> None:
     """Multi-task jobs: MASTER_ADDR/PORT, RANK, WORLD_SIZE, LOCAL_RANK from the scheduler's variables."""
     if job_env().tasks > 1 and "RANK" not in os.environ:
-        import submitit
-        submitit.helpers.TorchDistributedEnvironment().export()
+        export_distributed_env()
 
 
 # ----------------------------------------------------------------------------------------------
 # Submitting.
 
-@dataclass
-class Submitted:
-    """The handle `submit` returns: wait for the result, describe where to look, read the logs."""
-    job_id: str
-    folder: Path
-    stdout: Path
-    stderr: Path
-    executor: str
-    job: object
-
-    def wait(self):
-        return wait(self)
-
-    def describe(self) -> str:
-        return describe(self)
-
-    def logs(self, tail_chars: int = 1500) -> str:
-        """The end of the job's stdout and stderr (what is there so far)."""
-        return "".join(f"--- {p} ---\n{p.read_text(errors='replace')[-tail_chars:]}\n" for p in (self.stdout, self.stderr)
-                       if p.is_file())
-
-
-def make_executor(launcher: C.LauncherConfig, folder: Path, executor: str | None = None, job_name: str = "edm2"):
-    import submitit
-    kind = executor or launcher.executor
-    if kind not in BACKENDS:
-        raise LaunchError(f"executor={kind!r}: must be one of {', '.join(BACKENDS)}")
-    backend = BACKENDS[kind]
-    why_not = backend.available()
-    if why_not:
-        raise LaunchError(why_not)
-    ex = submitit.AutoExecutor(folder=str(folder), cluster=backend.cluster)
-    ex.update_parameters(timeout_min=launcher.timeout_min, nodes=launcher.nnodes, name=job_name,
-                         **backend.params(launcher))
-    return ex
+Submitted = SubmititJob                 # the handle submit returns (launchers.Job)
 
 
 def submit(kind: str, target: Sequence[str], params_file: str = "params.yaml", overrides: Sequence[str] = (),
@@ -308,36 +265,13 @@ def submit(kind: str, target: Sequence[str], params_file: str = "params.yaml", o
     if not folder.exists():                                  # a fresh folder: the job's pickle (a sweep's: its Ray
         folder.mkdir(parents=True)                           # token) is yours; an existing one keeps its mode
         os.chmod(folder, 0o700)
-    ex = make_executor(cfg.launcher, folder, executor, name)
-    try:
-        job = ex.submit(fn)
-    except Exception as err:                                 # sbatch's own error, in one line
-        raise LaunchError(_one_line_sbatch_error(err)) from None
-    return Submitted(str(job.job_id), folder, Path(job.paths.stdout), Path(job.paths.stderr),
-                     executor or cfg.launcher.executor, job)
+    return launcher_for(kind_ex, cfg.launcher, folder).submit(fn, name)
 
 
-def _one_line_sbatch_error(err: Exception) -> str:
-    text = getattr(err, "output", None) or getattr(err, "stderr", None) or str(err)
-    if isinstance(text, bytes):
-        text = text.decode(errors="replace")
-    lines = [ln.strip() for ln in str(text).splitlines() if "error" in ln.lower()]
-    return "sbatch failed: " + (lines[-1] if lines else str(text).strip().splitlines()[-1])
+def describe(s) -> str:
+    return s.describe()
 
 
-def describe(s: Submitted) -> str:
-    follow = f"tail -f {s.stdout} {s.stderr}"
-    watch = BACKENDS[s.executor].watch(s.job_id) if s.executor in BACKENDS else ""
-    extra = f"; {watch}" if watch else ""
-    return (f"submitted job {s.job_id} ({s.executor})\n  logs: {s.stdout}\n        {s.stderr}\n"
-            f"  follow: {follow}{extra}")
-
-
-def wait(s: Submitted, poll_s: float = 2.0):
-    """Block until the job ends (requeues included); its result, or LaunchError with the log tail."""
-    try:
-        return s.job.results()[0]                            # every task's result; rank 0's is the job's
-    except Exception as err:
-        tail = s.stderr.read_text()[-1500:] if s.stderr.is_file() else ""
-        raise JobFailedError(f"job {s.job_id} failed: {str(err).strip().splitlines()[-1] if str(err) else err}\n"
-                          f"--- {s.stderr} (tail) ---\n{tail}") from None
+def wait(s):
+    """Block until the job ends (requeues included); its result, or JobFailedError with the log tail."""
+    return s.wait()

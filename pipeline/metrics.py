@@ -5,9 +5,9 @@ the reference statistics of that network, returning one or more named entries
 entries of a record's `metrics` (records.to_row flattens them for every table). Features are
 computed once per feature network per image set and shared by the metrics that read them.
 
-`fid.metrics` in params picks the metrics; `fid` comes first (its FID is every record's primary
+`metrics.names` in params picks the metrics; `fid` comes first (its FID is every record's primary
 number, KID from the same Inception features). Adding a metric: a class here, one METRICS entry,
-its name in `fid.metrics`, and a test (tests/test_fid.py). Reference statistics are cached per
+its name in `metrics.names`, and a test (tests/test_fid.py). Reference statistics are cached per
 feature network's hash by fid.reference_stats.
 """
 from __future__ import annotations
@@ -53,12 +53,12 @@ class FDDinov2Metric:
     names = ("fd_dinov2",)
 
     def check(self, cfg) -> None:
-        path = cfg.fid.dinov2_weights
+        path = cfg.metrics.dinov2_weights
         if not path:
-            raise FIDError("fid.metrics has fd_dinov2 but fid.dinov2_weights is not set: give the path of a local "
+            raise FIDError("metrics.names has fd_dinov2 but metrics.dinov2_weights is not set: give the path of a local "
                            "DINOv2 checkpoint (e.g. dinov2_vitl14_pretrain.pth); nothing is downloaded")
         if not Path(path).is_file():
-            raise FIDError(f"fid.dinov2_weights={path}: no such file (FD-DINOv2 needs the DINOv2 weights on disk; "
+            raise FIDError(f"metrics.dinov2_weights={path}: no such file (FD-DINOv2 needs the DINOv2 weights on disk; "
                            f"nothing is downloaded)")
 
     def measure(self, feats: np.ndarray, ref: dict, n: int) -> dict:
@@ -94,33 +94,33 @@ METRICS = {"fid": FIDMetric(), "fd_dinov2": FDDinov2Metric(), "precision_recall"
 
 
 def _inception(cfg, device) -> FeatureNet:
-    return load_feature_net(cfg.fid.feature_net, str(device), cfg.fid.mode)
+    return load_feature_net(cfg.metrics.feature_net, str(device), cfg.metrics.mode)
 
 
 def _dinov2_net(cfg, device) -> FeatureNet:
     METRICS["fd_dinov2"].check(cfg)
-    return _dinov2(str(Path(cfg.fid.dinov2_weights).resolve()), str(device))
+    return _dinov2(str(Path(cfg.metrics.dinov2_weights).resolve()), str(device))
 
 
 FEATURES = {"inception": _inception, "dinov2": _dinov2_net}     # feature network -> its extractor
 
 
 def check_metrics(cfg) -> None:
-    """Every metric of fid.metrics known and ready (weights on disk, a reference that fits), before any compute."""
-    for name in cfg.fid.metrics:
+    """Every metric of metrics.names known and ready (weights on disk, a reference that fits), before any compute."""
+    for name in cfg.metrics.names:
         metric(name).check(cfg)
     check_reference_protocol(cfg)
 
 
 def metric(name: str):
     if name not in METRICS:
-        raise FIDError(f"fid.metrics: unknown metric {name!r}; known: {', '.join(METRICS)}")
+        raise FIDError(f"metrics.names: unknown metric {name!r}; known: {', '.join(METRICS)}")
     return METRICS[name]
 
 
 def metric_names(cfg) -> list[str]:
-    """Every entry a record of these settings carries (fid.metrics expanded: fid -> fid, kid; ...)."""
-    return [n for name in cfg.fid.metrics for n in metric(name).names]
+    """Every entry a record of these settings carries (metrics.names expanded: fid -> fid, kid; ...)."""
+    return [n for name in cfg.metrics.names for n in metric(name).names]
 
 
 @dataclass
@@ -133,24 +133,24 @@ class FeatureGroup:
 
 def references(cfg, device, ref_cache: str | Path, progress: bool = True, ranks: tuple[int, int] = (0, 1),
                reduce=None) -> list[FeatureGroup]:
-    """The feature groups of cfg.fid.metrics (Inception, with FID, first), each network loaded once and
+    """The feature groups of cfg.metrics.names (Inception, with FID, first), each network loaded once and
     its reference computed once (streamed; under torchrun spread over the ranks, joined by `reduce`),
     then read from the cache (keyed by the network's hash)."""
     from .data.encoded import EncodedDataset
     from .fid import is_reference_file, read_reference_file, reference_dataset_dir, reference_stats
-    published = is_reference_file(cfg.fid.reference)
+    published = is_reference_file(cfg.metrics.reference)
     check_reference_protocol(cfg)
     dataset = None if published else EncodedDataset(reference_dataset_dir(cfg, ref_cache))
     groups: dict[str, FeatureGroup] = {}
-    for name in cfg.fid.metrics:
+    for name in cfg.metrics.names:
         m = metric(name)
         if m.features not in groups:
             ex = FEATURES[m.features](cfg, device)
             if published:                          # NVIDIA's statistics: mu/sigma as published, no images
-                ref = {**read_reference_file(cfg.fid.reference, m.features), "feature_net": ex.name,
+                ref = {**read_reference_file(cfg.metrics.reference, m.features), "feature_net": ex.name,
                        "feature_net_sha256": ex.sha256}
             else:
-                ref = reference_stats(dataset, ex, cfg.fid.ref_num_images, ref_cache, cfg.fid.batch_size, progress,
+                ref = reference_stats(dataset, ex, cfg.metrics.ref_num_images, ref_cache, cfg.metrics.batch_size, progress,
                                       ranks, reduce)
             groups[m.features] = FeatureGroup(ex, ref, [])
         groups[m.features].metrics.append(m)
@@ -159,22 +159,22 @@ def references(cfg, device, ref_cache: str | Path, progress: bool = True, ranks:
 
 def check_reference_protocol(cfg) -> None:
     """A published reference file (NVIDIA's `.pkl`, EDM's `.npz`) holds statistics of the legacy
-    Inception protocol and no images: refused with fid.mode clean, and with metrics that need images."""
+    Inception protocol and no images: refused with metrics.mode clean, and with metrics that need images."""
     from .fid import is_reference_file
-    if not is_reference_file(cfg.fid.reference):
+    if not is_reference_file(cfg.metrics.reference):
         return
     from .fid import NVIDIA_REFS_URL
-    if not Path(cfg.fid.reference).is_file():
-        raise FIDError(f"fid.reference={cfg.fid.reference}: no such file; NVIDIA publishes the ImageNet reference "
+    if not Path(cfg.metrics.reference).is_file():
+        raise FIDError(f"metrics.reference={cfg.metrics.reference}: no such file; NVIDIA publishes the ImageNet reference "
                        f"statistics at {NVIDIA_REFS_URL} (img512.pkl, img64.pkl): download one there and set "
-                       f"fid.reference to its path")
-    if cfg.fid.mode != "legacy":
-        raise FIDError(f"fid.reference={cfg.fid.reference} holds NVIDIA's statistics of the legacy Inception "
-                       f"protocol: set fid.mode=legacy (fid.mode=clean would compare two protocols)")
-    needs_images = [n for n in cfg.fid.metrics if n == "precision_recall"]
+                       f"metrics.reference to its path")
+    if cfg.metrics.mode != "legacy":
+        raise FIDError(f"metrics.reference={cfg.metrics.reference} holds NVIDIA's statistics of the legacy Inception "
+                       f"protocol: set metrics.mode=legacy (metrics.mode=clean would compare two protocols)")
+    needs_images = [n for n in cfg.metrics.names if n == "precision_recall"]
     if needs_images:
-        raise FIDError(f"fid.metrics has {needs_images[0]}, which needs the reference images' features; "
-                       f"fid.reference={cfg.fid.reference} holds only mu and sigma")
+        raise FIDError(f"metrics.names has {needs_images[0]}, which needs the reference images' features; "
+                       f"metrics.reference={cfg.metrics.reference} holds only mu and sigma")
 
 
 def group_key(g: FeatureGroup) -> str:
@@ -258,7 +258,7 @@ def _dinov2(path: str, device: str) -> FeatureNet:
         patch = state["patch_embed.proj.weight"].shape[-1]
         mlp_ratio = state["blocks.0.mlp.fc1.weight"].shape[0] / dim
     except (KeyError, ValueError) as err:
-        raise FIDError(f"fid.dinov2_weights={path}: not a DINOv2 ViT checkpoint (missing {err})") from None
+        raise FIDError(f"metrics.dinov2_weights={path}: not a DINOv2 ViT checkpoint (missing {err})") from None
     net = timm.create_model("vit_large_patch14_dinov2", pretrained=False, num_classes=0, img_size=224,
                             patch_size=patch, embed_dim=dim, depth=depth, num_heads=max(1, dim // 64),
                             mlp_ratio=mlp_ratio)

@@ -36,17 +36,17 @@ def protocol_matches(record: dict) -> bool:
 
 
 def protocol_differences(preset: str, record: dict) -> list[str]:
-    """What in a record is not the paper's protocol for `preset` ("fid.mode is clean, the paper's legacy")."""
+    """What in a record is not the paper's protocol for `preset` ("metrics.mode is clean, the paper's legacy")."""
     dataset = preset.split("-")[0]                       # img512 / img64: NVIDIA's dataset-refs/<dataset>.pkl
     out = []
     if record.get("mode") != PAPER_MODE:
-        out.append(f"fid.mode is {record.get('mode')}, the paper's {PAPER_MODE}")
+        out.append(f"metrics.mode is {record.get('mode')}, the paper's {PAPER_MODE}")
     if record.get("ref_num_images") or not str(record.get("reference", "")).startswith(dataset):
         out.append(f"the reference is {record.get('reference')}, the paper's NVIDIA's {dataset}.pkl")
     if record.get("num_images") != PROTOCOL["num_images"]:
-        out.append(f"fid.num_images is {record.get('num_images')}, the paper's {PROTOCOL['num_images']}")
+        out.append(f"metrics.num_images is {record.get('num_images')}, the paper's {PROTOCOL['num_images']}")
     if record.get("seed_sets", 1) != PROTOCOL["seed_sets"]:
-        out.append(f"fid.seed_sets is {record.get('seed_sets', 1)}, the paper's {PROTOCOL['seed_sets']}")
+        out.append(f"metrics.seed_sets is {record.get('seed_sets', 1)}, the paper's {PROTOCOL['seed_sets']}")
     s = record.get("sampler") or {}
     for k, v in PAPER_SAMPLER.items():
         if k in s and s[k] != v:

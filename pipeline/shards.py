@@ -1,6 +1,6 @@
 """The features of one evaluation set, computed in shards of finished files (docs/scaling.md, "Evaluation at
 scale"): images are generated and turned into features batch by batch (never all in memory), each shard
-of `fid.shard_images` images is written atomically once whole (plain .npz arrays, no pickles), a rerun
+of `metrics.shard_images` images is written atomically once whole (plain .npz arrays, no pickles), a rerun
 reads the shards that exist and computes only the missing ones, and under torchrun shard i belongs to
 rank i mod world: every rank samples a disjoint slice of the seeds, rank 0 reads them all.
 

@@ -124,7 +124,7 @@ def network_of_header(meta: dict, path, error: type[Exception] = PHEMAError):
         raise error(f"{path}: its header's net_args {str(args)[:120]} are not whole numbers for "
                     f"{', '.join(NET_ARG_RANGES)}")
     try:
-        cfg = resolve({k: v for k, v in raw.items() if k != "preset"})
+        cfg = resolve({k: v for k, v in raw.items() if k != "preset"}, where=None)
         shapes = network_shapes(cfg, **args)
     except ConfigError as err:
         raise error(f"{path}: its header's config is invalid ({str(err).splitlines()[0]})") from None

@@ -1,8 +1,8 @@
 """DVC stage: FID of every reconstructed EMA model (method.md 8).
 
 For each `ema-*.safetensors` in the models folder (or, with `evaluate.grid`, each post-hoc point:
-EMA length x guide x guidance weight x steps, from the reconstruct stage's models): generate fid.num_images images with the sampler
-(image i seeded with fid.seed + i), Inception features through clean-fid, FID against the cached
+EMA length x guide x guidance weight x steps, from the reconstruct stage's models): generate metrics.num_images images with the sampler
+(image i seeded with metrics.seed + i), Inception features through clean-fid, FID against the cached
 reference statistics with its bootstrap standard error and 95 % interval, and KID. Prints each
 result as soon as it is known, then the best EMA length and the ones not distinguishable from it.
 Writes metrics/fid.json (`dvc metrics show`), metrics/fid_vs_ema.csv (`dvc plots show`),
@@ -23,7 +23,7 @@ from pipeline.metrics import check_metrics, references
 from pipeline.snapshots import check_reconstruction, refuse_legacy
 from pipeline.records import computed, is_grid
 from pipeline.shards import eval_ranks
-from pipeline.report import curve_label, plot_fid_vs_ema
+from pipeline.figures import curve_label, plot_fid_vs_ema
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -33,7 +33,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--metrics", default="metrics", help="metrics folder (default: metrics)")
     p.add_argument("--samples", default="reports/samples", help="sample grid folder (default: reports/samples)")
     p.add_argument("--device", help="torch device for sampling and features: auto, cpu, cuda, cuda:N "
-                   "(default: fid.device of the params)")
+                   "(default: metrics.device of the params)")
     p.add_argument("--shards", default="runs/eval-shards", help="feature shards of unfinished and finished sets "
                    "(a rerun computes only the missing ones; default: runs/eval-shards)")
     p.add_argument("--nproc-per-node", type=cli.positive_int, help="processes on this node, each sampling its "
@@ -48,8 +48,8 @@ def main(argv: list[str] | None = None) -> int:
         for folder, flag in ((args.metrics, "--metrics"), (args.samples, "--samples"), (args.ref_cache, "--ref-cache"),
                              (args.shards, "--shards")):
             check_writable(folder, flag)                   # before any compute
-        rank, world, device, barrier, reduce = eval_ranks(args.device or cfg.fid.device,
-                                                          "--device" if args.device else "fid.device")
+        rank, world, device, barrier, reduce = eval_ranks(args.device or cfg.metrics.device,
+                                                          "--device" if args.device else "metrics.device")
         check_metrics(cfg)
         if rank == 0:
             use_given_cpus(log=print)               # "cpu: N threads (...)", and a busy-machine warning
@@ -62,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
             raise FIDError(f"no reconstructed models (ema-*.safetensors) in {args.models}: run the reconstruct stage")
         for f in files:                            # every model's header before any compute
             check_reconstruction(f)
-        # every metric of fid.metrics, FID first; missing statistics computed by all ranks together
+        # every metric of metrics.names, FID first; missing statistics computed by all ranks together
         refs = references(cfg, device, args.ref_cache, progress=rank == 0, ranks=(rank, world), reduce=reduce)
         if cfg.evaluate.grid is not None:          # the post-hoc grid (its models are checked first)
             recs = evaluate_points(evaluation_points(cfg), args.models, cfg, refs, args.samples, device,

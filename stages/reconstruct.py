@@ -14,7 +14,7 @@ from pipeline import cli
 from pipeline.config import load_config
 from pipeline.evaluate import reconstruction_targets
 from pipeline.reconstruction import reconstruct
-from pipeline.report import plot_ema_reconstruction
+from pipeline.figures import plot_ema_reconstruction
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -37,7 +37,7 @@ def tiny_params(tmp_path, fmnist, name="params.yaml", **sections):
     raw["train"].update(run_dir=str(tmp_path / "run"), ref_lr=0.01, ref_batches=4, rampup_nimg=32)
     raw["ema"].update(snapshot_nimg=32, targets=[0.05, 0.1, 0.15])
     raw["sampler"].update(steps=4, batch_size=8)
-    raw["fid"].update(num_images=4, ref_num_images=8, batch_size=8)
+    raw["metrics"].update(num_images=4, ref_num_images=8, batch_size=8)
     raw["tracking"].update(uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
     for sec, vals in sections.items():
         raw.setdefault(sec, {}).update(vals)

@@ -112,3 +112,41 @@ def test_commands_say_which_params_differ_from_the_committed_file(tmp_path):
     line = params_diff_line(p, C.load_config(p, ["train.ref_lr=0.02"]))
     assert line.startswith("params: 2 value(s) differ") and f"sampler.steps=8 (committed: {steps})" in line
     assert "train.ref_lr=0.02" in line
+
+
+def test_renamed_keys_still_work_with_one_note_naming_the_new_key(tmp_path, root, capsys):
+    """`fid:` became `metrics:` (and fid.metrics metrics.names): old params files, presets, sweep files and
+    -S overrides resolve to the same config, each old key noted once, in one line naming the new one."""
+    import yaml
+
+    from pipeline.config.loading import renamed
+    assert renamed("fid") == "metrics" and renamed("fid.metrics") == "metrics.names"
+    assert renamed("fid.num_images") == "metrics.num_images" and renamed("fidelity.x") == "fidelity.x"
+    new = C.load_config(root / "params.yaml", ["metrics.num_images=12"])
+    raw = yaml.safe_load((root / "params.yaml").read_text())
+    old = {**{k: v for k, v in raw.items() if k != "metrics"}, "fid": {**raw["metrics"]}}
+    old["fid"]["metrics"] = old["fid"].pop("names")
+    (tmp_path / "old.yaml").write_text(yaml.safe_dump(old, sort_keys=False))
+    capsys.readouterr()
+    got = C.load_config(tmp_path / "old.yaml", ["fid.num_images=12"])
+    assert got.to_dict() == new.to_dict() and got.run_key() == new.run_key()
+    err = capsys.readouterr().err.splitlines()
+    assert any(f"{tmp_path / 'old.yaml'}: fid is now metrics" in line for line in err), err
+    assert any("fid.metrics is now metrics.names" in line for line in err), err
+    assert any("override: fid.num_images is now metrics.num_images" in line for line in err), err
+    C.load_config(tmp_path / "old.yaml")
+    assert "fid is now metrics" not in capsys.readouterr().err           # once per key and place
+    # A value under both names keeps the current one.
+    both = {**old, "metrics": {"num_images": 7}}
+    assert C.resolve(both, where=None).metrics.num_images == 7
+    # A sweep file with old keys in its overrides and search axes.
+    from pipeline.sweep.schema import load_sweep
+    sweep_raw = yaml.safe_load((root / "sweeps" / "tiny.yaml").read_text())
+    sweep_raw["base"] = str(root / "params.yaml")
+    sweep_raw["overrides"] = {("fid." + k[len("metrics."):] if k.startswith("metrics.") else k): v
+                              for k, v in sweep_raw["overrides"].items()}
+    sweep_raw["search"] = {"fid.seed": {"grid": [0, 1]}}
+    (tmp_path / "old_sweep.yaml").write_text(yaml.safe_dump(sweep_raw))
+    sweep, base = load_sweep(tmp_path / "old_sweep.yaml")
+    assert base.metrics.num_images == 4 and list(sweep.search) == ["metrics.seed"]
+    assert "old_sweep.yaml: search: fid.seed is now metrics.seed" in capsys.readouterr().err

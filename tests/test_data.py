@@ -265,12 +265,12 @@ def test_fid_reference_choices(tmp_path, capsys):
     with pytest.raises(FIDError, match="data.source=folder: set data.reference_split"):
         reference_dataset_dir(C.resolve({"data": base}))
     with pytest.raises(FIDError, match="needs data.reference_split"):
-        reference_dataset_dir(C.resolve({"data": base, "fid": {"reference": "held-out"}}))
-    assert reference_dataset_dir(C.resolve({"data": {**base, "reference_split": 1}, "fid": {"reference": "held-out"}})) \
+        reference_dataset_dir(C.resolve({"data": base, "metrics": {"reference": "held-out"}}))
+    assert reference_dataset_dir(C.resolve({"data": {**base, "reference_split": 1}, "metrics": {"reference": "held-out"}})) \
         == f"{tmp_path / 'enc'}/reference"
     refdir = tmp_path / "refimgs"
     _write_images(refdir, [(f"{'r' * (i + 1)}.png", (20, 20), "RGB") for i in range(3)])
-    cfg = C.resolve({"data": {**base, "resize": "center-crop"}, "fid": {"reference": str(refdir)}})
+    cfg = C.resolve({"data": {**base, "resize": "center-crop"}, "metrics": {"reference": str(refdir)}})
     out = reference_dataset_dir(cfg, tmp_path / "cache")
     assert EncodedDataset(out).manifest["count"] == 3 and "encoding" in capsys.readouterr().out
     assert reference_dataset_dir(cfg, tmp_path / "cache") == out and "encoding" not in capsys.readouterr().out

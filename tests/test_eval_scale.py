@@ -1,7 +1,7 @@
 """Issue #34: evaluation at the paper's scale. Reference statistics streamed (equal to the in-memory ones),
 1, 2 and 3 evaluation processes giving the same records, a SIGKILLed evaluation resuming from its
 shards to the identical record, shards never reused across a changed sampler, peak memory flat in
-fid.num_images, and `pipeline sample` streaming its .npz."""
+metrics.num_images, and `pipeline sample` streaming its .npz."""
 import json
 import os
 import signal
@@ -33,7 +33,7 @@ def project(tmp_path_factory, fmnist):
     raw["network"].update(model_channels=16, channel_mult=[1, 2], num_blocks=1, attn_resolutions=[16],
                           channels_per_head=16)
     raw["sampler"].update(steps=2, batch_size=4)
-    raw["fid"].update(num_images=16, ref_num_images=64, batch_size=8, shard_images=4)
+    raw["metrics"].update(num_images=16, ref_num_images=64, batch_size=8, shard_images=4)
     raw["tracking"]["enabled"] = False
     (d / "params.yaml").write_text(yaml.safe_dump(raw))
     cfg = C.load_config(d / "params.yaml")
@@ -128,7 +128,7 @@ def _peak_rss_mb(project, tag, num_images):
     r = subprocess.run([sys.executable, "-c", code, "--params", str(project / "params.yaml"), "--models",
                         str(project / "models"), "--metrics", str(project / f"m-{tag}"), "--samples",
                         str(project / f"s-{tag}"), "--shards", str(project / f"sh-{tag}"), "--ref-cache",
-                        str(project / "ref-mem"), "-S", f"fid.num_images={num_images}", "-S", "fid.shard_images=16"],
+                        str(project / "ref-mem"), "-S", f"metrics.num_images={num_images}", "-S", "metrics.shard_images=16"],
                        cwd=project, env=ENV, capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stderr[-2000:]
     return float(r.stdout.split("PEAK")[-1])
@@ -144,8 +144,8 @@ def test_peak_memory_does_not_grow_with_the_number_of_images(project):
 
 def test_sample_npz_is_streamed_and_reads_as_savez(project, tmp_path):
     from pipeline import config as C
-    from pipeline.evaluate import export_samples, generate
-    from pipeline.evaluate import load_model
+    from pipeline.generation import export_samples, generate
+    from pipeline.generation import load_model
     cfg = C.load_config(project / "params.yaml")
     model = project / "models" / "ema-0000000128-0.050.safetensors"
     out = export_samples(model, 6, tmp_path / "x.npz", cfg.sampler, seed=3, batch_size=4, progress=False, cfg=cfg)
@@ -213,9 +213,9 @@ def test_nvidias_reference_statistics_and_the_legacy_protocol(project, tmp_path)
     refs.mkdir()
     doc = _nvidia_refs(refs / "img512.pkl")
     np.savez(refs / "edm.npz", mu=doc["fid"]["mu"], sigma=doc["fid"]["sigma"])
-    legacy = ["-S", "fid.mode=legacy", "-S", "fid.metrics=[fid]"]        # published files hold no images
-    recs = evaluate(project, "nvref", "-S", f"fid.reference={refs / 'img512.pkl'}", *legacy)
-    npz = evaluate(project, "edmref", "-S", f"fid.reference={refs / 'edm.npz'}", *legacy)
+    legacy = ["-S", "metrics.mode=legacy", "-S", "metrics.names=[fid]"]        # published files hold no images
+    recs = evaluate(project, "nvref", "-S", f"metrics.reference={refs / 'img512.pkl'}", *legacy)
+    npz = evaluate(project, "edmref", "-S", f"metrics.reference={refs / 'edm.npz'}", *legacy)
     for r, name in ((recs[0], "img512.pkl"), (npz[0], "edm.npz")):
         assert r["reference"] == name and r["mode"] == "legacy" and r["ref_num_images"] == 0 and r["kid"] is None
         assert len(r["reference_sha256"]) == 64
@@ -227,12 +227,12 @@ def test_nvidias_reference_statistics_and_the_legacy_protocol(project, tmp_path)
     assert clean[0]["mode"] == "clean" and abs(clean[0]["fid"] - recs[0]["fid"]) > 1e-3
     # a clean run against NVIDIA's file, a crafted file, a missing file: one line each, nothing run
     bad = _nvidia_refs(refs / "crafted.pkl", crafted=True)
-    for over, needle in ((["-S", f"fid.reference={refs / 'img512.pkl'}", "-S", "fid.metrics=[fid]"],
-                          "set fid.mode=legacy"),
-                         (["-S", f"fid.reference={refs / 'img512.pkl'}", "-S", "fid.mode=legacy"],
+    for over, needle in ((["-S", f"metrics.reference={refs / 'img512.pkl'}", "-S", "metrics.names=[fid]"],
+                          "set metrics.mode=legacy"),
+                         (["-S", f"metrics.reference={refs / 'img512.pkl'}", "-S", "metrics.mode=legacy"],
                           "precision_recall, which needs the reference images"),
-                         (["-S", f"fid.reference={refs / 'crafted.pkl'}", *legacy], "posix.system"),
-                         (["-S", f"fid.reference={refs / 'absent.pkl'}", *legacy],
+                         (["-S", f"metrics.reference={refs / 'crafted.pkl'}", *legacy], "posix.system"),
+                         (["-S", f"metrics.reference={refs / 'absent.pkl'}", *legacy],
                           "nvlabs-fi-cdn.nvidia.com/edm2/dataset-refs")):
         r = subprocess.run([sys.executable, "-m", "stages.evaluate", "--params", str(project / "params.yaml"),
                             "--models", str(project / "models"), "--metrics", str(tmp_path / "m"), "--shards",
@@ -243,8 +243,8 @@ def test_nvidias_reference_statistics_and_the_legacy_protocol(project, tmp_path)
     assert not (refs / "crafted.pkl.RAN").exists() and bad
     # the img512 presets resolve the paper's protocol
     cfg = C.resolve({"preset": "img512-xs"})
-    assert (cfg.fid.num_images, cfg.fid.seed_sets, cfg.fid.mode, cfg.sampler.steps) == (50000, 3, "legacy", 32)
-    assert cfg.fid.reference == "dataset-refs/img512.pkl"
+    assert (cfg.metrics.num_images, cfg.metrics.seed_sets, cfg.metrics.mode, cfg.sampler.steps) == (50000, 3, "legacy", 32)
+    assert cfg.metrics.reference == "dataset-refs/img512.pkl"
     with pytest.raises(FIDError, match="symmetric"):
         from pipeline.fid import read_reference_file
         d = _nvidia_refs(refs / "asym.pkl", d=4)
@@ -278,7 +278,7 @@ def test_reference_stage_memory_does_not_grow_with_its_images(project):
         code = ("import resource, sys; from stages.reference import main; rc = main(sys.argv[1:]); "
                 "print('PEAK', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024); sys.exit(rc)")
         r = subprocess.run([sys.executable, "-c", code, "--params", str(project / "params.yaml"), "--out",
-                            str(project / f"refmem-{n}"), "-S", f"fid.ref_num_images={n}", "-S", "fid.metrics=[fid]"],
+                            str(project / f"refmem-{n}"), "-S", f"metrics.ref_num_images={n}", "-S", "metrics.names=[fid]"],
                            cwd=project, env=ENV, capture_output=True, text=True, timeout=900)
         assert r.returncode == 0, r.stderr[-2000:]
         return float(r.stdout.split("PEAK")[-1])

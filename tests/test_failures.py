@@ -151,7 +151,7 @@ def test_full_disk_at_reconstruct_evaluate_sample_and_report(tmp_path, tiny):
         one_line_exit_2(r, "No space left on device")
         r, seconds = timed("-m", "pipeline", "sample", "--params", str(tiny["params"]), "--model", str(tiny["model"]),
                            "--num", "2", "--out", str(disk / "s.npz"))
-        one_line_exit_2(r, "MiB of free disk", "s.npz")        # found before sampling (evaluate.check_sample_size)
+        one_line_exit_2(r, "MiB of free disk", "s.npz")        # found before sampling (generation.check_sample_size)
         assert not (disk / "s.npz").exists()
 
 
@@ -282,7 +282,7 @@ def test_overlapping_tensors_in_a_snapshot_are_refused(tmp_path, tiny):
 
 
 def test_samples_that_come_out_non_finite_stop_instead_of_black_images(tiny):
-    from pipeline.evaluate import generate, load_model
+    from pipeline.generation import generate, load_model
     from pipeline.fid import FIDError
     net, _ = load_model(tiny["model"])
     with torch.no_grad():                      # finite weights whose outputs overflow: a diverged model

@@ -13,7 +13,7 @@ from PIL import Image
 from pipeline import config as C
 from test_gpu import DEVICES
 from pipeline.data.encoded import EncodedDataset
-from pipeline.evaluate import generate
+from pipeline.generation import generate
 from pipeline.records import RecordError, check_comparable
 from pipeline.fid import (CLEANFID_WEIGHTS, FIDError, array_features, fid_from_features,
                           folder_features, frechet_distance, load_feature_net, reference_stats, statistics)
@@ -163,7 +163,7 @@ def _params_and_models(fmnist, tmp_path, root, **fid):
     from pipeline.reconstruction import reconstruct
     raw = yaml.safe_load((root / "params.yaml").read_text())
     raw["data"]["dataset_dir"] = str(fmnist["train"][0].parent)
-    raw["fid"].update({"num_images": 4, "ref_num_images": 8, "batch_size": 8, **fid})
+    raw["metrics"].update({"num_images": 4, "ref_num_images": 8, "batch_size": 8, **fid})
     raw["sampler"].update({"steps": 4, "batch_size": 4})
     params = tmp_path / "params.yaml"
     tmp_path.mkdir(parents=True, exist_ok=True)
@@ -212,22 +212,22 @@ def test_reference_and_evaluate_stages_end_to_end(fmnist, tmp_path, root):
 
 
 def test_seed_sets_paper_protocol_beside_ours(fmnist, tmp_path, root):
-    """fid.seed_sets: K disjoint seed sets, every value recorded; the record's FID is their mean (with the
+    """metrics.seed_sets: K disjoint seed sets, every value recorded; the record's FID is their mean (with the
     standard error of the mean), fid_min the minimum (EDM/EDM2's reporting); set k is exactly the
-    single-set evaluation at seed fid.seed + k * num_images; other protocols are never compared."""
+    single-set evaluation at seed metrics.seed + k * num_images; other protocols are never compared."""
     from pipeline.metrics import references
     from pipeline.evaluate import evaluate_models
     from pipeline.records import RecordError, check_comparable, result_line
     params = _params_and_models(fmnist, tmp_path, root)
     model = sorted((tmp_path / "models").glob("ema-*.safetensors"))[:1]
-    cfg = C.load_config(params, ["fid.seed_sets=2"])
+    cfg = C.load_config(params, ["metrics.seed_sets=2"])
     refs = references(cfg, "cpu", tmp_path / "ref", progress=False)
     [rec] = [r.to_dict() for r in evaluate_models(model, cfg, refs, progress=False, log=None)]
     assert rec["seed_sets"] == 2 and len(rec["fid_sets"]) == 2 and rec["seeds"] == [0, 7]
     assert rec["fid"] == pytest.approx(sum(rec["fid_sets"]) / 2) and rec["fid_min"] == min(rec["fid_sets"])
     assert len(rec["bootstrap"]["replicates"]) == 200 and rec["fid_se"] > 0
     assert "min" in result_line(rec) and "2 seed sets" in result_line(rec)
-    second = C.load_config(params, ["fid.seed=4"])                       # set 2 alone: seeds 4..7
+    second = C.load_config(params, ["metrics.seed=4"])                       # set 2 alone: seeds 4..7
     [one] = [r.to_dict() for r in evaluate_models(model, second, refs, progress=False, log=None)]
     assert one["fid"] == pytest.approx(rec["fid_sets"][1], rel=1e-9) and one["seed_sets"] == 1
     with pytest.raises(RecordError, match="seed_sets"):
@@ -253,7 +253,7 @@ def test_a_missing_gpu_is_one_clear_line_naming_the_field(fmnist, tmp_path, root
     params = _params_and_models(fmnist, tmp_path, root, device="cuda:1")
     assert reference_main(["--params", str(params), "--out", str(tmp_path / "ref")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "fid.device=cuda:1" in err[0] and "no CUDA device" in err[0], err
+    assert len(err) == 1 and "metrics.device=cuda:1" in err[0] and "no CUDA device" in err[0], err
     assert not (tmp_path / "ref").exists()                               # nothing computed
     with pytest.raises(C.ConfigError, match="cuda:N"):
         C.resolve({}, {"train.device": "gpu0"})
@@ -390,7 +390,7 @@ def _tiny_dinov2(path):
 
 def test_metrics_as_equals_fd_dinov2_precision_recall_features_once_per_network(fmnist, tmp_path, root, capsys,
                                                                                 monkeypatch):
-    """fid.metrics [fid, fd_dinov2, precision_recall]: every metric an entry of the record's `metrics`
+    """metrics.names [fid, fd_dinov2, precision_recall]: every metric an entry of the record's `metrics`
     (value, se, interval, feature net); Inception features computed once per image set and shared by
     FID, KID, precision and recall; every entry reaches metrics/fid.json, to_row and the report."""
     import pipeline.fid as fid_mod
@@ -398,7 +398,7 @@ def test_metrics_as_equals_fd_dinov2_precision_recall_features_once_per_network(
     from stages.evaluate import main as evaluate_main
     from stages.reference import main as reference_main
     weights = _tiny_dinov2(tmp_path / "dinov2_tiny.pth")
-    params = _params_and_models(fmnist, tmp_path, root, metrics=["fid", "fd_dinov2", "precision_recall"],
+    params = _params_and_models(fmnist, tmp_path, root, names=["fid", "fd_dinov2", "precision_recall"],
                                 dinov2_weights=str(weights))
     assert reference_main(["--params", str(params), "--out", str(tmp_path / "ref")]) == 0
     assert len(list((tmp_path / "ref").glob("ref-*.npz"))) == 2          # one cache entry per feature network
@@ -432,15 +432,15 @@ def test_metrics_as_equals_fd_dinov2_precision_recall_features_once_per_network(
     assert ex.fn(torch.rand(3, 3, 299, 299) * 255).shape == (3, 64)
     # No weights file: one line naming the field, before any sampling; no unknown metric either.
     capsys.readouterr()
-    missing = _params_and_models(fmnist, tmp_path / "b", root, metrics=["fid", "fd_dinov2"],
+    missing = _params_and_models(fmnist, tmp_path / "b", root, names=["fid", "fd_dinov2"],
                                  dinov2_weights=str(tmp_path / "absent.pth"))
     assert evaluate_main(["--params", str(missing), "--models", str(tmp_path / "b/models"), "--ref-cache",
                           str(tmp_path / "b/ref"), "--metrics", str(tmp_path / "b/metrics")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "fid.dinov2_weights=" in err[0] and "nothing is downloaded" in err[0], err
+    assert len(err) == 1 and "metrics.dinov2_weights=" in err[0] and "nothing is downloaded" in err[0], err
     assert not (tmp_path / "b/metrics").exists()
     with pytest.raises(C.ConfigError, match="fid first"):
-        C.resolve({}, {"fid.metrics": ["fd_dinov2"]})
+        C.resolve({}, {"metrics.names": ["fd_dinov2"]})
 
 
 def test_published_table_appears_only_for_the_papers_preset_and_protocol():
@@ -454,8 +454,8 @@ def test_published_table_appears_only_for_the_papers_preset_and_protocol():
     assert "FD-DINOv2 103.39 at sigma_rel 0.200" in lines[1] and "105.50" in lines[1]
     assert "2.91 at sigma_rel 0.045, w 1.4" in lines[2] and "3.10 at sigma_rel 0.050, w 1.4" in lines[2]
     assert all("min over 3 seed sets" in line for line in lines)
-    for change, why in (({"seed_sets": 1, "fid_min": None}, "fid.seed_sets is 1, the paper's 3"),
-                        ({"num_images": 10000}, "fid.num_images is 10000"), ({"mode": "clean"}, "fid.mode is clean"),
+    for change, why in (({"seed_sets": 1, "fid_min": None}, "metrics.seed_sets is 1, the paper's 3"),
+                        ({"num_images": 10000}, "metrics.num_images is 10000"), ({"mode": "clean"}, "metrics.mode is clean"),
                         ({"reference": "imagenet-val", "ref_num_images": 5000}, "the reference is imagenet-val"),
                         ({"sampler": {"guidance": 1.0, "steps": 18}}, "sampler.steps is 18, the paper's 32")):
         [line] = paper_lines("img512-xs", [{**rec, **change}])      # another protocol: why, and no numbers

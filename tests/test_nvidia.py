@@ -115,7 +115,7 @@ def test_released_model_imports_without_running_code_and_equals_the_network(tmp_
     out = tmp_path / "imported"
     [dst] = import_files([src], out, log=lambda *_: None)
     assert dst.name == "ema-2147483648-0.135.safetensors"   # kimg 2147483 -> 2^31 images
-    from pipeline.evaluate import load_model
+    from pipeline.generation import load_model
     model, meta = load_model(dst)
     assert meta["source_file"] == src.name and len(meta["source_sha256"]) == 64
     assert meta["sigma_rel"] == 0.135 and meta["net_args"] == {"img_resolution": 16, "img_channels": 1, "label_dim": 10}
@@ -244,7 +244,7 @@ def test_imported_model_goes_through_the_evaluate_stage(tmp_path, nvidia_modules
     import_files([src], tmp_path / "models", log=lambda *_: None)
     raw = yaml.safe_load((ROOT / "params.yaml").read_text())
     raw["data"]["dataset_dir"] = str(fmnist["train"][0].parent)
-    raw["fid"].update({"num_images": 4, "ref_num_images": 8, "batch_size": 8})
+    raw["metrics"].update({"num_images": 4, "ref_num_images": 8, "batch_size": 8})
     raw["sampler"].update({"steps": 4, "batch_size": 4})
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
     assert evaluate_main(["--params", str(tmp_path / "params.yaml"), "--models", str(tmp_path / "models"),
@@ -308,7 +308,7 @@ def test_released_model_as_nvidia_writes_it_gets_nvidias_defaults(tmp_path, nvid
     src = write_as_nvidia(tmp_path / "edm2-img16-xs-2147483-0.135.pkl", net, nvidia_modules, passed)
     _forget("torch_utils.persistence", "dnnlib.util")
     [dst] = import_files([src], tmp_path / "out", log=lambda *_: None)
-    from pipeline.evaluate import load_model
+    from pipeline.generation import load_model
     model, meta = load_model(dst)
     assert meta["config"]["network"]["channel_mult"] == [1, 2, 3, 4] and meta["config"]["network"]["num_blocks"] == 3
     assert meta["config"]["network"]["channels_per_head"] == 64 and meta["nvidia_init_kwargs"] == passed
@@ -326,7 +326,7 @@ def test_channels_per_head_left_out_is_nvidias_64(tmp_path, nvidia_modules):
     src = write_as_nvidia(tmp_path / "edm2-img16-s-0000002-0.100.pkl", net, nvidia_modules, passed)
     _forget("torch_utils.persistence", "dnnlib.util")
     [dst] = import_files([src], tmp_path / "out", log=lambda *_: None)
-    from pipeline.evaluate import load_model
+    from pipeline.generation import load_model
     model, _ = load_model(dst)
     got, want = _reference_output(src, passed, model, 10)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
@@ -366,7 +366,7 @@ def test_latent_snapshots_as_nvidia_writes_them_and_names_by_flag(tmp_path, nvid
         import_files([other], tmp_path / "m", log=lambda *_: None)
     [dst] = import_files([other], tmp_path / "m", kimg=3, sigma_rel=0.12, log=lambda *_: None)
     assert dst.name == "ema-0000003072-0.120.safetensors"
-    from pipeline.evaluate import load_model
+    from pipeline.generation import load_model
     model, _ = load_model(dst)
     got, want = _reference_output(other, passed, model, 0, channels=4)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)

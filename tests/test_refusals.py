@@ -29,15 +29,15 @@ def _one_line(code, err, *needles):
 
 @pytest.mark.parametrize("override,needle", [
     ("train.seed=18446744073709551616", "train.seed=18446744073709551616: a seed must be in [0, 2^63)"),
-    ("fid.seed=-1", "fid.seed=-1"),
+    ("metrics.seed=-1", "metrics.seed=-1"),
     ("network.label_balance=2", "network.label_balance=2: a blend weight t must be in [0, 1]"),
     ("network.res_balance=-1", "network.res_balance=-1"),
     ("ema.stds=[0.05,0.05]", "ema.stds=[0.05, 0.05]: each tracked sigma_rel once"),
     ("sampler.S_max=-.inf", "sampler.S_max=-inf must be >= sampler.S_min=0.0"),
-    ("fid.ref_num_images=1", "fid.ref_num_images=1: must be >= 2"),
-    ("fid.metrics=[fid,nope]", "unknown metric 'nope'"),
+    ("metrics.ref_num_images=1", "metrics.ref_num_images=1: must be >= 2"),
+    ("metrics.names=[fid,nope]", "unknown metric 'nope'"),
     ("network.num_blocks=1000000", "network.num_blocks=1000000: must be <= 64"),
-    ("fid.seed=9223372036854775800", "must stay below 2^63"),
+    ("metrics.seed=9223372036854775800", "must stay below 2^63"),
     ("network.channels_per_head=24", "must divide the width 64 of attention level 2"),
 ])
 def test_silently_accepted_values_are_refused(override, needle):
@@ -104,7 +104,7 @@ def _relabel(path: Path, tensor: str, new_dtype: str):
     ({"net_args": {"img_resolution": "32", "img_channels": 1, "label_dim": 10}}, "are not whole numbers"),
 ])
 def test_model_headers_are_typed(tmp_path, header, needle):
-    from pipeline.evaluate import load_model
+    from pipeline.generation import load_model
     from pipeline.errors import PipelineError
     f = _model(tmp_path / "ema-0000000128-0.100.safetensors", **header)
     with pytest.raises(PipelineError, match=needle.replace("(", r"\(")):
@@ -112,7 +112,7 @@ def test_model_headers_are_typed(tmp_path, header, needle):
 
 
 def test_a_model_claiming_another_network_is_refused(tmp_path):
-    from pipeline.evaluate import load_model
+    from pipeline.generation import load_model
     from pipeline.errors import PipelineError
     f = _model(tmp_path / "ema-0000000128-0.100.safetensors")
     raw = C.resolve({}, {"network.model_channels": 16}).to_dict()

@@ -87,7 +87,7 @@ def test_a_bad_validation_field_is_one_line(tmp_path):
 
 
 def test_the_timeline_says_how_much_of_the_time_the_sweep_ran_max_concurrent_trials():
-    from pipeline.report import _busy_fraction
+    from pipeline.figures import _busy_fraction
     def busy(spans, k):
         spans = pd.DataFrame(spans, columns=["s", "e"])
         edges = sorted(set(spans["s"]) | set(spans["e"]))

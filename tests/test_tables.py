@@ -122,7 +122,7 @@ def test_every_metric_names_its_entries_features_and_docs():
         assert m.features in FEATURES and m.names
         for entry in m.names:
             assert f"`{entry}`" in DOCS or entry in ("fid", "kid"), f"docs do not describe the metric `{entry}`"
-        assert f"`{name}`" in DOCS, f"docs do not list `{name}` as a fid.metrics choice"
+        assert f"`{name}`" in DOCS, f"docs do not list `{name}` as a metrics.names choice"
     # K seed sets: mean, SE of the mean, every set's value and the minimum, for every entry alike.
     sets = [{"x": {"value": v, "se": 1.0, "interval": [v - 2, v + 2]}} for v in (3.0, 5.0)]
     c = combine_sets(sets)["x"]
@@ -160,10 +160,12 @@ def test_every_data_source_is_a_config_choice_read_through_its_entry(tmp_path):
 
 def test_every_launcher_backend_is_a_config_choice_and_jobs_read_one_env_adapter(monkeypatch):
     from pipeline.backends import BACKENDS, job_env
-    assert set(BACKENDS) == set(C.LauncherConfig.model_fields["executor"].annotation.__args__)
+    from pipeline.launchers import LAUNCHERS, SubmititLauncher
+    assert set(BACKENDS) == set(C.LauncherConfig.model_fields["executor"].annotation.__args__) == set(LAUNCHERS)
     for name, b in BACKENDS.items():
         assert f"`{name}`" in DOCS, f"docs do not describe the launcher `{name}`"
-        assert isinstance(b.params(C.LauncherConfig()), dict)
+        if LAUNCHERS[name] is SubmititLauncher:
+            assert isinstance(SubmititLauncher.PARAMETERS[name](C.LauncherConfig()), dict)
     for var in ("SLURM_JOB_ID", "SLURM_JOB_NODELIST"):
         monkeypatch.delenv(var, raising=False)
     assert job_env().scheduler is None and job_env().tasks == 1
@@ -188,3 +190,9 @@ def test_a_submitted_job_is_a_handle_with_wait_describe_and_logs(tmp_path, monke
                executor="local", folder=tmp_path / "job")
     assert s.wait() == 0
     assert "hello from the job" in s.logs() and s.job_id in s.describe() and str(s.stdout) in s.describe()
+    from pipeline.launchers import LaunchError
+    long = submit("cmd", [sys.executable, "-c", "import time; time.sleep(120)"], params_file="none.yaml",
+                  executor="local", folder=tmp_path / "job2")
+    long.cancel()                                           # the protocol's fifth verb
+    with pytest.raises(LaunchError):
+        long.wait()

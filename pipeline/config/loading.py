@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import json
 import re
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +17,58 @@ from .fields import ConfigError, flatten, set_dotted
 from .schema import Config
 
 PRESETS_FILE = Path(__file__).parents[1] / "presets.yaml"
+
+
+# Keys that were renamed, old -> new (a dotted key, or a prefix of one: the longest match wins). Files,
+# sweep files and `-S` overrides with an old key still work, with one note per key naming the new one.
+RENAMED = {"fid": "metrics", "fid.metrics": "metrics.names"}
+_NOTED: set = set()
+
+
+def renamed(key: str) -> str:
+    """The current name of a dotted key that may use a renamed one."""
+    for old in sorted(RENAMED, key=len, reverse=True):
+        if key == old or key.startswith(old + "."):
+            return RENAMED[old] + key[len(old):]
+    return key
+
+
+def note_renamed(old: str, new: str, where: str | None) -> None:
+    """One line on stderr per old key and place (a renamed key keeps working); where=None: no note (a
+    stored config read back, e.g. a model header written before the rename)."""
+    if where is not None and (old, where) not in _NOTED:
+        _NOTED.add((old, where))
+        print(f"note: {where + ': ' if where else ''}{old} is now {new} (the old key still works; rename it)",
+              file=sys.stderr)
+
+
+def renamed_keys(values: dict, where: str | None = "") -> dict:
+    """A mapping of dotted keys with the renamed ones under their current names (noted)."""
+    out = {}
+    for k, v in values.items():
+        new = renamed(k)
+        if new != k:
+            note_renamed(k, new, where)
+        out[new] = v
+    return out
+
+
+def renamed_sections(raw: dict, where: str | None = "") -> dict:
+    """A nested params mapping with renamed sections and fields moved to their current names (noted);
+    a value given under both names keeps the current one."""
+    old = flatten({k: raw[k] for k in raw if renamed(k) != k})
+    if not old:
+        return raw
+    out = {k: v for k, v in raw.items() if renamed(k) == k}
+    current = flatten(out)
+    for k, v in old.items():
+        new, top = renamed(k), k.split(".")[0]
+        note_renamed(top, renamed(top), where)           # the section
+        if new != renamed(top) + k[len(top):]:             # a field renamed inside it
+            note_renamed(k, new, where)
+        if new not in current:
+            set_dotted(out, new, v)
+    return out
 
 
 def parse_override(text: str) -> tuple[str, Any]:
@@ -82,17 +135,18 @@ def format_errors(err: ValidationError, raw: dict) -> str:
     return "\n".join(lines)
 
 
-def resolve(raw: dict | None = None, overrides: dict[str, Any] | list[str] | None = None) -> Config:
-    """Build a validated Config from a raw mapping, its preset and dotted overrides."""
-    raw = copy.deepcopy(raw or {})
+def resolve(raw: dict | None = None, overrides: dict[str, Any] | list[str] | None = None, where: str | None = "") -> Config:
+    """Build a validated Config from a raw mapping, its preset and dotted overrides (`where`: the file the
+    mapping came from, for the note on a renamed key; None: a stored config, no note)."""
+    raw = renamed_sections(copy.deepcopy(raw or {}), where)
     if isinstance(overrides, list):
         overrides = dict(parse_override(o) for o in overrides)
-    for k, v in (overrides or {}).items():
+    for k, v in renamed_keys(overrides or {}, "override").items():
         set_dotted(raw, k, v)
     if raw.get("preset") is not None and not isinstance(raw["preset"], str):
         raise ConfigError(f"preset={raw['preset']!r}: expected a preset name, one of {', '.join(sorted(presets()))}")
     if raw.get("preset"):
-        raw = _deep_merge(preset(raw["preset"]), raw)
+        raw = _deep_merge(renamed_sections(preset(raw["preset"]), "presets.yaml"), raw)
     try:
         return Config.model_validate(raw)
     except ValidationError as err:
@@ -105,7 +159,7 @@ def load_config(path: str | Path = "params.yaml", overrides: dict[str, Any] | li
         raise ConfigError(f"{path}: expected a mapping of sections at the top level")
     if not raw:
         raise ConfigError(f"{path}: empty (no sections); start from the project's params.yaml")
-    return resolve(raw, overrides)
+    return resolve(raw, overrides, str(path))
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):

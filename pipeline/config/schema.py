@@ -33,7 +33,7 @@ class DataConfig(_Section):
     latent_convention: Literal["edm2", "data-stats"] = "edm2"   # VAE latents: EDM2's exactly, or per-dataset
     #                                                             statistics (pipeline/data/latents.py, method.md 7)
     max_images: Optional[PosInt] = None    # cap for quick runs; None = all
-    reference_split: Optional[PosFloat] = None   # held out of training for the FID reference (fid.reference:
+    reference_split: Optional[PosFloat] = None   # held out of training for the FID reference (metrics.reference:
     #                                              held-out): a fraction < 1 or a count of images
     split_seed: Seed = 0                   # which images are held out (a seeded permutation)
     dataset_dir: str = off_key("data/encoded")   # where the encode stage writes the artifact + manifest
@@ -180,7 +180,8 @@ class SamplerConfig(_Section):
         return _SOLVERS[self.solver].nfe(self.steps)
 
 
-class FIDConfig(_Section):
+class MetricsConfig(_Section):
+    """What evaluations measure and how (method.md 8): the generated images, the reference, the metrics."""
     feature_net: Literal["auto", "clean-fid", "fid-helper"] = "auto"
     num_images: Annotated[int, AfterValidator(lambda v: at_least(v, 2))] = 50000
     reference: str = "fashion-mnist-test"  # fashion-mnist-test | held-out (data.reference_split) | an encoded
@@ -194,12 +195,12 @@ class FIDConfig(_Section):
     shard_images: PosInt = 1024            # features written in finished shards of this many images (resume, ranks)
     mode: Literal["clean", "legacy"] = "clean"   # legacy: EDM2's calculate_metrics (method.md 8)
     device: Device = "auto"                # sampling and features (reference, evaluate): auto | cpu | cuda | cuda:N
-    metrics: list[str] = Field(default_factory=lambda: ["fid"])   # metrics.METRICS names; fid first (+ KID)
+    names: list[str] = Field(default_factory=lambda: ["fid"])   # metrics.METRICS entries; fid first (+ KID)
     dinov2_weights: Optional[str] = None   # local DINOv2 checkpoint for fd_dinov2 (never downloaded)
 
-    @field_validator("metrics")
+    @field_validator("names")
     @classmethod
-    def _metrics(cls, v):
+    def _names(cls, v):
         if not v or v[0] != "fid" or len(set(v)) != len(v):
             raise ValueError("list fid first, then other metrics once each, e.g. [fid, precision_recall, fd_dinov2]")
         unknown = [m for m in v if m not in METRIC_NAMES]
@@ -210,7 +211,7 @@ class FIDConfig(_Section):
     @model_validator(mode="after")
     def _check(self):
         if self.seed + self.seed_sets * self.num_images > SEED_LIMIT:
-            raise ValueError(f"fid.seed={self.seed}: the seeds seed .. seed + seed_sets x num_images must stay "
+            raise ValueError(f"metrics.seed={self.seed}: the seeds seed .. seed + seed_sets x num_images must stay "
                              f"below 2^63")
         return self
 
@@ -299,7 +300,7 @@ class Config(_Section):
     train: TrainConfig = Field(default_factory=TrainConfig)
     ema: EMAConfig = Field(default_factory=EMAConfig)
     sampler: SamplerConfig = off_key(default_factory=SamplerConfig)
-    fid: FIDConfig = off_key(default_factory=FIDConfig)
+    metrics: MetricsConfig = off_key(default_factory=MetricsConfig)
     evaluate: EvaluateConfig = off_key(default_factory=EvaluateConfig)
     tracking: TrackingConfig = off_key(default_factory=TrackingConfig)
     launcher: LauncherConfig = off_key(default_factory=LauncherConfig)

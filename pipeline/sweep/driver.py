@@ -82,22 +82,15 @@ def _quiet_ray_restore_hints() -> None:
 def run_sweep(sweep_file: str | Path, address: str | None = None, resume: bool = False,
               reports_dir: str | Path = "reports/sweeps", num_cpus: int | None = None,
               dry_run: bool = False, min_nodes: int = 1, trial_body: str | None = None) -> SweepResult | dict:
+    """Run (or resume) the sweep of `sweep_file`: plan and checks, Ray, the MLflow store (a server for many
+    writers when asked), the inputs every trial reads, the parent run, the trials, then the table and
+    report. dry_run: print the plan and return it."""
     entered = time.time()
     sweep, base = load_sweep(sweep_file)                   # every value checked before Ray starts
     root = Path.cwd()
     storage = (root / sweep.storage).resolve()
-    exp_dir = storage / sweep.name
-    out_dir = Path(reports_dir) / sweep.name
-    the_plan = plan(sweep, base)
-    check_plan(sweep, storage, out_dir, address, num_cpus, the_plan["trials"])
-    if base.data.encoder == "vae" and sweep.scheduler.type != "none" and sweep.scheduler.metric == "val_loss":
-        raise SweepError("scheduler.metric=val_loss is a loss on the reference images, which a latent run keeps as "
-                         "pixels (for FID): use scheduler.metric=loss with data.encoder=vae")
-    uri = sweep_tracking_uri(base)
-    try:
-        serve = wants_tracking_server(sweep, uri, address)
-    except ValueError as err:
-        raise SweepError(str(err)) from None
+    exp_dir, out_dir = storage / sweep.name, Path(reports_dir) / sweep.name
+    the_plan, uri, serve = _checked_plan(sweep, base, storage, out_dir, address, num_cpus)
     if dry_run:
         print_plan(the_plan)
         return the_plan
@@ -112,90 +105,25 @@ def run_sweep(sweep_file: str | Path, address: str | None = None, resume: bool =
         if resume:
             print(f"sweep: resuming {exp_dir} from its own records: {len(todo) if isinstance(todo, list) else todo} "
                   f"trial(s) to run; finished and early-stopped trials are kept (Ray's saved state is not read)")
+        ray = None
         if todo:
             prepare_ray_env(address)
             # Ray first: a cluster that cannot be joined (down, wrong token) fails before any work or MLflow run.
             ray = connect_ray(address, num_cpus, min_nodes)
-
-        from ..data.encode import ensure_encoded
-        from ..metrics import check_metrics, references
-        from ..tracking.logger import RunLogger, run_tags
-
         _quiet_ray_restore_hints()
-        # The experiment's artifacts in a local folder, whether or not a server fronts the store: runs of
-        # sweeps with and without the server then all log artifacts (an experiment first made through a
-        # server keeps mlflow-artifacts:, which only a server can serve: then one is started).
-        needs_server = ensure_experiment(uri, sweep.experiment, root / "mlartifacts")
-        if needs_server and not serve:
-            if address is not None:
-                raise SweepError(f"MLflow experiment {sweep.experiment!r} keeps its artifacts behind a tracking server "
-                                 f"({needs_server}): give tracking.uri an MLflow server all nodes reach, or use another "
-                                 f"experiment")
-            print(f"sweep: experiment {sweep.experiment!r} keeps its artifacts at {needs_server}: starting this sweep's "
-                  f"MLflow server to serve them")
-            serve = True
-        server = None
-        if serve:                                                # many writers: one server in front of the sqlite file
-            from ..tracking_server import TrackingServer
-            server = TrackingServer(uri, root / "mlartifacts")
-            print(f"sweep: MLflow server {server.start()} over {uri} for the trials (tracking_server; stopped at the end)")
-            atexit.register(server.stop)                          # however the sweep ends (a watchdog if it is killed)
-            uri = server.url
-
-        # Encoded data (on a fresh clone: encoded now, as the encode stage would) and the reference
-        # statistics once, before any trial, in the sweeps' own cache (never a DVC output).
-        ensure_encoded(base, log=lambda m: print(f"sweep: {m}"))
-        ref_cache = str(storage / "fid-ref")
-        check_metrics(base)
-        references(base, "cpu", ref_cache)                      # every metric of fid.metrics, read by the trials
-
-        # The MLflow parent run (and experiment) exist before trials start; a resumed sweep reuses it.
-        state_file = exp_dir / "sweep_state.json"
-        state = read_json(state_file) if resume else {}
-        parent = RunLogger(uri=uri, experiment=sweep.experiment)
-        parent_id = parent.start(state.get("parent_run_id"), run_name=f"sweep-{sweep.name}",
-                                 tags={**run_tags("sweep"), "kind": "sweep", "sweep_file": str(sweep_file)},
-                                 params={"sweep." + k: v for k, v in C.flatten(sweep.model_dump(mode="json")).items()},
-                                 on_run_id=lambda rid: atomic_write_text(json.dumps({"parent_run_id": rid}), state_file))
-        attempt = int(state.get("attempts", 0)) + 1
-        # The driver's own times (epoch seconds) beside the trials' phases: benchmarks.sweep_overhead reads them.
-        atomic_write_text(json.dumps({"parent_run_id": parent_id, "attempts": attempt, "entered_at": entered,
-                                      "trials_started_at": time.time()}), state_file)
+        uri, server = _tracking_store(sweep, uri, serve, address, root)
+        ref_cache = _trial_inputs(base, storage)
+        parent, state_file, attempt = _parent_run(sweep, sweep_file, uri, exp_dir, resume, entered)
 
         outcome = "FAILED"
         t0 = time.time()
         watch = PendingWatch(sweep.pending_timeout_s)
         try:
             if todo:
-                from ray import tune
-                gpus, device = check_resources(sweep, ray)
-                # One process: the trial's worker holds the resources. Several: the TorchTrainer's workers hold
-                # them, and the trial's own driver process (it only waits and relays reports) holds one CPU.
-                trial_resources = {"cpu": sweep.resources.cpus, "gpu": gpus} if sweep.resources.workers == 1 else {"cpu": 1}
-                trainable = tune.with_resources(
-                    tune.with_parameters(run_trial, spec=TrialSpec(
-                        base, sweep, parent_id, uri, device, ref_cache, str(root),
-                        wants_trial_figures(sweep, the_plan["trials"]), created_at=time.time(),
-                        **({"body": trial_body} if trial_body else {}))),
-                    trial_resources)
-                # max_t past the end: a scheduler ends trials that reach max_t, which would cut the EMA fan-out.
-                scheduler = build_scheduler(sweep, base.train.duration_nimg + 1, exp_dir)
-                algorithm = search_algorithm(sweep.algorithm)
-                search_alg = algorithm.searcher(sweep, evaluated) if algorithm.searcher else None
-                tune_config = tune.TuneConfig(num_samples=1 if algorithm.planned else todo,
-                                              scheduler=scheduler, search_alg=search_alg,
-                                              max_concurrent_trials=tune_concurrency(sweep),
-                                              # One process per trial: its worker (imports, MLflow client) serves the
-                                              # next trial; a trial leaves only caches behind (docs/sweeps.md).
-                                              reuse_actors=sweep.resources.workers == 1)
-                # Ray's own files go to a fresh folder per attempt; nothing of an earlier attempt is read.
-                stopper, hook = watch.tune_hooks()
-                run_config = tune.RunConfig(name=f"attempt-{attempt}", storage_path=str(exp_dir / "ray"), verbose=1,
-                                            stop=stopper, callbacks=[hook],
-                                            failure_config=tune.FailureConfig(max_failures=sweep.max_failures))
-                tuner = tune.Tuner(trainable, param_space=point_space(todo) if algorithm.planned else tune_space(sweep),
-                                   tune_config=tune_config, run_config=run_config)
-                _fit_then_restore_signals(tuner)
+                spec = TrialSpec(base, sweep, parent.run_id, uri, None, ref_cache, str(root),
+                                 wants_trial_figures(sweep, the_plan["trials"]),
+                                 **({"body": trial_body} if trial_body else {}))
+                _tune(sweep, base, spec, todo, evaluated, ray, exp_dir, attempt, watch)
             _stamp(state_file, trials_ended_at=time.time())
             outcome = None
         except KeyboardInterrupt:                                # a Ctrl-C Ray did not take as its graceful stop
@@ -221,6 +149,106 @@ def run_sweep(sweep_file: str | Path, address: str | None = None, resume: bool =
                                     f"the same command with --resume finishes it") from None
     finally:
         lock.release()
+
+
+def _checked_plan(sweep: SweepConfig, base: C.Config, storage: Path, out_dir: Path, address, num_cpus):
+    """The plan and everything checkable before Ray starts: (plan, tracking URI, whether a server fronts it)."""
+    the_plan = plan(sweep, base)
+    check_plan(sweep, storage, out_dir, address, num_cpus, the_plan["trials"])
+    if base.data.encoder == "vae" and sweep.scheduler.type != "none" and sweep.scheduler.metric == "val_loss":
+        raise SweepError("scheduler.metric=val_loss is a loss on the reference images, which a latent run keeps as "
+                         "pixels (for FID): use scheduler.metric=loss with data.encoder=vae")
+    uri = sweep_tracking_uri(base)
+    try:
+        serve = wants_tracking_server(sweep, uri, address)
+    except ValueError as err:
+        raise SweepError(str(err)) from None
+    return the_plan, uri, serve
+
+
+def _tracking_store(sweep: SweepConfig, uri: str, serve: bool, address, root: Path):
+    """The experiment, and the sweep's MLflow server when one is wanted or needed: (the URI trials log to,
+    the server or None)."""
+    # The experiment's artifacts in a local folder, whether or not a server fronts the store: runs of
+    # sweeps with and without the server then all log artifacts (an experiment first made through a
+    # server keeps mlflow-artifacts:, which only a server can serve: then one is started).
+    needs_server = ensure_experiment(uri, sweep.experiment, root / "mlartifacts")
+    if needs_server and not serve:
+        if address is not None:
+            raise SweepError(f"MLflow experiment {sweep.experiment!r} keeps its artifacts behind a tracking server "
+                             f"({needs_server}): give tracking.uri an MLflow server all nodes reach, or use another "
+                             f"experiment")
+        print(f"sweep: experiment {sweep.experiment!r} keeps its artifacts at {needs_server}: starting this sweep's "
+              f"MLflow server to serve them")
+        serve = True
+    if not serve:
+        return uri, None
+    from ..tracking_server import TrackingServer                 # many writers: one server in front of the sqlite file
+    server = TrackingServer(uri, root / "mlartifacts")
+    print(f"sweep: MLflow server {server.start()} over {uri} for the trials (tracking_server; stopped at the end)")
+    atexit.register(server.stop)                                  # however the sweep ends (a watchdog if it is killed)
+    return server.url, server
+
+
+def _trial_inputs(base: C.Config, storage: Path) -> str:
+    """Encoded data (on a fresh clone: encoded now, as the encode stage would) and the reference
+    statistics once, before any trial, in the sweeps' own cache (never a DVC output). Returns the cache."""
+    from ..data.encode import ensure_encoded
+    from ..metrics import check_metrics, references
+    ensure_encoded(base, log=lambda m: print(f"sweep: {m}"))
+    ref_cache = str(storage / "fid-ref")
+    check_metrics(base)
+    references(base, "cpu", ref_cache)                      # every metric of metrics.names, read by the trials
+    return ref_cache
+
+
+def _parent_run(sweep: SweepConfig, sweep_file, uri: str, exp_dir: Path, resume: bool, entered: float):
+    """The sweep's MLflow parent run (a resumed sweep reuses it), before any trial: (logger, state file, attempt)."""
+    from ..tracking.logger import RunLogger, run_tags
+    state_file = exp_dir / "sweep_state.json"
+    state = read_json(state_file) if resume else {}
+    parent = RunLogger(uri=uri, experiment=sweep.experiment)
+    parent_id = parent.start(state.get("parent_run_id"), run_name=f"sweep-{sweep.name}",
+                             tags={**run_tags("sweep"), "kind": "sweep", "sweep_file": str(sweep_file)},
+                             params={"sweep." + k: v for k, v in C.flatten(sweep.model_dump(mode="json")).items()},
+                             on_run_id=lambda rid: atomic_write_text(json.dumps({"parent_run_id": rid}), state_file))
+    attempt = int(state.get("attempts", 0)) + 1
+    # The driver's own times (epoch seconds) beside the trials' phases: benchmarks.sweep_overhead reads them.
+    atomic_write_text(json.dumps({"parent_run_id": parent_id, "attempts": attempt, "entered_at": entered,
+                                  "trials_started_at": time.time()}), state_file)
+    return parent, state_file, attempt
+
+
+def _tune(sweep: SweepConfig, base: C.Config, spec: TrialSpec, todo, evaluated, ray, exp_dir: Path, attempt: int,
+          watch: PendingWatch) -> None:
+    """The trials on Ray Tune: resources per trial, the scheduler, the search algorithm, Ray's own files."""
+    import dataclasses
+
+    from ray import tune
+    gpus, device = check_resources(sweep, ray)
+    spec = dataclasses.replace(spec, device=device, created_at=time.time())
+    # One process: the trial's worker holds the resources. Several: the TorchTrainer's workers hold
+    # them, and the trial's own driver process (it only waits and relays reports) holds one CPU.
+    trial_resources = {"cpu": sweep.resources.cpus, "gpu": gpus} if sweep.resources.workers == 1 else {"cpu": 1}
+    trainable = tune.with_resources(tune.with_parameters(run_trial, spec=spec), trial_resources)
+    # max_t past the end: a scheduler ends trials that reach max_t, which would cut the EMA fan-out.
+    scheduler = build_scheduler(sweep, base.train.duration_nimg + 1, exp_dir)
+    algorithm = search_algorithm(sweep.algorithm)
+    search_alg = algorithm.searcher(sweep, evaluated) if algorithm.searcher else None
+    tune_config = tune.TuneConfig(num_samples=1 if algorithm.planned else todo,
+                                  scheduler=scheduler, search_alg=search_alg,
+                                  max_concurrent_trials=tune_concurrency(sweep),
+                                  # One process per trial: its worker (imports, MLflow client) serves the
+                                  # next trial; a trial leaves only caches behind (docs/sweeps.md).
+                                  reuse_actors=sweep.resources.workers == 1)
+    # Ray's own files go to a fresh folder per attempt; nothing of an earlier attempt is read.
+    stopper, hook = watch.tune_hooks()
+    run_config = tune.RunConfig(name=f"attempt-{attempt}", storage_path=str(exp_dir / "ray"), verbose=1,
+                                stop=stopper, callbacks=[hook],
+                                failure_config=tune.FailureConfig(max_failures=sweep.max_failures))
+    tuner = tune.Tuner(trainable, param_space=point_space(todo) if algorithm.planned else tune_space(sweep),
+                       tune_config=tune_config, run_config=run_config)
+    _fit_then_restore_signals(tuner)
 
 
 def _stamp(state_file: Path, **times) -> None:

@@ -8,7 +8,7 @@ from .algorithms import scheduler_entry, search_algorithm
 def plan(sweep, base) -> dict:
     """What a sweep will do, without running it: trials (their values where known in advance), axes,
     EMA lengths, images to train and to generate."""
-    from ..evaluate import evaluation_points     # the sampler and metric stack, only when a plan is made
+    from ..evaluate import evaluation_points
     points = search_algorithm(sweep.algorithm).points(sweep)
     n = len(points)
     per_trial = evaluation_points(base)
@@ -16,7 +16,7 @@ def plan(sweep, base) -> dict:
     return {"name": sweep.name, "algorithm": sweep.algorithm, "seed": sweep.seed, "trials": n, "points": points,
             "axes": {k: v.model_dump(exclude_none=True) for k, v in sweep.search.items()},
             "ema_lengths": list(lengths), "images_to_train": n * base.train.duration_nimg,
-            "fids": n * len(per_trial), "images_to_generate": n * len(per_trial) * base.fid.num_images,
+            "fids": n * len(per_trial), "images_to_generate": n * len(per_trial) * base.metrics.num_images,
             "posthoc": sweep.posthoc.model_dump(mode="json") if sweep.posthoc is not None else None,
             "scheduler": sweep.scheduler.model_dump(), "max_concurrent": sweep.max_concurrent,
             "resources": sweep.resources.model_dump()}

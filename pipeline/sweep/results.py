@@ -147,7 +147,8 @@ def write_table(df, out_dir: Path) -> Path:
 
 def write_results(df, out_dir: Path, sweep: SweepConfig) -> Path:
     """The table, the figures and the report."""
-    from ..report import plot_best_vs_param, plot_fid_vs_ema, write_sweep_report
+    from ..figures import plot_best_vs_param, plot_fid_vs_ema
+    from ..report import write_sweep_report
     csv = write_table(df, out_dir)
     done = df[df["fid"].notna()] if len(df) else df
     if len(done):
@@ -165,7 +166,7 @@ def write_results(df, out_dir: Path, sweep: SweepConfig) -> Path:
             plot_best_vs_param(best, swept, out_dir / "best_fid_vs_param.png", sweep.name, stopped=no_fid,
                                ranges=ranges)
     if len(df) and "started_at" in df and df["started_at"].notna().any():
-        from ..report import plot_trial_timeline
+        from ..figures import plot_trial_timeline
         spans = df.groupby("trial_id").agg(start=("started_at", "first"), end=("ended_at", "first"),
                                            status=("status", "first")).reset_index()
         plot_trial_timeline(spans, sweep.max_concurrent, out_dir / "trial_timeline.png", sweep.name)

@@ -11,6 +11,7 @@ from pydantic import AfterValidator, Field, ValidationError, field_validator, mo
 
 from ..config import (Config, ConfigError, GridConfig, NonNegFloat, NonNegInt, PosFloat, PosInt, SigmaRel, _Section,
                       at_least, format_errors, load_config, read_yaml)
+from ..config.loading import renamed_keys
 from .algorithms import SCHEDULERS, SEARCH_ALGORITHMS, scheduler_entry
 from .space import AXIS_KINDS
 
@@ -217,6 +218,9 @@ def load_sweep(path: str | Path) -> tuple[SweepConfig, Config]:
     raw = read_yaml(path, "sweep file")
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: expected a mapping of sweep fields at the top level")
+    for part in ("overrides", "search"):                 # renamed config keys still work, with a note
+        if isinstance(raw.get(part), dict):
+            raw[part] = renamed_keys(raw[part], f"{path.name}: {part}")
     try:
         sweep = SweepConfig.model_validate(raw)
     except ValidationError as err:

@@ -238,7 +238,7 @@ def fan_out(cfg: C.Config, res, trial_dir: Path, ref_cache: str, device=None, fi
 
 def _trial_figures(logger, records: list[dict], trial_dir: Path) -> None:
     from ..records import computed, is_grid
-    from ..report import curve_label, plot_fid_vs_ema, plot_guidance_grid
+    from ..figures import curve_label, plot_fid_vs_ema, plot_guidance_grid
     grid = is_grid(records)
     distinct = [{**r, "label": curve_label(r) if grid else ""} for r in computed(records)]
     fig = plot_fid_vs_ema(distinct, trial_dir / "fid_vs_ema.png", f"trial {trial_dir.name}")   # EDM2 fig. 5 curve
