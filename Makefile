@@ -29,11 +29,11 @@ run: setup
 	@$(BIN)/python -m pipeline results     # the last lines: FID per EMA length, the best, where to look
 
 test: setup
-	bash scripts/system-deps.sh slurm chromium   # SLURM for tests/test_slurm.py, Chromium for the browser tests (root only)
-	$(BIN)/python -m pytest -q
+	bash scripts/system-deps.sh slurm chromium   # SLURM for tests/system, Chromium for the browser tests (root only)
+	$(BIN)/python -m pytest -q --durations=25
 
-test-unit: setup                 # the inner loop: pure tests, under 2 minutes on 2 cores
-	$(BIN)/python -m pytest -q -m unit
+test-unit: setup                 # the inner loop: tests/unit, under 2 minutes on 2 cores
+	$(BIN)/python -m pytest -q tests/unit
 
 test-fast: setup
 	$(BIN)/python -m pytest -q -m "not slow"

@@ -7,7 +7,7 @@ computed once per feature network per image set and shared by the metrics that r
 
 `metrics.names` in params picks the metrics; `fid` comes first (its FID is every record's primary
 number, KID from the same Inception features). Adding a metric: a class here, one METRICS entry,
-its name in `metrics.names`, and a test (tests/test_fid.py). Reference statistics are cached per
+its name in `metrics.names`, and a test (tests/integration/test_fid.py). Reference statistics are cached per
 feature network's hash by fid.reference_stats.
 """
 from __future__ import annotations

@@ -1,11 +1,11 @@
 """The method's options as small tables, read by the config schema (the names a field accepts) and by
 the code that runs them. Adding one: an entry here, its parameters in config.py, its test in
-tests/test_tables.py, its line in docs/method.md. Torch is imported inside the functions, so the
+tests/unit/test_tables.py, its line in docs/method.md. Torch is imported inside the functions, so the
 schema loads without it.
 
 - NOISE_LAWS (method.md 2): `loss.noise` -> how training draws its noise levels sigma.
 - METRIC_NAMES (method.md 8): `metrics.names` -> the entries of metrics.METRICS (the table itself
-  imports torch; tests/test_tables.py checks the two agree).
+  imports torch; tests/unit/test_tables.py checks the two agree).
 - SOLVERS (method.md 5): `sampler.solver` -> its network evaluations per step count and whether it
   applies the second-order correction. Every sampler field reaches the FID record (records.sampler_record).
 """

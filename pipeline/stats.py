@@ -10,7 +10,7 @@ is a random half of the images drawn without replacement, and the spread of the 
 scaled by sqrt((n - m) / m) (= 1 for m = n/2), estimates the standard error at n. The classic
 bootstrap (n draws with replacement) repeats images, which FID's covariance term reads as lost
 diversity: on real Fashion-MNIST features it gave 2.9 against a measured spread of 1.6 over 24
-independent groups of 128 images; half-sampling gave 1.4 (tests/test_fid.py checks the agreement
+independent groups of 128 images; half-sampling gave 1.4 (tests/integration/test_fid.py checks the agreement
 on Gaussian features).
 
 Resample index sets depend only on (n, seed), so two models evaluated on the same seeds share them:

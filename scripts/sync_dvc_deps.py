@@ -1,4 +1,4 @@
-"""Rewrite each dvc.yaml stage's code deps to its script's import closure (tests/test_dvc.py checks
+"""Rewrite each dvc.yaml stage's code deps to its script's import closure (tests/system/test_dvc.py checks
 the same closure): run after adding an import. Usage: python scripts/sync_dvc_deps.py"""
 import re
 import sys

@@ -131,18 +131,22 @@ def slurm_cluster():
 
 
 # ----------------------------------------------------------------------------------------------
-# The unit tier (`make test-unit`, under 2 minutes on 2 cores): pure tests, no subprocess, no Ray,
-# no server, no encoded dataset. A test in these modules is `unit` unless it is `slow`, marked
-# `integration`, or asks for a fixture that builds real data or services.
-UNIT_MODULES = {"test_config", "test_refusals", "test_threads", "test_docs_commands", "test_data", "test_edm", "test_networks", "test_nvidia", "test_phema", "test_speedups",
-                "test_tracking", "test_fuzz", "test_failures", "test_gpu", "test_sweep_tables", "test_tables", "test_sweep_scale"}
+# Tiers by folder: tests/unit (pure: no subprocess, Ray, server or encoded dataset; `make test-unit`,
+# under 2 minutes on 2 cores), tests/integration (processes, services, compilers, small trainings on
+# real data), tests/system (the whole pipeline: dvc repro, SLURM, several nodes, Ray sweeps). The folder
+# gives the marker; a unit test that asks for what only the other tiers may use is a collection error.
+TESTS = Path(__file__).resolve().parent
+TIERS = ("unit", "integration", "system")
 HEAVY_FIXTURES = {"fmnist", "tiny", "tiny_sweep", "slurm_cluster", "plain", "plain_dir"}
 
 
 def pytest_collection_modifyitems(config, items):
     for item in items:
-        if item.get_closest_marker("slow") or item.get_closest_marker("integration") \
-                or HEAVY_FIXTURES & set(getattr(item, "fixturenames", ())):
+        tier = Path(str(item.fspath)).resolve().relative_to(TESTS).parts[0]
+        if tier not in TIERS:
             continue
-        if item.module.__name__ in UNIT_MODULES:
-            item.add_marker(pytest.mark.unit)
+        item.add_marker(getattr(pytest.mark, tier))
+        heavy = HEAVY_FIXTURES & set(getattr(item, "fixturenames", ()))
+        if tier == "unit" and (heavy or item.get_closest_marker("slow") or item.get_closest_marker("integration")):
+            what = sorted(heavy) if heavy else "a slow/integration marker"
+            raise pytest.UsageError(f"{item.nodeid} is in tests/unit but uses {what}: move it to tests/integration")

@@ -3,8 +3,8 @@ entry reaches the config schema, the record or run key, and the docs."""
 import math
 
 import pytest
-
 from conftest import ROOT
+
 from pipeline import config as C
 
 DOCS = "\n".join(p.read_text() for p in (ROOT / "docs").glob("*.md"))
@@ -113,8 +113,8 @@ def test_precision_recall_equal_the_definition_computed_by_brute_force():
 def test_every_metric_names_its_entries_features_and_docs():
     import numpy as np
 
-    from pipeline.options import METRIC_NAMES
     from pipeline.metrics import METRICS as _TABLE
+    from pipeline.options import METRIC_NAMES
     assert tuple(_TABLE) == METRIC_NAMES, "options.METRIC_NAMES (what the schema accepts) must list metrics.METRICS"
 
     from pipeline.metrics import FEATURES, METRICS, combine_sets
@@ -178,21 +178,3 @@ def test_every_launcher_backend_is_a_config_choice_and_jobs_read_one_env_adapter
     # Nothing but backends.py reads a scheduler's variables.
     readers = [p.name for p in (ROOT / "pipeline").rglob("*.py") if "SLURM_" in p.read_text() and p.name != "backends.py"]
     assert readers == []
-
-
-@pytest.mark.integration
-def test_a_submitted_job_is_a_handle_with_wait_describe_and_logs(tmp_path, monkeypatch):
-    import sys
-
-    from pipeline.launch import submit
-    monkeypatch.chdir(tmp_path)
-    s = submit("cmd", [sys.executable, "-c", "print('hello from the job')"], params_file="none.yaml",
-               executor="local", folder=tmp_path / "job")
-    assert s.wait() == 0
-    assert "hello from the job" in s.logs() and s.job_id in s.describe() and str(s.stdout) in s.describe()
-    from pipeline.launchers import LaunchError
-    long = submit("cmd", [sys.executable, "-c", "import time; time.sleep(120)"], params_file="none.yaml",
-                  executor="local", folder=tmp_path / "job2")
-    long.cancel()                                           # the protocol's fifth verb
-    with pytest.raises(LaunchError):
-        long.wait()

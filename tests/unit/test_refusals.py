@@ -13,7 +13,7 @@ import torch
 
 from conftest import ROOT
 from pipeline import config as C
-from test_fuzz import assert_contract, run_main
+from unit.test_fuzz import assert_contract, run_main
 
 
 def _one_line(code, err, *needles):

@@ -6,14 +6,13 @@ torch_utils.persistence._reconstruct_persistent_obj with the class name, the mod
 state). The module source and the reconstructor both write a marker file if anything ever runs them."""
 import collections
 import pickle
-import subprocess
 import sys
 import types
 
+import nvidia_reference  # noqa: E402
 import pytest
 import torch
 
-from conftest import ROOT
 from pipeline import config as C
 from pipeline.networks import Precond, build_network
 from pipeline.nvidia import NvidiaImportError, import_files, read_pickle
@@ -161,6 +160,8 @@ def test_raw_snapshots_import_and_reconstruct(tmp_path, nvidia_modules):
     ("bad-kwargs", "channel_mult_emb=8"),
     ("truncated", "truncated"),
 ])
+
+
 def test_refused_in_one_line(tmp_path, nvidia_modules, case, needle):
     path = tmp_path / "edm2-img16-xs-0000001-0.100.pkl"
     if case == "unknown-class":
@@ -184,16 +185,6 @@ def test_refused_in_one_line(tmp_path, nvidia_modules, case, needle):
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
 
 
-@pytest.mark.integration
-def test_cli_one_line_and_exit_2(tmp_path, nvidia_modules):
-    path = write_nvidia_pickle(tmp_path / "edm2-img16-xs-0000001-0.100.pkl", our_net(), nvidia_modules,
-                               extra_kwargs={"resample_filter": [1, 3, 3, 1]})
-    r = subprocess.run([sys.executable, "-m", "pipeline", "import-nvidia", str(path), "--out", str(tmp_path / "o")],
-                       cwd=ROOT, capture_output=True, text=True, timeout=120)
-    assert r.returncode == 2 and "resample_filter=[1, 3, 3, 1]" in r.stderr, r.stderr
-    assert len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr
-
-
 def test_reader_refuses_files_that_are_not_networks(tmp_path):
     p = tmp_path / "x.pkl"
     p.write_bytes(pickle.dumps({"weights": [1, 2, 3]}))
@@ -210,7 +201,8 @@ def test_reader_refuses_files_that_are_not_networks(tmp_path):
 def test_damaged_files_end_in_the_reader_error(tmp_path, nvidia_modules):
     """Bytes of a real EDM2-layout file flipped or cut anywhere: a one-line NvidiaImportError or a clean read,
     never another exception, and nothing runs (the fixture checks the marker)."""
-    from hypothesis import HealthCheck, given, settings, strategies as st
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
     good = write_nvidia_pickle(tmp_path / "edm2-img16-xs-0000001-0.100.pkl", our_net(), nvidia_modules).read_bytes()
     _forget("torch_utils.persistence", "dnnlib.util")
 
@@ -230,36 +222,6 @@ def test_damaged_files_end_in_the_reader_error(tmp_path, nvidia_modules):
             assert "\n" not in str(err)
     check()
 
-
-@pytest.mark.slow
-def test_imported_model_goes_through_the_evaluate_stage(tmp_path, nvidia_modules, fmnist):
-    """An imported released model is evaluated like the project's own (FID against the reference, its
-    record naming the imported file)."""
-    import json
-
-    import yaml
-    from stages.evaluate import main as evaluate_main
-    src = write_nvidia_pickle(tmp_path / "edm2-img16-xs-0000002-0.135.pkl", our_net(), nvidia_modules)
-    _forget("torch_utils.persistence", "dnnlib.util")
-    import_files([src], tmp_path / "models", log=lambda *_: None)
-    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
-    raw["data"]["dataset_dir"] = str(fmnist["train"][0].parent)
-    raw["metrics"].update({"num_images": 4, "ref_num_images": 8, "batch_size": 8})
-    raw["sampler"].update({"steps": 4, "batch_size": 4})
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
-    assert evaluate_main(["--params", str(tmp_path / "params.yaml"), "--models", str(tmp_path / "models"),
-                          "--ref-cache", str(tmp_path / "ref"), "--metrics", str(tmp_path / "metrics"),
-                          "--samples", str(tmp_path / "samples")]) == 0
-    [rec] = json.loads((tmp_path / "metrics/fid_records.json").read_text())
-    assert rec["fid"] > 0 and rec["sigma_rel"] == 0.135 and rec["model_file"].endswith("ema-0000002048-0.135.safetensors")
-
-
-# ----------------------------------------------------------------------------------------------
-# Files exactly as NVIDIA's code writes them: only the arguments train_edm2.py passes are recorded
-# (model_channels, dropout, use_fp16 and the data's resolution, channels and label_dim); everything else
-# is NVIDIA's constructor default, which the import must apply.
-
-import nvidia_reference  # noqa: E402
 
 NVIDIA_STRUCTURE = {"channel_mult": [1, 2, 3, 4], "num_blocks": 3, "attn_resolutions": [16, 8],
                     "channels_per_head": 64, "attention_heads": "floor"}     # NVIDIA's defaults, written out
@@ -386,6 +348,8 @@ def test_latent_snapshots_as_nvidia_writes_them_and_names_by_flag(tmp_path, nvid
     ({"model_channels": 100000}, "network.model_channels=100000: must be <= 65536"),
     ({"model_channels": 64000}, "float32 copies need"),
 ])
+
+
 def test_recorded_arguments_are_typed_and_bounded(tmp_path, nvidia_modules, kwargs, needle):
     import time
     passed = {"img_resolution": 16, "img_channels": 3, "label_dim": 10, "model_channels": 40, **kwargs}
@@ -416,6 +380,8 @@ def _module_chain(ns, depth, shared=True):
     ("int-tensor", "is int32"),
     ("bool-tensor", "is bool"),
 ])
+
+
 def test_crafted_module_trees_are_refused_quickly(tmp_path, nvidia_modules, case, needle):
     import time
 

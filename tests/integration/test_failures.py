@@ -15,12 +15,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
-
 from conftest import ROOT, tiny_params
+from safetensors.torch import load_file, save_file
+from integration.test_safety import ENV, Payload, one_line_exit_2, run_cli
+
 from pipeline import config as C
 from pipeline import io as pio
-from test_safety import ENV, Payload, one_line_exit_2, run_cli
 
 PAGE = 4096
 
@@ -93,9 +93,6 @@ def call(*args):
             code = e.code
     return types.SimpleNamespace(returncode=code, stdout=out.getvalue(), stderr=err.getvalue()), time.time() - t0
 
-
-# ----------------------------------------------------------------------------------------------
-# Every failure ends: a full disk at each writer is one line and exit 2 within seconds.
 
 TRAIN_WRITERS = {   # which writer meets the full disk first, and the settings that make it so
     "metrics-log": (2, {"checkpoint_nimg": 64}),        # lock + config.yaml fit, the first metrics line does not
@@ -187,9 +184,6 @@ def test_a_failed_background_snapshot_write_stops_the_loop(tmp_path, fmnist, mon
     assert max(steps) <= 64                     # stopped within a snapshot interval or two, not at the end
 
 
-# ----------------------------------------------------------------------------------------------
-# Network calls are bounded; output locations are checked before compute.
-
 @pytest.mark.integration
 @pytest.mark.parametrize("uri,needle", [("http://127.0.0.1:1", "unreachable"), ("foo://bar", "unknown scheme")])
 def test_tracking_uri_that_cannot_answer_is_one_line_within_15_s(uri, needle):
@@ -223,9 +217,6 @@ def test_output_locations_are_checked_before_any_compute(tmp_path, tiny):
         one_line_exit_2(r, "not writable", "Read-only file system")
         assert seconds < 30 and not (tmp_path / "ref").exists()
 
-
-# ----------------------------------------------------------------------------------------------
-# Numbers are finite or refused.
 
 def _rewrite(src: Path, dst: Path, change) -> Path:
     """Copy a safetensors file with its header metadata, tensors changed by change(dict)."""
@@ -282,17 +273,14 @@ def test_overlapping_tensors_in_a_snapshot_are_refused(tmp_path, tiny):
 
 
 def test_samples_that_come_out_non_finite_stop_instead_of_black_images(tiny):
-    from pipeline.generation import generate, load_model
     from pipeline.fid import FIDError
+    from pipeline.generation import generate, load_model
     net, _ = load_model(tiny["model"])
     with torch.no_grad():                      # finite weights whose outputs overflow: a diverged model
         net.unet.out_gain.fill_(3e38)
     with pytest.raises(FIDError, match="came out non-finite"):
         generate(net, 2, 0, C.SamplerConfig(steps=2), 2)
 
-
-# ----------------------------------------------------------------------------------------------
-# Strict boundary: the tracebacks, hangs and silent exits a hostile user found, one line each.
 
 def _bad_sources(tmp_path, tiny):
     """Files for the cases below: broken manifests, a corrupt records file, a metrics log with garbage."""
@@ -413,29 +401,6 @@ def test_sweep_dry_run_checks_cpus_gpus_and_storage(tmp_path, fmnist, monkeypatc
     assert ok.returncode == 0 and "trial 4:" in ok.stdout, ok.stderr
 
 
-def test_pending_trial_is_reported_with_the_resources_it_waits_for(monkeypatch):
-    """The watch's rule on Tune's trial objects (their status, config and resource request)."""
-    import types
-
-    import ray
-
-    from pipeline.sweep.cluster import PendingWatch
-    from pipeline.sweep.space import POINT, TRIAL
-    monkeypatch.setattr(ray, "available_resources", lambda: {"CPU": 0.0, "memory": 1e9})
-    trial = lambda tid, status: types.SimpleNamespace(   # noqa: E731 - the fields PendingWatch reads
-        trial_id=tid, status=status, config={POINT: {TRIAL: f"t000{tid}"}},
-        placement_group_factory=types.SimpleNamespace(required_resources={"CPU": 2.0}))
-    w = PendingWatch(timeout_s=10)
-    assert w.check([trial(1, "RUNNING"), trial(2, "PENDING")], now=0) is None
-    assert w.check([trial(1, "RUNNING"), trial(2, "PENDING")], now=100) is None     # another trial runs
-    assert w.check([trial(1, "TERMINATED"), trial(2, "PENDING")], now=101) is None  # waits from now on
-    msg = w.check([trial(1, "TERMINATED"), trial(2, "PENDING")], now=112)
-    assert msg and "trial t0002 waited 11 s" in msg and "CPU 2" in msg and "free: CPU 0" in msg
-
-
-# ----------------------------------------------------------------------------------------------
-# Checkpoint fallback as documented.
-
 @pytest.mark.slow
 @pytest.mark.parametrize("damage", ["crafted", "truncated", "non-finite"])
 def test_a_bad_newest_checkpoint_is_skipped_for_the_previous_one(tmp_path, fmnist, tiny, damage):
@@ -466,9 +431,6 @@ def test_a_bad_newest_checkpoint_is_skipped_for_the_previous_one(tmp_path, fmnis
         assert torch.equal(again["net"][k], v), k
     assert not marker.exists()
 
-
-# ----------------------------------------------------------------------------------------------
-# Stages killed mid-way leave the previous complete output or none.
 
 def _complete(folder: Path) -> dict:
     """Every output file in `folder`: readable and whole (safetensors with finite tensors, JSON, PNG)."""
@@ -526,9 +488,6 @@ def test_stages_killed_mid_way_leave_whole_outputs_and_rerun_to_the_same_result(
                 b = json.loads((tmp_path / "evaluate-0.8" / "metrics" / f).read_text())
                 assert a == b, f
 
-
-# ----------------------------------------------------------------------------------------------
-# Nothing the user already has is replaced or re-permissioned.
 
 def test_existing_folders_and_special_files_are_left_as_they_are(tmp_path, fmnist):
     import stat

@@ -6,7 +6,6 @@ import subprocess
 import sys
 
 import pytest
-
 from conftest import ROOT
 
 ENV = {**os.environ, "PYTHONPATH": str(ROOT)}
@@ -37,13 +36,3 @@ def test_slurm_cpus_per_task_and_ray_trial_cpus():
     assert "threads 1" in _run([], code, {"EDM2_TRIAL_CPUS": "1"}).stdout
     from pipeline.devices import cpu_limits
     assert min(cpu_limits().values()) >= 1
-
-
-def test_the_limit_is_said_once_with_a_busy_machine_warning(monkeypatch):
-    from pipeline import devices
-    monkeypatch.setattr(devices, "_SAID", [])
-    monkeypatch.setattr(os, "getloadavg", lambda: (1000.0, 0.0, 0.0))
-    said = []
-    devices.use_given_cpus(log=said.append)
-    devices.use_given_cpus(log=said.append)
-    assert len(said) == 2 and said[0].startswith("cpu: ") and "warning: the machine's load (1000.0)" in said[1]

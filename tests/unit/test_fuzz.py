@@ -152,7 +152,7 @@ def test_sweep_files_dry_run_or_one_line(project, monkeypatch, mutations, garble
 # ----------------------------------------------------------------------------------------------
 # Command lines: flags and values drawn from each command's arguments (commands that fail before
 # any compute when their inputs are garbage, so a valid-looking case stays cheap). Not `submit`: a
-# valid draw would start a real job (tests/test_slurm.py and test_failures.py cover its errors).
+# valid draw would start a real job (tests/system/test_slurm.py and test_failures.py cover its errors).
 
 ARGS = {
     "sample": ["--model", "--num", "--out", "--seed", "--guide", "--guidance", "--batch", "--device", "-S"],
@@ -279,7 +279,7 @@ NVIDIA_ARGS = ["img_resolution", "img_channels", "label_dim", "use_fp16", "sigma
 
 @pytest.fixture(scope="module")
 def small_net():
-    from test_nvidia import our_net
+    from unit.test_nvidia import our_net
     return our_net()
 
 
@@ -290,7 +290,7 @@ def test_nvidia_imports_or_one_line(tmp_path_factory, small_net, kwargs, name):
     import types
 
     from pipeline.nvidia import NvidiaImportError, import_files
-    from test_nvidia import write_nvidia_pickle
+    from unit.test_nvidia import write_nvidia_pickle
     d = tmp_path_factory.mktemp("nv")
     persistence, util = types.ModuleType("torch_utils.persistence"), types.ModuleType("dnnlib.util")
 

@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 from pipeline import config as C
-from test_gpu import DEVICES
+from unit.test_gpu import DEVICES
 from pipeline.data.encoded import EncodedDataset
 from pipeline.generation import generate
 from pipeline.records import RecordError, check_comparable
@@ -364,7 +364,7 @@ def test_sample_export_cli_seeds_guidance_and_formats(fmnist, tmp_path, root):
         assert pipeline_main([*base, "--num", "4", "--guide", guide_arg, "--guidance", w, "--out", str(out)]) == 0
         assert np.array_equal(np.load(out)["images"], a["images"]) == same, (guide_arg, w)
     # The unconditional guide of a run trained without label dropout: refused (its zero label was never
-    # learned); tests/test_posthoc.py samples it from a run trained with label_dropout > 0.
+    # learned); tests/integration/test_posthoc.py samples it from a run trained with label_dropout > 0.
     assert pipeline_main([*base, "--num", "4", "--guide", "unconditional", "--guidance", "2",
                           "--out", str(tmp_path / "u.npz")]) == 2
     assert not (tmp_path / "u.npz").exists()

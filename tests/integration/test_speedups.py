@@ -3,14 +3,13 @@ import json
 
 import pytest
 import torch
-
 from conftest import tiny_params
+from safetensors.torch import load_file
+
 from pipeline import config as C
-from pipeline.data.encoded import Prefetcher
 from pipeline.edm import sample_images
 from pipeline.networks import build_network
-from pipeline.training import SnapshotWriter, TrainHooks, train
-from safetensors.torch import load_file
+from pipeline.training import TrainHooks, train
 
 STEPS = {"duration_nimg": 96, "checkpoint_nimg": 96, "status_nimg": 16, "amp": "none"}   # float32 is "plain"
 
@@ -51,32 +50,13 @@ def test_async_snapshots_and_prefetch_change_nothing(tmp_path, fmnist, plain, pl
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_snapshot_writer_surfaces_a_failed_background_write(tmp_path):
-    blocker = tmp_path / "not-a-dir"
-    blocker.write_text("a file where the snapshot folder should be")
-    w = SnapshotWriter(background=True)
-    w.submit([(blocker / "phema-0000000032-0.050.safetensors", {"w": torch.zeros(2)}, {"format": "x"})])
-    with pytest.raises(OSError):
-        w.drain()
-
-
-def test_prefetcher_keeps_order_and_raises_the_producers_error():
-    assert list(Prefetcher(iter(range(50)), depth=4)) == list(range(50))
-
-    def broken():
-        yield 1
-        raise RuntimeError("corrupt batch")
-    p = Prefetcher(broken(), depth=2)
-    assert next(p) == 1
-    with pytest.raises(RuntimeError, match="corrupt batch"):
-        next(p)
-
-
 @pytest.mark.parametrize("switches, tol", [
     ({"channels_last": True}, 1e-4),
     ({"fused_adam": True}, 1e-4),
     ({"amp": "bf16"}, 0.05),          # bf16 has ~3 significant digits: a looser bound
 ])
+
+
 def test_switch_keeps_the_loss(tmp_path, fmnist, plain, switches, tol):
     got = losses(tmp_path, fmnist, "switch", **switches)
     rel = [abs(a - b) / max(abs(b), 1e-3) for a, b in zip(got, plain)]

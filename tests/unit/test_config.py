@@ -34,6 +34,8 @@ def test_file_values_override_preset_and_overrides_override_file():
     ("network.attn_resolutions=[12]", "network.attn_resolutions[0]=12: must be one of the U-Net resolutions"),
     ("train.batch_gpu=48", "train.batch_gpu=48: must divide train.batch_size=64"),
 ])
+
+
 def test_invalid_values_fail_with_one_line(root, override, message):
     with pytest.raises(C.ConfigError) as info:
         C.load_config(root / "params.yaml", [override])
@@ -90,28 +92,6 @@ def test_presets_equal_the_edm2_table(name):
            c.loss.P_mean, c.loss.P_std, c.train.batch_size, c.train.rampup_nimg)
     assert got == (ch, lr, ref_batches, dur_mi * 2**20, dropout, p_mean, p_std, 2048, 10_000_000)
     assert {n for n in C.presets() if n.startswith(("img64-", "img512-")) and not n.endswith("-base")} == set(EDM2_TABLE)
-
-
-@pytest.mark.integration
-def test_commands_say_which_params_differ_from_the_committed_file(tmp_path):
-    """After `dvc exp run -S sampler.steps=8` the workspace keeps steps=8: every CLI that reads params.yaml
-    says so (stderr), with the committed value; nothing is said when nothing differs or outside git."""
-    import subprocess
-
-    from conftest import ROOT
-    from pipeline.cli import params_diff_line
-    p = tmp_path / "params.yaml"
-    p.write_text((ROOT / "params.yaml").read_text())
-    assert params_diff_line(p, C.load_config(p)) is None                    # not in a repository
-    env = {"GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t",
-           "PATH": __import__("os").environ["PATH"]}
-    subprocess.run("git init -q && git add params.yaml && git commit -qm p", shell=True, cwd=tmp_path, env=env, check=True)
-    assert params_diff_line(p, C.load_config(p)) is None
-    steps = C.load_config(p).sampler.steps
-    p.write_text(p.read_text().replace(f"  steps: {steps}\n", "  steps: 8\n"))
-    line = params_diff_line(p, C.load_config(p, ["train.ref_lr=0.02"]))
-    assert line.startswith("params: 2 value(s) differ") and f"sampler.steps=8 (committed: {steps})" in line
-    assert "train.ref_lr=0.02" in line
 
 
 def test_renamed_keys_still_work_with_one_note_naming_the_new_key(tmp_path, root, capsys):
