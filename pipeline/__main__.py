@@ -229,11 +229,12 @@ def _add_submit(sub) -> None:
     sp.add_argument("target", nargs="*", help="sweep: the sweep file; cmd: the command (after --); evaluate: the "
                     "stage's flags (after --, e.g. -- --models models/nvidia)")
     sp.add_argument("--executor", choices=["slurm", "local"], help="default: launcher.executor")
-    for flag, key, typ in (("--partition", "partition", str), ("--gpus", "gpus_per_node", int),
-                           ("--cpus", "cpus_per_task", int), ("--mem-gb", "mem_gb", float),
-                           ("--time-min", "timeout_min", int), ("--account", "account", str), ("--qos", "qos", str),
-                           ("--nodes", "nnodes", int), ("--tasks-per-node", "nproc_per_node", int),
-                           ("--array-parallelism", "array_parallelism", int)):
+    for flag, key, typ in (("--partition", "slurm.partition", str), ("--gpus", "slurm.gpus_per_node", int),
+                           ("--cpus", "slurm.cpus_per_task", int), ("--mem-gb", "slurm.mem_gb", float),
+                           ("--time-min", "timeout_min", int), ("--account", "slurm.account", str),
+                           ("--qos", "slurm.qos", str), ("--nodes", "nnodes", int),
+                           ("--tasks-per-node", "nproc_per_node", int),
+                           ("--array-parallelism", "slurm.array_parallelism", int)):
         sp.add_argument(flag, dest=f"launcher_{key}", type=typ, help=f"launcher.{key}")
     sp.add_argument("--folder", help="submitit folder (default: a fresh runs/jobs/<kind>-<time>)")
     sp.add_argument("--wait", action="store_true", help="block until the job ends; exit with its status "

@@ -59,9 +59,9 @@ class Backend:
     only_flags: dict                               # launcher field -> submit flag that only this backend uses
 
 
-SLURM_ONLY_FLAGS = {"partition": "--partition", "gpus_per_node": "--gpus", "cpus_per_task": "--cpus",
-                    "mem_gb": "--mem-gb", "account": "--account", "qos": "--qos", "nnodes": "--nodes",
-                    "nproc_per_node": "--tasks-per-node", "array_parallelism": "--array-parallelism"}
+SLURM_ONLY_FLAGS = {"slurm.partition": "--partition", "slurm.gpus_per_node": "--gpus", "slurm.cpus_per_task": "--cpus",
+                    "slurm.mem_gb": "--mem-gb", "slurm.account": "--account", "slurm.qos": "--qos", "nnodes": "--nodes",
+                    "nproc_per_node": "--tasks-per-node", "slurm.array_parallelism": "--array-parallelism"}
 
 BACKENDS: dict[str, Backend] = {
     "slurm": Backend(lambda: None if shutil.which("sbatch") else

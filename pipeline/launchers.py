@@ -78,15 +78,15 @@ class SubmititJob:
 
 
 def _slurm_parameters(launcher) -> dict:
-    """launcher.* -> submitit's SLURM parameters (beyond time, nodes and name)."""
-    gpus = launcher.gpus_per_node
-    params = dict(slurm_partition=launcher.partition, slurm_account=launcher.account, slurm_qos=launcher.qos,
-                  tasks_per_node=max(1, launcher.nproc_per_node), cpus_per_task=launcher.cpus_per_task,
-                  slurm_array_parallelism=launcher.array_parallelism, slurm_signal_delay_s=120)
-    if gpus:
-        params["gpus_per_node"] = gpus
-    if launcher.mem_gb:
-        params["mem_gb"] = launcher.mem_gb
+    """launcher.* and launcher.slurm.* -> submitit's SLURM parameters (beyond time, nodes and name)."""
+    s = launcher.slurm
+    params = dict(slurm_partition=s.partition, slurm_account=s.account, slurm_qos=s.qos,
+                  tasks_per_node=max(1, launcher.nproc_per_node), cpus_per_task=s.cpus_per_task,
+                  slurm_array_parallelism=s.array_parallelism, slurm_signal_delay_s=120)
+    if s.gpus_per_node:
+        params["gpus_per_node"] = s.gpus_per_node
+    if s.mem_gb:
+        params["mem_gb"] = s.mem_gb
     return {k: v for k, v in params.items() if v is not None}
 
 

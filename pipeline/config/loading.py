@@ -21,7 +21,9 @@ PRESETS_FILE = Path(__file__).parents[1] / "presets.yaml"
 
 # Keys that were renamed, old -> new (a dotted key, or a prefix of one: the longest match wins). Files,
 # sweep files and `-S` overrides with an old key still work, with one note per key naming the new one.
-RENAMED = {"fid": "metrics", "fid.metrics": "metrics.names"}
+RENAMED = {"fid": "metrics", "fid.metrics": "metrics.names",
+           **{f"launcher.{k}": f"launcher.slurm.{k}" for k in ("partition", "gpus_per_node", "cpus_per_task", "mem_gb",
+                                                             "account", "qos", "array_parallelism")}}
 _NOTED: set = set()
 
 
@@ -56,19 +58,33 @@ def renamed_keys(values: dict, where: str | None = "") -> dict:
 def renamed_sections(raw: dict, where: str | None = "") -> dict:
     """A nested params mapping with renamed sections and fields moved to their current names (noted);
     a value given under both names keeps the current one."""
-    old = flatten({k: raw[k] for k in raw if renamed(k) != k})
+    old = {k: v for k, v in flatten(raw).items() if renamed(k) != k}
     if not old:
         return raw
-    out = {k: v for k, v in raw.items() if renamed(k) == k}
+    out = copy.deepcopy(raw)
+    for k in old:
+        _pop_dotted(out, k)
     current = flatten(out)
     for k, v in old.items():
         new, top = renamed(k), k.split(".")[0]
-        note_renamed(top, renamed(top), where)           # the section
-        if new != renamed(top) + k[len(top):]:             # a field renamed inside it
+        if renamed(top) != top:
+            note_renamed(top, renamed(top), where)       # the section
+        if new != renamed(top) + k[len(top):]:             # a field renamed (inside it)
             note_renamed(k, new, where)
         if new not in current:
             set_dotted(out, new, v)
     return out
+
+
+def _pop_dotted(d: dict, key: str) -> None:
+    """Remove a dotted key, and the sections it leaves empty."""
+    head, _, rest = key.partition(".")
+    if rest and isinstance(d.get(head), dict):
+        _pop_dotted(d[head], rest)
+        if not d[head]:
+            del d[head]
+    else:
+        d.pop(head, None)
 
 
 def parse_override(text: str) -> tuple[str, Any]:

@@ -276,19 +276,26 @@ class TrackingConfig(_Section):
     enabled: bool = True
 
 
-class LauncherConfig(_Section):
-    executor: Literal[tuple(_BACKENDS)] = "local"     # backends.BACKENDS
-    nproc_per_node: PosInt = 1
-    nnodes: PosInt = 1
+class SlurmSettings(_Section):
+    """What only a SLURM job is given (launchers.SubmititLauncher passes them to sbatch)."""
     partition: Optional[str] = None
     gpus_per_node: NonNegInt = 0
     cpus_per_task: PosInt = 2
     mem_gb: Optional[PosFloat] = None
-    timeout_min: PosInt = 60
     account: Optional[str] = None
     qos: Optional[str] = None
-    array_parallelism: PosInt = 16
+    array_parallelism: PosInt = 16             # array jobs running at once
+
+
+class LauncherConfig(_Section):
+    """Where jobs run (backends.BACKENDS, launchers.LAUNCHERS): the job's shape, then each backend's own
+    settings in its section."""
+    executor: Literal[tuple(_BACKENDS)] = "local"     # backends.BACKENDS
+    nproc_per_node: PosInt = 1                 # processes (tasks) per node: one per GPU
+    nnodes: PosInt = 1
+    timeout_min: PosInt = 60                   # a job's time limit; training requeues itself before it
     max_requeues: NonNegInt = 10
+    slurm: SlurmSettings = Field(default_factory=SlurmSettings)
 
 
 class Config(_Section):

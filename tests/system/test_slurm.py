@@ -69,11 +69,11 @@ def test_sbatch_errors_in_one_line(slurm_cluster, tmp_path, fmnist):
     params = _params(tmp_path, fmnist, "bad")
     with pytest.raises(LaunchError) as e:
         submit("train", [], str(params), executor="slurm", folder=tmp_path / "j1",
-               launcher_overrides={"partition": "nope"})
+               launcher_overrides={"slurm.partition": "nope"})
     assert "invalid partition" in str(e.value).lower() and "\n" not in str(e.value)
     with pytest.raises(LaunchError) as e:
         submit("train", [], str(params), executor="slurm", folder=tmp_path / "j2",
-               launcher_overrides={"gpus_per_node": 8})
+               launcher_overrides={"slurm.gpus_per_node": 8})
     assert "gres" in str(e.value).lower() and "\n" not in str(e.value)
 
 

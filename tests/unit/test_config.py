@@ -116,6 +116,11 @@ def test_renamed_keys_still_work_with_one_note_naming_the_new_key(tmp_path, root
     assert any("override: fid.num_images is now metrics.num_images" in line for line in err), err
     C.load_config(tmp_path / "old.yaml")
     assert "fid is now metrics" not in capsys.readouterr().err           # once per key and place
+    # SLURM's own settings moved under launcher.slurm.
+    old_launcher = C.resolve({"launcher": {"partition": "gpu", "gpus_per_node": 4, "nnodes": 2}}, where="x.yaml")
+    assert (old_launcher.launcher.slurm.partition, old_launcher.launcher.slurm.gpus_per_node,
+            old_launcher.launcher.nnodes) == ("gpu", 4, 2)
+    assert "x.yaml: launcher.partition is now launcher.slurm.partition" in capsys.readouterr().err
     # A value under both names keeps the current one.
     both = {**old, "metrics": {"num_images": 7}}
     assert C.resolve(both, where=None).metrics.num_images == 7

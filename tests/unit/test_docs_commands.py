@@ -26,4 +26,4 @@ def test_the_params_block_loads(tmp_path):
     block = re.search(r"```yaml\n(.*?)```", DOC.read_text(), re.S).group(1)
     cfg = C.resolve(yaml.safe_load(block))
     assert cfg.preset == "img512-xs" and cfg.metrics.mode == "legacy" and cfg.metrics.seed_sets == 3
-    assert cfg.launcher.nnodes == 4 and cfg.launcher.nproc_per_node == 8
+    assert cfg.launcher.nnodes == 4 and cfg.launcher.nproc_per_node == 8 and cfg.launcher.slurm.gpus_per_node == 8
