@@ -1,6 +1,6 @@
 """FID, the metric (method.md 8): Inception features through clean-fid ("clean" mode), the Frechet
 distance by an eigen-decomposition route, cached reference statistics, and the measurement with its
-uncertainty (bootstrap interval, KID). Evaluating models (generation, records) is pipeline/evaluate.py.
+uncertainty (bootstrap interval, KID). Evaluating models is pipeline/evaluate.py (generation: pipeline/generation.py).
 """
 from __future__ import annotations
 

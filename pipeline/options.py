@@ -1,5 +1,5 @@
 """The method's options as small tables, read by the config schema (the names a field accepts) and by
-the code that runs them. Adding one: an entry here, its parameters in config.py, its test in
+the code that runs them. Adding one: an entry here, its parameters in config/schema.py, its test in
 tests/unit/test_tables.py, its line in docs/method.md. Torch is imported inside the functions, so the
 schema loads without it.
 

@@ -55,8 +55,6 @@ def test_async_snapshots_and_prefetch_change_nothing(tmp_path, fmnist, plain, pl
     ({"fused_adam": True}, 1e-4),
     ({"amp": "bf16"}, 0.05),          # bf16 has ~3 significant digits: a looser bound
 ])
-
-
 def test_switch_keeps_the_loss(tmp_path, fmnist, plain, switches, tol):
     got = losses(tmp_path, fmnist, "switch", **switches)
     rel = [abs(a - b) / max(abs(b), 1e-3) for a, b in zip(got, plain)]

@@ -34,8 +34,6 @@ def test_file_values_override_preset_and_overrides_override_file():
     ("network.attn_resolutions=[12]", "network.attn_resolutions[0]=12: must be one of the U-Net resolutions"),
     ("train.batch_gpu=48", "train.batch_gpu=48: must divide train.batch_size=64"),
 ])
-
-
 def test_invalid_values_fail_with_one_line(root, override, message):
     with pytest.raises(C.ConfigError) as info:
         C.load_config(root / "params.yaml", [override])

@@ -133,8 +133,6 @@ def test_dataset_json_labels_take_precedence_over_folder_names(tmp_path):
     ([[f"00000/img{i:08d}.png", None if i else 3] for i in range(5)], "4 of 5 images have the label null"),
     ({"a": 1}, "is a dict, not a list"),
 ])
-
-
 def test_dataset_json_that_disagrees_with_the_images_is_one_line(tmp_path, labels, needle):
     src = _edm2_folder(tmp_path / "edm2", labels)
     cfg = C.resolve({"data": {"source": "folder", "path": str(src), "resolution": 16, "channels": 3,

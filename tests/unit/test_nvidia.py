@@ -160,8 +160,6 @@ def test_raw_snapshots_import_and_reconstruct(tmp_path, nvidia_modules):
     ("bad-kwargs", "channel_mult_emb=8"),
     ("truncated", "truncated"),
 ])
-
-
 def test_refused_in_one_line(tmp_path, nvidia_modules, case, needle):
     path = tmp_path / "edm2-img16-xs-0000001-0.100.pkl"
     if case == "unknown-class":
@@ -348,8 +346,6 @@ def test_latent_snapshots_as_nvidia_writes_them_and_names_by_flag(tmp_path, nvid
     ({"model_channels": 100000}, "network.model_channels=100000: must be <= 65536"),
     ({"model_channels": 64000}, "float32 copies need"),
 ])
-
-
 def test_recorded_arguments_are_typed_and_bounded(tmp_path, nvidia_modules, kwargs, needle):
     import time
     passed = {"img_resolution": 16, "img_channels": 3, "label_dim": 10, "model_channels": 40, **kwargs}
@@ -380,8 +376,6 @@ def _module_chain(ns, depth, shared=True):
     ("int-tensor", "is int32"),
     ("bool-tensor", "is bool"),
 ])
-
-
 def test_crafted_module_trees_are_refused_quickly(tmp_path, nvidia_modules, case, needle):
     import time
 
