@@ -8,6 +8,7 @@ export DVC_NO_ANALYTICS := 1
 export PATH := $(abspath $(BIN)):$(PATH)       # dvc.yaml's `python` is the venv's
 
 SYSTEM_DEPS ?=
+TEST_WORKERS ?= 2                # pytest-xdist workers for make test (SLURM tests share one: --dist loadgroup)
 
 .PHONY: setup run test test-unit test-fast clean-venv
 
@@ -30,7 +31,7 @@ run: setup
 
 test: setup
 	bash scripts/system-deps.sh slurm chromium   # SLURM for tests/system, Chromium for the browser tests (root only)
-	$(BIN)/python -m pytest -q --durations=25
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadgroup --durations=25
 
 test-unit: setup                 # the inner loop: tests/unit, under 2 minutes on 2 cores
 	$(BIN)/python -m pytest -q tests/unit

@@ -31,7 +31,7 @@ from pipeline import config as C
 from pipeline.launch import submit, wait
 from pipeline.training import TrainHooks, train
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("slurm")]   # one SLURM cluster at a time (pytest-xdist)
 NET, BRIDGE, PREFIX = "10.213.78", "br-edm2t", "edm2t-"
 HOST_IP, N1, N2 = f"{NET}.1", f"{NET}.11", f"{NET}.12"
 TRAIN = {"duration_nimg": 384, "checkpoint_nimg": 32, "status_nimg": 16, "amp": "none"}   # float32: exact DDP

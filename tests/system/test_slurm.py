@@ -13,7 +13,7 @@ import yaml
 from conftest import ROOT, assert_same_training, final_state, interrupt_at_first_checkpoint, tiny_params
 from pipeline.launch import LaunchError, submit, wait
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("slurm")]   # one SLURM cluster at a time (pytest-xdist)
 TRAIN = {"duration_nimg": 480, "checkpoint_nimg": 32, "status_nimg": 16}
 
 
