@@ -54,11 +54,23 @@ def fetch_fashion_mnist(dest: str | Path, cache_dir: str | Path = "data/raw") ->
         tmp.chmod(0o755)
         if dest.is_dir() and not any(dest.iterdir()):
             dest.rmdir()
-        tmp.rename(dest)
+        _publish_or_take_theirs(tmp, dest, lambda: sorted(p.name for p in dest.iterdir()) == sorted(names))
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return dest
+
+
+def _publish_or_take_theirs(tmp: Path, dest: Path, theirs_complete) -> None:
+    """Rename `tmp` to `dest`; when another process published `dest` first (two stages or sweep workers
+    fetching at once), keep theirs if it is complete and drop ours."""
+    try:
+        tmp.rename(dest)
+    except OSError:
+        if dest.is_dir() and theirs_complete():
+            shutil.rmtree(tmp, ignore_errors=True)
+            return
+        raise
 
 
 def find_fashion_mnist(user_dir: str | Path | None = None, cache_dir: str | Path = "data/raw") -> Path:
@@ -85,11 +97,16 @@ def find_fashion_mnist(user_dir: str | Path | None = None, cache_dir: str | Path
             if r.returncode != 0 or not debs:
                 tried.append(f"`apt-get download {FMNIST_DEB}` failed: {(r.stderr or r.stdout).strip()[-200:]}")
             else:
-                target.mkdir(parents=True, exist_ok=True)
-                x = subprocess.run(["dpkg-deb", "-x", str(debs[0]), str(target)], capture_output=True, text=True)
+                target.parent.mkdir(parents=True, exist_ok=True)
+                unpacked = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+                x = subprocess.run(["dpkg-deb", "-x", str(debs[0]), str(unpacked)], capture_output=True, text=True)
                 if x.returncode != 0:
+                    shutil.rmtree(unpacked, ignore_errors=True)
                     tried.append(f"`dpkg-deb -x` failed: {x.stderr.strip()[-200:]}")
-                else:
+                else:                                   # whole or not at all, also with two fetches at once
+                    files = target / "usr/share/datasets/fashion-mnist"
+                    _publish_or_take_theirs(unpacked, target, lambda: all(
+                        (files / f).is_file() for pair in FMNIST_FILES.values() for f in pair))
                     return find_fashion_mnist(None, cache_dir)
         except (OSError, subprocess.SubprocessError) as err:
             tried.append(f"`apt-get download {FMNIST_DEB}` could not run: {err}")

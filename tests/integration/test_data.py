@@ -1,5 +1,6 @@
 """Dataset sources, resolution/channel handling, the encoded artifact and its loader (method.md 7)."""
 import numpy as np
+from conftest import ROOT
 import pytest
 import torch
 
@@ -60,3 +61,18 @@ def test_loader_refuses_mismatch_and_corruption(fmnist, root, tmp_path):
         EncodedDataset(bad)
     with pytest.raises(DataError, match="run the encode stage"):
         EncodedDataset(tmp_path / "nothing")
+
+
+def test_two_processes_fetching_fashion_mnist_at_once_both_get_it(tmp_path):
+    """Two stages (or test workers) fetching at once: one publishes, the other takes its complete copy."""
+    import subprocess
+    import sys
+    code = ("import sys; from pipeline.data.readers import fetch_fashion_mnist; "
+            f"print(fetch_fashion_mnist(sys.argv[1], {str(ROOT / 'data' / 'raw')!r}))")
+    procs = [subprocess.Popen([sys.executable, "-c", code, str(tmp_path / "fm")], cwd=ROOT, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert all(p.returncode == 0 for p in procs), outs
+    assert sorted(f.name for f in (tmp_path / "fm").iterdir()) == sorted(
+        f for pair in FMNIST_FILES.values() for f in pair)
+    assert not [f for f in tmp_path.iterdir() if f.name.startswith(".")]       # no temp folder left behind
