@@ -38,7 +38,7 @@ def tiny_repo(d, fmnist, data: dict, run_dir: str):
     project_copy(d)
     params = tiny_params(d / "p", fmnist, data={"dataset_dir": "data/encoded", **data},
                          train={"run_dir": run_dir, "duration_nimg": 64, "checkpoint_nimg": 32},
-                         fid={"num_images": 4, "ref_num_images": 8},
+                         metrics={"num_images": 4, "ref_num_images": 8},
                          tracking={"uri": f"sqlite:///{d / 'mlflow.db'}"})
     shutil.move(params, d / "params.yaml")
     (d / ".gitignore").write_text((ROOT / ".gitignore").read_text() + "/p/\n")     # the project's, and the shrunk params' folder
