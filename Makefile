@@ -8,7 +8,9 @@ export DVC_NO_ANALYTICS := 1
 export PATH := $(abspath $(BIN)):$(PATH)       # dvc.yaml's `python` is the venv's
 
 SYSTEM_DEPS ?=
-TEST_WORKERS ?= 2                # pytest-xdist workers for make test (SLURM tests share one: --dist loadgroup)
+# pytest-xdist workers for make test: 0 = in this process. On 2 cores the suite's own subprocesses already fill
+# the CPUs (2 workers measured slower); more cores can take more (the SLURM tests share one worker).
+TEST_WORKERS ?= 0
 
 .PHONY: setup run test test-unit test-fast clean-venv
 
