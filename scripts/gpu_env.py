@@ -160,7 +160,8 @@ def rehearse_venv(dest: Path) -> Path:
 def steps(py: str, rehearse: bool, work: Path) -> list[dict]:
     dev = "cpu" if rehearse else "cuda"
     smoke = ["--smoke", "--steps", "2"] if rehearse else []
-    pytest = [py, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/unit/test_gpu.py"]
+    pytest = [py, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/unit/test_gpu.py",
+              "tests/integration/test_gpu.py"]                     # the tiers split the file
     # On the GPU: the gpu-marked (CUDA) cases; rehearsal: the same tests' CPU cases.
     mark = ["-m", "not slow" if rehearse else "gpu"]
     peak = str(work / "matmul_peak")

@@ -65,7 +65,7 @@ def test_acceptance_steps_import_without_the_cluster_stack():
             "import pipeline.config, pipeline.networks, pipeline.edm, pipeline.fid, pipeline.training\n"
             "import pipeline.evaluate, pipeline.phema, pipeline.data.encoded, pipeline.io, pipeline.devices\n"
             "sys.path.insert(0, 'tests')\n"
-            "import test_gpu\n"
+            "from unit import test_gpu\n"
             "test_gpu.inception('cpu')\n"
             "print('ok')\n")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=ROOT,
