@@ -133,7 +133,10 @@ def start_ray_node(ip: str, head_ip: str, port: int, cpus: int | None, head: boo
             else [f"--address={head_ip}:{port}"])
     if cpus:
         cmd.append(f"--num-cpus={cpus}")
-    return subprocess.Popen(cmd, start_new_session=True)
+    # A node of a multi-node cluster: never the single-machine mode a local sweep asks for (a process that
+    # ran one exports RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0, and sbatch passes the environment on).
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"}
+    return subprocess.Popen(cmd, start_new_session=True, env=env)
 
 
 def ray_cli() -> str:

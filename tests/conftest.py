@@ -8,6 +8,17 @@ os.environ.setdefault("DVC_NO_ANALYTICS", "1")
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
 
+@pytest.fixture(autouse=True)
+def _environment_restored():
+    """What a test's code exports into os.environ (a local sweep's Ray settings, say) ends with the test:
+    the next test, and every process it starts, sees the environment the suite started with."""
+    before = dict(os.environ)
+    yield
+    if dict(os.environ) != before:
+        os.environ.clear()
+        os.environ.update(before)
+
+
 @pytest.fixture
 def root() -> Path:
     return ROOT
