@@ -102,17 +102,24 @@ class _WriteErrors:
 
 
 @contextlib.contextmanager
-def published_folder(out: Path, replace: bool = False):
+def published_folder(out: Path, replace: bool = False, theirs_complete: Callable[[Path], bool] | None = None):
     """A folder written whole or not at all: yields a temp folder beside `out`, renamed to `out` when
-    the block ends (an existing `out` replaced only with `replace`); removed if the block raises."""
+    the block ends (an existing `out` replaced only with `replace`); removed if the block raises.
+    theirs_complete: when another process publishes `out` first (two stages or sweep workers writing the
+    same folder at once), keep theirs if theirs_complete(out) says it is whole, and drop ours."""
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
         yield tmp
         tmp.chmod(0o755)
         if replace and out.is_dir():
-            shutil.rmtree(out)
-        tmp.rename(out)
+            shutil.rmtree(out, ignore_errors=theirs_complete is not None)   # theirs may go at the same time
+        try:
+            tmp.rename(out)
+        except OSError:
+            if theirs_complete is None or not out.is_dir() or not theirs_complete(out):
+                raise
+            shutil.rmtree(tmp, ignore_errors=True)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -11,12 +11,20 @@ os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 @pytest.fixture(autouse=True)
 def _environment_restored():
     """What a test's code exports into os.environ (a local sweep's Ray settings, say) ends with the test:
-    the next test, and every process it starts, sees the environment the suite started with."""
+    the next test, and every process it starts, sees the environment the suite started with. A Ray the
+    test left running in this process is a leak (the next ray.init would fail): it is shut down, and the
+    test fails."""
+    import sys
     before = dict(os.environ)
     yield
     if dict(os.environ) != before:
         os.environ.clear()
         os.environ.update(before)
+    ray = sys.modules.get("ray")
+    if ray is not None and ray.is_initialized():
+        ray.shutdown()
+        pytest.fail("the test left Ray initialized in the test process (run_sweep and tests shut down what they "
+                    "start)")
 
 
 @pytest.fixture

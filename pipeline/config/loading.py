@@ -56,8 +56,9 @@ def renamed_keys(values: dict, where: str | None = "") -> dict:
 
 
 def renamed_sections(raw: dict, where: str | None = "") -> dict:
-    """A nested params mapping with renamed sections and fields moved to their current names (noted);
-    a value given under both names keeps the current one."""
+    """A nested params mapping with renamed sections and fields moved to their current names (noted).
+    Two different values under the old and the new name are refused (which one was meant is not known);
+    a stored config (where=None) keeps the current one."""
     old = {k: v for k, v in flatten(raw).items() if renamed(k) != k}
     if not old:
         return raw
@@ -73,6 +74,9 @@ def renamed_sections(raw: dict, where: str | None = "") -> dict:
             note_renamed(k, new, where)
         if new not in current:
             set_dotted(out, new, v)
+        elif current[new] != v and where is not None:
+            raise ConfigError(f"{where + ': ' if where else ''}{k}={v!r} and {new}={current[new]!r} are the same "
+                              f"setting under its old and new name: keep only {new}")
     return out
 
 

@@ -158,7 +158,14 @@ def _write_encoded(cfg, out: Path, split: str, raw: RawImages, array: np.ndarray
     """The artifact: images.npy (the encoded `array`), labels.npy, manifest.json (source, class names and
     where the labels came from: `raw`'s), written beside and renamed into place."""
     d = cfg.data
-    with published_folder(out, replace=True) as tmp:
+
+    def same_data(theirs: Path) -> bool:            # another process published the same encoding first
+        try:
+            return json.loads((theirs / "manifest.json").read_text())["sha256"] == manifest["sha256"]
+        except (OSError, ValueError, KeyError, NameError):
+            return False
+
+    with published_folder(out, replace=True, theirs_complete=same_data) as tmp:
         np.save(tmp / "images.npy", array)
         np.save(tmp / "labels.npy", labels if labels is not None else np.full(len(array), -1, np.int64))
         manifest = {

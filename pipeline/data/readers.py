@@ -18,6 +18,7 @@ from typing import Iterator
 
 import numpy as np
 
+from ..io import published_folder
 from .manifest import MAX_CLASSES
 from .pixels import DataError
 from .sources import SOURCES
@@ -46,31 +47,11 @@ def fetch_fashion_mnist(dest: str | Path, cache_dir: str | Path = "data/raw") ->
             return dest                                     # already there (DVC removes it before a rerun)
         raise DataError(f"{dest} holds other files than Fashion-MNIST's four .gz files: not replaced")
     src = find_fashion_mnist(None, cache_dir)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
-    try:
+    # (an empty `dest` is replaced by the rename itself; two fetches at once keep the first whole copy)
+    with published_folder(dest, theirs_complete=lambda d: sorted(p.name for p in d.iterdir()) == sorted(names)) as tmp:
         for f in names:
             shutil.copyfile(src / f, tmp / f)
-        tmp.chmod(0o755)
-        if dest.is_dir() and not any(dest.iterdir()):
-            dest.rmdir()
-        _publish_or_take_theirs(tmp, dest, lambda: sorted(p.name for p in dest.iterdir()) == sorted(names))
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return dest
-
-
-def _publish_or_take_theirs(tmp: Path, dest: Path, theirs_complete) -> None:
-    """Rename `tmp` to `dest`; when another process published `dest` first (two stages or sweep workers
-    fetching at once), keep theirs if it is complete and drop ours."""
-    try:
-        tmp.rename(dest)
-    except OSError:
-        if dest.is_dir() and theirs_complete():
-            shutil.rmtree(tmp, ignore_errors=True)
-            return
-        raise
 
 
 def find_fashion_mnist(user_dir: str | Path | None = None, cache_dir: str | Path = "data/raw") -> Path:
@@ -97,17 +78,18 @@ def find_fashion_mnist(user_dir: str | Path | None = None, cache_dir: str | Path
             if r.returncode != 0 or not debs:
                 tried.append(f"`apt-get download {FMNIST_DEB}` failed: {(r.stderr or r.stdout).strip()[-200:]}")
             else:
-                target.parent.mkdir(parents=True, exist_ok=True)
-                unpacked = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-                x = subprocess.run(["dpkg-deb", "-x", str(debs[0]), str(unpacked)], capture_output=True, text=True)
-                if x.returncode != 0:
-                    shutil.rmtree(unpacked, ignore_errors=True)
-                    tried.append(f"`dpkg-deb -x` failed: {x.stderr.strip()[-200:]}")
-                else:                                   # whole or not at all, also with two fetches at once
-                    files = target / "usr/share/datasets/fashion-mnist"
-                    _publish_or_take_theirs(unpacked, target, lambda: all(
-                        (files / f).is_file() for pair in FMNIST_FILES.values() for f in pair))
+                def whole(t: Path) -> bool:
+                    return all((t / "usr/share/datasets/fashion-mnist" / f).is_file()
+                               for pair in FMNIST_FILES.values() for f in pair)
+                try:                                    # whole or not at all, also with two fetches at once
+                    with published_folder(target, theirs_complete=whole) as unpacked:
+                        x = subprocess.run(["dpkg-deb", "-x", str(debs[0]), str(unpacked)], capture_output=True,
+                                           text=True)
+                        if x.returncode != 0:
+                            raise DataError(f"`dpkg-deb -x` failed: {x.stderr.strip()[-200:]}")
                     return find_fashion_mnist(None, cache_dir)
+                except DataError as err:
+                    tried.append(str(err))
         except (OSError, subprocess.SubprocessError) as err:
             tried.append(f"`apt-get download {FMNIST_DEB}` could not run: {err}")
     raise DataError("Fashion-MNIST not found. Tried: " + "; ".join(tried) +

@@ -129,10 +129,11 @@ def ray_temp_dir() -> str:
 
 def connect_ray(address: str | None, num_cpus: int | None, min_nodes: int = 1, wait_s: float = 120.0):
     """ray.init for a sweep (a local instance, or the cluster at `address`), with the cluster's errors in
-    one line; waits up to wait_s for min_nodes alive nodes (a SLURM allocation's workers joining)."""
+    one line; waits up to wait_s for min_nodes alive nodes (a SLURM allocation's workers joining).
+    Returns (ray, whether this call started it: the caller then shuts it down)."""
     import ray
     if ray.is_initialized():
-        return ray
+        return ray, False
     # A local instance keeps its session files in a per-user folder, not the machine-wide /tmp/ray.
     kwargs = {"address": address} if address else {"num_cpus": num_cpus, "_temp_dir": ray_temp_dir()}
     try:
@@ -148,7 +149,7 @@ def connect_ray(address: str | None, num_cpus: int | None, min_nodes: int = 1, w
         time.sleep(1)
     if alive < min_nodes:
         print(f"sweep: only {alive} of {min_nodes} Ray nodes joined within {wait_s:.0f} s; going on with them")
-    return ray
+    return ray, True
 
 
 class PendingWatch:

@@ -98,6 +98,7 @@ def run_sweep(sweep_file: str | Path, address: str | None = None, resume: bool =
         raise SweepError(f"nothing to resume: no sweep {sweep.name!r} in {exp_dir.parent}")
     make_private(exp_dir)
     lock = RunLock(exp_dir, f"sweep {sweep.name!r}").acquire()   # one driver per sweep name at a time
+    server = started_ray = None
     try:
         _check_before_start(sweep, exp_dir, out_dir, resume)
         trials_dir = exp_dir / "trials"
@@ -109,7 +110,8 @@ def run_sweep(sweep_file: str | Path, address: str | None = None, resume: bool =
         if todo:
             prepare_ray_env(address)
             # Ray first: a cluster that cannot be joined (down, wrong token) fails before any work or MLflow run.
-            ray = connect_ray(address, num_cpus, min_nodes)
+            ray, started = connect_ray(address, num_cpus, min_nodes)
+            started_ray = ray if started else None
         _quiet_ray_restore_hints()
         uri, server = _tracking_store(sweep, uri, serve, address, root)
         ref_cache = _trial_inputs(base, storage)
@@ -140,14 +142,16 @@ def run_sweep(sweep_file: str | Path, address: str | None = None, resume: bool =
         try:
             result = _finish(sweep, base, the_plan, exp_dir, out_dir, uri, ref_cache, str(root), parent, watch, t0)
             _stamp(state_file, report_ended_at=time.time())
-            if server is not None:
-                server.stop()
             return result
         except KeyboardInterrupt:                                # Ctrl-C after the trials (evaluation, the report)
             table_path = _close_interrupted(sweep, the_plan, exp_dir, out_dir, uri, parent)
             raise KeyboardInterrupt(f"sweep {sweep.name}: every MLflow run closed, the trials' results in {table_path}; "
                                     f"the same command with --resume finishes it") from None
     finally:
+        if server is not None:
+            server.stop()
+        if started_ray is not None:        # a Ray this call started ends with it (run_sweep called in a process)
+            started_ray.shutdown()
         lock.release()
 
 

@@ -106,7 +106,7 @@ def bridge_mlflow(cluster2, tmp_path_factory):
 
 def _params(tmp_path, fmnist, name, uri, **launcher):
     return tiny_params(tmp_path / name, fmnist, train=TRAIN, tracking={"uri": uri, "experiment": "edm2-multinode"},
-                       launcher={"cpus_per_task": 1, "timeout_min": 20, **launcher})
+                       launcher={"slurm": {"cpus_per_task": 1}, "timeout_min": 20, **launcher})
 
 
 def _steps(uri, run_id, key="loss"):

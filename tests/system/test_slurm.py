@@ -18,7 +18,7 @@ TRAIN = {"duration_nimg": 480, "checkpoint_nimg": 32, "status_nimg": 16}
 
 
 def _params(tmp_path, fmnist, name):
-    return tiny_params(tmp_path / name, fmnist, train=TRAIN, launcher={"cpus_per_task": 1, "timeout_min": 20})
+    return tiny_params(tmp_path / name, fmnist, train=TRAIN, launcher={"slurm": {"cpus_per_task": 1}, "timeout_min": 20})
 
 
 def _check_same(ref, got, params):

@@ -119,9 +119,14 @@ def test_renamed_keys_still_work_with_one_note_naming_the_new_key(tmp_path, root
     assert (old_launcher.launcher.slurm.partition, old_launcher.launcher.slurm.gpus_per_node,
             old_launcher.launcher.nnodes) == ("gpu", 4, 2)
     assert "x.yaml: launcher.partition is now launcher.slurm.partition" in capsys.readouterr().err
-    # A value under both names keeps the current one.
+    # Two different values under both names are refused in a params file; a stored config keeps the current one.
     both = {**old, "metrics": {"num_images": 7}}
     assert C.resolve(both, where=None).metrics.num_images == 7
+    with pytest.raises(C.ConfigError, match="x.yaml: launcher.cpus_per_task=1 and launcher.slurm.cpus_per_task=2 are "
+                                            "the same setting under its old and new name: keep only launcher.slurm"):
+        C.resolve({"launcher": {"cpus_per_task": 1, "slurm": {"cpus_per_task": 2}}}, where="x.yaml")
+    same = C.resolve({"launcher": {"cpus_per_task": 3, "slurm": {"cpus_per_task": 3}}}, where="x.yaml")
+    assert same.launcher.slurm.cpus_per_task == 3
     # A sweep file with old keys in its overrides and search axes.
     from pipeline.sweep.schema import load_sweep
     sweep_raw = yaml.safe_load((root / "sweeps" / "tiny.yaml").read_text())

@@ -297,3 +297,40 @@ def test_nvidia_latent_dataset_is_a_source_without_re_encoding(tmp_path):
                                "reference_split": 2}})
     r = encode_dataset(cfg2, tmp_path / "ref", "reference", progress=False)
     assert r["encoder"] == "pixel" and r["shape"] == [3, 16, 16] and r["count"] == 2
+
+
+def test_published_folder_keeps_a_whole_copy_another_process_published_first(tmp_path):
+    """Two writers of one folder (fetch, encode): the second keeps the first's copy when it is whole,
+    and fails (its temp folder removed) when it is not or nobody said how to tell."""
+    import shutil
+
+    import pytest
+
+    from pipeline.io import published_folder
+    out = tmp_path / "out"
+    whole = lambda d: (d / "whole").is_file()             # noqa: E731
+
+    def theirs_first(marker: str):                       # another process renames its copy in meanwhile
+        out.mkdir()
+        (out / marker).write_text("theirs")
+
+    with published_folder(out, theirs_complete=whole) as tmp:
+        (tmp / "whole").write_text("ours")
+        theirs_first("whole")
+    assert (out / "whole").read_text() == "theirs"
+    for check, theirs in ((whole, "half"), (None, "whole")):
+        shutil.rmtree(out)
+        with pytest.raises(OSError):
+            with published_folder(out, theirs_complete=check) as tmp:
+                (tmp / "whole").write_text("ours")
+                theirs_first(theirs)
+        assert (out / theirs).read_text() == "theirs"
+        assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]    # our temp folder removed
+    with published_folder(out, replace=True) as tmp:     # replace: ours wins over an older copy
+        (tmp / "whole").write_text("ours")
+    assert (out / "whole").read_text() == "ours" and not (out / "half").exists()
+    shutil.rmtree(out)
+    out.mkdir()                                          # an empty folder is replaced by the rename itself
+    with published_folder(out) as tmp:
+        (tmp / "a").write_text("ours")
+    assert (out / "a").read_text() == "ours"
