@@ -161,6 +161,25 @@ def _model_sampler(args, cfg):
                     f"sampler.*) to use other settings")
 
 
+def _cmd_compare(args) -> int:
+    from pathlib import Path
+
+    from .compare import CompareError, compare, find_evaluation, lines
+    from .tracking.store import tracking_uri
+    if len(args.experiments) < 2:
+        raise CompareError("compare needs two evaluations or more, e.g. compare HEAD exp-1a2b3")
+    uri = args.uri or tracking_uri(C.load_config(args.params) if Path(args.params).is_file() else None)
+    evals = [find_evaluation(s, Path.cwd(), uri, Path(args.sweeps)) for s in args.experiments]
+    results = [compare(evals[0], other) for other in evals[1:]]
+    for i, res in enumerate(results):
+        print("\n".join(([""] if i else []) + lines(res)))
+    if args.json:
+        from .io import atomic_write_text
+        import json
+        atomic_write_text(json.dumps(results, indent=2), args.json)
+    return 0
+
+
 def _cmd_results(args) -> int:
     from .results import results_lines
     from .cli import config_from
@@ -207,8 +226,24 @@ def _add_results(sub) -> None:
     sp.set_defaults(func=_cmd_results)
 
 
+def _add_compare(sub) -> None:
+    sp = sub.add_parser("compare", help="B - A per metric with its 95%% interval and whether it is resolved (paired "
+                        "when both used the same seeds), between DVC experiments, revisions, MLflow runs, sweep "
+                        "trials or records files", description="Each argument is a records file or folder, a sweep "
+                        "trial (SWEEP/TRIAL), an MLflow run id, or a DVC experiment name or git revision. The first "
+                        "is the baseline A. Example: python -m pipeline compare HEAD exp-1a2b3")
+    sp.add_argument("experiments", nargs="+", metavar="A B", help="two or more evaluations (the first is A)")
+    sp.add_argument("--params", default="params.yaml", help="params file for the MLflow URI (default: params.yaml)")
+    sp.add_argument("--uri", help="MLflow tracking URI for run ids (default: the params' tracking.uri)")
+    sp.add_argument("--sweeps", default="runs/sweeps", help="where the sweeps' trials are (default: runs/sweeps)")
+    sp.add_argument("--json", help="also write the comparison as JSON to this file")
+    sp.set_defaults(func=_cmd_compare)
+
+
 def _add_sweep(sub) -> None:
-    sp = sub.add_parser("sweep", help="run a Ray Tune sweep from sweeps/<name>.yaml")
+    sp = sub.add_parser("sweep", help="run a Ray Tune sweep from sweeps/<name>.yaml",
+                        description="Run a Ray Tune sweep. `python -m pipeline sweep promote SWEEP` turns a finished "
+                        "sweep's winner into params.yaml or a queued DVC experiment (see sweep promote --help).")
     sp.add_argument("file", help="sweep definition (YAML), e.g. sweeps/lr.yaml")
     sp.add_argument("--address", help="join a running Ray cluster (host:port); one not on loopback needs token "
                     "authentication (RAY_AUTH_MODE=token, RAY_AUTH_TOKEN). Default: a local Ray on 127.0.0.1 only")
@@ -218,6 +253,32 @@ def _add_sweep(sub) -> None:
     sp.add_argument("--dry-run", action="store_true", help="print the plan (trials and their values, axes, EMA "
                     "lengths, images to train and generate) and exit")
     sp.set_defaults(func=_cmd_sweep)
+
+
+def _cmd_promote(args) -> int:
+    from .sweep.promote import promote
+    for line in promote(args.sweep, args.params, args.trial, args.sigma_rel, args.duration_nimg, args.queue,
+                        args.storage, args.name):
+        print(line)
+    return 0
+
+
+def _add_promote(sub) -> None:
+    sp = sub.add_parser("sweep-promote", prog="python -m pipeline sweep promote",
+                        help="`sweep promote SWEEP`: write a sweep trial's values and best EMA length into "
+                        "params.yaml, or queue them as a DVC experiment (--queue)",
+                        description="The sweep's best trial (or --trial) gives its searched values; its best EMA "
+                        "length (or --sigma-rel) becomes ema.targets. Prints exactly what changed.")
+    sp.add_argument("sweep", help="the sweep: its name (under --storage), its folder, or its sweep file")
+    sp.add_argument("--trial", help="this trial instead of the sweep's best")
+    sp.add_argument("--sigma-rel", type=float, help="this EMA length instead of the trial's best")
+    sp.add_argument("--duration-nimg", type=positive_int, help="train.duration_nimg of the long run")
+    sp.add_argument("--queue", action="store_true", help="queue a DVC experiment (dvc exp run --queue -S ...) "
+                    "instead of writing params.yaml")
+    sp.add_argument("--name", help="the queued DVC experiment's name (with --queue)")
+    sp.add_argument("--params", default="params.yaml", help="params file to write (default: params.yaml)")
+    sp.add_argument("--storage", default="runs/sweeps", help="where sweeps are stored (default: runs/sweeps)")
+    sp.set_defaults(func=_cmd_promote)
 
 
 def _add_submit(sub) -> None:
@@ -285,7 +346,7 @@ def _add_runs(sub) -> None:
     sp.set_defaults(func=_cmd_runs)
 
 
-COMMANDS = [_add_config, _add_info, _add_sample, _add_results, _add_sweep, _add_submit, _add_convert, _add_dataset, _add_import_nvidia, _add_runs]   # in the order --help lists them
+COMMANDS = [_add_config, _add_info, _add_sample, _add_results, _add_compare, _add_sweep, _add_promote, _add_submit, _add_convert, _add_dataset, _add_import_nvidia, _add_runs]   # in the order --help lists them
 
 
 def build_parser():
@@ -305,6 +366,8 @@ def main(argv: list[str] | None = None) -> int:
     if "--" in argv:                      # `submit cmd ... -- <command>`: everything after -- is the command
         i = argv.index("--")
         argv, rest = argv[:i], argv[i + 1:]
+    if argv[:2] == ["sweep", "promote"]:  # `sweep promote SWEEP`: its own sub-command
+        argv = ["sweep-promote", *argv[2:]]
     args = p.parse_args(argv)
     if rest:
         if args.command != "submit":

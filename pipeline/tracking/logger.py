@@ -244,6 +244,8 @@ def log_ema_run(logger, parent_run_id: str | None, record: dict, grid: Path | No
                if isinstance(row.get(k), (int, float))}
     metrics["kid_std"] = record.get("kid_std")                # its name in earlier runs
     child.log_metrics(metrics, step=int(record.get("nimg") or 0))
+    if child.client is not None:                               # the whole record: `pipeline compare <run id>`
+        child._call("log record", child.client.log_dict, run_id, {**record, "eval_key": key}, "record.json")
     if grid is not None and grid.is_file():
         child.log_artifact(grid, "samples")
     child.end()

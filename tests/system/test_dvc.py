@@ -179,6 +179,23 @@ def test_queued_experiments_share_the_projects_run_and_mlflow_store(repo):
     children = client.search_runs([client.get_run(run_id).info.experiment_id],
                                   f"tags.mlflow.parentRunId = '{run_id}'")
     assert {"7", "11"} <= {c.data.params["nfe"] for c in children}
+    # `pipeline compare` between the two queued experiments, by their DVC names: same seeds -> paired.
+    names = [steps[k]["Experiment"] for k in ("4", "6")]
+    assert all(names), table
+    out = sh(f"python -m pipeline compare {names[0]} {names[1]}", repo)
+    assert f"A = {names[0]} (metrics/fid_records.json at {names[0]})" in out, out
+    fid_lines = [ln for ln in out.splitlines() if ln.strip().startswith("fid ")]
+    assert len(fid_lines) == 4 and all("paired)" in ln for ln in fid_lines), out      # 3 EMA lengths + best vs best
+    assert all(("not resolved" in ln) or ("resolved: B" in ln) for ln in fid_lines), out
+    # An evaluation of another protocol (fewer generated images) is refused with the reason, in one line.
+    other = json.loads((repo / "metrics/fid_records.json").read_text())
+    for r in other:
+        r["num_images"] = 2
+    (repo / "other.json").write_text(json.dumps(other))
+    r = subprocess.run([sys.executable, "-m", "pipeline", "compare", names[0], "other.json"], cwd=repo,
+                       capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(repo)})
+    assert r.returncode == 2 and "are not comparable: their evaluations differ in generated images (4 vs 2)" in r.stderr, \
+        r.stderr
 
 
 def test_every_stage_lists_its_script_and_every_module_it_imports(root):

@@ -4,6 +4,7 @@ import json
 import os
 import pickle
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -156,6 +157,47 @@ def test_dataframe_loader_one_row_per_trial_and_ema_length(tiny_sweep):
     mine = df.set_index([df["run_name"].str.removeprefix("trial-"), df["sigma_rel"].round(3)])["fid"]
     theirs = table.set_index(["trial_id", table["sigma_rel"].round(3)])["fid"]
     assert mine.sort_index().round(6).tolist() == theirs.sort_index().round(6).tolist()
+
+
+def test_promote_writes_the_winner_into_params_or_queues_a_dvc_experiment(tiny_sweep, tmp_path):
+    """`sweep promote`: the best trial's searched values and its best EMA length go into params.yaml (its
+    comments kept), each change printed; --queue queues them as a DVC experiment instead."""
+    d = tiny_sweep["dir"]
+    table = pd.read_csv(d / "reports/sweeps/tiny/results.csv").dropna(subset=["fid"])
+    best = table.loc[table["fid"].idxmin()]
+    params = tmp_path / "params.yaml"
+    shutil.copy(ROOT / "params.yaml", params)
+    cmd = [sys.executable, "-m", "pipeline", "sweep", "promote", "tiny", "--params", str(params), "--storage",
+           str(d / "runs/sweeps"), "--duration-nimg", "4096"]
+    r = subprocess.run(cmd, cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert f"promote: sweep tiny, trial {best['trial_id']}, sigma_rel {best['sigma_rel']:g}" in r.stdout, r.stdout
+    long_run = C.load_config(ROOT / "params.yaml").train.duration_nimg
+    assert f"train.duration_nimg: {long_run} -> 4096" in r.stdout, r.stdout
+    assert "resolved from every other trial" in r.stdout or "not resolved from it" in r.stdout
+    cfg = C.load_config(params)
+    assert (cfg.train.ref_lr, cfg.loss.P_mean) == (best["train.ref_lr"], best["loss.P_mean"])
+    assert cfg.ema.targets == [best["sigma_rel"]] and cfg.train.duration_nimg == 4096
+    assert params.read_text().splitlines()[0] == (ROOT / "params.yaml").read_text().splitlines()[0]   # comments kept
+    assert cfg.network.model_channels == C.load_config(ROOT / "params.yaml").network.model_channels  # overrides not
+    again = subprocess.run(cmd, cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=120)
+    assert "nothing changes" in again.stdout, again.stdout
+    # --queue: a DVC experiment with those values, params.yaml untouched.
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    shutil.copy(ROOT / "params.yaml", repo / "params.yaml")
+    (repo / "dvc.yaml").write_text("stages:\n  show:\n    cmd: echo\n    params: [train.ref_lr, ema.targets]\n")
+    git = {**ENV, "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t",
+           "GIT_COMMITTER_EMAIL": "t@t", "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    subprocess.run("git init -q && dvc init -q && git add -A && git commit -qm init", shell=True, cwd=repo, env=git,
+                   check=True)
+    r = subprocess.run([*cmd[:5], "tiny", "--storage", str(d / "runs/sweeps"), "--queue", "--name", "promoted"],
+                       cwd=repo, env=git, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and "queued as a DVC experiment: dvc exp run --queue --name promoted" in r.stdout, \
+        r.stdout + r.stderr
+    assert (repo / "params.yaml").read_text() == (ROOT / "params.yaml").read_text()
+    status = subprocess.run(["dvc", "queue", "status"], cwd=repo, env=git, capture_output=True, text=True).stdout
+    assert "promoted" in status and "Queued" in status, status
 
 
 @pytest.mark.slow
