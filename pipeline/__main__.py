@@ -18,18 +18,41 @@ def _cmd_config(args) -> None:
 def _cmd_info(args) -> None:
     from .cli import config_from
     from .networks import build_network, count_parameters
+    from .data.readers import class_count
+    from .fid import check_reference_choice
+    from .metrics import check_reference_protocol
     cfg = config_from(args)
-    label_dim = cfg.network.label_dim if cfg.network.label_dim is not None else (10 if cfg.data.use_labels else 0)
-    net = build_network(cfg, cfg.data.resolution, cfg.data.channels, label_dim)
+    check_reference_choice(cfg)                 # own data: the reference is checked here, not at its stage
+    check_reference_protocol(cfg)
+    label_dim, where = _label_dim(cfg, class_count(cfg.data))
+    net = build_network(cfg, cfg.data.resolution, cfg.data.channels, label_dim or 0)
     print(f"config ok: {args.params} (hash {cfg.hash()})")
+    print(f"data: {cfg.data.source}{f' {cfg.data.path}' if cfg.data.path else ''}; reference: {cfg.metrics.reference}"
+          + (f" (data.reference_split={cfg.data.reference_split} held out of training)"
+             if cfg.data.reference_split is not None else ""))
     print(f"network: {count_parameters(net) / 1e6:.3f}M parameters, {cfg.data.resolution}x{cfg.data.resolution}"
-          f"x{cfg.data.channels}, label_dim={label_dim}")
+          f"x{cfg.data.channels}, label_dim={label_dim if label_dim is not None else '?'} ({where})")
     print(f"sampler: {cfg.sampler.solver}, {cfg.sampler.steps} steps, NFE {cfg.sampler.nfe}")
     import torch
 
     from .devices import cpu_limits
     n = torch.get_num_threads()
     print(f"cpu: {n} thread{'s' if n != 1 else ''} ({', '.join(f'{k} {v}' for k, v in cpu_limits().items())})")
+
+
+def _label_dim(cfg, classes: int | None) -> tuple[int | None, str]:
+    """(label_dim, where it comes from): network.label_dim when set (checked against the data's classes),
+    else the data's class count, as training takes it; 0 without labels."""
+    if not cfg.data.use_labels:
+        return cfg.network.label_dim or 0, "data.use_labels=false: unconditional"
+    if cfg.network.label_dim is not None:
+        if classes is not None and classes > cfg.network.label_dim:
+            raise C.ConfigError(f"network.label_dim={cfg.network.label_dim}, but the data has {classes} classes: set "
+                                f"network.label_dim={classes} or leave it null (taken from the data)")
+        return cfg.network.label_dim, "network.label_dim"
+    if classes is None:
+        return None, f"from the data's labels; {cfg.data.path} cannot be listed yet"
+    return classes, "the data's classes" if classes else "the data has no labels: unconditional"
 
 
 def _cmd_sweep(args) -> None:
@@ -105,10 +128,25 @@ def _cmd_runs(args) -> int:
         else:
             atomic_write(args.out, lambda f: df.to_csv(f, index=False), mode="w")
         print(f"{len(df)} rows -> {args.out}")
-    else:
+    elif not len(df):
+        print("no runs")
+    elif args.all or args.columns:
         import pandas as pd
-        with pd.option_context("display.max_columns", 12, "display.width", 160):
-            print(df.head(40).to_string(index=False) if len(df) else "no runs")
+        cols = [c.strip() for c in (args.columns or "").split(",") if c.strip()] or list(df.columns)
+        unknown = [c for c in cols if c not in df.columns]
+        if unknown:
+            raise C.ConfigError(f"--columns: no column {', '.join(unknown)} (the columns: {', '.join(df.columns)})")
+        with pd.option_context("display.max_columns", None, "display.width", None):
+            print(df[cols].to_string(index=False, na_rep="-"))
+    else:
+        from .tracking.runs import COMPACT_WIDTH, compact
+        table, left = compact(df.round({"final_loss": 4, "sigma_rel": 3}))
+        import textwrap
+        print(table.to_string(index=False, na_rep="-"))
+        note = (f"{len(table)} run(s), one row per training (best FID, 95% interval); --all: every EMA point and "
+                f"column; --columns a,b: chosen ones"
+                + (f"; params not shown (over {COMPACT_WIDTH} columns): {', '.join(left)}" if left else ""))
+        print("\n".join(textwrap.wrap(note, COMPACT_WIDTH)))
     return 0
 
 
@@ -343,6 +381,10 @@ def _add_runs(sub) -> None:
     sp.add_argument("--params", default="params.yaml", help="params file for the default experiment and URI")
     sp.add_argument("--uri", help="tracking URI (default: tracking.uri, $MLFLOW_TRACKING_URI or sqlite:///mlflow.db)")
     sp.add_argument("--out", help="write the table as CSV (.csv) or Parquet (.parquet)")
+    sp.add_argument("--all", action="store_true", help="every EMA point and every column (default: one row per "
+                    "training that fits 120 columns)")
+    sp.add_argument("--columns", help="only these columns of the full table, comma-separated (e.g. "
+                    "run_name,sigma_rel,fid,fid_lo,fid_hi)")
     sp.set_defaults(func=_cmd_runs)
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from pathlib import Path
 from typing import Callable
 
 from .config import load_config
@@ -35,9 +36,36 @@ def config_from(args, say: bool = True):
     cfg = load_config(args.params, args.set)
     if say:
         line = params_diff_line(args.params, cfg)
-        if line:
+        if line and not _said_in_this_dvc_command(line):
             print(line, file=sys.stderr, flush=True)
     return cfg
+
+
+def _said_in_this_dvc_command(line: str) -> bool:
+    """Whether an earlier stage of the same `dvc repro` / `dvc exp run` already printed `line` (the
+    params note once per command line, not once per stage). Outside DVC: False. The note is kept in
+    the repository's .dvc/tmp with the id of the DVC process that runs the stages."""
+    if not os.environ.get("DVC_STAGE") or not os.environ.get("DVC_ROOT"):
+        return False
+    try:
+        import psutil
+        proc = psutil.Process().parent()
+        while proc is not None:
+            cmd = proc.cmdline()
+            if any(os.path.basename(c) == "dvc" for c in cmd[:2]) or cmd[1:3] == ["-m", "dvc"]:
+                break
+            proc = proc.parent()
+        if proc is None:
+            return False
+        stamp = f"{proc.pid}-{proc.create_time():.0f}\n{line}"
+        note = Path(os.environ["DVC_ROOT"]) / ".dvc" / "tmp" / "edm2-params-note"
+        if note.is_file() and note.read_text() == stamp:
+            return True
+        from .io import atomic_write_text
+        atomic_write_text(stamp, note)
+    except Exception:                                    # no psutil, no .dvc/tmp: say it again rather than never
+        return False
+    return False
 
 
 def committed_params(path) -> dict | None:

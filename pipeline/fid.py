@@ -172,24 +172,35 @@ def reference_dataset_dir(cfg, ref_cache: str | Path = "data/fid-ref") -> str:
     encoded dataset folder as it is, an image folder or zip -> encoded on demand into ref_cache (keyed
     by the content hash of its files and the encoding settings, so it is encoded once)."""
     ref, d = cfg.metrics.reference, cfg.data
+    check_reference_choice(cfg)
+    if ref == "fashion-mnist-test":
+        return f"{d.dataset_dir}/test"
+    if ref == "held-out":
+        return f"{d.dataset_dir}/reference"
+    if (Path(ref) / "manifest.json").is_file():
+        return ref
+    return str(_encoded_reference(cfg, Path(ref), Path(ref_cache)))
+
+
+def check_reference_choice(cfg) -> None:
+    """metrics.reference against the data (checked by `pipeline info` and before any work): the
+    Fashion-MNIST test split only for a Fashion-MNIST source, held-out only with data.reference_split,
+    otherwise an existing encoded dataset, image folder, zip or published statistics file."""
+    ref, d = cfg.metrics.reference, cfg.data
     if ref == "fashion-mnist-test":
         from .data.sources import SOURCES
         if "test" not in SOURCES[d.source].splits:
             raise FIDError(f"metrics.reference=fashion-mnist-test, but data.source={d.source}: set data.reference_split "
                            f"and metrics.reference=held-out, or metrics.reference to an image folder or zip")
-        return f"{d.dataset_dir}/test"
-    if ref == "held-out":
+    elif ref == "held-out":
         if d.reference_split is None:
             raise FIDError("metrics.reference=held-out needs data.reference_split (a fraction or a count held out of "
                            "training)")
-        return f"{d.dataset_dir}/reference"
-    path = Path(ref)
-    if (path / "manifest.json").is_file():
-        return ref
-    if not (path.is_dir() or (path.is_file() and path.suffix.lower() == ".zip")):
-        raise FIDError(f"metrics.reference={ref}: not fashion-mnist-test, held-out, an encoded dataset, an image folder "
-                       f"or a zip")
-    return str(_encoded_reference(cfg, path, Path(ref_cache)))
+    elif not is_reference_file(ref):
+        path = Path(ref)
+        if not ((path / "manifest.json").is_file() or path.is_dir() or (path.is_file() and path.suffix.lower() == ".zip")):
+            raise FIDError(f"metrics.reference={ref}: not fashion-mnist-test, held-out, an encoded dataset, an image "
+                           f"folder or a zip")
 
 
 def _encoded_reference(cfg, path: Path, ref_cache: Path) -> Path:

@@ -21,7 +21,7 @@ def _save(fig, path: str | Path, bbox: bool = False) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     if bbox:
-        fig.savefig(path, dpi=110, bbox_inches="tight")
+        fig.savefig(path, dpi=110, bbox_inches="tight", pad_inches=0.25)   # a margin: nothing touches the frame
     else:
         fig.tight_layout()
         fig.savefig(path, dpi=110)
@@ -232,9 +232,12 @@ def plot_best_vs_param(best, keys: Sequence[str], path: str | Path, name: str = 
         if stopped is not None:                  # no FID: their own panel, with the loss they were ranked by
             _stopped_panel(axes[1][col], ax, stopped, xs, key, categorical)
     axes[0][0].set_ylabel("best FID over EMA lengths")
-    fig.suptitle(f"sweep {name}: best FID per trial (shaded: the searched range)"
-                 + ("; below: trials without a FID" if stopped is not None else ""), fontsize=10)
-    return _save(fig, path)
+    import textwrap                              # the title within the figure's width, never clipped
+    title = (f"sweep {name}: best FID per trial (shaded: the searched range)"
+             + ("; below: trials without a FID" if stopped is not None else ""))
+    fig.suptitle("\n".join(textwrap.wrap(title, int(fig.get_figwidth() * 11))), fontsize=10)
+    fig.tight_layout()
+    return _save(fig, path, bbox=True)
 
 
 def _stopped_panel(ax, above, stopped, xs, key: str, categorical: bool) -> None:

@@ -47,7 +47,9 @@ class TrainJob:
         submitit_usr2 = signal.getsignal(signal.SIGUSR2)     # submitit's checkpoint-and-requeue handler
         stop = StopFlag().install()                          # training stops at a step boundary instead
         cfg = C.load_config(self.params, self.overrides)
-        res = train(cfg, TrainHooks(stage="slurm", stop=stop, progress=False))
+        from .tracking.logger import training_run_name
+        name = training_run_name(cfg, job_env().scheduler or "submitit", self.params)
+        res = train(cfg, TrainHooks(stage="slurm", stop=stop, progress=False, run_name=name))
         rank = int(os.environ.get("RANK", "0"))
         if res.status == "stopped" and stop.signal == signal.SIGUSR2 and rank == 0 and callable(submitit_usr2):
             submitit_usr2(signal.SIGUSR2, None)              # -> self.checkpoint() -> requeue -> exit

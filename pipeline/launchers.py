@@ -65,7 +65,10 @@ class SubmititJob:
         follow = f"tail -f {self.stdout} {self.stderr}"
         watch = BACKENDS[self.executor].watch(self.job_id) if self.executor in BACKENDS else ""
         extra = f"; {watch}" if watch else ""
-        return (f"submitted job {self.job_id} ({self.executor})\n  logs: {self.stdout}\n        {self.stderr}\n"
+        where = ("to SLURM" if self.executor == "slurm" else
+                 "locally: a process on this machine (launcher.executor=local; --executor slurm sends it to SLURM)"
+                 if self.executor == "local" else f"to {self.executor}")
+        return (f"submitted job {self.job_id} {where}\n  logs: {self.stdout}\n        {self.stderr}\n"
                 f"  follow: {follow}{extra}")
 
     def logs(self, tail_chars: int = 1500) -> str:

@@ -72,6 +72,7 @@ class PrecisionRecallMetric:
     features = "inception"
     names = ("precision", "recall")
     k = 3
+    min_images = 1000        # below it on either side the k-NN manifolds are too sparse: the values carry a note
 
     def check(self, cfg) -> None:
         pass
@@ -82,11 +83,15 @@ class PrecisionRecallMetric:
         if real is None or len(real) <= self.k:
             raise FIDError("precision/recall need the reference's features (recompute the reference statistics)")
         p, r = precision_recall(feats, real, self.k)
+        few = min(len(feats), len(real)) < self.min_images
+        note = (f"k-NN manifolds of {len(feats)} generated and {len(real)} reference images are too sparse to mean "
+                f"much, they need about {self.min_images:,} per side; 0 or 1 with SE 0 is typical of too few "
+                f"images") if few else None
         out = {}
         for name, v, m in (("precision", p, len(feats)), ("recall", r, len(real))):
             se = float(np.sqrt(v * (1 - v) / m))
             out[name] = _entry(v, se, interval=[max(0.0, v - 1.96 * se), min(1.0, v + 1.96 * se)], k=self.k,
-                               se_kind="binomial, given the other set's manifold")
+                               se_kind="binomial, given the other set's manifold", **({"note": note} if few else {}))
         return out
 
 

@@ -229,4 +229,5 @@ def _others_text(r: dict) -> str:
     """The metrics beyond FID and KID, each with its standard error."""
     parts = [f"{name} {e['value']:.4g} +- {e['se']:.2g}" if e.get("se") is not None else f"{name} {e['value']:.4g}"
              for name, e in record_metrics(r).items() if name not in ("fid", "kid")]
-    return ("; " + ", ".join(parts)) if parts else ""
+    notes = dict.fromkeys(e["note"] for e in record_metrics(r).values() if e.get("note"))   # once each, in order
+    return (("; " + ", ".join(parts)) if parts else "") + "".join(f" ({n})" for n in notes)

@@ -49,7 +49,16 @@ def header_rows(summary: dict) -> list[tuple[str, str]]:
                            f"{num(summary.get('final_weighted_mse'), '.4f')})"),
             ("status", summary.get("status") or "-"),
             ("MLflow run", summary.get("mlflow_run_id") or "(offline)")]
+    if summary.get("mlflow_runs_url"):                  # opens the runs table (with `mlflow ui` running)
+        rows.append(("MLflow runs table", summary["mlflow_runs_url"]))
     return rows
+
+
+def _cell(v) -> str:
+    """A header cell: a link for a URL, escaped text otherwise."""
+    import html
+    text = html.escape(str(v))
+    return f"<a href='{text}'>{text}</a>" if str(v).startswith(("http://", "https://")) else text
 
 
 HTML_HEAD = ("<!doctype html><html><head><meta charset='utf-8'><title>{title}</title><style>"
@@ -94,7 +103,7 @@ def write_run_report(cfg_dict: dict, records: Sequence[dict], out_dir: str | Pat
     if train_summary:
         rows = header_rows(train_summary)
         md += ["| how it was made | |", "|---|---|", *(f"| {k} | {v} |" for k, v in rows), ""]
-        h.append("<table class='head'>" + "".join(f"<tr><th>{html.escape(k)}</th><td>{html.escape(str(v))}</td></tr>"
+        h.append("<table class='head'>" + "".join(f"<tr><th>{html.escape(k)}</th><td>{_cell(v)}</td></tr>"
                                                   for k, v in rows) + "</table>")
     for key, name, note in FIGURE_SECTIONS:
         if paths.get(key):
@@ -153,6 +162,12 @@ def _add_best(md: list, h: list, best: dict, distinct, cfg_dict: dict) -> None:
     h.append(f"<p>Best FID <b>{best['fid']:.3f}{se}</b> at <b>{html.escape(point_label(best))}</b> "
              f"<span class='rec'>({html.escape(record_line(best))})</span></p>")
     notes = [f"Protocol: {protocol_text(best)}."] + paper_lines(cfg_dict.get("preset"), distinct)
+    from .records import record_metrics
+    caveats: dict = {}                                  # e.g. precision/recall on too few images, said once
+    for name, e in record_metrics(best).items():
+        if e.get("note"):
+            caveats.setdefault(e["note"], []).append(name)
+    notes += [f"{', '.join(names)}: {note}." for note, names in caveats.items()]
     if all(r.get("bootstrap") for r in distinct):
         from .stats import ranking
         notes += ranking(distinct, label=point_label)["lines"][1:]

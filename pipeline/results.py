@@ -49,6 +49,10 @@ def results_lines(cfg, metrics_dir: str | Path = "metrics", report: str | Path =
     uri = tracking_uri(cfg)
     lines.append(f"report: {report}" + (" (open it in a browser)" if Path(report).is_file() else " (not written yet)"))
     lines.append("plots: `dvc plots show` -> dvc_plots/index.html; metrics: `dvc metrics show`")
-    ui = f"mlflow ui --backend-store-uri {uri}" if uri.startswith(("sqlite:", "file:", "postgresql", "mysql")) else uri
-    lines.append(f"MLflow: {ui}  (then http://127.0.0.1:5000; runs as a table: python -m pipeline runs)")
+    from .tracking.store import runs_table_url
+    local = uri.startswith(("sqlite:", "file:", "postgresql", "mysql"))
+    url = runs_table_url(uri, cfg.tracking.experiment) or ("http://127.0.0.1:5000" if local else uri)
+    ui = f"mlflow ui --backend-store-uri {uri}  (then open {url})" if local else url
+    lines.append(f"MLflow: {ui}")
+    lines.append("runs as a table: python -m pipeline runs; a verdict between experiments: python -m pipeline compare A B")
     return lines

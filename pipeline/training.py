@@ -45,6 +45,7 @@ class TrainHooks:
     parent_run_id: str | None = None          # the MLflow parent run (a sweep)
     run_name: str | None = None               # the MLflow run's name; None: train-<run key>
     mlflow_params: dict | None = None         # params to log instead of the whole config (a sweep trial's)
+    tags: dict | None = None                  # more MLflow tags (a sweep trial's sweep and trial)
 
 
 @dataclass
@@ -226,7 +227,7 @@ def _start_tracking(run: Run, hooks: TrainHooks) -> None:
     run.mlflow_run_id = run.logger.start(
         run.mlflow_run_id, run_name=hooks.run_name or f"train-{cfg.run_key()[:8]}",
         tags={**run_tags(hooks.stage), "run_key": cfg.run_key(), "run_dir": str(run_dir),
-              "processes": str(run.world.world_size)},
+              "processes": str(run.world.world_size), **(hooks.tags or {})},
         params=cfg.flat() if hooks.mlflow_params is None else hooks.mlflow_params,
         parent_run_id=hooks.parent_run_id, on_run_id=save_id)
     run.logger.replay_missing()                        # steps logged while MLflow was unreachable

@@ -41,6 +41,9 @@ def main(argv: list[str] | None = None) -> int:
                 summary = json.loads(summary_file.read_text())
             except ValueError:
                 print(f"report: note: {summary_file} is unreadable; the header goes without it", file=sys.stderr)
+        if summary is not None:                                 # a link to the experiment's runs table
+            from pipeline.tracking.store import runs_table_url, tracking_uri
+            summary["mlflow_runs_url"] = runs_table_url(tracking_uri(cfg), cfg.tracking.experiment)
         paths = write_run_report(cfg.to_dict(), records, args.out, rows, summary,
                                  args.samples, Path(args.models) / "ema_profiles.png")
         print(f"report: {paths['html']} (self-contained), {paths['md']}")

@@ -53,7 +53,9 @@ def main(argv: list[str] | None = None) -> int:
             use_given_cpus(log=print)               # "cpu: N threads (...)", and a busy-machine warning
         if args.on_mismatch == "archive" and int(os.environ.get("RANK", "0")) == 0:
             _archive_if_mismatched(cfg)
-        res = train(cfg, TrainHooks(stage=args.stage, progress=not args.no_progress))
+        from pipeline.tracking.logger import training_run_name
+        name = training_run_name(cfg, "dvc" if args.stage else "local", args.params)
+        res = train(cfg, TrainHooks(stage=args.stage, progress=not args.no_progress, run_name=name))
         if args.metrics and int(os.environ.get("RANK", "0")) == 0:
             _write_metrics(Path(cfg.train.run_dir) / "train_summary.json", Path(args.metrics))
         return 0 if res.status == "finished" else EXIT_STOPPED

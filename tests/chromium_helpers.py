@@ -71,8 +71,10 @@ def _is_local(host_port: str) -> bool:
     return host.startswith("127.") or host in ("::1", "localhost")
 
 
-def render(chromium: str, url: str, out_dir: Path, name: str, dom: bool = False, budget_ms: int = 15000) -> dict:
-    """Load a page; screenshot it into .test-artifacts/<name>.png; report images and requests."""
+def render(chromium: str, url: str, out_dir: Path, name: str, dom: bool = False, budget_ms: int = 15000,
+           width: int = 1280) -> dict:
+    """Load a page in a window `width` pixels wide; screenshot it into .test-artifacts/<name>.png; report
+    images, requests and the page's width against the window's."""
     out_dir.mkdir(parents=True, exist_ok=True)
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     target = url
@@ -84,7 +86,8 @@ def render(chromium: str, url: str, out_dir: Path, name: str, dom: bool = False,
     netlog = out_dir / f"{name}-netlog.json"
     shot = ARTIFACTS / f"{name}.png"
     with tempfile.TemporaryDirectory() as profile:
-        common = [chromium, *FLAGS, f"--user-data-dir={profile}", f"--virtual-time-budget={budget_ms}"]
+        flags = [f for f in FLAGS if not f.startswith("--window-size=")] + [f"--window-size={width},2000"]
+        common = [chromium, *flags, f"--user-data-dir={profile}", f"--virtual-time-budget={budget_ms}"]
         subprocess.run([*common, f"--log-net-log={netlog}", f"--screenshot={shot}", target],
                        capture_output=True, text=True, timeout=180)
         d = subprocess.run([*common, "--dump-dom", target], capture_output=True, text=True, timeout=180)

@@ -233,6 +233,33 @@ def read_labels_json(data: bytes, source: str) -> dict[str, int | None] | None:
     return out
 
 
+def class_count(cfg_data) -> int | None:
+    """How many classes the source's labels have, read from names only (no image decoded): Fashion-MNIST
+    10; a folder or zip by dataset.json's labels, else its class sub-folders (0: unlabelled); None when
+    the source cannot be listed (not there yet: the encode stage says why)."""
+    if cfg_data.source == "fashion-mnist":
+        return len(FMNIST_CLASSES)
+    path = Path(cfg_data.path or "")
+    try:
+        if cfg_data.source == "folder" and path.is_dir():
+            rels = [p.relative_to(path).as_posix() for p in path.rglob("*") if p.suffix.lower() in IMAGE_EXTS]
+            table = (path / LABELS_FILE).read_bytes() if (path / LABELS_FILE).is_file() else None
+        elif cfg_data.source == "zip" and path.is_file():
+            with zipfile.ZipFile(path) as zf:
+                rels = [n for n in zf.namelist() if Path(n).suffix.lower() in IMAGE_EXTS]
+                table = zf.read(LABELS_FILE) if LABELS_FILE in zf.namelist() else None
+        else:
+            return None
+    except (OSError, zipfile.BadZipFile):
+        return None
+    if table is not None:
+        labels = read_labels_json(table, str(path)) or {}
+        values = [v for v in labels.values() if v is not None]
+        return max(values) + 1 if values else 0
+    parents = [str(Path(r).parent) for r in rels]
+    return len(set(parents)) if parents and all(p != "." for p in parents) else 0
+
+
 def _collect(items: Iterator[tuple[str, bytes | Path]], source: str, labels_json: bytes | None = None) -> RawImages:
     images, rels, skipped = [], [], []
     for rel, data in items:

@@ -10,10 +10,13 @@ Where things are:
   schema.py      the sweep file's typed schema (validated before Ray starts)
   space.py       axis kinds (one table), the plan, Tune's parameter names
   algorithms.py  search algorithms and schedulers (two tables), recording of early stops
-  trial.py       one trial inside a Ray worker (typed TrialSpec), its own state files
+  trial.py       one trial inside a Ray worker (typed TrialSpec)
+  trial_state.py a trial's own records (trial.json, nodes.jsonl), its status
   cluster.py     Ray start / connect / authentication, resources, the pending watch
   driver.py      run_sweep: plan -> Ray -> Tune -> results, --resume
   results.py     the results table, figures, summary, MLflow statuses
+  plan.py        the plan a --dry-run prints
+  promote.py     `sweep promote`: a trial's values into params.yaml or a queued DVC experiment
 """
 from ..errors import SweepError
 from .driver import SweepResult, run_sweep

@@ -131,10 +131,17 @@ def recording(cls, path: Path, name: str):
     from ray.tune.schedulers import TrialScheduler
 
     def record(trial, result: dict, metric: str) -> None:
+        import time
+
+        from .trial_state import write_trial_state
         stopped = read_json(path)
-        stopped[split_config(trial.config, trial.trial_id)[0]] = {
-            "nimg": result.get("nimg"), "metric": metric, "value": result.get(metric), "scheduler": name}
+        trial_name = split_config(trial.config, trial.trial_id)[0]
+        stopped[trial_name] = {"nimg": result.get("nimg"), "metric": metric, "value": result.get(metric),
+                               "scheduler": name}
         atomic_write_text(json.dumps(stopped, indent=2), path)
+        trial_dir = path.parent / "trials" / trial_name       # its own record says so at once, not "running"
+        if trial_dir.is_dir():
+            write_trial_state(trial_dir, status="early-stopped", ended_at=time.time(), stop=stopped[trial_name])
 
     class Controller:                             # the Tune controller, with its stop_trial recorded
         def __init__(self, inner, metric):

@@ -21,7 +21,8 @@ from .results import close_trial_runs, print_summary, results_table, write_resul
 from .schema import SweepConfig, load_sweep, wants_tracking_server, wants_trial_figures
 from .plan import plan, print_plan
 from .space import point_space, trial_name, tune_space
-from .trial import FINAL, TrialSpec, read_trial_state, run_trial, trial_status, write_trial_state
+from .trial import TrialSpec, run_trial
+from .trial_state import FINAL, read_trial_state, trial_status, write_trial_state
 
 
 @dataclass

@@ -17,7 +17,7 @@ from pathlib import Path
 from ..config import ConfigError, flatten, load_config
 from ..errors import SweepError
 from ..io import atomic_write_text
-from .trial import read_trial_state
+from .trial_state import read_trial_state
 
 
 def sweep_folder(sweep: str, storage: str | Path = "runs/sweeps") -> Path:

@@ -12,7 +12,7 @@ from ..io import read_json
 from .algorithms import scheduler_entry, search_algorithm
 from .schema import SweepConfig
 from .space import searched_range, trial_name
-from .trial import read_trial_state, trial_nodes, trial_status
+from .trial_state import read_trial_state, trial_nodes, trial_status
 
 
 def close_trial_runs(trials_dir: Path, uri: str, status_by_trial: dict, default: str | None = None,
@@ -112,7 +112,9 @@ def results_table(trials_dir: Path, sweep: SweepConfig, stopped: dict | None = N
         rk = rank(recs)
         tied = {recs[i].get("eval_key") or eval_key(recs[i]) for i in rk["tied"]}
         keys = df["same_as"].where(df["same_as"].notna(), df["eval_key"]) if "same_as" in df else df["eval_key"]
-        df["tied_with_best"] = keys.map(lambda k: k in tied if isinstance(k, str) else False)
+        # blank (not False) for a row without a FID: an early-stopped or failed trial is not ranked
+        df["tied_with_best"] = [(k in tied) if isinstance(k, str) and fid == fid and fid is not None else None
+                                for k, fid in zip(keys, df["fid"])]
     if len(df):
         df = df.sort_values(["fid", "trial_id"], na_position="last").reset_index(drop=True)
     return df
@@ -213,7 +215,7 @@ def summary_lines(df, sweep: SweepConfig) -> list[str]:
              f"at EMA sigma_rel {best['sigma_rel']:.3f} ({swept or 'base config'}); trial {best['trial_id']}, "
              f"{int(best['num_images'])} images, NFE {int(best['nfe'])}, {best['feature_net']}"]
     if "tied_with_best" in done:
-        tied = done[done["tied_with_best"] & (done["eval_key"] != best["eval_key"])]
+        tied = done[done["tied_with_best"].fillna(False).astype(bool) & (done["eval_key"] != best["eval_key"])]
         names = [f"trial {r['trial_id']} sigma_rel {r['sigma_rel']:.3f} (FID {r['fid']:.2f})" for _, r in tied.iterrows()]
         lines.append(f"not distinguishable from the winner (paired 95% interval of the difference contains 0): "
                      f"{len(names)} of {len(done) - 1}" + (": " + "; ".join(names[:8]) + (" ..." if len(names) > 8 else "")

@@ -59,8 +59,7 @@ def load_runs(experiment: str, uri: str | None = None, sweep: str | None = None)
                 or not _in_sweep(train, sweep_ids):
             continue
         head, tail = _training_cells(train, by_id)
-        rows.append({**head, "fid": None, "final_loss": train.data.metrics.get("final_loss"), **tail,
-                     "evaluated": False})
+        rows.append({**head, "fid": None, **tail, "evaluated": False})
     df = pd.DataFrame(rows)
     if len(df):
         params = [c for c in df.columns if c.startswith("param.")]
@@ -83,7 +82,8 @@ def _training_cells(train, by_id: dict) -> tuple[dict, dict]:
     gpus = float(train.data.tags.get("gpus", "0") or 0)
     head = {"sweep": parent.info.run_name if parent else None, "run_id": train.info.run_id,
             "run_name": train.info.run_name, "status": train.info.status}
-    tail = {"train_seconds": seconds, "gpu_seconds": seconds * gpus if seconds is not None else None,
+    tail = {"final_loss": train.data.metrics.get("final_loss"),      # the training's, on each of its rows
+            "train_seconds": seconds, "gpu_seconds": seconds * gpus if seconds is not None else None,
             **{f"param.{k}": _parse(v) for k, v in train.data.params.items()}}
     return head, tail
 
@@ -94,3 +94,58 @@ def _parse(v: str):
     except (ValueError, TypeError):
         return v
 
+
+
+COMPACT_WIDTH = 120
+
+
+def compact(df, width: int = COMPACT_WIDTH):
+    """One row per training run: run, status, the params that differ between the runs, the best FID
+    with its 95 % interval and EMA length, the final loss; as many param columns as fit `width`
+    (returns the table and the names of the params left out)."""
+    import pandas as pd
+    if not len(df):
+        return df, []
+    rows = []
+    for run_id, g in df.groupby("run_id", sort=False):
+        evaluated = g[g["fid"].notna()] if "fid" in g else g.iloc[0:0]
+        best = evaluated.loc[evaluated["fid"].idxmin()] if len(evaluated) else None
+        first = g.iloc[0]
+        row = {"run": _short(str(first["run_name"]), 34), "status": first["status"]}
+        row.update({c[len("param."):]: first[c] for c in g.columns if c.startswith("param.")})
+        row["best_fid"] = _fid_cell(best)
+        row["sigma_rel"] = best["sigma_rel"] if best is not None and "sigma_rel" in best else None
+        row["final_loss"] = first.get("final_loss")
+        rows.append(row)
+    out = pd.DataFrame(rows)
+    params = [c for c in out.columns if c not in ("run", "status", "best_fid", "sigma_rel", "final_loss")]
+    out = out.rename(columns={p: p.rsplit(".", 1)[-1] if sum(q.rsplit(".", 1)[-1] == p.rsplit(".", 1)[-1]
+                                                              for q in params) == 1 else p for p in params})
+    shown = [c for c in out.columns if c in ("run", "status")]
+    left = []
+    fixed = ["best_fid", "sigma_rel", "final_loss"]
+    for c in out.columns:
+        if c in shown or c in fixed:
+            continue
+        if _width(out[[*shown, c, *fixed]]) <= width:
+            shown.append(c)
+        else:
+            left.append(c)
+    return out[[*shown, *fixed]], left
+
+
+def _short(text: str, n: int) -> str:
+    return text if len(text) <= n else text[: n - 3] + "..."
+
+
+def _fid_cell(best) -> str | None:
+    if best is None:
+        return None
+    lo, hi = best.get("fid_lo"), best.get("fid_hi")
+    if lo is not None and hi is not None and lo == lo and hi == hi:     # not NaN
+        return f"{best['fid']:.2f} [{lo:.1f}, {hi:.1f}]"
+    return f"{best['fid']:.2f}"
+
+
+def _width(df) -> int:
+    return max(len(line) for line in df.to_string(index=False, na_rep="-").splitlines())

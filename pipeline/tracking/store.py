@@ -139,3 +139,17 @@ def _reachable(uri: str, timeout: float = 3.0) -> str | None:
             return f"{err.__class__.__name__}: {err}"
     return None
 
+
+
+def runs_table_url(uri: str, experiment: str) -> str | None:
+    """The MLflow UI's runs table of `experiment` (MLflow 3 opens on its overview otherwise): on the
+    tracking server itself, or on `mlflow ui`'s default address for a local store; None when the store
+    or the experiment does not exist (nothing is created by asking)."""
+    try:
+        exp = client_for(uri, existing=True).get_experiment_by_name(experiment)
+    except Exception:                                   # no store yet, a server down: no link
+        return None
+    if exp is None:
+        return None
+    base = uri.rstrip("/") if uri.startswith(("http://", "https://")) else "http://127.0.0.1:5000"
+    return f"{base}/#/experiments/{exp.experiment_id}/runs"

@@ -33,6 +33,8 @@ def test_every_scheduler_records_exactly_the_trials_it_stops(tmp_path, monkeypat
     sweep = SweepConfig.model_validate({"name": "x", "ema_lengths": [0.1], "max_concurrent": 2, "scheduler": {
         "type": scheduler, "reduction_factor": eta, "grace_period_nimg": 2}})
     points = [(trial_name(i), {"train.ref_lr": float(i)}) for i in range(9)]
+    for name, _ in points:                                               # the trials' own folders
+        (tmp_path / "trials" / name).mkdir(parents=True)
     prepare_ray_env(None)
     monkeypatch.setenv("PYTHONPATH", f"{ROOT / 'tests'}:{ROOT}")         # the workers import _stub from here
     ray.init(num_cpus=2, include_dashboard=False, configure_logging=False, log_to_driver=False)
@@ -50,3 +52,7 @@ def test_every_scheduler_records_exactly_the_trials_it_stops(tmp_path, monkeypat
     assert set(stopped) | finished == {n for n, _ in points} and not set(stopped) & finished
     assert {v["scheduler"] for v in stopped.values()} == {scheduler}
     assert all(v["metric"] == "val_loss" and v["nimg"] < 16 for v in stopped.values())
+    import json                                                          # each stop in the trial's own record at once
+    states = {n: json.loads(p.read_text()) for n in stopped if (p := tmp_path / "trials" / n / "trial.json").is_file()}
+    assert set(states) == set(stopped) and all(st["status"] == "early-stopped" for st in states.values())
+    assert not any((tmp_path / "trials" / n / "trial.json").is_file() for n in finished)

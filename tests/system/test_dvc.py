@@ -1,6 +1,7 @@
 """`dvc repro` runs every stage on a shrunken params file; again is a no-op; `dvc exp run -S` reruns
 only the stages that depend on the changed parameter."""
 import json
+import re
 import time
 import os
 import shutil
@@ -93,10 +94,17 @@ def test_repro_runs_all_stages_then_is_a_noop(repo):
     res = sh("python -m pipeline results", repo).strip().splitlines()
     assert sum("sigma_rel 0." in line and "FID" in line for line in res) >= 3 and "<- best" in "\n".join(res)
     assert any(line.startswith("training: 64 images") for line in res), res
-    assert res[-1].startswith("MLflow: mlflow ui --backend-store-uri sqlite:///"), res
-    assert (repo / "reports" / "report.html").is_file()
-    runs = sh("python -m pipeline runs", repo)          # the main job's runs by default
-    assert "sigma_rel" in runs and " 0.05 " in runs and "FINISHED" in runs and "no runs" not in runs, runs
+    mlflow_line = next(line for line in res if line.startswith("MLflow: "))
+    assert mlflow_line.startswith("MLflow: mlflow ui --backend-store-uri sqlite:///"), res
+    runs_url = re.search(r"then open (http://127\.0\.0\.1:5000/#/experiments/\d+/runs)", mlflow_line).group(1)
+    assert f"<a href='{runs_url}'>" in (repo / "reports" / "report.html").read_text()   # the report links it too
+    runs = sh("python -m pipeline runs", repo)          # the main job's runs by default: one row per training
+    lines = runs.splitlines()
+    assert max(map(len, lines)) <= 120 and "best_fid" in lines[0] and "FINISHED" in runs, runs
+    row = next(line for line in lines if "dvc-train" in line)          # named for what it is
+    assert "[" in row and not row.rstrip().endswith(" -"), row           # best FID with its interval, a final loss
+    every = sh("python -m pipeline runs --all", repo)
+    assert " 0.05 " in every and every.count("dvc-train") == 3, every
     assert sorted(p.name for p in (repo / "runs/tiny/snapshots").iterdir())[0] == "phema-0000000032-0.050.safetensors"
     # The baseline commit of docs/pipeline.md tracks every file DVC asks git to track: nothing is left untracked.
     sh(baseline_commit_line(), repo)
@@ -112,6 +120,7 @@ def test_exp_run_set_param_reruns_only_dependent_stages(repo):
     ran = {s for s in ("encode", "reference", "train", "reconstruct", "evaluate", "report")
            if f"Running stage '{s}'" in out}
     assert ran == {"train", "reconstruct", "evaluate", "report"}, out[-3000:]
+    assert out.count("value(s) differ from the committed") == 1, out[-3000:]     # the params note once, not per stage
     assert yaml.safe_load((repo / "params.yaml").read_text())["train"]["ref_lr"] == 0.005
     summary = json.loads((repo / "runs/tiny/train_summary.json").read_text())
     assert summary["status"] == "finished" and summary["nimg"] == 64
@@ -246,6 +255,12 @@ def test_encode_depends_on_the_images_of_data_path(tmp_path):
     assert "Running stage 'encode'" in out
     manifest = json.loads((d / "data/encoded/train/manifest.json").read_text())
     assert manifest["labels_from"] == "dataset.json" and manifest["count"] == 3
+    # Own data with a held-out reference: the fetch stage fetches nothing, and says so.
+    raw["metrics"]["reference"], raw["data"]["reference_split"] = "held-out", 1
+    (d / "params.yaml").write_text(yaml.safe_dump(raw))
+    out = sh("dvc repro fetch", d)
+    assert "nothing to fetch for data.source=folder" in out, out
+    assert [p.name for p in (d / "data/raw/fashion-mnist").iterdir()] == ["NOT-FETCHED.txt"]
 
 
 def test_latent_pipeline_end_to_end_with_a_small_random_vae(tmp_path, fmnist):

@@ -208,10 +208,12 @@ def test_sweep_report_and_mlflow_ui_in_headless_chromium(tiny_sweep, tmp_path):
     html = (d / "reports/sweeps/tiny/report.html").read_text()
     for needle in ("Samples per trial, at its best EMA length", "cost: train min", "images/s", "ref_lr="):
         assert needle in html, needle
-    shot = render(chromium, (d / "reports/sweeps/tiny/report.html").as_uri(), tmp_path, "sweep-report")
+    for width in (1280, 1400):                   # the table scrolls inside the page, at both widths
+        shot = render(chromium, (d / "reports/sweeps/tiny/report.html").as_uri(), tmp_path, f"sweep-report-{width}",
+                      width=width)
+        assert shot["view_width"] == width and shot["page_width"] <= width, shot
     assert shot["images_total"] == 3 + 4 and shot["images_loaded"] == 7          # 3 figures + a grid per trial
     assert "Trial timeline" in html
-    assert shot["view_width"] == 1280 and shot["page_width"] <= 1280, shot     # the table scrolls inside the page
     assert not re.search(r"NFE \d+\.0\b|\d\.0 vs \d", html)                     # counts printed as integers
     assert not shot["external_requests"] and not shot["non_local_connections"]
     with served_mlflow(f"sqlite:///{d / 'mlflow.db'}") as base:
@@ -235,7 +237,10 @@ def test_sweep_report_and_mlflow_ui_in_headless_chromium(tiny_sweep, tmp_path):
         trial_ids = {r["info"]["run_id"] for r in trials}
         assert all(t["mlflow.parentRunId"] in trial_ids for _, t in emas)
         assert all(any(m["key"] == "fid" for m in r["data"]["metrics"]) for r, _ in emas)
-        page = render(chromium, f"{base}/#/experiments/{exp['experiment_id']}/runs", tmp_path, "mlflow-ui",
+        from pipeline.tracking.store import runs_table_url      # the address `pipeline results` prints
+        printed = runs_table_url(f"sqlite:///{d / 'mlflow.db'}", "edm2-sweeps")
+        assert printed == f"http://127.0.0.1:5000/#/experiments/{exp['experiment_id']}/runs", printed
+        page = render(chromium, printed.replace("http://127.0.0.1:5000", base), tmp_path, "mlflow-ui",
                       budget_ms=30000)
         # The runs table: the sweep's parent row (children nested under it) and all 17 runs counted.
         dom = page["dom"]
@@ -264,6 +269,8 @@ def test_asha_stops_the_clearly_bad_trial(tmp_path, fmnist):
     bad = table[table["train.ref_lr"] == 1.0e-7]               # the clearly bad trial, by exact value
     assert len(bad) == 1 and bad["status"].item() == "early-stopped", table[["train.ref_lr", "status", "nimg"]]
     assert 64 <= bad["nimg"].item() < 192                       # stopped after the grace period, before the end
+    state = json.loads((tmp_path / "runs/sweeps/asha/trials" / bad["trial_id"].item() / "trial.json").read_text())
+    assert state["status"] == "early-stopped" and state["stop"]["scheduler"] == "asha", state   # not "running"
     assert table[table["status"] == "finished"]["fid"].notna().all()
     # evaluate_stopped: a stopped trial is ranked by FID too, measured at the images it trained (no retraining).
     assert stopped["fid"].notna().all() and (stopped["nimg"] == stopped["nimg"].astype(int)).all()

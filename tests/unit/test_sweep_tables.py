@@ -84,3 +84,29 @@ def test_grace_period_check_follows_the_table(tmp_path, monkeypatch):
         else:
             with pytest.raises(ConfigError, match="grace_period_nimg"):
                 load_sweep(f)
+
+
+def test_a_trial_without_a_fid_is_neither_tied_nor_untied(tmp_path):
+    """The results table's `tied_with_best` is blank for an early-stopped trial without a FID (it was not
+    ranked), True/False for the ranked ones."""
+    import json
+
+    import numpy as np
+
+    from pipeline.sweep.results import results_table
+    from pipeline.sweep.space import trial_name
+    from unit.test_compare import _record, _ref
+    sweep = SweepConfig.model_validate({"name": "x", "ema_lengths": [0.1],
+                                        "search": {"train.ref_lr": {"grid": [0.01, 0.02]}}})
+    done, stopped = trial_name(0), trial_name(1)
+    for name, status in ((done, "finished"), (stopped, "early-stopped")):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "trial.json").write_text(json.dumps({"status": status, "params": {}}))
+    rec = _record(np.random.default_rng(0).normal(size=(64, 16)), _ref())
+    (tmp_path / done / "fid_records.json").write_text(json.dumps([rec]))
+    table = results_table(tmp_path, sweep, {stopped: {"nimg": 32, "metric": "val_loss", "value": 1.0,
+                                                      "scheduler": "asha"}},
+                          {"points": [{"train.ref_lr": 0.01}, {"train.ref_lr": 0.02}]})
+    by = table.set_index("trial_id")
+    assert by.loc[done, "tied_with_best"] is True or by.loc[done, "tied_with_best"] == True      # noqa: E712
+    assert by.loc[stopped, "status"] == "early-stopped" and by.loc[stopped, "tied_with_best"] is None

@@ -178,3 +178,22 @@ def test_every_launcher_backend_is_a_config_choice_and_jobs_read_one_env_adapter
     # Nothing but backends.py reads a scheduler's variables.
     readers = [p.name for p in (ROOT / "pipeline").rglob("*.py") if "SLURM_" in p.read_text() and p.name != "backends.py"]
     assert readers == []
+
+
+def test_precision_recall_on_too_few_images_carry_a_note_that_is_printed():
+    """0 +- 0 on a tiny evaluation is explained where it is printed; enough images on both sides: no note."""
+    import numpy as np
+
+    from pipeline.metrics import PrecisionRecallMetric
+    from pipeline.records import result_line
+    rng = np.random.default_rng(0)
+    pr = PrecisionRecallMetric()
+    few = pr.measure(rng.normal(size=(4, 16)), {"features": rng.normal(size=(8, 16))}, 4)
+    assert "4 generated and 8 reference images are too sparse" in few["precision"]["note"]
+    rec = {"fid": 300.0, "fid_se": 3.0, "fid_ci95": [294.0, 306.0], "sigma_rel": 0.1, "num_images": 4,
+           "ref_num_images": 8, "reference": "r", "feature_net": "f", "sampler": {"nfe": 7, "guidance": 1.0},
+           "metrics": {"fid": {"value": 300.0, "se": 3.0}, **few}}
+    line = result_line(rec)
+    assert line.count("too sparse") == 1 and "precision" in line and "recall" in line, line
+    enough = pr.measure(rng.normal(size=(pr.min_images, 16)), {"features": rng.normal(size=(pr.min_images, 16))}, 4)
+    assert "note" not in enough["precision"] and "note" not in enough["recall"]
