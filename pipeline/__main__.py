@@ -319,6 +319,25 @@ def _add_promote(sub) -> None:
     sp.set_defaults(func=_cmd_promote)
 
 
+def _cmd_share(args) -> int:
+    from pathlib import Path
+
+    from .share import set_sharing
+    for line in set_sharing(Path(args.dvc_yaml), args.state == "on", commit=not args.no_commit):
+        print(line)
+    return 0
+
+
+def _add_share(sub) -> None:
+    sp = sub.add_parser("share", help="on: keep the training's snapshots and summary in DVC's cache, so `dvc push` "
+                        "shares a finished run (a teammate's `dvc pull` + `dvc repro` trains nothing); off: back to "
+                        "the default (snapshots outside the cache)")
+    sp.add_argument("state", choices=["on", "off"])
+    sp.add_argument("--dvc-yaml", default="dvc.yaml", help="the pipeline file (default: dvc.yaml)")
+    sp.add_argument("--no-commit", action="store_true", help="only edit dvc.yaml (no `dvc commit` of the outputs)")
+    sp.set_defaults(func=_cmd_share)
+
+
 def _add_submit(sub) -> None:
     sp = sub.add_parser("submit", help="run training, an evaluation, a sweep or a command on SLURM (submitit) or locally",
                         description="Examples: submit train -S train.ref_lr=0.005 | submit sweep sweeps/lr.yaml | "
@@ -388,7 +407,7 @@ def _add_runs(sub) -> None:
     sp.set_defaults(func=_cmd_runs)
 
 
-COMMANDS = [_add_config, _add_info, _add_sample, _add_results, _add_compare, _add_sweep, _add_promote, _add_submit, _add_convert, _add_dataset, _add_import_nvidia, _add_runs]   # in the order --help lists them
+COMMANDS = [_add_config, _add_info, _add_sample, _add_results, _add_compare, _add_sweep, _add_promote, _add_share, _add_submit, _add_convert, _add_dataset, _add_import_nvidia, _add_runs]   # in the order --help lists them
 
 
 def build_parser():

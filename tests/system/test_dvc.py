@@ -49,7 +49,8 @@ def tiny_repo(d, fmnist, data: dict, run_dir: str):
 
 def baseline_commit_line() -> str:
     """The `git add ...` line of docs/pipeline.md's baseline commit (without its comment)."""
-    lines = [ln for ln in (ROOT / "docs" / "pipeline.md").read_text().splitlines() if ln.startswith("git add ")]
+    lines = [ln for ln in (ROOT / "docs" / "pipeline.md").read_text().splitlines()
+             if ln.startswith("git add ") and "# every file DVC asks git to track" in ln]
     assert len(lines) == 1, lines
     return lines[0].split("#")[0].strip()
 
@@ -143,6 +144,9 @@ def test_exp_run_set_param_reruns_only_dependent_stages(repo):
     client = MlflowClient(f"sqlite:///{repo / 'mlflow.db'}")
     run_id = json.loads((repo / "runs/tiny/train_summary.json").read_text())["mlflow_run_id"]
     run = client.get_run(run_id)
+    exp_name = run.data.tags.get("dvc_experiment")             # traced back to `dvc exp show`'s name
+    assert exp_name and exp_name in {row["Experiment"] for row in table}, (exp_name, table)
+    assert run.info.run_name == f"dvc-train {exp_name} ref_lr=0.005 {run.data.tags['run_key'][:8]}", run.info.run_name
     children = client.search_runs([run.info.experiment_id], f"tags.mlflow.parentRunId = '{run_id}'")
     by_key = {c.data.tags["eval_key"]: c for c in children}
     for r in records:
@@ -205,6 +209,30 @@ def test_queued_experiments_share_the_projects_run_and_mlflow_store(repo):
                        capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(repo)})
     assert r.returncode == 2 and "are not comparable: their evaluations differ in generated images (4 vs 2)" in r.stderr, \
         r.stderr
+
+
+def test_a_teammate_pulls_a_finished_run_from_a_dvc_remote_and_retrains_nothing(repo, tmp_path):
+    """`pipeline share on` + a local-folder DVC remote: push; a fresh clone pulls, `dvc repro` runs
+    nothing, and an evaluation-only change reruns only evaluate and report (from the pulled snapshots'
+    reconstructions and reference statistics)."""
+    remote = tmp_path / "remote"
+    out = sh("python -m pipeline share on", repo)
+    assert "runs/tiny/snapshots (train)" in out and "runs/tiny/metrics.jsonl (train)" in out, out
+    assert "now in DVC's cache" in out, out
+    assert "dvc commit -f fetch train" in out, out
+    sh(f"dvc remote add -d shared {remote} && git add -A && git commit -qm 'share runs' && dvc push -q", repo)
+    clone = tmp_path / "clone"
+    sh(f"git clone -q {repo} {clone} && cd {clone} && dvc pull -q", tmp_path)
+    assert (clone / "runs/tiny/snapshots").is_dir() and (clone / "models/ema").is_dir()
+    again = sh("dvc repro", clone)
+    assert "Running stage" not in again and "up to date" in again.lower(), again[-2000:]
+    out = sh("dvc exp run -S sampler.steps=3", clone)
+    ran = {s for s in ("fetch", "encode", "reference", "train", "reconstruct", "evaluate", "report")
+           if f"Running stage '{s}'" in out}
+    assert ran == {"evaluate", "report"}, out[-3000:]
+    assert {r["sampler"]["steps"] for r in json.loads((clone / "metrics/fid_records.json").read_text())} == {3}
+    off = sh("python -m pipeline share off", clone)
+    assert "out of DVC's cache" in off and (clone / "dvc.yaml").read_text().count("cache: false           # share:") == 4
 
 
 def test_every_stage_lists_its_script_and_every_module_it_imports(root):
