@@ -1,4 +1,4 @@
-"""`python -m pipeline compare A B [...]`: a verdict between experiments (method.md 8).
+"""`python -m pipeline compare A B [...]`: a verdict between experiments (method.md 10).
 
 Each argument names where an evaluation's records are: a records file (or a folder holding
 fid_records.json), a sweep trial (`SWEEP/TRIAL`), an MLflow run id (a training run or one of its EMA
@@ -139,9 +139,12 @@ def _show(r: dict, key: str) -> str:
 
 
 def point(r: dict) -> tuple:
-    """The post-hoc point a record measures, without the sampler's steps (what experiments often change)."""
-    s = r.get("sampler") or {}
-    return (round(float(r.get("sigma_rel") or 0), 6), float(s.get("guidance", 1.0)), r.get("guide", "none"))
+    """The post-hoc point a record measures: EMA length, guidance and guide, and the training length or
+    the steps only when the evaluation made them an axis (otherwise the steps are what experiments
+    often change, and are compared)."""
+    s, extra = r.get("sampler") or {}, r.get("extra") or {}
+    return (round(float(r.get("sigma_rel") or 0), 6), float(s.get("guidance", 1.0)), r.get("guide", "none"),
+            r.get("nimg") if extra.get("nimg_axis") else None, s.get("steps") if extra.get("steps_axis") else None)
 
 
 def metric_difference(name: str, ra: dict, rb: dict) -> dict | None:
