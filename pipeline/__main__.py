@@ -142,6 +142,7 @@ def _cmd_runs(args) -> int:
         from .tracking.runs import COMPACT_WIDTH, compact
         table, left = compact(df.round({"final_loss": 4, "sigma_rel": 3}))
         import textwrap
+        table["run"] = table["run"].str.ljust(int(table["run"].str.len().max()))     # names read left-aligned
         print(table.to_string(index=False, na_rep="-"))
         note = (f"{len(table)} run(s), one row per training (best FID, 95% interval); --all: every EMA point and "
                 f"column; --columns a,b: chosen ones"

@@ -181,7 +181,13 @@ def compare(a: Evaluation, b: Evaluation) -> dict:
     pairs = [(by_a[point(r)], r) for r in rb if point(r) in by_a]
     best_a, best_b = min(ra, key=lambda r: r["fid"]), min(rb, key=lambda r: r["fid"])
     pairs.sort(key=lambda p: point(p[0]))
-    return {"a": a.name, "b": b.name, "where": [a.where, b.where],
+    from .records import record_metrics
+    notes: dict = {}                               # e.g. precision/recall on too few images, said once
+    for r in (best_a, best_b):
+        for name, e in record_metrics(r).items():
+            if e.get("note") and name not in notes.setdefault(e["note"], []):
+                notes[e["note"]].append(name)
+    return {"a": a.name, "b": b.name, "where": [a.where, b.where], "notes": notes,
             "points": [{"point": _label(x), "a": _setting(x), "b": _setting(y), "metrics": compare_records(x, y)}
                        for x, y in pairs],
             "best": {"point": f"{_label(best_a)} vs {_label(best_b)}", "a": _setting(best_a), "b": _setting(best_b),
@@ -221,4 +227,5 @@ def lines(result: dict) -> list[str]:
         for d in p["metrics"]:
             ci = f"95% {d['ci95'][0]:+.4g} to {d['ci95'][1]:+.4g}" if d["ci95"] else "no interval"
             out.append(f"  {d['metric']:<10} {d['diff']:+.4g}  ({ci}, {d['how']})  {verdict(d)}")
+    out += [f"note: {', '.join(names)}: {note}" for note, names in result.get("notes", {}).items()]
     return out

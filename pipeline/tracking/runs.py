@@ -111,7 +111,7 @@ def compact(df, width: int = COMPACT_WIDTH):
         evaluated = g[g["fid"].notna()] if "fid" in g else g.iloc[0:0]
         best = evaluated.loc[evaluated["fid"].idxmin()] if len(evaluated) else None
         first = g.iloc[0]
-        row = {"run": _short(str(first["run_name"]), 34), "status": first["status"]}
+        row = {"run": str(first["run_name"]), "status": first["status"]}
         row.update({c[len("param."):]: first[c] for c in g.columns if c.startswith("param.")})
         row["best_fid"] = _fid_cell(best)
         row["sigma_rel"] = best["sigma_rel"] if best is not None and "sigma_rel" in best else None
@@ -121,6 +121,13 @@ def compact(df, width: int = COMPACT_WIDTH):
     params = [c for c in out.columns if c not in ("run", "status", "best_fid", "sigma_rel", "final_loss")]
     out = out.rename(columns={p: p.rsplit(".", 1)[-1] if sum(q.rsplit(".", 1)[-1] == p.rsplit(".", 1)[-1]
                                                               for q in params) == 1 else p for p in params})
+    params = [c for c in out.columns if c not in ("run", "status", "best_fid", "sigma_rel", "final_loss")]
+    reserve = min(30, sum(2 + max(len(str(c)), int(out[c].astype(str).str.len().max())) for c in params))
+    for n in (60, 48, 40, 34, 28):                # the run's name as long as the table allows
+        names = out["run"].map(lambda t: _short(t, n))
+        if _width(out[["status", "best_fid", "sigma_rel", "final_loss"]].assign(run=names)) <= width - reserve:
+            break
+    out["run"] = names
     shown = [c for c in out.columns if c in ("run", "status")]
     left = []
     fixed = ["best_fid", "sigma_rel", "final_loss"]

@@ -79,3 +79,15 @@ def test_records_are_found_from_files_folders_and_sweep_trials(tmp_path):
         assert ev.records[0]["fid"] == rec["fid"], spec
     with pytest.raises(CompareError, match="nothere: no evaluation found"):
         find_evaluation("nothere", tmp_path, None, tmp_path / "runs/sweeps")
+
+
+def test_a_metric_note_is_printed_once_under_the_comparison():
+    ref = _ref()
+    x = np.random.default_rng(4).normal(size=(64, D))
+    a, b = _record(x, ref), _record(x + 0.1, ref)
+    note = "k-NN manifolds of 64 generated and 400 reference images are too sparse"
+    for r in (a, b):
+        r["metrics"]["precision"] = {"value": 0.0, "se": 0.0, "interval": [0.0, 0.0], "note": note}
+        r["metrics"]["recall"] = {"value": 0.0, "se": 0.0, "interval": [0.0, 0.0], "note": note}
+    text = lines(compare(Evaluation("A", "a", [a]), Evaluation("B", "b", [b])))
+    assert [ln for ln in text if ln.startswith("note:")] == [f"note: precision, recall: {note}"]
