@@ -43,7 +43,7 @@ class Evaluation:
 
 def find_evaluation(spec: str, root: Path, uri: str | None, sweeps_dir: Path) -> Evaluation:
     """The records `spec` names (tried in this order: path, sweep trial, MLflow run id, DVC revision)."""
-    from .records import read_records
+    from .records import parse_records, read_records
     p = Path(spec)
     if p.exists():
         f = p / "fid_records.json" if p.is_dir() else p
@@ -70,21 +70,8 @@ def find_evaluation(spec: str, root: Path, uri: str | None, sweeps_dir: Path) ->
                      f"({err.__class__.__name__})")
     else:
         where = f"metrics/fid_records.json at {spec}"
-        return Evaluation(spec, where, _records_from_text(text, where))
+        return Evaluation(spec, where, parse_records(text.encode(), where))
     raise CompareError(f"{spec}: no evaluation found ({'; '.join(tried)})")
-
-
-def _records_from_text(text: str, what: str) -> list[dict]:
-    import tempfile
-
-    from .records import read_records
-    with tempfile.TemporaryDirectory() as d:           # one reader checks every records file
-        f = Path(d) / "fid_records.json"
-        f.write_text(text)
-        try:
-            return read_records(f, what)
-        except PipelineError as err:
-            raise CompareError(str(err).replace(str(f), what)) from None
 
 
 def _mlflow_records(run_id: str, uri: str) -> list[dict]:
@@ -181,13 +168,8 @@ def compare(a: Evaluation, b: Evaluation) -> dict:
     pairs = [(by_a[point(r)], r) for r in rb if point(r) in by_a]
     best_a, best_b = min(ra, key=lambda r: r["fid"]), min(rb, key=lambda r: r["fid"])
     pairs.sort(key=lambda p: point(p[0]))
-    from .records import record_metrics
-    notes: dict = {}                               # e.g. precision/recall on too few images, said once
-    for r in (best_a, best_b):
-        for name, e in record_metrics(r).items():
-            if e.get("note") and name not in notes.setdefault(e["note"], []):
-                notes[e["note"]].append(name)
-    return {"a": a.name, "b": b.name, "where": [a.where, b.where], "notes": notes,
+    from .records import metric_notes
+    return {"a": a.name, "b": b.name, "where": [a.where, b.where], "notes": metric_notes(best_a, best_b),
             "points": [{"point": _label(x), "a": _setting(x), "b": _setting(y), "metrics": compare_records(x, y)}
                        for x, y in pairs],
             "best": {"point": f"{_label(best_a)} vs {_label(best_b)}", "a": _setting(best_a), "b": _setting(best_b),

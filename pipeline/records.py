@@ -25,24 +25,35 @@ class RecordError(PipelineError, ValueError):
 def read_records(path: str | Path, what: str = "records file") -> list[dict]:
     """The FID records of a fid_records.json, each checked for the fields readers use; a missing, corrupt
     or foreign file is a RecordError naming the file (never a traceback, never an empty result)."""
-    import math
     path = Path(path)
     if not path.is_file():
         raise RecordError(f"{what} {path} is missing (run the evaluate stage)")
     try:
-        recs = json.loads(path.read_bytes().decode("utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError) as err:
+        data = path.read_bytes()
+    except OSError as err:
         raise RecordError(f"{what} {path} is corrupt ({err.__class__.__name__}: {str(err)[:80]}); "
                           f"rerun the evaluate stage") from None
+    return parse_records(data, f"{what} {path}")
+
+
+def parse_records(data: bytes, where: str) -> list[dict]:
+    """The records of a fid_records.json's bytes (a file, or a file at a DVC revision), checked as
+    read_records says; `where` names them in the one-line error."""
+    import math
+    try:
+        recs = json.loads(data.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as err:
+        raise RecordError(f"{where} is corrupt ({err.__class__.__name__}: {str(err)[:80]}); "
+                          f"rerun the evaluate stage") from None
     if not isinstance(recs, list) or not recs:
-        raise RecordError(f"{what} {path} holds no records (expected a non-empty JSON list)")
+        raise RecordError(f"{where} holds no records (expected a non-empty JSON list)")
     for i, r in enumerate(recs):
         ok = (isinstance(r, dict) and isinstance(r.get("fid"), (int, float)) and not isinstance(r.get("fid"), bool)
               and math.isfinite(r["fid"]) and isinstance(r.get("sampler"), dict)
               and isinstance(r.get("seeds"), list) and len(r["seeds"]) == 2 and isinstance(r.get("model_file"), str)
               and all(k in r["sampler"] for k in ("nfe", "steps", "guidance")))
         if not ok:
-            raise RecordError(f"{what} {path}: record {i} is malformed (needs a finite fid, sampler, seeds, "
+            raise RecordError(f"{where}: record {i} is malformed (needs a finite fid, sampler, seeds, "
                               f"model_file); rerun the evaluate stage")
     return recs
 
@@ -225,9 +236,19 @@ def result_line(r: dict) -> str:
             f"{'; ' + protocol_text(r) if r.get('seed_sets', 1) > 1 else ''}]" + _others_text(r))
 
 
+def metric_notes(*records: dict) -> dict[str, list[str]]:
+    """{note: [metric names]} of the records' metric entries that carry a note (e.g. precision and recall
+    on too few images), each note once, in order: what every printed table says below its numbers."""
+    notes: dict[str, list[str]] = {}
+    for r in records:
+        for name, e in record_metrics(r).items():
+            if e.get("note") and name not in notes.setdefault(e["note"], []):
+                notes[e["note"]].append(name)
+    return notes
+
+
 def _others_text(r: dict) -> str:
     """The metrics beyond FID and KID, each with its standard error."""
     parts = [f"{name} {e['value']:.4g} +- {e['se']:.2g}" if e.get("se") is not None else f"{name} {e['value']:.4g}"
              for name, e in record_metrics(r).items() if name not in ("fid", "kid")]
-    notes = dict.fromkeys(e["note"] for e in record_metrics(r).values() if e.get("note"))   # once each, in order
-    return (("; " + ", ".join(parts)) if parts else "") + "".join(f" ({n})" for n in notes)
+    return (("; " + ", ".join(parts)) if parts else "") + "".join(f" ({n})" for n in metric_notes(r))

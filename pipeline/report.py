@@ -162,12 +162,8 @@ def _add_best(md: list, h: list, best: dict, distinct, cfg_dict: dict) -> None:
     h.append(f"<p>Best FID <b>{best['fid']:.3f}{se}</b> at <b>{html.escape(point_label(best))}</b> "
              f"<span class='rec'>({html.escape(record_line(best))})</span></p>")
     notes = [f"Protocol: {protocol_text(best)}."] + paper_lines(cfg_dict.get("preset"), distinct)
-    from .records import record_metrics
-    caveats: dict = {}                                  # e.g. precision/recall on too few images, said once
-    for name, e in record_metrics(best).items():
-        if e.get("note"):
-            caveats.setdefault(e["note"], []).append(name)
-    notes += [f"{', '.join(names)}: {note}." for note, names in caveats.items()]
+    from .records import metric_notes
+    notes += [f"{', '.join(names)}: {note}." for note, names in metric_notes(best).items()]
     if all(r.get("bootstrap") for r in distinct):
         from .stats import ranking
         notes += ranking(distinct, label=point_label)["lines"][1:]

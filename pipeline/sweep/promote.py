@@ -82,8 +82,7 @@ def promoted_values(trial_values: dict, rec: dict, duration_nimg: int | None) ->
 
 def changes(params: Path, values: dict) -> list[tuple[str, object, object]]:
     """(key, current value, new value) for every value that differs from params.yaml's (checked by the schema)."""
-    cfg = load_config(params, [f"{k}={json.dumps(v)}" for k, v in values.items()])   # bad values fail here
-    del cfg
+    load_config(params, [f"{k}={json.dumps(v)}" for k, v in values.items()])       # bad values fail here
     current = flatten(load_config(params).to_dict())
     return [(k, current.get(k), v) for k, v in values.items() if current.get(k) != v]
 
