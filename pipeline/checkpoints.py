@@ -56,9 +56,8 @@ def load_latest_checkpoint(run_dir: Path, cfg: C.Config, log=print) -> dict | No
             problems.append((path, str(err)))
             continue
         if ckpt["run_key"] != cfg.run_key():
-            have, want = C.flatten(ckpt["config"]), C.flatten(cfg.to_dict())
-            keyed = C.flatten(C.key_values(cfg))
-            shown = "; ".join(f"{k}: checkpoint {have.get(k)!r}, config {want[k]!r}" for k in sorted(keyed)
+            have, want = _keyed(ckpt["config"]), C.flatten(C.key_values(cfg))
+            shown = "; ".join(f"{k}: checkpoint {have.get(k)!r}, config {want[k]!r}" for k in sorted(want)
                               if have.get(k) != want[k])
             raise TrainingError(f"{path} was written by a different configuration ({shown or 'run key differs'}). "
                                 f"Use another train.run_dir, or remove {run_dir} to start over.")
@@ -69,6 +68,14 @@ def load_latest_checkpoint(run_dir: Path, cfg: C.Config, log=print) -> dict | No
         raise TrainingError(f"none of the {len(paths)} checkpoint(s) in {run_dir / 'checkpoints'} is valid "
                             f"({problems[0][1]}); move the folder aside to start over")
     return None
+
+
+def _keyed(stored: dict) -> dict:
+    """A stored config's run-key values, dotted (read as today's schema reads it; raw if it no longer validates)."""
+    try:
+        return C.flatten(C.key_values(C.resolve({k: v for k, v in stored.items() if k != "preset"}, where=None)))
+    except C.ConfigError:
+        return C.flatten(stored)
 
 
 def _check_finite_state(path: Path, ckpt: dict) -> None:

@@ -30,7 +30,7 @@ def edm2_loss(net, images: torch.Tensor, labels: torch.Tensor | None, loss_cfg,
               eps: torch.Tensor | None = None):
     """Per element l = lambda / exp(u) * (D(y + n; sigma) - y)^2 + u  (method.md 2; EDM2 eq. 21).
 
-    loss_cfg: a LossConfig (noise law and its parameters, sigma_data).
+    loss_cfg: the loss section (config.LOSS_LAWS: the noise law, its parameters, sigma_data).
 
     sigma and eps (the unit noise, n = sigma eps) are drawn from `generator` unless given (training
     draws them for the whole global batch, so results do not depend on how it is split).

@@ -331,7 +331,7 @@ def loss_args(loss_fn) -> dict:
         v = st.get(k, (st.get("_init_kwargs") or {}).get(k))
         if isinstance(v, (int, float)) and not isinstance(v, bool):
             out[f"loss.{k}"] = float(v)
-    return out
+    return {"loss.noise": "lognormal", **out} if out else out       # EDM2Loss draws ln(sigma) ~ N(P_mean, P_std^2)
 
 
 def encoder_kind(data: dict) -> str:

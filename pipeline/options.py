@@ -1,5 +1,6 @@
 """The method's options as small tables, read by the config schema (the names a field accepts) and by
-the code that runs them. Adding one: an entry here, its parameters in config/schema.py, its test in
+the code that runs them. Adding one: an entry here, its parameters in config/schema.py (a noise law:
+a class in LOSS_LAWS, the loss section's tagged union), its test in
 tests/unit/test_tables.py, its line in docs/method.md. Torch is imported inside the functions, so the
 schema loads without it.
 
@@ -33,7 +34,7 @@ NOISE_LAWS: dict[str, Callable] = {"lognormal": _lognormal, "loguniform": _logun
 
 
 def sample_sigma(n: int, noise, generator=None, device="cpu"):
-    """n noise levels from the law `noise.noise` (a LossConfig, or anything with its fields)."""
+    """n noise levels from the law `noise.noise` (a loss section: config.LOSS_LAWS)."""
     return NOISE_LAWS[noise.noise](n, noise, generator, device)
 
 

@@ -14,7 +14,7 @@ from .fields import (SEED_LIMIT, SIGMA_REL_MAX, ConfigError, NonNegFloat, NonNeg
                      at_least, flatten, set_dotted)
 from .loading import (PRESETS_FILE, diff, format_errors, json_dump, load_config, parse_override, preset, presets,
                       read_yaml, resolve, yaml_dump)
-from .schema import (NOISE_LAWS, Config, DataConfig, EMAConfig, EvaluateConfig, MetricsConfig, GridConfig, GuideSpec,
+from .schema import (LOSS_LAWS, NOISE_LAWS, LognormalLoss, LoguniformLoss, law_fields, loss_config, Config, DataConfig, EMAConfig, EvaluateConfig, MetricsConfig, GridConfig, GuideSpec,
                      LauncherConfig, LossConfig, NetworkConfig, SamplerConfig, TrackingConfig, TrainConfig, key_values)
 
 __all__ = ["SEED_LIMIT", "SIGMA_REL_MAX", "ConfigError", "NonNegFloat", "NonNegInt", "PosFloat", "PosInt", "SigmaRel",
@@ -22,4 +22,4 @@ __all__ = ["SEED_LIMIT", "SIGMA_REL_MAX", "ConfigError", "NonNegFloat", "NonNegI
            "load_config", "parse_override", "preset", "presets", "read_yaml", "resolve", "yaml_dump", "NOISE_LAWS",
            "Config", "DataConfig", "EMAConfig", "EvaluateConfig", "MetricsConfig", "GridConfig", "GuideSpec",
            "LauncherConfig", "LossConfig", "NetworkConfig", "SamplerConfig", "TrackingConfig", "TrainConfig",
-           "key_values"]
+           "key_values", "LOSS_LAWS", "LognormalLoss", "LoguniformLoss", "law_fields", "loss_config"]

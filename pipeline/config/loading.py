@@ -14,7 +14,7 @@ import yaml
 from pydantic import ValidationError
 
 from .fields import ConfigError, flatten, set_dotted
-from .schema import Config
+from .schema import DEFAULT_NOISE_LAW, LOSS_LAWS, Config, law_fields
 
 PRESETS_FILE = Path(__file__).parents[1] / "presets.yaml"
 
@@ -35,13 +35,17 @@ def renamed(key: str) -> str:
     return key
 
 
+def note_once(text: str, where: str | None) -> None:
+    """One line on stderr per note and place; where=None: no note (a stored config read back, e.g. a
+    model header written before a rename)."""
+    if where is not None and (text, where) not in _NOTED:
+        _NOTED.add((text, where))
+        print(f"note: {where + ': ' if where else ''}{text}", file=sys.stderr)
+
+
 def note_renamed(old: str, new: str, where: str | None) -> None:
-    """One line on stderr per old key and place (a renamed key keeps working); where=None: no note (a
-    stored config read back, e.g. a model header written before the rename)."""
-    if where is not None and (old, where) not in _NOTED:
-        _NOTED.add((old, where))
-        print(f"note: {where + ': ' if where else ''}{old} is now {new} (the old key still works; rename it)",
-              file=sys.stderr)
+    """The note on a renamed key (it keeps working)."""
+    note_once(f"{old} is now {new} (the old key still works; rename it)", where)
 
 
 def renamed_keys(values: dict, where: str | None = "") -> dict:
@@ -138,7 +142,9 @@ def format_errors(err: ValidationError, raw: dict) -> str:
     for e in err.errors():
         loc = e["loc"]
         path = ""
-        for part in loc:
+        for i, part in enumerate(loc):
+            if i == 1 and loc[0] == "loss" and part in LOSS_LAWS:
+                continue                               # the tagged union's variant: loss.noise says it
             path += f"[{part}]" if isinstance(part, int) else (f".{part}" if path else str(part))
         msg = e["msg"]
         for prefix in ("Value error, ", "Assertion failed, "):
@@ -161,16 +167,61 @@ def resolve(raw: dict | None = None, overrides: dict[str, Any] | list[str] | Non
     raw = renamed_sections(copy.deepcopy(raw or {}), where)
     if isinstance(overrides, list):
         overrides = dict(parse_override(o) for o in overrides)
+    over: dict = {}
     for k, v in renamed_keys(overrides or {}, "override").items():
-        set_dotted(raw, k, v)
+        set_dotted(over, k, v)
+    raw = _deep_merge(switch_noise_law(raw, over), over)
     if raw.get("preset") is not None and not isinstance(raw["preset"], str):
         raise ConfigError(f"preset={raw['preset']!r}: expected a preset name, one of {', '.join(sorted(presets()))}")
     if raw.get("preset"):
-        raw = _deep_merge(renamed_sections(preset(raw["preset"]), "presets.yaml"), raw)
+        raw = _deep_merge(switch_noise_law(renamed_sections(preset(raw["preset"]), "presets.yaml"), raw), raw)
+    raw = one_noise_law(raw, where, {k for k in (overrides or {}) if renamed(k).startswith("loss.")})
     try:
         return Config.model_validate(raw)
     except ValidationError as err:
         raise ConfigError(format_errors(err, raw)) from None
+
+
+# --- the loss section, a tagged union (schema.LOSS_LAWS) ------------------------------------------------
+def _law(raw: dict) -> Any:
+    loss = raw.get("loss")
+    return loss.get("noise", DEFAULT_NOISE_LAW) if isinstance(loss, dict) else DEFAULT_NOISE_LAW
+
+
+def switch_noise_law(lower: dict, upper: dict) -> dict:
+    """`lower` without its old law's fields when the layer above it (overrides over a file, a file over
+    its preset) names another law in loss.noise: naming the tag picks the variant, whose fields start
+    from that law's defaults (`-S loss.noise=loguniform` over a params.yaml with P_mean works)."""
+    up = upper.get("loss")
+    if not isinstance(up, dict) or "noise" not in up or up["noise"] == _law(lower) or up["noise"] not in LOSS_LAWS \
+            or not isinstance(lower.get("loss"), dict):
+        return lower
+    keep = {"noise", "sigma_data", *law_fields(up["noise"])}
+    return {**lower, "loss": {k: v for k, v in lower["loss"].items() if k in keep}}
+
+
+def one_noise_law(raw: dict, where: str | None, overridden: set = frozenset()) -> dict:
+    """The loss section with only its law's fields. Another law's field (the flat section before the
+    union held them all) is dropped when it has that law's default value (with a note; silently in a
+    stored config, where=None) and refused otherwise: it would not do what it says. `overridden`: the
+    dotted keys an override set (the error names the override, not the file)."""
+    loss, law = raw.get("loss"), _law(raw)
+    if not isinstance(loss, dict):
+        return raw
+    if law not in LOSS_LAWS:
+        raise ConfigError(f"loss.noise={law!r}: unknown noise law; choose one of {', '.join(LOSS_LAWS)}")
+    owners = {f: name for name in LOSS_LAWS for f in law_fields(name) if name != law}
+    strays = {k: owners[k] for k in loss if k in owners and k not in law_fields(law)}
+    for k, owner in strays.items():
+        default = LOSS_LAWS[owner].model_fields[k].default
+        place = "override" if f"loss.{k}" in overridden else where
+        if place is not None and loss[k] != default:
+            raise ConfigError(f"{place + ': ' if place else ''}loss.{k}={loss[k]!r} belongs to the {owner} noise law, "
+                              f"not to loss.noise={law} (whose fields are {', '.join(law_fields(law))}): set "
+                              f"loss.noise={owner} or remove it")
+        note_once(f"loss.{k}={loss[k]!r} belongs to the {owner} noise law, unused with loss.noise={law}: "
+                  f"ignored (remove it)", place)
+    return {**raw, "loss": {k: v for k, v in loss.items() if k not in strays}} if strays else raw
 
 
 def load_config(path: str | Path = "params.yaml", overrides: dict[str, Any] | list[str] | None = None) -> Config:

@@ -7,9 +7,9 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Annotated, Any, Literal, Optional
+from typing import Annotated, Any, ClassVar, Literal, Optional, Union
 
-from pydantic import AfterValidator, BaseModel, Field, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, Discriminator, Field, Tag, field_validator, model_validator
 
 from ..backends import BACKENDS as _BACKENDS
 from ..data.sources import SOURCES as _SOURCES
@@ -77,19 +77,59 @@ class NetworkConfig(_Section):
 NOISE_LAWS = tuple(_NOISE_LAWS)              # noise-level laws of training: the table in options.py
 
 
-class LossConfig(_Section):
-    noise: Literal[NOISE_LAWS] = "lognormal"   # lognormal: ln(sigma) ~ N(P_mean, P_std^2) (EDM2 eq. 14)
+# The loss section is a tagged union: `loss.noise` names the law (the tag) and the section holds that
+# law's own fields and sigma_data, nothing else (method.md 2). Until 2026-12 one flat section held every
+# law's fields; the run key still counts the other laws' fields at those old defaults (KEY_FILL), so
+# runs, checkpoints and snapshots made before resume and match (tests/unit/test_noise_laws.py).
+class _NoiseLaw(_Section):
+    noise: str                             # the tag: each law below fixes it
+    sigma_data: PosFloat = 0.5             # s in method.md 1: the data's standard deviation
+    KEY_FILL: ClassVar[dict] = {}
+
+
+class LognormalLoss(_NoiseLaw):
+    """ln(sigma) ~ N(P_mean, P_std^2) (EDM2 eq. 14)."""
+    noise: Literal["lognormal"] = "lognormal"
     P_mean: float = -0.8
     P_std: PosFloat = 1.6
-    sigma_lo: PosFloat = 0.002             # loguniform: ln(sigma) ~ U(ln sigma_lo, ln sigma_hi)
+    KEY_FILL: ClassVar[dict] = {"sigma_lo": 0.002, "sigma_hi": 80.0}
+
+
+class LoguniformLoss(_NoiseLaw):
+    """ln(sigma) ~ U(ln sigma_lo, ln sigma_hi)."""
+    noise: Literal["loguniform"] = "loguniform"
+    sigma_lo: PosFloat = 0.002
     sigma_hi: PosFloat = 80.0
-    sigma_data: PosFloat = 0.5
+    KEY_FILL: ClassVar[dict] = {"P_mean": -0.8, "P_std": 1.6}
 
     @model_validator(mode="after")
     def _check(self):
         if self.sigma_lo >= self.sigma_hi:
             raise ValueError(f"loss.sigma_lo={self.sigma_lo} must be < loss.sigma_hi={self.sigma_hi}")
         return self
+
+
+LOSS_LAWS: dict[str, type[_NoiseLaw]] = {"lognormal": LognormalLoss, "loguniform": LoguniformLoss}
+DEFAULT_NOISE_LAW = "lognormal"
+
+
+def _noise_tag(v) -> str | None:
+    return v.get("noise", DEFAULT_NOISE_LAW) if isinstance(v, dict) else getattr(v, "noise", None)
+
+
+LossConfig = Annotated[Union[tuple(Annotated[cls, Tag(name)] for name, cls in LOSS_LAWS.items())],
+                       Discriminator(_noise_tag, custom_error_type="noise_law",
+                                     custom_error_message=f"loss.noise: one of {', '.join(LOSS_LAWS)}")]
+
+
+def loss_config(noise: str = DEFAULT_NOISE_LAW, **fields) -> LognormalLoss | LoguniformLoss:
+    """The loss section of the law `noise` with `fields` (the rest at their defaults)."""
+    return LOSS_LAWS[noise](**fields)
+
+
+def law_fields(noise: str) -> list[str]:
+    """The fields that belong to one law (without sigma_data and the tag, which every law has)."""
+    return [f for f in LOSS_LAWS[noise].model_fields if f not in _NoiseLaw.model_fields]
 
 
 class TrainConfig(_Section):
@@ -303,7 +343,7 @@ class Config(_Section):
     preset: Optional[str] = off_key(None)              # its values are resolved into the sections below
     data: DataConfig = Field(default_factory=DataConfig)
     network: NetworkConfig = Field(default_factory=NetworkConfig)
-    loss: LossConfig = Field(default_factory=LossConfig)
+    loss: LossConfig = Field(default_factory=LognormalLoss)
     train: TrainConfig = Field(default_factory=TrainConfig)
     ema: EMAConfig = Field(default_factory=EMAConfig)
     sampler: SamplerConfig = off_key(default_factory=SamplerConfig)
@@ -379,12 +419,12 @@ class Config(_Section):
 
 
 def key_values(model: BaseModel) -> dict:
-    """The model's values without the fields marked NOT_IN_KEY, recursively."""
-    out = {}
+    """The model's values without the fields marked NOT_IN_KEY, recursively (a noise law adds its
+    KEY_FILL: the run key as it was before the loss section became a tagged union)."""
+    out = dict(getattr(model, "KEY_FILL", {}))
     for name, f in type(model).model_fields.items():
         if (f.json_schema_extra or {}).get("run_key") is False:
             continue
         v = getattr(model, name)
         out[name] = key_values(v) if isinstance(v, BaseModel) else (v if not isinstance(v, tuple) else list(v))
     return out
-

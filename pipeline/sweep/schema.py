@@ -236,6 +236,14 @@ def load_sweep(path: str | Path) -> tuple[SweepConfig, Config]:
         for v in axis.probe_values():
             cfg = load_config(base_path, {**overrides, key: v})    # raises the one-line error for a bad value
             durations.append(cfg.train.duration_nimg)
+    if "loss.noise" in sweep.search:      # each law drawn beside the other loss axes (a field of another law is refused)
+        others = {k: a.probe_values()[0] for k, a in sweep.search.items() if k.startswith("loss.") and k != "loss.noise"}
+        for law in sweep.search["loss.noise"].probe_values():
+            try:
+                load_config(base_path, {**overrides, **others, "loss.noise": law})
+            except ConfigError as err:
+                raise ConfigError(f"{path.name}: search: {err} (the axis loss.noise draws {law}; search one "
+                                  f"law's fields per sweep, or only fields every law has)") from None
     s = sweep.scheduler
     if scheduler_entry(s.type).uses_grace and s.grace_period_nimg > min(durations):
         raise ConfigError(f"{path.name}: scheduler.grace_period_nimg={s.grace_period_nimg} is longer than "

@@ -313,6 +313,9 @@ def _sweep_file(tmp_path, fmnist, **changes):
     ({"search": {"train.ref_lr": {"grid": [0.01, -1]}}}, "train.ref_lr=-1: must be > 0"),
     ({"search": {"train.ref_lrr": {"grid": [0.01]}}}, "search.train.ref_lrr: unknown key"),
     ({"search": {"loss.P_std": {"grid": [1.0, 0.0]}}}, "loss.P_std=0.0: must be > 0"),
+    ({"search": {"loss.noise": {"choice": ["lognormal", "loguniform"]}, "loss.P_std": {"uniform": [0.8, 2.0]}},
+      "algorithm": "random"}, "search: override: loss.P_std=0.8 belongs to the lognormal noise law, not to loss.noise=loguniform"),
+    ({"search": {"loss.sigma_lo": {"grid": [0.01]}}}, "search.loss.sigma_lo: unknown key"),
     ({"search": {"train.ref_lr": {"uniform": [0.02, 0.01]}}, "algorithm": "random"}, "needs low < high"),
     ({"search": {"train.ref_lr": {"grid": []}}}, "grid is empty"),
     ({"search": {"ema.targets": {"grid": [[0.1]]}}}, "sweep EMA length with `ema_lengths`"),
@@ -544,7 +547,7 @@ def test_the_same_sweep_file_draws_the_same_values(tmp_path, fmnist, monkeypatch
     from pipeline.sweep import run_sweep
     from pipeline.sweep.plan import plan
     f = _sweep_file(tmp_path, fmnist, algorithm="random", num_samples=5, seed=7,
-                    search={"train.ref_lr": {"loguniform": [0.001, 0.1]}, "loss.P_std": {"uniform": [0.8, 2.0]},
+                    search={"train.ref_lr": {"loguniform": [0.001, 0.1]}, "loss.sigma_data": {"uniform": [0.4, 0.6]},
                             "loss.noise": {"choice": ["lognormal", "loguniform"]}})
     monkeypatch.chdir(tmp_path)
     first, second = plan(*load_sweep(f)), plan(*load_sweep(f))

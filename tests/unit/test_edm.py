@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from pipeline.config import NOISE_LAWS, LossConfig
+from pipeline.config import NOISE_LAWS, loss_config
 from pipeline.edm import SeededNoise, edm2_loss, edm_sampler, gmm_denoiser, learning_rate, sigma_steps
 from pipeline.networks import Precond
 
@@ -23,13 +23,13 @@ def test_noise_laws_are_one_table_and_draw_their_distributions():
     from pipeline.edm import sample_sigma
     assert tuple(SAMPLERS) == NOISE_LAWS                     # the config's names are the sampler table's keys
     g = torch.Generator().manual_seed(0)
-    ln = sample_sigma(20000, LossConfig(P_mean=-0.8, P_std=1.6), g).log()
+    ln = sample_sigma(20000, loss_config(P_mean=-0.8, P_std=1.6), g).log()
     assert abs(ln.mean().item() + 0.8) < 0.05 and abs(ln.std().item() - 1.6) < 0.05
-    lu = sample_sigma(20000, LossConfig(noise="loguniform", sigma_lo=0.01, sigma_hi=10.0), g).log()
+    lu = sample_sigma(20000, loss_config(noise="loguniform", sigma_lo=0.01, sigma_hi=10.0), g).log()
     assert lu.min().item() >= math.log(0.01) and lu.max().item() <= math.log(10.0)
     assert abs(lu.mean().item() - (math.log(0.01) + math.log(10.0)) / 2) < 0.05      # uniform in ln(sigma)
     with pytest.raises(Exception, match="sigma_lo"):
-        LossConfig(noise="loguniform", sigma_lo=5.0, sigma_hi=1.0)
+        loss_config(noise="loguniform", sigma_lo=5.0, sigma_hi=1.0)
 
 
 def test_loss_matches_spec_formula_and_u_gets_gradients():
@@ -37,7 +37,7 @@ def test_loss_matches_spec_formula_and_u_gets_gradients():
     y = torch.randn(6, 1, 16, 16, generator=torch.Generator().manual_seed(1)) * 0.5
     P_mean, P_std, sd = -0.8, 1.6, 0.5
     net.train()
-    objective, stats = edm2_loss(net, y, None, LossConfig(P_mean=P_mean, P_std=P_std, sigma_data=sd),
+    objective, stats = edm2_loss(net, y, None, loss_config(P_mean=P_mean, P_std=P_std, sigma_data=sd),
                                  generator=torch.Generator().manual_seed(7))
     objective.backward()
     g_u = net.logvar_linear.weight.grad

@@ -8,7 +8,7 @@ from safetensors.torch import load_file
 
 from pipeline import config as C
 from pipeline import phema, reconstruction, snapshots
-from pipeline.config import LossConfig
+from pipeline.config import loss_config
 from pipeline.edm import edm2_loss
 from pipeline.io import read_safetensors_header
 from pipeline.networks import Precond
@@ -93,7 +93,7 @@ def test_reconstruction_equals_direct_tracking(tmp_path):
     g = torch.Generator().manual_seed(2)
     for step in range(1, steps + 1):
         idx = torch.randint(0, 64, (batch,), generator=g)
-        loss, _ = edm2_loss(net, data[idx], None, LossConfig(), generator=g)
+        loss, _ = edm2_loss(net, data[idx], None, loss_config(), generator=g)
         opt.zero_grad()
         loss.backward()
         opt.step()

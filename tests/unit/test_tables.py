@@ -47,7 +47,7 @@ def test_every_noise_law_is_a_config_choice_and_draws_positive_sigmas():
     from pipeline.options import NOISE_LAWS, sample_sigma
     assert set(C.NOISE_LAWS) == set(NOISE_LAWS)
     for law in NOISE_LAWS:
-        cfg = C.LossConfig(noise=law)
+        cfg = C.loss_config(law)
         s = sample_sigma(256, cfg, torch.Generator().manual_seed(0))
         assert s.shape == (256,) and (s > 0).all()
         assert f"`{law}`" in DOCS, f"docs do not describe the noise law `{law}`"
