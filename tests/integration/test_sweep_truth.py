@@ -27,7 +27,7 @@ def _sweep(tmp_path, name, **fields):
 def test_sweeps_tell_the_truth(tmp_path, fmnist, monkeypatch, capfd):
     from mlflow.tracking import MlflowClient
 
-    from pipeline.errors import SweepError
+    from pipeline.sweep.cluster import prepare_ray_env, ray_temp_dir
     from pipeline.sweep.driver import run_sweep
     from pipeline.tracking_server import TrackingServer
     tiny_params(tmp_path, fmnist)
@@ -45,6 +45,23 @@ def test_sweeps_tell_the_truth(tmp_path, fmnist, monkeypatch, capfd):
     res = run_sweep(_sweep(tmp_path, "direct", tracking_server=False), num_cpus=1, trial_body=stub)
     out = capfd.readouterr()
     assert "starting this sweep's MLflow server" in out.out and "replaced by this run's" in out.out
+    import ray
+    assert not ray.is_initialized()                 # the Ray run_sweep started ended with it
+    # The rest share one Ray the caller started (as in a notebook): run_sweep uses it and leaves it up.
+    prepare_ray_env(None)
+    ray.init(num_cpus=1, include_dashboard=False, configure_logging=False, _temp_dir=ray_temp_dir())
+    try:
+        _the_rest(tmp_path, uri, stub, capfd)
+        assert ray.is_initialized()
+    finally:
+        ray.shutdown()
+
+
+def _the_rest(tmp_path, uri, stub, capfd):
+    from mlflow.tracking import MlflowClient
+
+    from pipeline.errors import SweepError
+    from pipeline.sweep.driver import run_sweep
     # ... and a new experiment gets a local artifact folder: with and without the server, both work.
     for name, served in (("served", True), ("plain", False)):
         res = run_sweep(_sweep(tmp_path, name, experiment="truth2", tracking_server=served), num_cpus=1,

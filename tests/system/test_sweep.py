@@ -355,15 +355,37 @@ def test_gpus_per_trial_checked_against_a_real_ray_cluster(tmp_path, fmnist, mon
 
 
 @pytest.mark.slow
-def test_interrupted_sweep_resumes_without_rerunning_finished_trials(tmp_path, fmnist):
-    """Ctrl-C on the driver while the second of two trials trains; `--resume` (from the trials' own
-    records, never Ray's pickles: crafted ones are planted) keeps the finished trial as it is and
-    finishes the other from its checkpoint."""
+def test_ctrl_c_at_the_first_trial_then_mid_sweep_resumes_without_rerunning_finished_trials(tmp_path, fmnist):
+    """One sweep of two trials interrupted twice. Ctrl-C as soon as the first trial's worker starts: no
+    traceback, no MLflow run left RUNNING, the results table lists every planned trial with its values.
+    Then --resume, and Ctrl-C while the second trial trains and the first has finished; the second
+    --resume (from the trials' own records, never Ray's pickles: crafted ones are planted) keeps the
+    finished trial as it is and finishes the other from its checkpoint."""
     sweep_file = make_project(tmp_path, fmnist, search={"train.ref_lr": {"grid": [0.005, 0.02]}}, max_concurrent=1,
                               name="resume")
     cmd = [sys.executable, "-m", "pipeline", "sweep", str(sweep_file), "--num-cpus", "2"]
-    p = subprocess.Popen(cmd, cwd=tmp_path, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     trials = tmp_path / "runs/sweeps/resume/trials"
+
+    # 1. Ctrl-C at the first trial's start.
+    p = subprocess.Popen(cmd, cwd=tmp_path, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    sent, deadline = False, time.time() + 600
+    while not sent and time.time() < deadline and p.poll() is None:
+        if list(trials.glob("*/worker.pid")):
+            p.send_signal(signal.SIGINT)
+            sent = True
+        time.sleep(0.1)
+    out, _ = p.communicate(timeout=300)
+    assert sent, out[-3000:]
+    assert "Traceback" not in out, out[-4000:]
+    _, runs = mlflow_runs(tmp_path)
+    assert runs and not [x.info.run_name for x in runs if x.info.status == "RUNNING"]
+    table = pd.read_csv(tmp_path / "reports/sweeps/resume/results.csv")
+    assert set(table["trial_id"]) == {"t0000", "t0001"} and table["train.ref_lr"].notna().all(), table
+    assert (table["status"] != "finished").any()
+
+    # 2. --resume, then Ctrl-C once one trial has finished and the other is mid-run.
+    p = subprocess.Popen(cmd + ["--resume"], cwd=tmp_path, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                         text=True)
     finished, deadline = None, time.time() + 600
     while finished is None and time.time() < deadline and p.poll() is None:
         done = [t for t in trials.glob("*") if (t / "fid_records.json").is_file()] if trials.is_dir() else []
@@ -379,12 +401,11 @@ def test_interrupted_sweep_resumes_without_rerunning_finished_trials(tmp_path, f
     client, runs = mlflow_runs(tmp_path)                      # nothing left RUNNING; the interrupted one says so
     assert not [x.info.run_name for x in runs if x.info.status == "RUNNING"]
     assert any(x.data.tags.get("stop_reason") == "interrupted" and x.info.status == "KILLED" for x in runs)
-    assert not (tmp_path / "reports/sweeps/resume/results.csv").is_file() or \
-        len(pd.read_csv(tmp_path / "reports/sweeps/resume/results.csv").dropna(subset=["fid"])) < 6
+    assert len(pd.read_csv(tmp_path / "reports/sweeps/resume/results.csv").dropna(subset=["fid"])) < 6
     kept = {f: (finished / f).stat().st_mtime_ns for f in ("run/train_summary.json", "fid_records.json")}
     kept_lines = (finished / "run/metrics.jsonl").read_text()
 
-    # Every pickle Ray wrote (tuner.pkl, params.pkl, ...) and one planted where Ray's old layout had it
+    # 3. Every pickle Ray wrote (tuner.pkl, params.pkl, ...) and one planted where Ray's old layout had it
     # are replaced by payloads that would create a marker: --resume must read none of them.
     marker = tmp_path / "EXECUTED"
     exp = tmp_path / "runs/sweeps/resume"
@@ -409,34 +430,6 @@ def test_interrupted_sweep_resumes_without_rerunning_finished_trials(tmp_path, f
         if "kind" not in run.data.tags:
             steps = [m.step for m in client.get_metric_history(run.info.run_id, "loss")]
             assert len(steps) == len(set(steps)) and max(steps) == 96, steps
-
-
-@pytest.mark.slow
-def test_ctrl_c_at_the_first_trial_closes_everything_and_resume_finishes(tmp_path, fmnist):
-    """Ctrl-C as soon as the first trial's worker starts: no traceback, no MLflow run left RUNNING, the
-    results table lists every planned trial with its values, and --resume runs them all."""
-    sweep_file = make_project(tmp_path, fmnist, search={"train.ref_lr": {"grid": [0.005, 0.02]}}, max_concurrent=1,
-                              name="first")
-    cmd = [sys.executable, "-m", "pipeline", "sweep", str(sweep_file), "--num-cpus", "2"]
-    p = subprocess.Popen(cmd, cwd=tmp_path, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    trials, sent, deadline = tmp_path / "runs/sweeps/first/trials", False, time.time() + 600
-    while not sent and time.time() < deadline and p.poll() is None:
-        if list(trials.glob("*/worker.pid")):
-            p.send_signal(signal.SIGINT)
-            sent = True
-        time.sleep(0.1)
-    out, _ = p.communicate(timeout=300)
-    assert sent, out[-3000:]
-    assert "Traceback" not in out, out[-4000:]
-    _, runs = mlflow_runs(tmp_path)
-    assert runs and not [x.info.run_name for x in runs if x.info.status == "RUNNING"]
-    table = pd.read_csv(tmp_path / "reports/sweeps/first/results.csv")
-    assert set(table["trial_id"]) == {"t0000", "t0001"} and table["train.ref_lr"].notna().all(), table
-    assert (table["status"] != "finished").any()
-    r = subprocess.run(cmd + ["--resume"], cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=900)
-    assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
-    table = pd.read_csv(tmp_path / "reports/sweeps/first/results.csv")
-    assert set(table["status"]) == {"finished"} and table["trial_id"].nunique() == 2
 
 
 @pytest.mark.slow
