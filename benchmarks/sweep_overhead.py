@@ -116,7 +116,7 @@ def main(argv=None):
     p.add_argument("--dataset-dir", help="encoded dataset folder (default: data.dataset_dir of params.yaml)")
     args = p.parse_args(argv)
     if args.smoke:
-        args.trials = [1]                # each side's whole path once (the CI smoke test), not a measurement
+        args.trials = [2]
     raw = yaml.safe_load((ROOT / "params.yaml").read_text())
     dataset_dir = str(Path(args.dataset_dir or ROOT / raw["data"]["dataset_dir"]).resolve())
     env = {**os.environ, "PYTHONPATH": str(ROOT), "RAY_AUTH_MODE": "disabled"}
