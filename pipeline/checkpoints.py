@@ -56,7 +56,7 @@ def load_latest_checkpoint(run_dir: Path, cfg: C.Config, log=print) -> dict | No
             problems.append((path, str(err)))
             continue
         if ckpt["run_key"] != cfg.run_key():
-            have, want = _keyed(ckpt["config"]), C.flatten(C.key_values(cfg))
+            have, want = _keyed(ckpt["config"]), cfg.key_flat()
             shown = "; ".join(f"{k}: checkpoint {have.get(k)!r}, config {want[k]!r}" for k in sorted(want)
                               if have.get(k) != want[k])
             raise TrainingError(f"{path} was written by a different configuration ({shown or 'run key differs'}). "
@@ -73,7 +73,7 @@ def load_latest_checkpoint(run_dir: Path, cfg: C.Config, log=print) -> dict | No
 def _keyed(stored: dict) -> dict:
     """A stored config's run-key values, dotted (read as today's schema reads it; raw if it no longer validates)."""
     try:
-        return C.flatten(C.key_values(C.resolve({k: v for k, v in stored.items() if k != "preset"}, where=None)))
+        return C.resolve({k: v for k, v in stored.items() if k != "preset"}, where=None).key_flat()
     except C.ConfigError:
         return C.flatten(stored)
 

@@ -14,8 +14,9 @@ from .fields import (SEED_LIMIT, SIGMA_REL_MAX, ConfigError, NonNegFloat, NonNeg
                      at_least, flatten, set_dotted)
 from .loading import (PRESETS_FILE, diff, format_errors, json_dump, load_config, parse_override, preset, presets,
                       read_yaml, resolve, yaml_dump)
-from .schema import (LOSS_LAWS, NOISE_LAWS, LognormalLoss, LoguniformLoss, law_fields, loss_config, Config, DataConfig, EMAConfig, EvaluateConfig, MetricsConfig, GridConfig, GuideSpec,
-                     LauncherConfig, LossConfig, NetworkConfig, SamplerConfig, TrackingConfig, TrainConfig, key_values)
+from .schema import (LOSS_LAWS, NOISE_LAWS, Config, DataConfig, EMAConfig, EvaluateConfig, GridConfig, GuideSpec,
+                     LauncherConfig, LognormalLoss, LoguniformLoss, LossConfig, MetricsConfig, NetworkConfig,
+                     SamplerConfig, TrackingConfig, TrainConfig, key_values, law_fields, loss_config)
 
 __all__ = ["SEED_LIMIT", "SIGMA_REL_MAX", "ConfigError", "NonNegFloat", "NonNegInt", "PosFloat", "PosInt", "SigmaRel",
            "_Section", "at_least", "flatten", "set_dotted", "PRESETS_FILE", "diff", "format_errors", "json_dump",

@@ -14,7 +14,7 @@ import yaml
 from pydantic import ValidationError
 
 from .fields import ConfigError, flatten, set_dotted
-from .schema import DEFAULT_NOISE_LAW, LOSS_LAWS, Config, law_fields
+from .schema import LOSS_LAWS, Config, law_fields, noise_tag
 
 PRESETS_FILE = Path(__file__).parents[1] / "presets.yaml"
 
@@ -185,7 +185,7 @@ def resolve(raw: dict | None = None, overrides: dict[str, Any] | list[str] | Non
 # --- the loss section, a tagged union (schema.LOSS_LAWS) ------------------------------------------------
 def _law(raw: dict) -> Any:
     loss = raw.get("loss")
-    return loss.get("noise", DEFAULT_NOISE_LAW) if isinstance(loss, dict) else DEFAULT_NOISE_LAW
+    return noise_tag(loss if isinstance(loss, dict) else {})
 
 
 def switch_noise_law(lower: dict, upper: dict) -> dict:
@@ -196,7 +196,7 @@ def switch_noise_law(lower: dict, upper: dict) -> dict:
     if not isinstance(up, dict) or "noise" not in up or up["noise"] == _law(lower) or up["noise"] not in LOSS_LAWS \
             or not isinstance(lower.get("loss"), dict):
         return lower
-    keep = {"noise", "sigma_data", *law_fields(up["noise"])}
+    keep = LOSS_LAWS[up["noise"]].model_fields
     return {**lower, "loss": {k: v for k, v in lower["loss"].items() if k in keep}}
 
 

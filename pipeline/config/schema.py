@@ -113,12 +113,13 @@ LOSS_LAWS: dict[str, type[_NoiseLaw]] = {"lognormal": LognormalLoss, "loguniform
 DEFAULT_NOISE_LAW = "lognormal"
 
 
-def _noise_tag(v) -> str | None:
+def noise_tag(v) -> str | None:
+    """The law a loss section names: its `noise`, the default law when a mapping leaves it out."""
     return v.get("noise", DEFAULT_NOISE_LAW) if isinstance(v, dict) else getattr(v, "noise", None)
 
 
 LossConfig = Annotated[Union[tuple(Annotated[cls, Tag(name)] for name, cls in LOSS_LAWS.items())],
-                       Discriminator(_noise_tag, custom_error_type="noise_law",
+                       Discriminator(noise_tag, custom_error_type="noise_law",
                                      custom_error_message=f"loss.noise: one of {', '.join(LOSS_LAWS)}")]
 
 
@@ -401,6 +402,10 @@ class Config(_Section):
     def flat(self) -> dict[str, Any]:
         """Dotted keys -> values (MLflow params, DVC-style overrides)."""
         return flatten(self.to_dict())
+
+    def key_flat(self) -> dict[str, Any]:
+        """Dotted keys -> values of the run key's fields (what run_key hashes, comparable field by field)."""
+        return flatten(key_values(self))
 
     def run_key(self) -> str:
         """Identity of a training run: every value that changes what the run computes.

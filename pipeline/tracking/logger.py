@@ -273,7 +273,7 @@ def training_run_name(cfg, origin: str, params_path=None, limit: int = 3) -> str
     """What a training run is, at a glance in MLflow's runs table: where it ran (dvc, slurm, local), the
     DVC experiment or the preset, the training values that differ from the committed params file (up to
     `limit`), and the short run key, e.g. 'dvc-train exp-1a2b3 ref_lr=0.005 dd90f998'."""
-    from ..config import flatten, key_values, resolve
+    from ..config import resolve
     parts = [f"{origin}-train"]
     if os.environ.get("DVC_EXP_NAME"):
         parts.append(os.environ["DVC_EXP_NAME"])
@@ -283,11 +283,11 @@ def training_run_name(cfg, origin: str, params_path=None, limit: int = 3) -> str
         from ..cli import committed_params
         raw = committed_params(params_path)
         try:
-            before = flatten(key_values(resolve(raw, where=None))) if raw is not None else None
+            before = resolve(raw, where=None).key_flat() if raw is not None else None
         except Exception:                                   # an older or invalid committed file: no comparison
             before = None
         if before is not None:
-            now = flatten(key_values(cfg))
+            now = cfg.key_flat()
             changed = [k for k in sorted(now) if now[k] != before.get(k)]
             parts += [f"{k.rsplit('.', 1)[-1]}={now[k]}" for k in changed[:limit]]
             if len(changed) > limit:
